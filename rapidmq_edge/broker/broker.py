@@ -1,0 +1,445 @@
+"""The broker: sessions, routing, retained messages, Will messages, session expiry.
+
+Transport-agnostic: connections (see ``connection.py``) call into it; it never touches a
+socket. Durable state goes through :class:`~rapidmq_edge.store.session_store.SessionStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..mqtt import reasons as rc
+from ..mqtt.packets import SubOptions
+from ..mqtt.topics import is_wildcard, parse_shared, topic_matches, valid_topic_filter
+from ..store.session_store import SessionStore
+from .message import Delivery, Message
+from .session import NEVER_EXPIRES, Link, Session
+from .subscriptions import SharedGroup, Subscription, SubscriptionIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BrokerLimits:
+    """The broker-wide limits taken from the configuration."""
+
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 0
+    max_qos: int = 2
+    retain_available: bool = True
+    max_session_expiry: int = 604800
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters published under ``$SYS/broker``."""
+
+    started: float = field(default_factory=time.time)
+    messages_received: int = 0
+    messages_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    publish_dropped: int = 0
+    connections_total: int = 0
+    clients_connected: int = 0
+    clients_maximum: int = 0
+
+
+class Broker:
+    """All MQTT state of one gateway."""
+
+    def __init__(self, limits: BrokerLimits, store: SessionStore | None = None) -> None:
+        self.limits = limits
+        self.store = store
+        self.sessions: dict[str, Session] = {}
+        self.index = SubscriptionIndex()
+        self.retained: dict[str, Message] = {}
+        self.stats = Stats()
+        #: called with every message accepted for routing (the pipeline hooks in here)
+        self.taps: list[Callable[[Message], None]] = []
+        if store is not None:
+            self._restore(store)
+
+    # -- start-up ------------------------------------------------------------------
+
+    def _restore(self, store: SessionStore) -> None:
+        stored, retained = store.load()
+        now = time.time()
+        for m in retained:
+            if not m.expired(now):
+                self.retained[m.topic] = m
+        for s in stored.values():
+            session = self._new_session(s.client_id, s.version, s.expiry_interval)
+            for filt, opts, sub_id in s.subscriptions:
+                sub = Subscription(s.client_id, filt, opts, sub_id)
+                session.subscriptions[filt] = sub
+                self.index.add(sub)
+            session.restore(s.deliveries, s.inbound_qos2)
+            self.sessions[s.client_id] = session
+        if stored or retained:
+            log.info("restored %d sessions and %d retained messages", len(stored), len(retained))
+
+    def start(self) -> None:
+        """Arm expiry timers for restored sessions (call inside the running loop)."""
+        for session in self.sessions.values():
+            if session.link is None:
+                self._arm_expiry(session)
+
+    def _new_session(self, client_id: str, version: int, expiry: int) -> Session:
+        return Session(
+            client_id, version, expiry, self.store,
+            self.limits.max_queued_messages, self.limits.max_queued_bytes,
+        )
+
+    # -- connections ---------------------------------------------------------------
+
+    def assign_client_id(self) -> str:
+        """A fresh client identifier for a client that sent none."""
+        return "auto-" + uuid.uuid4().hex
+
+    def open_session(
+        self, link: Link, client_id: str, clean_start: bool, expiry: int, version: int,
+        username: str | None,
+    ) -> tuple[Session, bool]:
+        """Attach ``link`` to the client's session; return (session, session_present)."""
+        old = self.sessions.get(client_id)
+        if old is not None and old.link is not None:
+            self._take_over(old, ends=clean_start or old.expiry_interval == 0)
+        old = self.sessions.get(client_id)
+        if old is not None:
+            self._cancel_timers(old)
+        present = False
+        if old is not None and not clean_start:
+            old.will = None  # reconnected within the Will Delay: the Will is not sent
+            session = old
+            present = True
+        else:  # a pending Will is sent as the old session ends
+            if old is not None:
+                self.end_session(old)
+            session = self._new_session(client_id, version, expiry)
+            self.sessions[client_id] = session
+        was_persistent = session.persistent
+        session.version = version
+        session.expiry_interval = expiry
+        session.username = username
+        session.link = link
+        if self.store is not None:
+            if session.persistent:
+                self.store.save_session(client_id, version, expiry, time.time())
+                if not was_persistent:
+                    self._persist_whole(session)
+            elif was_persistent:
+                self.store.delete_session(client_id)
+        st = self.stats
+        st.connections_total += 1
+        st.clients_connected += 1
+        st.clients_maximum = max(st.clients_maximum, st.clients_connected)
+        return session, present
+
+    def _persist_whole(self, session: Session) -> None:
+        store = self.store
+        assert store is not None
+        for sub in session.subscriptions.values():
+            store.save_subscription(session.client_id, sub.filter, sub.options, sub.sub_id)
+
+    def _take_over(self, old: Session, ends: bool) -> None:
+        link = old.link
+        assert link is not None
+        will = old.will
+        delay = _will_delay(will)
+        old.will = None
+        take_over = getattr(link, "take_over", None)
+        if take_over is not None:
+            take_over()
+        self.detach(old)
+        if will is not None and (delay == 0 or ends):
+            self.publish_will(old.client_id, will)
+
+    def detach(self, session: Session) -> None:
+        """The session's connection is gone; the session lives on until it expires."""
+        if session.link is None:
+            return
+        session.link = None
+        self.stats.clients_connected -= 1
+        for d in session.take_queued_shared():
+            self._route_shared_again(d, exclude=session.client_id)
+
+    def connection_lost(self, session: Session, send_will: bool) -> None:
+        """A connection ended: send or schedule the Will, start session expiry."""
+        if session.link is None:
+            return
+        self.detach(session)
+        will = session.will
+        if will is not None and not send_will:
+            session.will = None
+            will = None
+        if session.expiry_interval == 0:
+            if will is not None:
+                session.will = None
+                self.publish_will(session.client_id, will)
+            self.end_session(session)
+            return
+        if will is not None:
+            delay = _will_delay(will)
+            if delay == 0:
+                session.will = None
+                self.publish_will(session.client_id, will)
+            else:
+                loop = asyncio.get_running_loop()
+                session.will_timer = loop.call_later(delay, self._will_due, session)
+        if self.store is not None and session.persistent:
+            self.store.save_session(
+                session.client_id, session.version, session.expiry_interval, time.time()
+            )
+        self._arm_expiry(session)
+
+    def _arm_expiry(self, session: Session) -> None:
+        if session.expiry_interval == 0:
+            self.end_session(session)
+        elif session.expiry_interval != NEVER_EXPIRES:
+            loop = asyncio.get_running_loop()
+            session.expiry_timer = loop.call_later(
+                session.expiry_interval, self._expire, session
+            )
+
+    def _will_due(self, session: Session) -> None:
+        session.will_timer = None
+        will, session.will = session.will, None
+        if will is not None:
+            self.publish_will(session.client_id, will)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry_timer = None
+        if session.link is None and self.sessions.get(session.client_id) is session:
+            self.end_session(session)
+
+    def _cancel_timers(self, session: Session) -> None:
+        for name in ("will_timer", "expiry_timer"):
+            h = getattr(session, name)
+            if h is not None:
+                h.cancel()
+                setattr(session, name, None)
+
+    def end_session(self, session: Session) -> None:
+        """Discard a session: its subscriptions, queue and stored state."""
+        self._cancel_timers(session)
+        if session.will is not None:
+            will, session.will = session.will, None
+            self.publish_will(session.client_id, will)
+        for filt in list(session.subscriptions):
+            self.index.remove(session.client_id, filt)
+        session.subscriptions.clear()
+        leftovers = [d for d in session.queue if d.share] + [
+            d for d in session.inflight.values() if d.share and not d.released
+        ]
+        session.queue.clear()
+        session.inflight.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if self.store is not None and session.expiry_interval:
+            self.store.delete_session(session.client_id)
+        for d in leftovers:
+            self._route_shared_again(d, exclude=session.client_id)
+
+    def publish_will(self, client_id: str, will: object) -> None:
+        """Publish a Will Message on behalf of ``client_id``."""
+        from ..mqtt.packets import Will
+
+        assert isinstance(will, Will)
+        props = dict(will.properties)
+        props.pop("will_delay_interval", None)
+        expiry = props.pop("message_expiry_interval", None)
+        msg = Message(
+            will.topic, will.payload, will.qos, will.retain, props,
+            time.time() + expiry if expiry is not None else None, client_id,
+        )
+        self.publish(msg)
+
+    # -- publishing ----------------------------------------------------------------
+
+    def publish(self, msg: Message) -> int:
+        """Store a retained message if flagged, then route; return the number of receivers."""
+        self.stats.messages_received += 1
+        if msg.retain:
+            self._retain(msg)
+        for tap in self.taps:
+            tap(msg)
+        return self.route(msg)
+
+    def _retain(self, msg: Message, persist: bool = True) -> None:
+        if not msg.payload:
+            if self.retained.pop(msg.topic, None) is not None and self.store is not None:
+                self.store.delete_retained(msg.topic)
+            return
+        self.retained[msg.topic] = msg
+        if persist and self.store is not None and not msg.topic.startswith("$SYS"):
+            self.store.save_retained(msg)
+
+    def route(self, msg: Message) -> int:
+        """Deliver ``msg`` to every matching subscription; return the number of receivers."""
+        per_client, groups = self.index.match(msg.topic)
+        sessions = self.sessions
+        n = 0
+        for cid, subs in per_client.items():
+            session = sessions.get(cid)
+            if session is None:
+                continue
+            if len(subs) == 1:
+                sub = subs[0]
+                o = sub.options
+                if o.no_local and msg.origin == cid:
+                    continue
+                d = Delivery(
+                    msg, msg.qos if msg.qos < o.qos else o.qos,
+                    msg.retain and o.retain_as_published,
+                    (sub.sub_id,) if sub.sub_id else (),
+                )
+            else:
+                d_opt = _merge(msg, cid, subs)
+                if d_opt is None:
+                    continue
+                d = d_opt
+            if session.deliver(d):
+                n += 1
+            else:
+                self.stats.publish_dropped += 1
+        for g in groups:
+            if self._deliver_shared(g, msg):
+                n += 1
+        return n
+
+    def _deliver_shared(self, g: SharedGroup, msg: Message, exclude: str | None = None) -> bool:
+        members = [m for m in g.members.values() if m.client_id != exclude]
+        if not members:
+            return False
+        online = [m for m in members if (s := self.sessions.get(m.client_id)) and s.link]
+        pool = online or members
+        g.cursor = (g.cursor + 1) % len(pool)
+        for i in range(len(pool)):
+            sub = pool[(g.cursor + i) % len(pool)]
+            session = self.sessions.get(sub.client_id)
+            if session is None:
+                continue
+            o = sub.options
+            d = Delivery(
+                msg, min(msg.qos, o.qos), msg.retain and o.retain_as_published,
+                (sub.sub_id,) if sub.sub_id else (), g.key,
+            )
+            if session.deliver(d):
+                return True
+        self.stats.publish_dropped += 1
+        return False
+
+    def _route_shared_again(self, d: Delivery, exclude: str) -> None:
+        if d.share is None or d.message.expired(time.time()):
+            return
+        g = self.index.group(d.share)
+        if g is not None:
+            self._deliver_shared(g, d.message, exclude=exclude)
+
+    # -- subscriptions -------------------------------------------------------------
+
+    def subscribe(
+        self, session: Session, filt: str, opts: SubOptions, sub_id: int | None
+    ) -> tuple[int, bool]:
+        """Add a subscription; return (granted QoS or reason code, existed before)."""
+        if not valid_topic_filter(filt):
+            return rc.TOPIC_FILTER_INVALID, False
+        try:
+            group, inner = parse_shared(filt)
+        except ValueError:
+            return rc.TOPIC_FILTER_INVALID, False
+        if group is not None and not valid_topic_filter(inner):
+            return rc.TOPIC_FILTER_INVALID, False
+        qos = min(opts.qos, self.limits.max_qos)
+        if qos != opts.qos:
+            opts = SubOptions(qos, opts.no_local, opts.retain_as_published, opts.retain_handling)
+        sub = Subscription(session.client_id, filt, opts, sub_id)
+        existed = self.index.add(sub)
+        session.subscriptions[filt] = sub
+        if self.store is not None and session.persistent:
+            self.store.save_subscription(session.client_id, filt, opts, sub_id)
+        return qos, existed
+
+    def unsubscribe(self, session: Session, filt: str) -> bool:
+        """Remove a subscription; return True when it existed."""
+        if session.subscriptions.pop(filt, None) is None:
+            return False
+        self.index.remove(session.client_id, filt)
+        if self.store is not None and session.persistent:
+            self.store.delete_subscription(session.client_id, filt)
+        if filt.startswith("$share/"):
+            for d in session.take_queued_shared():
+                if d.share == filt:
+                    self._route_shared_again(d, exclude=session.client_id)
+                else:
+                    session.deliver(d)
+        return True
+
+    def send_retained(self, session: Session, filt: str, opts: SubOptions, existed: bool) -> None:
+        """Send retained messages matching a new subscription, per its Retain Handling."""
+        if filt.startswith("$share/") or opts.retain_handling == 2:
+            return
+        if opts.retain_handling == 1 and existed:
+            return
+        now = time.time()
+        sub = session.subscriptions.get(filt)
+        sub_ids = (sub.sub_id,) if sub is not None and sub.sub_id else ()
+        if is_wildcard(filt):
+            matches = [m for t, m in self.retained.items() if topic_matches(filt, t)]
+        else:
+            m = self.retained.get(filt)
+            matches = [m] if m is not None else []
+        for m in matches:
+            if m.expired(now):
+                self.retained.pop(m.topic, None)
+                continue
+            session.deliver(Delivery(m, min(m.qos, opts.qos), True, sub_ids))
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def publish_internal(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Publish a broker-generated message (e.g. ``$SYS``); not persisted."""
+        msg = Message(topic, payload, 0, retain)
+        if retain:
+            self._retain(msg, persist=False)
+        self.route(msg)
+
+    async def close(self) -> None:
+        """Flush durable state (sessions stay as they are for the next start)."""
+        for s in self.sessions.values():
+            self._cancel_timers(s)
+        if self.store is not None:
+            now = time.time()
+            for s in self.sessions.values():
+                if s.persistent:
+                    self.store.save_session(s.client_id, s.version, s.expiry_interval, now)
+            await self.store.close()
+
+
+def _will_delay(will: object) -> int:
+    props = getattr(will, "properties", None) or {}
+    return int(props.get("will_delay_interval", 0))
+
+
+def _merge(msg: Message, cid: str, subs: list[Subscription]) -> Delivery | None:
+    """Overlapping subscriptions of one client: one delivery, max QoS, every identifier."""
+    qos = -1
+    retain = False
+    ids: list[int] = []
+    for sub in subs:
+        o = sub.options
+        if o.no_local and msg.origin == cid:
+            continue
+        qos = max(qos, min(msg.qos, o.qos))
+        retain = retain or (msg.retain and o.retain_as_published)
+        if sub.sub_id:
+            ids.append(sub.sub_id)
+    if qos < 0:
+        return None
+    return Delivery(msg, qos, retain, tuple(ids))

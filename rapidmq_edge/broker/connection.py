@@ -1,0 +1,620 @@
+"""One client's MQTT connection: packets in, broker calls, packets out.
+
+Transport-agnostic: the listener hands it a :class:`Transport` (TCP, TLS or WebSocket)
+and feeds it bytes. The codec underneath is sans-I/O; this class owns the protocol rules
+that need connection state (CONNECT first, topic aliases, flow control, keep-alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..mqtt import reasons as rc
+from ..mqtt.codec import PacketReader, encode, encode_publish
+from ..mqtt.errors import MqttError, UnsupportedProtocolVersion
+from ..mqtt.packets import (
+    AUTH,
+    CONNECT,
+    DISCONNECT,
+    MQTT_5,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    Pingresp,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+)
+from ..mqtt.properties import encode_properties
+from ..mqtt.topics import valid_topic_name
+from .broker import Broker
+from .message import Delivery, Message
+from .session import NEVER_EXPIRES, Session
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER = 4 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
+
+
+class Transport(Protocol):
+    """The part of an asyncio transport a connection uses."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Gatekeeper(Protocol):
+    """Authentication and authorisation, as configured."""
+
+    def authenticate(self, username: str | None, password: bytes | None) -> int:
+        """Return 0 or a CONNACK reason code."""
+
+    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
+    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
+
+
+@dataclass(slots=True)
+class ConnectionSettings:
+    """Per-connection limits taken from ``[mqtt]``."""
+
+    max_packet_size: int = 1048576
+    receive_maximum: int = 100
+    max_inflight_messages: int = 100
+    topic_alias_maximum: int = 10
+    retain_available: bool = True
+    max_qos: int = 2
+    server_keep_alive: int = 0
+    max_keep_alive: int = 65535
+    max_session_expiry: int = 604800
+    max_connections: int = 10000
+    publish_rate: float = 0.0
+    publish_burst: int = 0
+    connect_timeout: float = 10.0
+
+
+class ClientConnection:
+    """Server side of one network connection."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        gate: Gatekeeper,
+        settings: ConnectionSettings,
+        transport: Transport,
+        peer: str,
+        on_close: Callable[[ClientConnection], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.gate = gate
+        self.settings = settings
+        self.transport = transport
+        self.peer = peer
+        self.on_close = on_close
+        self.loop = asyncio.get_running_loop()
+        self.reader = PacketReader(settings.max_packet_size)
+        self.version = 0
+        self.v5 = False
+        self.session: Session | None = None
+        self.client_id = ""
+        self.username: str | None = None
+        self.closed = False
+        self.send_quota = min(65535, settings.max_inflight_messages)
+        self.max_out_size = 268_435_460
+        self.alias_max_out = 0
+        self.aliases_out: dict[str, int] = {}
+        self.aliases_in: dict[int, str] = {}
+        self.keep_alive = 0
+        self.last_rx = self.loop.time()
+        self._ka_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            settings.connect_timeout, self._keep_alive_check
+        )
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._acks: deque[tuple[Packet, asyncio.Future[None] | None]] = deque()
+        self._inbound_unacked = 0
+        self._tokens = float(settings.publish_burst or max(1.0, settings.publish_rate))
+        self._token_time = self.loop.time()
+        self._paused = False
+
+    # -- bytes in ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Feed bytes from the network."""
+        if self.closed:
+            return
+        self.last_rx = self.loop.time()
+        self.broker.stats.bytes_received += len(data)
+        reader = self.reader
+        if not self.version and b"\x00\x04MQTT\x05" in data[:16]:
+            self.v5 = True  # a CONNECT for 5.0, even if it fails to decode
+        try:
+            packets = reader.feed(data)
+        except MqttError as exc:
+            self._protocol_failure(exc)
+            return
+        for p in packets:
+            if self.closed:
+                return
+            try:
+                self._dispatch(p)
+            except MqttError as exc:
+                self._protocol_failure(exc)
+                return
+        if reader.error is not None and not self.closed:
+            err = reader.error
+            self._protocol_failure(err if isinstance(err, MqttError) else MqttError(str(err)))
+
+    def _dispatch(self, p: Packet) -> None:
+        t = p.type
+        if t == PUBLISH:
+            self._on_publish(p)  # type: ignore[arg-type]
+        elif t in (PUBACK, PUBCOMP):
+            self._on_complete(p.packet_id)  # type: ignore[union-attr]
+        elif t == PUBREC:
+            self._on_pubrec(p)  # type: ignore[arg-type]
+        elif t == PUBREL:
+            self._on_pubrel(p)  # type: ignore[arg-type]
+        elif t == PINGREQ:
+            self._write(encode(Pingresp(), self.version))
+        elif t == SUBSCRIBE:
+            self._on_subscribe(p)  # type: ignore[arg-type]
+        elif t == UNSUBSCRIBE:
+            self._on_unsubscribe(p)  # type: ignore[arg-type]
+        elif t == DISCONNECT:
+            self._on_disconnect(p)  # type: ignore[arg-type]
+        elif t == CONNECT:
+            self._on_connect(p)  # type: ignore[arg-type]
+        elif t == AUTH:
+            self.disconnect(rc.PROTOCOL_ERROR, "no authentication exchange in progress")
+        else:  # a server-to-client packet sent by a client
+            self.disconnect(rc.PROTOCOL_ERROR, f"unexpected packet type {t}")
+
+    def _protocol_failure(self, exc: MqttError) -> None:
+        log.info("client %s (%s): %s, closing", self.client_id or "?", self.peer, exc)
+        if self.session is None:
+            if isinstance(exc, UnsupportedProtocolVersion):
+                self._write(b"\x20\x02\x00\x01")  # 3.1.1 CONNACK: unacceptable protocol version
+            elif self.v5:
+                self.version = MQTT_5
+                self._write(encode(Connack(False, exc.reason_code), MQTT_5))
+            self.close(send_will=True)
+            return
+        self.disconnect(exc.reason_code, str(exc))
+
+    # -- CONNECT -------------------------------------------------------------------
+
+    def _refuse(self, reason: int) -> None:
+        if self.v5:
+            self._write(encode(Connack(False, reason), MQTT_5))
+        else:
+            self._write(bytes((0x20, 0x02, 0x00, rc.v311_connack_code(reason))))
+        self.close(send_will=False)
+
+    def _on_connect(self, p: Connect) -> None:
+        s = self.settings
+        broker = self.broker
+        self.version = p.protocol_level
+        self.v5 = v5 = p.protocol_level == MQTT_5
+        props = p.properties
+        if "authentication_method" in props:
+            return self._refuse(rc.BAD_AUTHENTICATION_METHOD)
+        if broker.stats.clients_connected >= s.max_connections:
+            return self._refuse(rc.QUOTA_EXCEEDED if v5 else rc.SERVER_UNAVAILABLE)
+        client_id = p.client_id
+        assigned = False
+        if not client_id:
+            if not v5 and not p.clean_start:
+                return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
+            client_id = broker.assign_client_id()
+            assigned = True
+        reason = self.gate.authenticate(p.username, p.password)
+        if reason:
+            log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
+            return self._refuse(reason)
+        ka = p.keep_alive
+        announce_ka = False
+        if s.server_keep_alive:
+            ka, announce_ka = s.server_keep_alive, v5
+        elif ka > s.max_keep_alive or (ka == 0 and s.max_keep_alive < 65535):
+            if not v5:
+                return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
+            ka, announce_ka = s.max_keep_alive, True
+        if v5:
+            expiry = int(props.get("session_expiry_interval", 0))
+            self.send_quota = min(self.send_quota, int(props.get("receive_maximum", 65535)))
+            self.max_out_size = int(props.get("maximum_packet_size", self.max_out_size))
+            self.alias_max_out = int(props.get("topic_alias_maximum", 0))
+        else:
+            expiry = 0 if p.clean_start else NEVER_EXPIRES
+        granted_expiry = min(expiry, s.max_session_expiry)
+        self.client_id = client_id
+        self.username = p.username
+        self.keep_alive = ka
+        session, present = broker.open_session(
+            self, client_id, p.clean_start, granted_expiry, p.protocol_level, p.username
+        )
+        self.session = session
+        ack_props: dict[str, Any] = {}
+        if v5:
+            if assigned:
+                ack_props["assigned_client_identifier"] = client_id
+            if granted_expiry != expiry:
+                ack_props["session_expiry_interval"] = granted_expiry
+            if announce_ka:
+                ack_props["server_keep_alive"] = ka
+            if s.receive_maximum != 65535:
+                ack_props["receive_maximum"] = s.receive_maximum
+            ack_props["maximum_packet_size"] = s.max_packet_size
+            if s.topic_alias_maximum:
+                ack_props["topic_alias_maximum"] = s.topic_alias_maximum
+            if s.max_qos < 2:
+                ack_props["maximum_qos"] = s.max_qos
+            if not s.retain_available:
+                ack_props["retain_available"] = 0
+        self._write(encode(Connack(present, 0, ack_props), self.version))
+        session.will = p.will
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
+        if ka:
+            self._ka_timer = self.loop.call_later(ka * 1.5, self._keep_alive_check)
+        if present:
+            session.resend_inflight()
+        session.pump()
+        log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
+
+    # -- PUBLISH in ----------------------------------------------------------------
+
+    def _on_publish(self, p: Publish) -> None:
+        session = self.session
+        if session is None:
+            raise MqttError("PUBLISH before CONNECT")
+        s = self.settings
+        if p.qos > s.max_qos:
+            self.disconnect(rc.QOS_NOT_SUPPORTED, "QoS not supported")
+            return
+        if p.retain and not s.retain_available:
+            self.disconnect(rc.RETAIN_NOT_SUPPORTED, "retain not supported")
+            return
+        topic = p.topic
+        props = p.properties
+        if self.v5 and props:
+            alias = props.pop("topic_alias", None)
+            if alias is not None:
+                if alias > s.topic_alias_maximum:
+                    self.disconnect(rc.TOPIC_ALIAS_INVALID, "topic alias out of range")
+                    return
+                if topic:
+                    self.aliases_in[alias] = topic
+                else:
+                    known = self.aliases_in.get(alias)
+                    if known is None:
+                        self.disconnect(rc.PROTOCOL_ERROR, "unknown topic alias")
+                        return
+                    topic = known
+        if not valid_topic_name(topic):
+            self.disconnect(rc.TOPIC_NAME_INVALID, "invalid topic name")
+            return
+        if p.qos:
+            if self._inbound_unacked + len(session.inbound_qos2) >= s.receive_maximum:
+                self.disconnect(rc.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+                return
+            if p.qos == 2 and p.packet_id in session.inbound_qos2:
+                self._queue_ack(Pubrec(p.packet_id), None)  # duplicate: acknowledge again
+                return
+        if s.publish_rate:
+            self._throttle()
+        broker = self.broker
+        if topic.startswith("$SYS") or not self.gate.can_publish(
+            self.username, self.client_id, topic
+        ):
+            log.info("client %s not authorised to publish to %s", self.client_id, topic)
+            return self._ack_publish(p, rc.NOT_AUTHORIZED, None)
+        expiry = props.pop("message_expiry_interval", None) if props else None
+        msg = Message(
+            topic, p.payload, p.qos, p.retain, props,
+            time.time() + expiry if expiry is not None else None, self.client_id,
+        )
+        receivers = broker.publish(msg)
+        if p.qos:
+            store = broker.store
+            fut = store.commit_future() if store is not None else None
+            self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut)
+
+    def _ack_publish(self, p: Publish, reason: int, fut: asyncio.Future[None] | None) -> None:
+        if not p.qos:
+            return
+        code = reason if self.v5 else 0
+        if p.qos == 1:
+            self._queue_ack(Puback(p.packet_id, code), fut)
+            return
+        session = self.session
+        assert session is not None
+        if reason < 0x80 or not self.v5:
+            session.inbound_qos2.add(p.packet_id)
+            if session.persistent and session.store is not None:
+                session.store.save_inbound_qos2(session.client_id, p.packet_id)
+                fut = session.store.commit_future()
+        self._queue_ack(Pubrec(p.packet_id, code), fut)
+
+    def _queue_ack(self, ack: Packet, fut: asyncio.Future[None] | None) -> None:
+        """Send acknowledgements in order, each only after its data is committed."""
+        if fut is None and not self._acks:
+            self._write(encode(ack, self.version))
+            return
+        if ack.type == PUBACK:
+            self._inbound_unacked += 1
+        self._acks.append((ack, fut))
+        if fut is not None:
+            fut.add_done_callback(self._drain_acks)
+
+    def _drain_acks(self, _f: object = None) -> None:
+        acks = self._acks
+        while acks:
+            ack, fut = acks[0]
+            if fut is not None and not fut.done():
+                return
+            acks.popleft()
+            if ack.type == PUBACK:
+                self._inbound_unacked -= 1
+            if self.closed:
+                continue
+            if fut is not None and fut.exception() is not None:
+                # Not stored: never acknowledge. 5.0 says why; 3.1.1 withholds the ack.
+                if self.v5 and ack.type in (PUBACK, PUBREC):
+                    ack.reason_code = rc.QUOTA_EXCEEDED  # type: ignore[union-attr]
+                    if ack.type == PUBREC and self.session is not None:
+                        self.session.inbound_qos2.discard(ack.packet_id)  # type: ignore[union-attr]
+                else:
+                    continue
+            self._write(encode(ack, self.version))
+
+    def _on_pubrel(self, p: Pubrel) -> None:
+        session = self.session
+        assert session is not None
+        if p.packet_id in session.inbound_qos2:
+            session.inbound_qos2.discard(p.packet_id)
+            if session.persistent and session.store is not None:
+                session.store.delete_inbound_qos2(session.client_id, p.packet_id)
+            self._queue_ack(Pubcomp(p.packet_id), None)
+        else:
+            code = rc.PACKET_IDENTIFIER_NOT_FOUND if self.v5 else 0
+            self._queue_ack(Pubcomp(p.packet_id, code), None)
+
+    def _throttle(self) -> None:
+        s = self.settings
+        now = self.loop.time()
+        burst = float(s.publish_burst or max(1.0, s.publish_rate))
+        self._tokens = min(burst, self._tokens + (now - self._token_time) * s.publish_rate)
+        self._token_time = now
+        self._tokens -= 1
+        if self._tokens < 0 and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+            self.loop.call_later(-self._tokens / s.publish_rate, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._paused = False
+        if not self.closed:
+            self.transport.resume_reading()
+
+    # -- deliveries out ------------------------------------------------------------
+
+    def send_delivery(self, d: Delivery) -> bool:
+        """Write a PUBLISH for ``d``; False when it is expired or too large to send."""
+        m = d.message
+        now = time.time()
+        if m.expires_at is not None and now >= m.expires_at:
+            return False
+        v5 = self.v5
+        if d.qos == 0 and not d.sub_ids and m.expires_at is None and not self.alias_max_out:
+            key = (self.version, d.retain)
+            wire = m.wire.get(key) if m.wire is not None else None
+            if wire is None:
+                wire = encode_publish(
+                    m.topic.encode(), m.payload, 0, d.retain, False, 0,
+                    encode_properties(m.properties) if v5 else None,
+                )
+                if m.wire is None:
+                    m.wire = {}
+                m.wire[key] = wire
+        else:
+            topic = m.topic
+            props = None
+            if v5:
+                props = m.outgoing_properties(now, d.sub_ids)
+                if self.alias_max_out:
+                    alias = self.aliases_out.get(topic)
+                    if alias is not None:
+                        props = {**props, "topic_alias": alias}
+                        topic = ""
+                    elif len(self.aliases_out) < self.alias_max_out:
+                        alias = len(self.aliases_out) + 1
+                        self.aliases_out[topic] = alias
+                        props = {**props, "topic_alias": alias}
+            wire = encode_publish(
+                topic.encode(), m.payload, d.qos, d.retain, d.sent and d.qos > 0, d.packet_id,
+                encode_properties(props) if v5 else None,
+            )
+        if len(wire) > self.max_out_size:
+            log.debug("dropping %d byte message for %s: above its maximum packet size",
+                      len(wire), self.client_id)
+            return False
+        d.sent = True
+        self.broker.stats.messages_sent += 1
+        self._write(wire)
+        return True
+
+    def send_pubrel(self, packet_id: int) -> None:
+        """Write a PUBREL (QoS 2, second phase)."""
+        self._write(encode(Pubrel(packet_id), self.version))
+
+    def congested(self) -> bool:
+        """True when this client's outgoing buffer is over the high-water mark."""
+        return self.transport.get_write_buffer_size() > HIGH_WATER
+
+    def _on_complete(self, pid: int) -> None:
+        session = self.session
+        assert session is not None
+        session.complete(pid)
+        session.pump()
+
+    def _on_pubrec(self, p: Pubrec) -> None:
+        session = self.session
+        assert session is not None
+        if p.reason_code >= 0x80:
+            session.complete(p.packet_id)
+            session.pump()
+        elif session.released(p.packet_id):
+            self.send_pubrel(p.packet_id)
+        else:
+            code = rc.PACKET_IDENTIFIER_NOT_FOUND if self.v5 else 0
+            self._write(encode(Pubrel(p.packet_id, code), self.version))
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------
+
+    def _on_subscribe(self, p: Subscribe) -> None:
+        session = self.session
+        assert session is not None
+        broker = self.broker
+        sub_ids = p.properties.get("subscription_identifier")
+        sub_id = sub_ids[0] if sub_ids else None
+        codes: list[int] = []
+        granted: list[tuple[str, Any, bool]] = []
+        for filt, opts in p.topics:
+            if filt.startswith("$share/") and opts.no_local:
+                raise MqttError("no local on a shared subscription")
+            if not self.gate.can_subscribe(self.username, self.client_id, filt):
+                codes.append(rc.NOT_AUTHORIZED if self.v5 else 0x80)
+                continue
+            code, existed = broker.subscribe(session, filt, opts, sub_id)
+            if code >= 0x80:
+                codes.append(code if self.v5 else 0x80)
+                continue
+            codes.append(code)
+            granted.append((filt, opts, existed))
+        self._write(encode(Suback(p.packet_id, codes), self.version))
+        for filt, opts, existed in granted:
+            sub = session.subscriptions.get(filt)
+            broker.send_retained(session, filt, sub.options if sub else opts, existed)
+
+    def _on_unsubscribe(self, p: Unsubscribe) -> None:
+        session = self.session
+        assert session is not None
+        codes = [
+            rc.SUCCESS if self.broker.unsubscribe(session, f) else rc.NO_SUBSCRIPTION_EXISTED
+            for f in p.topics
+        ]
+        self._write(encode(Unsuback(p.packet_id, codes if self.v5 else []), self.version))
+
+    # -- DISCONNECT and closing ----------------------------------------------------
+
+    def _on_disconnect(self, p: Disconnect) -> None:
+        session = self.session
+        assert session is not None
+        new_expiry = p.properties.get("session_expiry_interval")
+        if new_expiry is not None:
+            if session.expiry_interval == 0 and new_expiry:
+                self.disconnect(rc.PROTOCOL_ERROR, "session expiry changed from 0")
+                return
+            session.expiry_interval = min(int(new_expiry), self.settings.max_session_expiry)
+        self.close(send_will=p.reason_code == rc.DISCONNECT_WITH_WILL)
+
+    def disconnect(self, reason: int, why: str = "") -> None:
+        """Close with a DISCONNECT carrying ``reason`` (MQTT 5 only)."""
+        if self.closed:
+            return
+        if self.v5 and self.session is not None:
+            props = {"reason_string": why} if why else {}
+            self._write(encode(Disconnect(reason, props), MQTT_5))
+        self.close(send_will=True)
+
+    def take_over(self) -> None:
+        """Another connection claimed this client id (reason 0x8E)."""
+        if self.v5:
+            self._write(encode(Disconnect(rc.SESSION_TAKEN_OVER), MQTT_5))
+        self.session = None
+        self.close(send_will=False)
+
+    def _keep_alive_check(self) -> None:
+        self._ka_timer = None
+        if self.closed:
+            return
+        if self.session is None:
+            log.info("connection from %s sent no CONNECT in time", self.peer)
+            self.close(send_will=False)
+            return
+        limit = self.keep_alive * 1.5
+        idle = self.loop.time() - self.last_rx
+        if idle >= limit:
+            log.info("client %s keep-alive timeout", self.client_id)
+            self.disconnect(rc.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
+        else:
+            self._ka_timer = self.loop.call_later(limit - idle, self._keep_alive_check)
+
+    def close(self, send_will: bool = True) -> None:
+        """Flush pending output, close the transport, and tell the broker."""
+        if self.closed:
+            return
+        self.closed = True
+        self._flush()
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
+        self.transport.close()
+        self.connection_lost(send_will)
+
+    def connection_lost(self, send_will: bool = True) -> None:
+        """The transport is gone (called by the listener, or by ``close``)."""
+        self.closed = True
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
+        session, self.session = self.session, None
+        if session is not None and session.link is self:
+            self.broker.connection_lost(session, send_will)
+        if self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb(self)
+
+    # -- bytes out -----------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.broker.stats.bytes_sent += len(data)
+        self.transport.write(data)

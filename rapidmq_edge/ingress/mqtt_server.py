@@ -1,0 +1,183 @@
+"""MQTT listeners: TCP, TLS and WebSocket (subprotocol ``mqtt``) around ClientConnection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..broker.connection import ClientConnection
+from ..mqtt import reasons as rc
+from ..mqtt.codec import encode
+from ..mqtt.packets import MQTT_5, Disconnect
+
+log = logging.getLogger(__name__)
+
+ConnectionFactory = Callable[[Any, str], ClientConnection]
+
+
+@dataclass
+class ConnectionRegistry:
+    """Live connections, connection limits and the per-address connect rate."""
+
+    connect_rate: float = 0.0
+    connections: set[ClientConnection] = field(default_factory=set)
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def admit(self, host: str) -> bool:
+        """Token bucket per source address: False when it connects too fast."""
+        if not self.connect_rate:
+            return True
+        now = time.monotonic()
+        burst = max(1.0, self.connect_rate)
+        tokens, last = self._buckets.get(host, (burst, now))
+        tokens = min(burst, tokens + (now - last) * self.connect_rate)
+        if tokens < 1:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:
+            self._buckets.clear()
+        return True
+
+    def shutdown(self) -> None:
+        """Tell every client the server is going away, then close them."""
+        for conn in list(self.connections):
+            if conn.v5 and conn.session is not None:
+                conn._write(encode(Disconnect(rc.SERVER_SHUTTING_DOWN), MQTT_5))
+            conn.close(send_will=False)
+
+
+class MqttStreamProtocol(asyncio.Protocol):
+    """asyncio protocol for MQTT over TCP or TLS."""
+
+    def __init__(self, factory: ConnectionFactory, registry: ConnectionRegistry) -> None:
+        self.factory = factory
+        self.registry = registry
+        self.conn: ClientConnection | None = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's is no asyncio.Transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        host = str(peer[0])
+        if not self.registry.admit(host):
+            log.warning("connection rate from %s exceeded; refusing", host)
+            transport.close()
+            return
+        conn = self.factory(transport, f"{host}:{peer[1]}")
+        conn.on_close = self.registry.connections.discard
+        self.registry.connections.add(conn)
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.connection_lost(send_will=True)
+            self.conn = None
+
+
+class WebSocketTransport:
+    """Adapts a websockets connection to the Transport interface of ClientConnection."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._readable = asyncio.Event()
+        self._readable.set()
+        self._closing = False
+        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._size += len(data)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    def pause_reading(self) -> None:
+        self._readable.clear()
+
+    def resume_reading(self) -> None:
+        self._readable.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._pending:
+                    data = b"".join(self._pending)
+                    self._pending.clear()
+                    await self.ws.send(data)
+                    self._size = 0
+                if self._closing and not self._pending:
+                    await self.ws.close()
+                    return
+        except Exception:  # connection already gone
+            return
+
+
+async def serve_websocket(
+    host: str, port: int, path: str, factory: ConnectionFactory, registry: ConnectionRegistry,
+    ssl_context: ssl.SSLContext | None,
+) -> Any:
+    """Start a WebSocket listener; MQTT packets travel in binary frames."""
+    from websockets.asyncio.server import serve
+
+    async def handler(ws: Any) -> None:
+        request_path = getattr(getattr(ws, "request", None), "path", path)
+        if request_path.split("?")[0] != path:
+            await ws.close(1008, "unknown path")
+            return
+        peer = ws.remote_address or ("?", 0)
+        if not registry.admit(str(peer[0])):
+            await ws.close(1013, "connection rate exceeded")
+            return
+        transport = WebSocketTransport(ws)
+        conn = factory(transport, f"{peer[0]}:{peer[1]}")
+        conn.on_close = registry.connections.discard
+        registry.connections.add(conn)
+        try:
+            async for frame in ws:
+                if isinstance(frame, str):
+                    conn.disconnect(rc.PROTOCOL_ERROR, "text frame")
+                    break
+                await transport._readable.wait()
+                conn.data_received(frame)
+                if conn.closed:
+                    break
+        except Exception as exc:  # network errors end the connection like a TCP reset
+            log.debug("websocket %s: %s", peer, exc)
+        finally:
+            conn.connection_lost(send_will=True)
+            transport.close()
+            await asyncio.wait({transport.writer}, timeout=5)
+
+    return await serve(
+        handler, host, port, subprotocols=["mqtt"], ssl=ssl_context,  # type: ignore[list-item]
+        max_size=None, compression=None,
+    )
+
+
+def make_ssl_context(cert: str, key: str, client_ca: str | None, require: bool) -> ssl.SSLContext:
+    """A server TLS context: TLS 1.2+ (1.3 preferred), optional client certificates."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
+    return ctx

@@ -1,0 +1,42 @@
+"""``$SYS/broker/...`` statistics, published (retained) every ``sys_interval`` seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+from .. import __version__
+from ..broker.broker import Broker
+
+
+def sys_values(broker: Broker) -> dict[str, str]:
+    """The current statistics, as topic suffix -> text payload (Mosquitto's names)."""
+    st = broker.stats
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "version": f"rapidmq-edge {__version__}",
+        "uptime": f"{int(time.time() - st.started)} seconds",
+        "clients/connected": str(st.clients_connected),
+        "clients/total": str(len(broker.sessions)),
+        "clients/disconnected": str(len(broker.sessions) - st.clients_connected),
+        "clients/maximum": str(st.clients_maximum),
+        "connections/total": str(st.connections_total),
+        "messages/received": str(st.messages_received),
+        "messages/sent": str(st.messages_sent),
+        "publish/messages/dropped": str(st.publish_dropped),
+        "bytes/received": str(st.bytes_received),
+        "bytes/sent": str(st.bytes_sent),
+        "subscriptions/count": str(broker.index.count),
+        "retained messages/count": str(len(broker.retained)),
+        "store/pending": str(broker.store.pending if broker.store else 0),
+        "heap/maximum": str(rss_kb * 1024),
+    }
+
+
+async def publish_sys(broker: Broker, interval: float) -> None:
+    """Publish ``$SYS/broker/...`` forever, every ``interval`` seconds."""
+    while True:
+        for name, value in sys_values(broker).items():
+            broker.publish_internal(f"$SYS/broker/{name}", value.encode())
+        await asyncio.sleep(interval)

@@ -1,0 +1,43 @@
+"""Who may connect, publish and subscribe: the users file and the ACL, as configured."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..mqtt import reasons as rc
+from .acl import Acl
+from .users import UserDB
+
+
+class Gatekeeper:
+    """Answers the broker's authentication and authorisation questions."""
+
+    def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl) -> None:
+        self.allow_anonymous = allow_anonymous
+        self.users = users
+        self.acl = acl
+
+    @classmethod
+    def from_config(cls, config: Config) -> Gatekeeper:
+        """Load the users file (if any) and compile the ACL."""
+        users_file = config.auth.users_file
+        users = UserDB.load(users_file) if users_file is not None else None
+        return cls(config.auth.allow_anonymous, users, Acl.from_config(config))
+
+    def authenticate(self, username: str | None, password: bytes | None) -> int:
+        """0 when the client may connect, else a CONNACK reason code."""
+        if username is None:
+            return 0 if self.allow_anonymous else rc.NOT_AUTHORIZED
+        if self.users is None:
+            # No users file: a user name is only a label, as for anonymous clients.
+            return 0 if self.allow_anonymous else rc.BAD_USER_NAME_OR_PASSWORD
+        if self.users.authenticate(username, password):
+            return 0
+        return rc.BAD_USER_NAME_OR_PASSWORD
+
+    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool:
+        """ACL decision for PUBLISH."""
+        return self.acl.can_publish(username, client_id, topic)
+
+    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool:
+        """ACL decision for SUBSCRIBE."""
+        return self.acl.can_subscribe(username, client_id, filt)

@@ -1,0 +1,324 @@
+"""Durable broker state in SQLite (WAL): persistent sessions, their messages, retained messages.
+
+Writes are group-committed: changes made on the event loop accumulate for at most
+``commit_delay`` seconds and are written in one transaction by a single writer thread.
+``commit_future()`` resolves once everything changed so far is on disk, which is when the
+broker may acknowledge a message it made durable (see docs/durability.md). A save
+followed by a delete before its batch is written cancels out and never touches the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..broker.message import Delivery, Message
+from ..mqtt.errors import MqttError
+from ..mqtt.packets import PUBLISH, SubOptions
+from ..mqtt.properties import decode_properties, encode_properties
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, expiry_interval INTEGER NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL,
+    no_local INTEGER NOT NULL, rap INTEGER NOT NULL, rh INTEGER NOT NULL, sub_id INTEGER,
+    PRIMARY KEY (client_id, filter));
+CREATE TABLE IF NOT EXISTS deliveries (
+    client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    msg_qos INTEGER NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+    props BLOB NOT NULL, expires_at REAL, sub_ids TEXT NOT NULL, share TEXT,
+    packet_id INTEGER NOT NULL, released INTEGER NOT NULL, origin TEXT,
+    PRIMARY KEY (client_id, seq));
+CREATE TABLE IF NOT EXISTS inbound_qos2 (
+    client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
+    expires_at REAL);
+"""
+
+
+@dataclass(slots=True)
+class StoredSession:
+    """A persistent session as loaded at start-up."""
+
+    client_id: str
+    version: int
+    expiry_interval: int
+    updated_at: float
+    subscriptions: list[tuple[str, SubOptions, int | None]] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    inbound_qos2: set[int] = field(default_factory=set)
+
+
+def _props_blob(props: dict[str, Any]) -> bytes:
+    return encode_properties(props)
+
+
+def _props_from(blob: bytes) -> dict[str, Any]:
+    try:
+        return decode_properties(blob, 0, len(blob), PUBLISH)[0]
+    except MqttError:
+        return {}
+
+
+Op = tuple[str, tuple[Any, ...]]
+
+
+class SessionStore:
+    """Group-committing SQLite store for broker state; methods are called on the loop."""
+
+    def __init__(self, path: Path, durability: str = "fsync", commit_delay: float = 0.005) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.commit_delay = commit_delay
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=" + ("FULL" if durability == "fsync" else "NORMAL"))
+        self._db.executescript(SCHEMA)
+        self._pending: dict[tuple[Any, ...], Op] = {}
+        self._on_disk: set[tuple[str, int]] = set()  # deliveries written (or being written)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._lock = threading.Lock()
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0
+        self.failures = 0
+        self.on_error: Callable[[BaseException], None] | None = None
+
+    # -- start-up ------------------------------------------------------------------
+
+    def load(self) -> tuple[dict[str, StoredSession], list[Message]]:
+        """Read every persistent session and retained message (call before serving)."""
+        db = self._db
+        sessions = {
+            r[0]: StoredSession(r[0], r[1], r[2], r[3])
+            for r in db.execute(
+                "SELECT client_id, version, expiry_interval, updated_at FROM sessions")
+        }
+        for cid, filt, qos, nl, rap, rh, sid in db.execute("SELECT * FROM subscriptions"):
+            if cid in sessions:
+                opts = SubOptions(qos, bool(nl), bool(rap), rh)
+                sessions[cid].subscriptions.append((filt, opts, sid))
+        for row in db.execute("SELECT * FROM deliveries ORDER BY client_id, seq"):
+            (cid, seq, topic, payload, msg_qos, qos, retain, props, exp, sub_ids, share,
+             pid, released, origin) = row
+            if cid not in sessions:
+                continue
+            msg = Message(topic, bytes(payload), msg_qos, bool(retain), _props_from(props), exp,
+                          origin)
+            d = Delivery(msg, qos, bool(retain), tuple(json.loads(sub_ids)), share, pid,
+                         bool(released), seq)
+            sessions[cid].deliveries.append(d)
+            self._on_disk.add((cid, seq))
+        for cid, pid in db.execute("SELECT client_id, packet_id FROM inbound_qos2"):
+            if cid in sessions:
+                sessions[cid].inbound_qos2.add(pid)
+        retained = [
+            Message(t, bytes(p), q, True, _props_from(pr), exp)
+            for t, p, q, pr, exp in db.execute("SELECT * FROM retained")
+        ]
+        return sessions, retained
+
+    # -- changes (event loop) ------------------------------------------------------
+
+    def _put(self, key: tuple[Any, ...], op: Op) -> None:
+        self._pending[key] = op
+        if self._timer is None and not self._busy:
+            loop = self._loop or asyncio.get_running_loop()
+            self._loop = loop
+            self._timer = loop.call_later(self.commit_delay, self._flush)
+
+    def save_session(self, cid: str, version: int, expiry: int, now: float) -> None:
+        self._put(("s", cid), ("save_session", (cid, version, expiry, now)))
+
+    def delete_session(self, cid: str) -> None:
+        for key in [k for k in self._pending if len(k) > 1 and k[1] == cid]:
+            del self._pending[key]
+        self._put(("s", cid), ("delete_session", (cid,)))
+
+    def save_subscription(self, cid: str, filt: str, opts: SubOptions, sub_id: int | None) -> None:
+        row = (cid, filt, opts.qos, int(opts.no_local), int(opts.retain_as_published),
+               opts.retain_handling, sub_id)
+        self._put(("sub", cid, filt), ("save_sub", row))
+
+    def delete_subscription(self, cid: str, filt: str) -> None:
+        self._put(("sub", cid, filt), ("delete_sub", (cid, filt)))
+
+    def save_delivery(self, cid: str, d: Delivery) -> None:
+        m = d.message
+        row = (cid, d.seq, m.topic, m.payload, m.qos, d.qos, int(d.retain),
+               _props_blob(m.properties), m.expires_at, json.dumps(d.sub_ids), d.share,
+               d.packet_id, int(d.released), m.origin)
+        self._put(("d", cid, d.seq), ("save_delivery", row))
+
+    def delete_delivery(self, cid: str, seq: int) -> None:
+        key = ("d", cid, seq)
+        op = self._pending.get(key)
+        if op is not None and op[0] == "save_delivery" and (cid, seq) not in self._on_disk:
+            del self._pending[key]
+            return
+        self._put(key, ("delete_delivery", (cid, seq)))
+
+    def save_inbound_qos2(self, cid: str, pid: int) -> None:
+        self._put(("q2", cid, pid), ("save_q2", (cid, pid)))
+
+    def delete_inbound_qos2(self, cid: str, pid: int) -> None:
+        self._put(("q2", cid, pid), ("delete_q2", (cid, pid)))
+
+    def save_retained(self, m: Message) -> None:
+        row = (m.topic, m.payload, m.qos, _props_blob(m.properties), m.expires_at)
+        self._put(("r", m.topic), ("save_retained", row))
+
+    def delete_retained(self, topic: str) -> None:
+        self._put(("r", topic), ("delete_retained", (topic,)))
+
+    def commit_future(self) -> asyncio.Future[None] | None:
+        """A future resolved when everything changed so far is committed; None if nothing is."""
+        if not self._pending and not self._busy:
+            return None
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(fut)
+        return fut
+
+    @property
+    def pending(self) -> int:
+        """Changes not yet handed to the writer."""
+        return len(self._pending)
+
+    # -- writing -------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._busy or not self._pending:
+            return
+        loop = self._loop
+        assert loop is not None
+        ops = list(self._pending.values())
+        self._pending = {}
+        on_disk = self._on_disk
+        for name, args in ops:
+            if name == "save_delivery":
+                on_disk.add((args[0], args[1]))
+            elif name == "delete_delivery":
+                on_disk.discard(args)
+        waiters, self._waiters = self._waiters, []
+        self._busy = True
+        fut = loop.run_in_executor(self._writer, self._write, ops)
+        fut.add_done_callback(lambda f: self._written(f, ops, waiters))
+
+    def _written(
+        self, f: asyncio.Future[None], ops: list[Op], waiters: list[asyncio.Future[None]]
+    ) -> None:
+        self._busy = False
+        exc = f.exception()
+        if exc is None:
+            self.commits += 1
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+        else:
+            self.failures += 1
+            log.error("session store commit failed (%s); will retry", exc)
+            # Keep the failed changes (older than anything pending now) for the retry.
+            merged: dict[tuple[Any, ...], Op] = {}
+            for op in ops:
+                merged[_key_of(op)] = op
+            merged.update(self._pending)
+            self._pending = merged
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(StoreError(str(exc)))
+            if self.on_error is not None:
+                self.on_error(exc)
+        if self._pending and self._timer is None and self._loop is not None:
+            delay = self.commit_delay if exc is None else 0.5
+            self._timer = self._loop.call_later(delay, self._flush)
+
+    def _write(self, ops: list[Op]) -> None:
+        db = self._db
+        with self._lock:
+            db.execute("BEGIN")
+            try:
+                for name, args in ops:
+                    _SQL[name](db, args)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Write everything pending, then close the database."""
+        for _ in range(100):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._pending and not self._busy:
+                break
+            fut = self.commit_future()
+            self._flush()
+            if fut is not None:
+                try:
+                    await asyncio.wait_for(fut, 10)
+                except (StoreError, TimeoutError):
+                    break
+        self._writer.shutdown(wait=True)
+        with self._lock:
+            self._db.close()
+
+
+class StoreError(Exception):
+    """A commit failed (for example: the disk is full)."""
+
+
+def _key_of(op: Op) -> tuple[Any, ...]:
+    name, a = op
+    if name in ("save_session", "delete_session"):
+        return ("s", a[0])
+    if name in ("save_sub", "delete_sub"):
+        return ("sub", a[0], a[1])
+    if name in ("save_delivery", "delete_delivery"):
+        return ("d", a[0], a[1])
+    if name in ("save_q2", "delete_q2"):
+        return ("q2", a[0], a[1])
+    return ("r", a[0])
+
+
+def _delete_session(db: sqlite3.Connection, a: tuple[Any, ...]) -> None:
+    for table in ("sessions", "subscriptions", "deliveries", "inbound_qos2"):
+        db.execute(f"DELETE FROM {table} WHERE client_id = ?", a)
+
+
+_SQL: dict[str, Callable[[sqlite3.Connection, tuple[Any, ...]], Any]] = {
+    "save_session": lambda db, a: db.execute(
+        "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", a),
+    "delete_session": _delete_session,
+    "save_sub": lambda db, a: db.execute(
+        "INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?, ?, ?, ?)", a),
+    "delete_sub": lambda db, a: db.execute(
+        "DELETE FROM subscriptions WHERE client_id = ? AND filter = ?", a),
+    "save_delivery": lambda db, a: db.execute(
+        "INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", a),
+    "delete_delivery": lambda db, a: db.execute(
+        "DELETE FROM deliveries WHERE client_id = ? AND seq = ?", a),
+    "save_q2": lambda db, a: db.execute("INSERT OR REPLACE INTO inbound_qos2 VALUES (?, ?)", a),
+    "delete_q2": lambda db, a: db.execute(
+        "DELETE FROM inbound_qos2 WHERE client_id = ? AND packet_id = ?", a),
+    "save_retained": lambda db, a: db.execute(
+        "INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)", a),
+    "delete_retained": lambda db, a: db.execute("DELETE FROM retained WHERE topic = ?", a),
+}
