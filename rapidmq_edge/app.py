@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from .broker.broker import Broker, BrokerLimits
 from .broker.connection import ClientConnection, ConnectionSettings
-from .config import Config
+from .config import Config, ConfigError
 from .ingress.mqtt_server import (
     ConnectionRegistry,
     MqttStreamProtocol,
@@ -164,6 +164,9 @@ def run_gateway(config: Config) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except DataDirLocked as exc:
         log.error("%s", exc)
         return 1

@@ -47,7 +47,6 @@ from ..mqtt.packets import (
     Unsubscribe,
 )
 from ..mqtt.properties import encode_properties
-from ..mqtt.topics import valid_topic_name
 from .broker import Broker
 from .message import Delivery, Message
 from .session import NEVER_EXPIRES, Session
@@ -70,8 +69,11 @@ class Transport(Protocol):
 class Gatekeeper(Protocol):
     """Authentication and authorisation, as configured."""
 
-    def authenticate(self, username: str | None, password: bytes | None) -> int:
-        """Return 0 or a CONNACK reason code."""
+    def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
+        """0 or a CONNACK reason code when known without hashing; None otherwise."""
+
+    async def authenticate(self, username: str | None, password: bytes | None) -> int:
+        """0 or a CONNACK reason code (may hash the password in a thread)."""
 
     def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
     def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
@@ -139,6 +141,7 @@ class ClientConnection:
         self._tokens = float(settings.publish_burst or max(1.0, settings.publish_rate))
         self._token_time = self.loop.time()
         self._paused = False
+        self._held: list[Packet] | None = None
 
     # -- bytes in ------------------------------------------------------------------
 
@@ -159,6 +162,9 @@ class ClientConnection:
         for p in packets:
             if self.closed:
                 return
+            if self._held is not None:  # CONNECT still being authenticated
+                self._held.append(p)
+                continue
             try:
                 self._dispatch(p)
             except MqttError as exc:
@@ -231,7 +237,43 @@ class ClientConnection:
                 return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.assign_client_id()
             assigned = True
-        reason = self.gate.authenticate(p.username, p.password)
+        reason = self.gate.quick_authenticate(p.username, p.password)
+        if reason is None:  # a password hash to check: off the event loop
+            self._held = []
+            self.transport.pause_reading()
+            task = self.loop.create_task(self.gate.authenticate(p.username, p.password))
+            task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned))
+            return
+        self._accept(p, client_id, assigned, reason)
+
+    def _authenticated(
+        self, task: asyncio.Task[int], p: Connect, client_id: str, assigned: bool
+    ) -> None:
+        held, self._held = self._held or [], None
+        if self.closed:
+            return
+        try:
+            reason = task.result()
+        except Exception:  # pragma: no cover - a broken users file must not kill the loop
+            log.exception("authentication failed")
+            reason = rc.SERVER_UNAVAILABLE
+        self._accept(p, client_id, assigned, reason)
+        for packet in held:
+            if self.closed:
+                return
+            try:
+                self._dispatch(packet)
+            except MqttError as exc:
+                self._protocol_failure(exc)
+                return
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
+        s = self.settings
+        broker = self.broker
+        v5 = self.v5
+        props = p.properties
         if reason:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
@@ -302,8 +344,8 @@ class ClientConnection:
             return
         topic = p.topic
         props = p.properties
-        if self.v5 and props:
-            alias = props.pop("topic_alias", None)
+        if props:
+            alias = props.get("topic_alias")
             if alias is not None:
                 if alias > s.topic_alias_maximum:
                     self.disconnect(rc.TOPIC_ALIAS_INVALID, "topic alias out of range")
@@ -316,9 +358,6 @@ class ClientConnection:
                         self.disconnect(rc.PROTOCOL_ERROR, "unknown topic alias")
                         return
                     topic = known
-        if not valid_topic_name(topic):
-            self.disconnect(rc.TOPIC_NAME_INVALID, "invalid topic name")
-            return
         if p.qos:
             if self._inbound_unacked + len(session.inbound_qos2) >= s.receive_maximum:
                 self.disconnect(rc.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
@@ -334,11 +373,17 @@ class ClientConnection:
         ):
             log.info("client %s not authorised to publish to %s", self.client_id, topic)
             return self._ack_publish(p, rc.NOT_AUTHORIZED, None)
-        expiry = props.pop("message_expiry_interval", None) if props else None
+        expiry = None
+        if props:
+            props = dict(props)
+            props.pop("topic_alias", None)
+            expiry = props.pop("message_expiry_interval", None)
         msg = Message(
             topic, p.payload, p.qos, p.retain, props,
             time.time() + expiry if expiry is not None else None, self.client_id,
         )
+        if p.raw is not None and "topic_alias" not in p.properties and expiry is None:
+            msg.wire = {(self.v5, False): p.raw}
         receivers = broker.publish(msg)
         if p.qos:
             store = broker.store
@@ -432,7 +477,7 @@ class ClientConnection:
             return False
         v5 = self.v5
         if d.qos == 0 and not d.sub_ids and m.expires_at is None and not self.alias_max_out:
-            key = (self.version, d.retain)
+            key = (v5, d.retain)
             wire = m.wire.get(key) if m.wire is not None else None
             if wire is None:
                 wire = encode_publish(

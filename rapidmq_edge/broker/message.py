@@ -27,8 +27,8 @@ class Message:
     properties: Properties = field(default_factory=dict)
     expires_at: float | None = None
     origin: str | None = None
-    #: wire-format cache: (version, retain) -> encoded QoS 0 PUBLISH
-    wire: dict[tuple[int, bool], bytes] | None = None
+    #: wire-format cache: (is MQTT 5, retain) -> encoded QoS 0 PUBLISH
+    wire: dict[tuple[bool, bool], bytes] | None = None
 
     def expired(self, now: float) -> bool:
         """True when the message expiry interval has passed."""

@@ -139,7 +139,10 @@ class PacketReader:
                 packet = decode_packet(first, body, self.version)
             finally:
                 body.release()
-            if packet.type == CONNECT:
+            if packet.type == PUBLISH:
+                if not first & 0x0F:  # QoS 0, no retain: keep the bytes for forwarding
+                    packet.raw = bytes(buf[pos:pos + total])  # type: ignore[union-attr]
+            elif packet.type == CONNECT:
                 self.version = packet.protocol_level  # type: ignore[union-attr]
             out.append(packet)
             pos += total

@@ -57,6 +57,8 @@ class Publish:
     dup: bool = False
     packet_id: int = 0
     properties: Properties = field(default_factory=dict)
+    #: the packet as received, when the reader kept it (QoS 0: forwarded byte for byte)
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

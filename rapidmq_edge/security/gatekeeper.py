@@ -23,14 +23,24 @@ class Gatekeeper:
         users = UserDB.load(users_file) if users_file is not None else None
         return cls(config.auth.allow_anonymous, users, Acl.from_config(config))
 
-    def authenticate(self, username: str | None, password: bytes | None) -> int:
-        """0 when the client may connect, else a CONNACK reason code."""
+    def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
+        """0 or a CONNACK reason code when known without hashing; None otherwise."""
         if username is None:
             return 0 if self.allow_anonymous else rc.NOT_AUTHORIZED
         if self.users is None:
             # No users file: a user name is only a label, as for anonymous clients.
             return 0 if self.allow_anonymous else rc.BAD_USER_NAME_OR_PASSWORD
-        if self.users.authenticate(username, password):
+        if self.users.cached(username, password):
+            return 0
+        return None
+
+    async def authenticate(self, username: str | None, password: bytes | None) -> int:
+        """0 or a CONNACK reason code; password hashes are checked in a worker thread."""
+        quick = self.quick_authenticate(username, password)
+        if quick is not None:
+            return quick
+        assert self.users is not None and username is not None
+        if await self.users.authenticate_async(username, password):
             return 0
         return rc.BAD_USER_NAME_OR_PASSWORD
 

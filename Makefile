@@ -1,0 +1,96 @@
+# RapidMQ Edge — developer and CI entry points (GNU make, Debian, no stdin needed).
+#
+#   make run               set up .venv and run the gateway with embedded defaults
+#   make run CONFIG=FILE   ... with a configuration file
+#   make test              system deps + venv + lint + pytest (what CI runs)
+#   make lint | bench | clean | distclean
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+CONFIG ?=
+PYTEST_ARGS ?=
+
+# Only lint the source trees that exist (an empty directory is not kept by git).
+LINT_PATHS := $(wildcard rapidmq_edge tests bench firmware_sim)
+
+# Debian packages providing the external peers used by the interop tests.
+APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server
+
+.PHONY: help venv system-deps run lint test bench clean distclean
+
+help:
+	@echo "targets: run [CONFIG=FILE], test, lint, bench, venv, system-deps, clean, distclean"
+
+# ------------------------------------------------------------------ virtualenv
+venv: $(STAMP)
+
+# Re-installs whenever pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+# ------------------------------------------------------------------ system deps
+# Installs the Debian packages only when one of the commands is missing.
+system-deps:
+	@missing=""; \
+	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server; do \
+	    command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+	    echo "system-deps: all present"; exit 0; \
+	fi; \
+	echo "system-deps: missing:$$missing"; \
+	if [ "$$(id -u)" != "0" ]; then \
+	    echo "system-deps: not root; install them with:" >&2; \
+	    echo "    sudo apt-get update && sudo apt-get install -y $(APT_PACKAGES)" >&2; \
+	    exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q || { sleep 5; apt-get update -q; }; \
+	apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	for s in mosquitto nats-server; do \
+	    if command -v service >/dev/null 2>&1 && service $$s status >/dev/null 2>&1; then \
+	        echo "system-deps: stopping system $$s service"; \
+	        service $$s stop >/dev/null 2>&1 || true; \
+	    fi; \
+	done; \
+	if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then \
+	    systemctl disable --now mosquitto nats-server >/dev/null 2>&1 || true; \
+	fi; \
+	for c in /usr/sbin/mosquitto mosquitto_pub mosquitto_sub coap-client-notls nats-server; do \
+	    command -v $$c >/dev/null 2>&1 || { echo "system-deps: $$c still missing" >&2; exit 1; }; \
+	done
+
+# ------------------------------------------------------------------ run
+run: venv
+	$(VENV)/bin/rapidmq-edge run $(if $(CONFIG),--config $(CONFIG))
+
+# ------------------------------------------------------------------ checks
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy rapidmq_edge
+
+# lint runs first (as a prerequisite) so pytest's summary line is the last thing printed.
+test: system-deps venv lint
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/mqtt_throughput.py
+
+# ------------------------------------------------------------------ cleanup
+# `clean` keeps .venv and data/ (the gateway's state); `distclean` also drops .venv.
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Simulated device fleet for exercising RapidMQ Edge (arrives with a later issue)."""

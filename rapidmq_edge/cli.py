@@ -1,0 +1,153 @@
+"""Command line: ``rapidmq-edge run | check-config | user add/remove/list``.
+
+Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+
+from rapidmq_edge import __version__
+from rapidmq_edge.config import Config, ConfigError, load_config
+
+__all__ = ["main", "build_parser"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("rapidmq_edge")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="rapidmq-edge", description="RapidMQ Edge IoT gateway and MQTT broker."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: built-in)")
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", type=Path, metavar="FILE")
+
+    source = argparse.ArgumentParser(add_help=False)
+    where = source.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, metavar="FILE", help="take auth.users_file from it")
+    where.add_argument("--users-file", type=Path, metavar="FILE", help="users file to edit")
+
+    user = sub.add_parser("user", help="manage the users file")
+    usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    add = usub.add_parser("add", parents=[source], help="add a user or change its password")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    remove = usub.add_parser("remove", parents=[source], help="remove a user")
+    remove.add_argument("name", metavar="NAME")
+    usub.add_parser("list", parents=[source], help="list user names")
+    return parser
+
+
+def _cmd_run(config_path: Path | None) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.basicConfig(level=config.gateway.log_level.upper(), format=LOG_FORMAT)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    try:
+        from rapidmq_edge.app import run_gateway
+    except ModuleNotFoundError as exc:
+        if exc.name != "rapidmq_edge.app":
+            raise
+        return _fail("gateway runtime (rapidmq_edge.app) is not available", 1)
+    return int(run_gateway(config))
+
+
+def _cmd_check(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("ok")
+    return 0
+
+
+def _users_file(args: argparse.Namespace) -> Path:
+    if args.users_file is not None:
+        return Path(args.users_file)
+    config: Config = load_config(args.config)
+    if config.auth.users_file is None:
+        where = f"in {args.config}" if args.config else "(no --config given)"
+        raise ConfigError(f"auth.users_file: not set {where}; pass --users-file FILE")
+    return config.auth.users_file
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    first = getpass.getpass("Password: ")
+    if first and getpass.getpass("Repeat password: ") != first:
+        raise ValueError("passwords do not match")
+    return first
+
+
+def _cmd_user(args: argparse.Namespace) -> int:
+    from rapidmq_edge.security.users import UserDB, add_user, remove_user, valid_username
+
+    try:
+        path = _users_file(args)
+        if args.user_command == "list":
+            for name in UserDB.load(path).names():
+                print(name)
+            return 0
+        if args.user_command == "remove":
+            if not remove_user(path, args.name):
+                return _fail(f"no such user: {args.name}", 1)
+            print(f"removed user {args.name} from {path}")
+            return 0
+        if not valid_username(args.name):
+            return _fail(f"invalid user name: {args.name!r}")
+        password = _read_password(args.password_stdin)
+        if not password:
+            return _fail("empty password refused")
+        created = add_user(path, args.name, password)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{exc.filename or 'users file'}: {exc.strerror or exc}", 1)
+    print(f"{'added' if created else 'updated'} user {args.name} in {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args.config)
+        if args.command == "check-config":
+            return _cmd_check(args.file)
+        return _cmd_user(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

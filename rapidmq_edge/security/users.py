@@ -1,0 +1,268 @@
+"""Password hashing (scrypt) and the TOML users file.
+
+File format::
+
+    [users.alice]
+    password = "$scrypt$ln=14,r=8,p=1$<base64 salt>$<base64 hash>"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import tomllib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from rapidmq_edge.config import ConfigError
+
+__all__ = [
+    "UsersFileError",
+    "UserDB",
+    "hash_password",
+    "verify_password",
+    "valid_username",
+    "add_user",
+    "remove_user",
+]
+
+_LN, _R, _P = 14, 8, 1
+_SALT_BYTES = 16
+_HASH_BYTES = 32
+_MAX_SCRYPT_MEM = 256 * 1024 * 1024
+_CACHE_SIZE = 4096
+
+
+class UsersFileError(ConfigError):
+    """The users file is missing, unreadable or malformed; the message names the file."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(pw: str) -> str:
+    """Hash ``pw`` with a fresh salt: ``$scrypt$ln=14,r=8,p=1$<salt>$<hash>``."""
+    salt = os.urandom(_SALT_BYTES)
+    dk = hashlib.scrypt(pw.encode(), salt=salt, n=1 << _LN, r=_R, p=_P, dklen=_HASH_BYTES)
+    return f"$scrypt$ln={_LN},r={_R},p={_P}${_b64(salt)}${_b64(dk)}"
+
+
+def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
+    """(ln, r, p, salt, hash) of a well-formed, sanely-sized encoding; None otherwise."""
+    parts = encoded.split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != "scrypt":
+        return None
+    try:
+        params = dict(kv.split("=", 1) for kv in parts[2].split(","))
+        ln, r, p = int(params.pop("ln")), int(params.pop("r")), int(params.pop("p"))
+        salt, dk = _unb64(parts[3]), _unb64(parts[4])
+    except (KeyError, ValueError, binascii.Error):
+        return None
+    if params or not (1 <= ln <= 24 and 1 <= r <= 64 and 1 <= p <= 16):
+        return None
+    if 128 * r * ((1 << ln) + p) > _MAX_SCRYPT_MEM or not salt or not 16 <= len(dk) <= 64:
+        return None
+    return ln, r, p, salt, dk
+
+
+def _verify(pw: bytes, encoded: str) -> bool:
+    parsed = _parse(encoded)
+    if parsed is None:
+        return False
+    ln, r, p, salt, dk = parsed
+    n = 1 << ln
+    maxmem = 128 * r * (n + p + 2) + 1024 * 1024
+    try:
+        got = hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, dklen=len(dk), maxmem=maxmem)
+    except (ValueError, MemoryError):
+        return False
+    return hmac.compare_digest(got, dk)
+
+
+def verify_password(pw: str | bytes, encoded: str) -> bool:
+    """True when ``pw`` matches ``encoded``; unknown or malformed encodings give False."""
+    return _verify(pw.encode() if isinstance(pw, str) else pw, encoded)
+
+
+def valid_username(name: str) -> bool:
+    """Names are 1-256 characters without control characters."""
+    return 0 < len(name) <= 256 and all(c.isprintable() or c == " " for c in name)
+
+
+_dummy_hash: str | None = None
+
+
+def _dummy() -> str:
+    """A real hash to verify against for unknown users (equalises timing)."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(secrets.token_hex(16))
+    return _dummy_hash
+
+
+def _read_users(path: Path) -> dict[str, Any]:
+    """Decoded TOML of the users file (raises UsersFileError)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise UsersFileError(f"{path}: users file not found") from exc
+    except OSError as exc:
+        raise UsersFileError(f"{path}: cannot read users file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsersFileError(f"{path}: users file is not valid UTF-8") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsersFileError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _validate(path: Path, data: dict[str, Any]) -> dict[str, str]:
+    """name -> encoded hash, checking the whole document."""
+    extra = [k for k in data if k != "users"]
+    if extra:
+        raise UsersFileError(f'{path}: {extra[0]}: unknown key (expected only "[users.NAME]")')
+    users = data.get("users", {})
+    if not isinstance(users, dict):
+        raise UsersFileError(f"{path}: users: must be a table of [users.NAME] tables")
+    out: dict[str, str] = {}
+    for name, entry in users.items():
+        key = f"users.{name}"
+        if not valid_username(name):
+            raise UsersFileError(f"{path}: {key}: invalid user name")
+        if not isinstance(entry, dict):
+            raise UsersFileError(f"{path}: {key}: must be a table with a password key")
+        unknown = [k for k in entry if k != "password"]
+        if unknown:
+            raise UsersFileError(f"{path}: {key}.{unknown[0]}: unknown key")
+        pw = entry.get("password")
+        if not isinstance(pw, str) or _parse(pw) is None:
+            raise UsersFileError(
+                f'{path}: {key}.password: must be a "$scrypt$ln=..,r=..,p=..$salt$hash" string '
+                "(create it with: rapidmq-edge user add)"
+            )
+        out[name] = pw
+    return out
+
+
+class UserDB:
+    """In-memory users table with a cache of recent successful logins."""
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self._users: dict[str, str] = dict(users or {})
+        self._cache_key = secrets.token_bytes(32)
+        self._ok: OrderedDict[bytes, None] = OrderedDict()
+
+    @classmethod
+    def load(cls, path: Path) -> UserDB:
+        """Read and validate a users file (raises UsersFileError)."""
+        return cls(_validate(path, _read_users(path)))
+
+    def names(self) -> list[str]:
+        """Sorted user names."""
+        return sorted(self._users)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._users
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def _cache_id(self, username: str, password: bytes) -> bytes:
+        user = username.encode()
+        msg = len(user).to_bytes(4, "big") + user + password
+        return hmac.new(self._cache_key, msg, hashlib.sha256).digest()
+
+    def cached(self, username: str, password: bytes | None) -> bool:
+        """True when this exact login recently succeeded (no hashing needed)."""
+        if password is None:
+            return False
+        cid = self._cache_id(username, password)
+        if cid in self._ok:
+            self._ok.move_to_end(cid)
+            return True
+        return False
+
+    def authenticate(self, username: str, password: bytes | None) -> bool:
+        """Check a login; CPU-heavy (~50 ms) unless the same login succeeded recently."""
+        if password is None:
+            return False
+        if self.cached(username, password):
+            return True
+        encoded = self._users.get(username)
+        ok = _verify(password, encoded or _dummy()) and encoded is not None
+        if ok:
+            self._ok[self._cache_id(username, password)] = None
+            if len(self._ok) > _CACHE_SIZE:
+                self._ok.popitem(last=False)
+        return ok
+
+    async def authenticate_async(self, username: str, password: bytes | None) -> bool:
+        """Like authenticate(), but runs a cache miss in a worker thread."""
+        if password is None:
+            return False
+        if self.cached(username, password):
+            return True
+        return await asyncio.to_thread(self.authenticate, username, password)
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write TOML to ``path`` via a 0600 temp file + os.replace."""
+    import tomli_w  # only needed by the CLI, so imported lazily
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def add_user(path: Path, name: str, password: str) -> bool:
+    """Add or replace ``name``; creates the file if needed. True when the user is new."""
+    if not valid_username(name):
+        raise ValueError(f"invalid user name: {name!r}")
+    if not password:
+        raise ValueError("empty password")
+    users = _validate(path, _read_users(path)) if path.exists() else {}
+    created = name not in users
+    users[name] = hash_password(password)
+    _write_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    return created
+
+
+def remove_user(path: Path, name: str) -> bool:
+    """Remove ``name``; False when there was no such user."""
+    users = _validate(path, _read_users(path))
+    if users.pop(name, None) is None:
+        return False
+    _write_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    return True
