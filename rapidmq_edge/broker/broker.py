@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..mqtt import reasons as rc
 from ..mqtt.packets import SubOptions
@@ -60,6 +61,8 @@ class Broker:
         self.index = SubscriptionIndex()
         self.retained: dict[str, Message] = {}
         self.stats = Stats()
+        #: connections whose socket was full when routing wrote to them (backpressure)
+        self.blocked_links: list[Any] = []
         #: called with every message accepted for routing (the pipeline hooks in here)
         self.taps: list[Callable[[Message], None]] = []
         if store is not None:
@@ -114,7 +117,8 @@ class Broker:
         if old is not None:
             self._cancel_timers(old)
         present = False
-        if old is not None and not clean_start:
+        # A session with expiry 0 ends with its (taken-over) connection [MQTT-3.1.2-6]
+        if old is not None and not clean_start and old.expiry_interval:
             old.will = None  # reconnected within the Will Delay: the Will is not sent
             session = old
             present = True

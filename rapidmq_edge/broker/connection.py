@@ -47,13 +47,15 @@ from ..mqtt.packets import (
     Unsubscribe,
 )
 from ..mqtt.properties import encode_properties
+from ..mqtt.topics import valid_subscription_filter
 from .broker import Broker
 from .message import Delivery, Message
 from .session import NEVER_EXPIRES, Session
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 4 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
+HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
+PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
 
 
 class Transport(Protocol):
@@ -141,7 +143,13 @@ class ClientConnection:
         self._tokens = float(settings.publish_burst or max(1.0, settings.publish_rate))
         self._token_time = self.loop.time()
         self._paused = False
+        self._ack_backlog = False  # 3.1.1: reading paused until pending acks drain
         self._held: list[Packet] | None = None
+        # Backpressure: a publisher whose messages went to a subscriber with a full socket
+        # stops being read until that subscriber drains (or PRESSURE_TIMEOUT passes).
+        self.write_paused = False
+        self._pressure_waiters: set[ClientConnection] = set()
+        self._pressure: asyncio.TimerHandle | None = None
 
     # -- bytes in ------------------------------------------------------------------
 
@@ -360,8 +368,14 @@ class ClientConnection:
                     topic = known
         if p.qos:
             if self._inbound_unacked + len(session.inbound_qos2) >= s.receive_maximum:
-                self.disconnect(rc.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
-                return
+                if self.v5:
+                    self.disconnect(rc.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+                    return
+                # 3.1.1 has no Receive Maximum: push back instead (reading resumes in
+                # _drain_acks once the acks waiting for the store drain)
+                if self._inbound_unacked >= s.receive_maximum and not self._ack_backlog:
+                    self._ack_backlog = True
+                    self.transport.pause_reading()
             if p.qos == 2 and p.packet_id in session.inbound_qos2:
                 self._queue_ack(Pubrec(p.packet_id), None)  # duplicate: acknowledge again
                 return
@@ -384,7 +398,10 @@ class ClientConnection:
         )
         if p.raw is not None and "topic_alias" not in p.properties and expiry is None:
             msg.wire = {(self.v5, False): p.raw}
+        blocked = broker.blocked_links
         receivers = broker.publish(msg)
+        if blocked:
+            self._wait_for_subscribers(blocked)
         if p.qos:
             store = broker.store
             fut = store.commit_future() if store is not None else None
@@ -422,7 +439,7 @@ class ClientConnection:
         while acks:
             ack, fut = acks[0]
             if fut is not None and not fut.done():
-                return
+                break
             acks.popleft()
             if ack.type == PUBACK:
                 self._inbound_unacked -= 1
@@ -437,6 +454,10 @@ class ClientConnection:
                 else:
                     continue
             self._write(encode(ack, self.version))
+        if self._ack_backlog and self._inbound_unacked < self.settings.receive_maximum:
+            self._ack_backlog = False
+            if not self.closed and not self._paused:
+                self.transport.resume_reading()
 
     def _on_pubrel(self, p: Pubrel) -> None:
         session = self.session
@@ -464,7 +485,7 @@ class ClientConnection:
 
     def _unthrottle(self) -> None:
         self._paused = False
-        if not self.closed:
+        if not self.closed and not self._ack_backlog:
             self.transport.resume_reading()
 
     # -- deliveries out ------------------------------------------------------------
@@ -512,11 +533,41 @@ class ClientConnection:
         d.sent = True
         self.broker.stats.messages_sent += 1
         self._write(wire)
+        if self.write_paused:
+            self.broker.blocked_links.append(self)
         return True
 
     def send_pubrel(self, packet_id: int) -> None:
         """Write a PUBREL (QoS 2, second phase)."""
         self._write(encode(Pubrel(packet_id), self.version))
+
+    def pause_writing(self) -> None:
+        """The socket's write buffer is above its high-water mark."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        """The socket drained: let publishers waiting on this client go on."""
+        self.write_paused = False
+        waiters, self._pressure_waiters = self._pressure_waiters, set()
+        for w in waiters:
+            w._release_pressure()
+
+    def _wait_for_subscribers(self, blocked: list[ClientConnection]) -> None:
+        for link in blocked:
+            if link is not self:
+                link._pressure_waiters.add(self)
+        blocked.clear()
+        if self._pressure is None and not self.closed:
+            self.transport.pause_reading()
+            self._pressure = self.loop.call_later(PRESSURE_TIMEOUT, self._release_pressure)
+
+    def _release_pressure(self) -> None:
+        if self._pressure is None:
+            return
+        self._pressure.cancel()
+        self._pressure = None
+        if not self.closed and not self._paused and not self._ack_backlog:
+            self.transport.resume_reading()
 
     def congested(self) -> bool:
         """True when this client's outgoing buffer is over the high-water mark."""
@@ -553,6 +604,9 @@ class ClientConnection:
         for filt, opts in p.topics:
             if filt.startswith("$share/") and opts.no_local:
                 raise MqttError("no local on a shared subscription")
+            if not valid_subscription_filter(filt):  # invalid before unauthorised
+                codes.append(rc.TOPIC_FILTER_INVALID if self.v5 else 0x80)
+                continue
             if not self.gate.can_subscribe(self.username, self.client_id, filt):
                 codes.append(rc.NOT_AUTHORIZED if self.v5 else 0x80)
                 continue
@@ -586,7 +640,10 @@ class ClientConnection:
             if session.expiry_interval == 0 and new_expiry:
                 self.disconnect(rc.PROTOCOL_ERROR, "session expiry changed from 0")
                 return
+            was_stored = session.persistent
             session.expiry_interval = min(int(new_expiry), self.settings.max_session_expiry)
+            if was_stored and not session.persistent and session.store is not None:
+                session.store.delete_session(session.client_id)  # it ends now: not restored
         self.close(send_will=p.reason_code == rc.DISCONNECT_WITH_WILL)
 
     def disconnect(self, reason: int, why: str = "") -> None:
@@ -649,6 +706,8 @@ class ClientConnection:
     # -- bytes out -----------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True

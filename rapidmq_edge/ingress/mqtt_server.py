@@ -18,6 +18,7 @@ from ..mqtt.packets import MQTT_5, Disconnect
 log = logging.getLogger(__name__)
 
 ConnectionFactory = Callable[[Any, str], ClientConnection]
+WRITE_HIGH_WATER = 1024 * 1024  # above this, publishers to the client are paused
 
 
 @dataclass
@@ -67,6 +68,7 @@ class MqttStreamProtocol(asyncio.Protocol):
             log.warning("connection rate from %s exceeded; refusing", host)
             transport.close()
             return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         conn = self.factory(transport, f"{host}:{peer[1]}")
         conn.on_close = self.registry.connections.discard
         self.registry.connections.add(conn)
@@ -75,6 +77,14 @@ class MqttStreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
             self.conn.data_received(data)
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:

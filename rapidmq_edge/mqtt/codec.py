@@ -128,6 +128,8 @@ class PacketReader:
                 raise MalformedPacket("remaining length longer than 4 bytes")
             if not complete:
                 break
+            if buf[i - 1] == 0 and i - pos > 2 and self.version == MQTT_5:
+                raise MalformedPacket("remaining length not minimally encoded")
             total = i - pos + length
             if total > self.max_packet_size:
                 raise PacketTooLarge(f"packet of {total} bytes exceeds maximum packet size")
@@ -161,6 +163,8 @@ def decode_packet(first: int, body: bytes | memoryview, version: int) -> Packet:
     flags = first & 0x0F
     end = len(body)
     v5 = version == MQTT_5
+    if not version and ptype != CONNECT:
+        raise ProtocolError("first packet must be CONNECT")
     if ptype == PUBLISH:
         return _decode_publish(flags, body, end, v5)
     if ptype in (PUBREL, SUBSCRIBE, UNSUBSCRIBE):
@@ -178,8 +182,6 @@ def decode_packet(first: int, body: bytes | memoryview, version: int) -> Packet:
         if version:
             raise ProtocolError("second CONNECT on a connection")
         return _decode_connect(body, end)
-    if not version:
-        raise ProtocolError("first packet must be CONNECT")
     if ptype == SUBSCRIBE:
         return _decode_subscribe(body, end, v5)
     if ptype == UNSUBSCRIBE:
@@ -238,6 +240,8 @@ def _decode_publish(flags: int, body: bytes | memoryview, end: int, v5: bool) ->
             raise ProtocolError("PUBLISH from a client must not carry a subscription id")
         if not topic and "topic_alias" not in props:
             raise ProtocolError("empty topic without a topic alias")
+        if "response_topic" in props and not valid_topic_name(props["response_topic"]):
+            raise ProtocolError("invalid response topic")
     else:
         props = {}
         if not topic:
@@ -304,6 +308,9 @@ def _decode_connect(body: bytes | memoryview, end: int) -> Connect:
         will_props: Properties = {}
         if v5:
             will_props, pos = decode_properties(body, pos, end, "will")
+            rtopic = will_props.get("response_topic")
+            if rtopic is not None and not valid_topic_name(rtopic):
+                raise ProtocolError("invalid Will response topic")
         topic, pos = decode_utf8(body, pos, end)
         if not valid_topic_name(topic):
             raise MalformedPacket("invalid Will topic")
@@ -345,6 +352,8 @@ def _decode_subscribe(body: bytes | memoryview, end: int, v5: bool) -> Subscribe
             if rh == 3:
                 raise ProtocolError("retain handling 3")
             options = SubOptions(qos, bool(opts & 0x04), bool(opts & 0x08), rh)
+            if options.no_local and filt.startswith("$share/"):
+                raise ProtocolError("no local on a shared subscription")
         else:
             if opts & 0xFC:
                 raise MalformedPacket("reserved subscription option bits set")
@@ -402,6 +411,8 @@ def _decode_connack(body: bytes | memoryview, end: int, v5: bool) -> Connack:
     props: Properties = {}
     if v5 and end > 2:
         props, pos = decode_properties(body, 2, end, CONNACK)
+        if pos != end:
+            raise MalformedPacket("bytes after the properties")
     elif end != 2:
         raise MalformedPacket("CONNACK length")
     return Connack(bool(body[0] & 1), body[1], props)
@@ -419,6 +430,8 @@ def _decode_suback(body: bytes | memoryview, end: int, v5: bool) -> Suback:
 def _decode_unsuback(body: bytes | memoryview, end: int, v5: bool) -> Unsuback:
     pid = _packet_id(body, 0, end)
     if not v5:
+        if end != 2:
+            raise MalformedPacket("3.1.1 UNSUBACK must have a 2 byte body")
         return Unsuback(pid)
     props, pos = decode_properties(body, 2, end, UNSUBACK)
     return Unsuback(pid, list(bytes(body[pos:end])), props)

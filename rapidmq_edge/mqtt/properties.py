@@ -89,6 +89,8 @@ def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if not byte and shift:
+                raise MalformedPacket("variable byte integer not minimally encoded")
             return value, pos
         shift += 7
     raise MalformedPacket("variable byte integer longer than 4 bytes")
@@ -97,7 +99,11 @@ def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int
 def encode_varint(value: int) -> bytes:
     """Encode a Variable Byte Integer (0..268,435,455)."""
     if value < 0x80:
+        if value < 0:
+            raise ValueError("variable byte integer must not be negative")
         return bytes((value,))
+    if value > 268_435_455:
+        raise ValueError(f"{value} does not fit in a variable byte integer")
     out = bytearray()
     while True:
         byte = value & 0x7F

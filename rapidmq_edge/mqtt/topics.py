@@ -7,6 +7,7 @@ from functools import lru_cache
 __all__ = [
     "valid_topic_name",
     "valid_topic_filter",
+    "valid_subscription_filter",
     "topic_matches",
     "parse_shared",
     "is_wildcard",
@@ -37,6 +38,17 @@ def valid_topic_filter(filt: str) -> bool:
         if "+" in level and level != "+":
             return False
     return True
+
+
+def valid_subscription_filter(filt: str) -> bool:
+    """True when SUBSCRIBE may use ``filt``: a valid filter or ``$share/{group}/{filter}``."""
+    if not valid_topic_filter(filt):
+        return False
+    try:
+        group, inner = parse_shared(filt)
+    except ValueError:
+        return False
+    return group is None or valid_topic_filter(inner)
 
 
 def is_wildcard(filt: str) -> bool:

@@ -14,6 +14,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,10 +84,10 @@ class SessionStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.commit_delay = commit_delay
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=" + ("FULL" if durability == "fsync" else "NORMAL"))
-        self._db.executescript(SCHEMA)
+        self.durability = durability
+        #: where a damaged database file was moved to (None: it was fine)
+        self.quarantined: Path | None = None
+        self._db = self._open()
         self._pending: dict[tuple[Any, ...], Op] = {}
         self._on_disk: set[tuple[str, int]] = set()  # deliveries written (or being written)
         self._waiters: list[asyncio.Future[None]] = []
@@ -101,8 +102,77 @@ class SessionStore:
 
     # -- start-up ------------------------------------------------------------------
 
+    def _open(self) -> sqlite3.Connection:
+        """Open the database; a damaged one is moved aside and an empty one created."""
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare(db)
+            return db
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                db.close()
+                raise
+            self._quarantine(exc)
+        # closed only after the move: SQLite deletes a WAL it cannot use when closing
+        db.close()
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Set WAL and the durability level, check the file (``PRAGMA quick_check``) and
+        create the tables; raises DatabaseError when the file is damaged."""
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "fsync" else "NORMAL"))
+        problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
+        db.executescript(SCHEMA)
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """Move a damaged database (and its WAL/SHM files) aside; never delete it."""
+        path = self.path
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        path.rename(target)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+        self.quarantined = target
+        log.error(
+            "session store %s is damaged (%s); moved it to %s and starting with an empty "
+            "store (persistent sessions, queued and retained messages in it are not restored)",
+            path, exc, target,
+        )
+
     def load(self) -> tuple[dict[str, StoredSession], list[Message]]:
-        """Read every persistent session and retained message (call before serving)."""
+        """Read every persistent session and retained message (call before serving).
+
+        A database found damaged while reading is moved aside (see ``_quarantine``) and
+        the gateway starts with an empty store.
+        """
+        try:
+            return self._load()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            with self._lock:
+                self._quarantine(exc)
+                self._db.close()  # after the move (see _open)
+                self._db = self._open()
+        self._on_disk.clear()
+        return {}, []
+
+    def _load(self) -> tuple[dict[str, StoredSession], list[Message]]:
         db = self._db
         sessions = {
             r[0]: StoredSession(r[0], r[1], r[2], r[3])
@@ -204,7 +274,13 @@ class SessionStore:
 
     def _flush(self) -> None:
         self._timer = None
-        if self._busy or not self._pending:
+        if self._busy:
+            return
+        if not self._pending:  # everything cancelled out: nothing to wait for
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
             return
         loop = self._loop
         assert loop is not None
@@ -228,6 +304,11 @@ class SessionStore:
         exc = f.exception()
         if exc is None:
             self.commits += 1
+            if not self._pending:
+                # Futures taken while this batch was being written with nothing else
+                # pending waited for exactly this batch: it is committed now.
+                waiters += self._waiters
+                self._waiters = []
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -283,6 +364,19 @@ class SessionStore:
 
 class StoreError(Exception):
     """A commit failed (for example: the disk is full)."""
+
+
+#: primary SQLite result codes meaning "the file is damaged": SQLITE_CORRUPT, SQLITE_NOTADB
+_CORRUPT_CODES = (11, 26)
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True when ``exc`` says the database file is damaged (not: locked, I/O, full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPT_CODES
+    # raised by _connect for a failed quick_check, or by an SQLite without error codes
+    return type(exc) is sqlite3.DatabaseError
 
 
 def _key_of(op: Op) -> tuple[Any, ...]:

@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts, e.g. ``python3 bench/mqtt_throughput.py --quick``)."""

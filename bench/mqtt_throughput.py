@@ -1,0 +1,849 @@
+"""MQTT throughput / latency / memory benchmark: RapidMQ Edge gateway vs. Mosquitto.
+
+Method
+------
+Both brokers are started side by side on free 127.0.0.1 ports (Mosquitto from a
+generated config, the gateway as ``python -m rapidmq_edge run --config CONF``) and are
+driven, one after the other, by the same raw-socket MQTT 3.1.1 load generator
+(``bench/loadgen.py``; pre-encoded packets, bulk ``sendall``/``recv``, fixed-header
+scanning), whose publisher and subscriber run in separate processes.
+
+Scenarios (names are the keys of ``scenarios`` in the JSON output):
+
+* ``qos0_1to1_64B`` / ``qos0_1to1_1KiB``: 1 publisher -> 1 subscriber, QoS 0.
+* ``qos1_1to1_64B`` / ``qos1_1to1_1KiB``: QoS 1 publish with ``--window`` messages in
+  flight, subscriber at QoS 1 acknowledging every delivery (PUBACKs batched per read).
+* ``qos0_fanout10_64B``: 1 publisher -> 10 subscribers on the same topic; the rate is
+  deliveries/s summed over the subscribers.
+* ``latency_qos0_1000mps`` / ``latency_qos1_1000mps``: publisher paced at
+  ``--latency-rate`` msg/s for ``--latency-seconds``, ``time.monotonic_ns()`` in the
+  payload, p50/p90/p99/max end-to-end latency in ms (first 5% of samples dropped).
+* ``rss_idle_clients``: RSS of the broker (incl. child processes) right after start
+  and with ``--idle-clients`` connected clients each holding one subscription.
+
+Mosquitto runs with its defaults (``set_tcp_nodelay false``) except for the latency
+scenarios, for which it is restarted with ``set_tcp_nodelay true`` (asyncio, hence the
+gateway, sets TCP_NODELAY by default; without it Nagle adds multi-ms outliers at
+1,000 msg/s).  So Mosquitto gets its better setting in every scenario.
+
+Throughput is counted at the subscriber(s): ``msg_per_s`` = messages RECEIVED divided by
+the time from the publisher's first send to the last receipt (all connections and
+subscriptions are set up before the clock starts, so this is the steady state of a
+broker under saturation; CLOCK_MONOTONIC is shared by the processes).
+``steady_msg_per_s`` (received between the moments 10% and 90% of the final count
+arrived) is reported as a diagnostic only: when a run's bytes fit in the loopback
+socket buffers (small ``--messages``) it over-states the broker's rate because the
+subscriber may drain a backlog in one burst.  ``loss_pct`` shows QoS 0 messages a
+broker dropped.  The broker's CPU% (100 = one core; psutil or /proc, sampled every
+20 ms, broker child processes included) over the same interval is reported next to the
+load generator's CPU% so a reader can see which side is the bottleneck; on a 2-core
+machine the generator has one core.  Throughput scenarios run ``--repeat`` times and
+the median run is kept (``runs`` lists all).  A result whose broker CPU% is below 80%
+gets a ``warning`` (not saturated: busy machine or generator-bound).  In QoS 0
+throughput runs the subscriber naps ``--sub-nap-ms`` after small reads to batch them.
+``ratio`` is gateway/mosquitto (for latency and RSS a ratio > 1 means the gateway is
+worse).
+
+Failures never hang the run: every wait is bounded; a broker that does not start,
+dies, or does not deliver gets an ``error`` entry for the affected scenario(s).
+
+Usage::
+
+    python3 bench/mqtt_throughput.py --quick            # ~10 s smoke run
+    python3 bench/mqtt_throughput.py --out              # full run, also writes
+                                                        # bench/results/mqtt_throughput.json
+    python3 bench/mqtt_throughput.py --gateway-cmd mosquitto   # debug: 2nd Mosquitto
+
+Linux only (``/proc``, ``fork``).  Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # ``python -m bench.mqtt_throughput``
+    from bench import loadgen
+except ImportError:  # ``python bench/mqtt_throughput.py`` (sys.path[0] == bench/)
+    import loadgen  # type: ignore[no-redef]
+
+try:
+    import psutil
+except ImportError:  # /proc fallback
+    psutil = None
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results" / "mqtt_throughput.json"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SAMPLE_INTERVAL = 0.02
+SATURATED_PCT = 80.0  # broker CPU% below which a throughput number gets a warning
+
+
+# --------------------------------------------------------------------------- process stats
+
+
+def _proc_tree(pid: int) -> list[int]:
+    if psutil is not None:
+        try:
+            proc = psutil.Process(pid)
+            return [pid] + [c.pid for c in proc.children(recursive=True)]
+        except psutil.Error:
+            return [pid]
+    return [pid]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU seconds of ``pids`` (dead ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Sum of VmRSS of ``pids``."""
+    total = 0
+    for pid in pids:
+        if psutil is not None:
+            with contextlib.suppress(psutil.Error):
+                total += psutil.Process(pid).memory_info().rss
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    """One broker subprocess (own session, so the whole tree can be stopped)."""
+
+    name: str
+    kind: str  # "mosquitto" | "rapidmq"
+    workdir: Path
+    mosquitto_bin: str
+    python: str
+    start_timeout: float
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    nodelay: bool = False  # Mosquitto only: set_tcp_nodelay
+    ever_up: bool = False
+    error: str = ""
+    pids: list[int] = field(default_factory=list)
+
+    def _command(self) -> list[str]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.kind == "mosquitto":
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} {HOST}\n"
+                "allow_anonymous true\n"
+                "max_connections -1\n"
+                "max_queued_messages 100000\n"
+                "persistence false\n"
+                f"set_tcp_nodelay {'true' if self.nodelay else 'false'}\n"
+                "connection_messages false\n"
+                "log_dest stderr\n"
+                "log_type error\n"
+                "log_type warning\n"
+            )
+            return [self.mosquitto_bin, "-c", str(conf)]
+        conf = self.workdir / "gateway.toml"
+        conf.write_text(
+            "[gateway]\n"
+            'id = "bench"\n'
+            f'data_dir = "{self.workdir / "data"}"\n'
+            "[mqtt]\n"
+            f'listen = ["tcp://{HOST}:{self.port}"]\n'
+            "max_connections = 20000\n"
+            "max_queued_messages = 100000\n"
+            "[auth]\n"
+            "allow_anonymous = true\n"
+        )
+        return [self.python, "-m", "rapidmq_edge", "run", "--config", str(conf)]
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])[-1200:]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> bool:
+        """Start and wait (bounded) until an MQTT CONNECT succeeds."""
+        self.stop()
+        self.starts += 1
+        self.port = free_port()
+        self.error = ""
+        cmd = self._command()
+        env = dict(os.environ)
+        if self.kind == "rapidmq":
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+            )
+        with open(self.log_path, "ab") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workdir,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self.error = f"cannot start {cmd[0]}: {exc}"
+                return False
+        deadline = time.monotonic() + self.start_timeout
+        last_exc = ""
+        while time.monotonic() < deadline:
+            if not self.alive():
+                rc = self.proc.returncode if self.proc else None
+                self.error = f"exited with code {rc} during startup: {self.log_tail()}"
+                return False
+            try:
+                sock = loadgen.open_client(HOST, self.port, "bench-probe", timeout=2.0)
+                loadgen.close_quietly(sock)
+                self.pids = _proc_tree(self.proc.pid) if self.proc else []
+                self.ever_up = True
+                return True
+            except OSError as exc:
+                last_exc = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.1)
+        self.error = (
+            f"not accepting MQTT connections after {self.start_timeout:.0f}s "
+            f"({last_exc}): {self.log_tail()}"
+        )
+        self.stop()
+        return False
+
+    def ensure(self) -> bool:
+        """Running, or restarted after a crash (at most twice), or ``error`` is set.
+
+        A broker that never came up is not retried (each attempt costs a start timeout).
+        """
+        if self.alive():
+            return True
+        if self.proc is not None and self.ever_up:
+            self.error = f"died (code {self.proc.returncode}): {self.log_tail()}"
+            self.stop()
+        if not self.ever_up or self.starts >= 3:
+            return False
+        return self.start()
+
+    def stop(self) -> None:
+        """SIGTERM the broker's process group, SIGKILL after 5 s."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+        self.proc = None
+
+    def configure(self, nodelay: bool) -> None:
+        """Mosquitto: restart with another ``set_tcp_nodelay`` if it differs."""
+        if self.kind != "mosquitto" or self.nodelay == nodelay:
+            return
+        self.nodelay = nodelay
+        if self.proc is not None:
+            self.starts = 0
+            self.start()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pids)
+
+    def rss(self) -> int:
+        if self.proc is not None:
+            self.pids = _proc_tree(self.proc.pid)
+        return rss_bytes(self.pids)
+
+
+def mosquitto_version(binary: str) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "-h"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Options:
+    """Scenario sizes (see ``--help``)."""
+
+    messages: int
+    qos1_messages: int
+    fanout_messages: int
+    window: int
+    latency_rate: float
+    latency_seconds: float
+    idle_clients: int
+    scenario_timeout: float
+    pin: bool
+    settle: float  # seconds to let RSS settle / idle timeout unit
+    repeat: int
+    nap: float
+
+
+class ScenarioError(Exception):
+    """A scenario could not produce a result."""
+
+
+_CHILDREN: list[Any] = []
+
+
+def _spawn(kind: str, kwargs: dict[str, Any], cpus: set[int] | None) -> tuple[Any, Any]:
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker_entry, args=(child, kind, kwargs, cpus), daemon=True)
+    proc.start()
+    child.close()
+    _CHILDREN.append(proc)
+    return proc, parent
+
+
+def _worker_entry(conn: Any, kind: str, kwargs: dict[str, Any], cpus: set[int] | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
+    loadgen.worker(conn, kind, kwargs)
+
+
+def _reap(procs: list[Any]) -> None:
+    for proc in procs:
+        if proc.pid is None:
+            continue
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
+        with contextlib.suppress(ValueError):
+            _CHILDREN.remove(proc)
+
+
+def _cpu_pct(samples: list[tuple[float, float]], t0: float, t1: float) -> float | None:
+    """CPU% between the last sample <= t0 and the first sample >= t1."""
+    if not samples or t1 <= t0:
+        return None
+    before = [s for s in samples if s[0] <= t0] or samples[:1]
+    after = [s for s in samples if s[0] >= t1] or samples[-1:]
+    a, b = before[-1], after[0]
+    if b[0] - a[0] <= 0:
+        return None
+    return round(100.0 * (b[1] - a[1]) / (b[0] - a[0]), 1)
+
+
+def run_flow(
+    broker: Broker,
+    opts: Options,
+    *,
+    qos: int,
+    size: int,
+    messages: int,
+    subscribers: int = 1,
+    latency: bool = False,
+) -> dict[str, Any]:
+    """One publisher process -> subscriber process; returns the measured numbers."""
+    topic = f"bench/{broker.name}/{time.monotonic_ns()}"
+    cpus_gen = {1} if opts.pin else None
+    timeout = opts.scenario_timeout
+    sub_kw: dict[str, Any] = {
+        "host": HOST,
+        "port": broker.port,
+        "topic": topic,
+        "qos": qos,
+        "conns": subscribers,
+        "expected_per_conn": messages,
+        "latency": latency,
+        "start_timeout": min(15.0, timeout),
+        "idle_timeout": 3.0 * opts.settle,
+        "max_seconds": timeout,
+        "nap": opts.nap if qos == 0 and not latency else 0.0,
+    }
+    procs: list[Any] = []
+    try:
+        sub, sub_conn = _spawn("sub", sub_kw, cpus_gen)
+        procs.append(sub)
+        if not sub_conn.poll(20):
+            raise ScenarioError("subscriber(s) not ready after 20 s")
+        first = sub_conn.recv()
+        if first != "ready":
+            raise ScenarioError(f"subscriber: {first.get('error', first)}")
+        if latency:
+            pub_kw: dict[str, Any] = {
+                "host": HOST,
+                "port": broker.port,
+                "topic": topic,
+                "qos": qos,
+                "rate": opts.latency_rate,
+                "seconds": messages / opts.latency_rate,
+                "size": size,
+            }
+            pub, pub_conn = _spawn("paced", pub_kw, cpus_gen)
+        else:
+            pub_kw = {
+                "host": HOST,
+                "port": broker.port,
+                "topic": topic,
+                "qos": qos,
+                "messages": messages,
+                "size": size,
+                "window": opts.window,
+                "max_seconds": timeout,
+            }
+            pub, pub_conn = _spawn("pub", pub_kw, cpus_gen)
+        procs.append(pub)
+        samples: list[tuple[float, float]] = []
+        gen_samples: list[tuple[float, float]] = []
+        gen_pids = [p.pid for p in procs if p.pid]
+        sub_res: dict[str, Any] | None = None
+        pub_res: dict[str, Any] | None = None
+        deadline = time.monotonic() + timeout + 25
+        while time.monotonic() < deadline and sub_res is None:
+            now = time.monotonic()
+            samples.append((now, broker.cpu()))
+            gen_samples.append((now, cpu_seconds(gen_pids)))
+            if sub_conn.poll(SAMPLE_INTERVAL):
+                sub_res = sub_conn.recv()
+            if pub_res is None and pub_conn.poll(0):
+                pub_res = pub_conn.recv()
+        now = time.monotonic()
+        samples.append((now, broker.cpu()))
+        if sub_res is None:
+            raise ScenarioError("subscriber did not report in time")
+        if pub_res is None and pub_conn.poll(min(10.0, timeout)):
+            pub_res = pub_conn.recv()
+        if not sub_res.get("ok"):
+            raise ScenarioError(f"subscriber: {sub_res.get('error')}")
+        pub_res = pub_res or {"ok": False, "error": "publisher did not report"}
+        received = sub_res["received"]
+        if not broker.alive() or sub_res["stop_reason"] == "broker closed connections":
+            raise ScenarioError(
+                f"broker closed the connections / died during the run after {received} of "
+                f"{sub_res['expected']} messages ({pub_res.get('error', 'publisher ok')})"
+            )
+        if received == 0:
+            err = pub_res.get("error") if not pub_res.get("ok") else sub_res["stop_reason"]
+            raise ScenarioError(f"no messages received ({err})")
+        t1 = sub_res["t_last"]
+        t0 = pub_res.get("t_start") or sub_res["t_first"]
+        t0 = min(t0, sub_res["t_first"])
+        out: dict[str, Any] = {
+            "msg_per_s": round(received / (t1 - t0), 1) if t1 > t0 else None,
+            "steady_msg_per_s": round(sub_res["rate"], 1),
+            "received": received,
+            "expected": sub_res["expected"],
+            "loss_pct": round(100.0 * (1 - received / sub_res["expected"]), 3),
+            "active_s": round(t1 - t0, 3),
+            "broker_cpu_pct": _cpu_pct(samples, t0, t1),
+            "loadgen_cpu_pct": _cpu_pct(gen_samples, t0, t1),
+            "stop_reason": sub_res["stop_reason"],
+        }
+        if subscribers > 1:
+            out["per_subscriber_min"] = sub_res["per_conn_min"]
+            out["per_subscriber_max"] = sub_res["per_conn_max"]
+        if pub_res.get("ok"):
+            out["publisher"] = {
+                k: pub_res[k] for k in ("sent", "acked", "seconds", "send_rate") if k in pub_res
+            }
+        else:
+            out["publisher_error"] = pub_res.get("error")
+        if latency:
+            out = {
+                "rate_target": opts.latency_rate,
+                **sub_res.get("latency_ms", {}),
+                "received": received,
+                "expected": sub_res["expected"],
+                "broker_cpu_pct": out["broker_cpu_pct"],
+                "stop_reason": sub_res["stop_reason"],
+            }
+            if not pub_res.get("ok"):
+                out["publisher_error"] = pub_res.get("error")
+        return out
+    finally:
+        _reap(procs)
+
+
+def run_idle_rss(broker: Broker, opts: Options) -> dict[str, Any]:
+    """RSS at rest and with ``idle_clients`` connected subscribers."""
+    time.sleep(0.5 * opts.settle)
+    base = broker.rss()
+    t0 = time.monotonic()
+    socks = loadgen.open_idle_clients(
+        HOST, broker.port, opts.idle_clients, max_seconds=min(120.0, opts.scenario_timeout)
+    )
+    try:
+        connect_s = time.monotonic() - t0
+        time.sleep(opts.settle)
+        if not broker.alive():
+            raise ScenarioError("broker died with idle clients connected")
+        loaded = broker.rss()
+        time.sleep(0.5 * opts.settle)
+        loaded = max(loaded, broker.rss())
+    finally:
+        loadgen.close_all(socks)
+    mb = 1024 * 1024
+    return {
+        "clients": opts.idle_clients,
+        "rss_mb_start": round(base / mb, 2),
+        "rss_mb": round(loaded / mb, 2),
+        "kb_per_client": round((loaded - base) / 1024 / max(1, opts.idle_clients), 2),
+        "connect_s": round(connect_s, 3),
+    }
+
+
+@dataclass
+class Scenario:
+    """One named measurement and the key used for the gateway/mosquitto ratio."""
+
+    name: str
+    run: Callable[[Broker, Options], dict[str, Any]]
+    ratio_keys: tuple[str, ...]
+    repeat: bool = False
+    nodelay: bool = False
+
+
+def scenarios(opts: Options) -> list[Scenario]:
+    """All scenarios in execution order (idle RSS first, on a fresh broker)."""
+    n, n1, nf = opts.messages, opts.qos1_messages, opts.fanout_messages
+    lat_n = int(opts.latency_rate * opts.latency_seconds)
+    thr = ("msg_per_s",)
+    lat = ("p50", "p99")
+
+    def flow(**kw: Any) -> Callable[[Broker, Options], dict[str, Any]]:
+        return lambda b, o: run_flow(b, o, **kw)
+
+    return [
+        Scenario("rss_idle_clients", run_idle_rss, ("rss_mb",)),
+        Scenario("qos0_1to1_64B", flow(qos=0, size=64, messages=n), thr, True),
+        Scenario("qos0_1to1_1KiB", flow(qos=0, size=1024, messages=n), thr, True),
+        Scenario("qos1_1to1_64B", flow(qos=1, size=64, messages=n1), thr, True),
+        Scenario("qos1_1to1_1KiB", flow(qos=1, size=1024, messages=n1), thr, True),
+        Scenario("qos0_fanout10_64B", flow(qos=0, size=64, messages=nf, subscribers=10), thr, True),
+        Scenario(
+            "latency_qos0_1000mps",
+            flow(qos=0, size=64, messages=lat_n, latency=True),
+            lat,
+            nodelay=True,
+        ),
+        Scenario(
+            "latency_qos1_1000mps",
+            flow(qos=1, size=64, messages=lat_n, latency=True),
+            lat,
+            nodelay=True,
+        ),
+    ]
+
+
+def run_one(broker: Broker, sc: Scenario, opts: Options) -> dict[str, Any]:
+    """Run a scenario on ``broker``; any failure becomes ``{"error": ...}``."""
+    t0 = time.monotonic()
+    broker.configure(sc.nodelay)
+    runs: list[dict[str, Any]] = []
+    for _ in range(opts.repeat if sc.repeat else 1):
+        if not broker.ensure():
+            runs.append({"error": f"broker unavailable: {broker.error}"})
+            break
+        try:
+            runs.append(sc.run(broker, opts))
+        except (ScenarioError, OSError, ValueError, TimeoutError) as exc:
+            err = f"{type(exc).__name__}: {exc}"
+            if not broker.alive():
+                err += f"; broker died: {broker.log_tail()}"
+            runs.append({"error": err})
+            break
+    good = [r for r in runs if "error" not in r]
+    if good:
+        key = sc.ratio_keys[0]
+        good.sort(key=lambda r: r.get(key) or 0)
+        res = dict(good[(len(good) - 1) // 2])  # median (lower median for even counts)
+        if len(runs) > 1:
+            res["runs"] = [
+                {k: r[k] for k in (key, "loss_pct", "broker_cpu_pct", "error") if k in r}
+                for r in runs
+            ]
+    else:
+        res = runs[-1]
+    cpu = res.get("broker_cpu_pct")
+    if "msg_per_s" in res and isinstance(cpu, int | float) and cpu < SATURATED_PCT:
+        res["warning"] = (
+            f"broker used only {cpu}% CPU: not saturated (busy machine or generator-bound);"
+            " treat msg_per_s as a lower bound"
+        )
+    if broker.kind == "mosquitto":
+        res["mosquitto_tcp_nodelay"] = broker.nodelay
+    res["wall_s"] = round(time.monotonic() - t0, 2)
+    return res
+
+
+def ratio(gw: dict[str, Any], mq: dict[str, Any], key: str) -> float | None:
+    a, b = gw.get(key), mq.get(key)
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return round(a / b, 3)
+    return None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def raise_nofile(needed: int) -> dict[str, int]:
+    """Raise RLIMIT_NOFILE (inherited by the brokers) to at least ``needed`` if allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": soft, "hard": hard}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Mosquitto vs RapidMQ Edge MQTT benchmark (see module docstring)."
+    )
+    ap.add_argument("--quick", action="store_true", help="small smoke run (~10 s)")
+    ap.add_argument("--messages", type=int, help="QoS 0 messages per 1->1 run (200000)")
+    ap.add_argument("--qos1-messages", type=int, help="QoS 1 messages per run (50000)")
+    ap.add_argument("--fanout-messages", type=int, help="published msgs in fan-out (50000)")
+    ap.add_argument("--window", type=int, default=50, help="QoS 1 in-flight window (50)")
+    ap.add_argument("--latency-rate", type=float, default=1000.0)
+    ap.add_argument("--latency-seconds", type=float, help="(5)")
+    ap.add_argument("--idle-clients", type=int, help="(1000)")
+    ap.add_argument("--repeat", type=int, help="runs per throughput scenario, median kept (3)")
+    ap.add_argument("--scenario-timeout", type=float, default=90.0)
+    ap.add_argument(
+        "--sub-nap-ms",
+        type=float,
+        default=0.5,
+        help="QoS 0 subscriber sleeps this long after a small read to batch reads (0.5)",
+    )
+    ap.add_argument(
+        "--only", action="append", metavar="NAME", help="run only these scenarios (repeatable)"
+    )
+    ap.add_argument("--brokers", default="mosquitto,gateway", help="comma list: mosquitto,gateway")
+    ap.add_argument(
+        "--gateway-cmd",
+        choices=("rapidmq", "mosquitto"),
+        default="rapidmq",
+        help="debug: 'mosquitto' runs a 2nd Mosquitto in place of the gateway",
+    )
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the gateway")
+    ap.add_argument("--mosquitto", default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
+    ap.add_argument("--gateway-start-timeout", type=float, default=20.0)
+    ap.add_argument(
+        "--pin", action="store_true", help="pin brokers to CPU 0 and load generator to CPU 1"
+    )
+    ap.add_argument(
+        "--out",
+        nargs="?",
+        const=str(DEFAULT_OUT),
+        help=f"also write the JSON here (default {DEFAULT_OUT.relative_to(REPO)})",
+    )
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.messages = args.messages or (20_000 if q else 200_000)
+    args.qos1_messages = args.qos1_messages or (5_000 if q else 50_000)
+    args.fanout_messages = args.fanout_messages or (5_000 if q else 50_000)
+    args.latency_seconds = args.latency_seconds or (0.5 if q else 5.0)
+    args.repeat = args.repeat or (1 if q else 3)
+    args.idle_clients = args.idle_clients if args.idle_clients is not None else 1000
+    return args
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Human-readable table (stderr)."""
+    lines = [f"{'scenario':24} {'mosquitto':>22} {'gateway':>22} {'ratio':>8}"]
+    for name, sc in result["scenarios"].items():
+        cells = []
+        for who in ("mosquitto", "gateway"):
+            r = sc.get(who)
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append("ERROR")
+            elif "msg_per_s" in r:
+                mark = "!" if "warning" in r else ""
+                cells.append(f"{r['msg_per_s']:,.0f}/s cpu{r.get('broker_cpu_pct')}%{mark}")
+            elif "p99" in r:
+                cells.append(f"p50 {r['p50']} p99 {r['p99']} ms")
+            elif "rss_mb" in r:
+                cells.append(f"{r['rss_mb']} MB")
+            else:
+                cells.append("?")
+        rat = sc.get("ratio")
+        if isinstance(rat, dict):
+            rat = "/".join(str(v) for v in rat.values())
+        lines.append(f"{name:24} {cells[0]:>22} {cells[1]:>22} {rat!s:>8}")
+    lines.append(f"(! = broker CPU < {SATURATED_PCT:.0f}%: not saturated, a lower bound)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = Options(
+        messages=args.messages,
+        qos1_messages=args.qos1_messages,
+        fanout_messages=args.fanout_messages,
+        window=args.window,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        idle_clients=args.idle_clients,
+        scenario_timeout=args.scenario_timeout,
+        pin=args.pin,
+        settle=0.34 if args.quick else 1.0,
+        repeat=max(1, args.repeat),
+        nap=max(0.0, args.sub_nap_ms / 1000),
+    )
+    limits = raise_nofile(args.idle_clients + 1024)
+    wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    all_sc = scenarios(opts)
+    if args.only:
+        unknown = set(args.only) - {s.name for s in all_sc}
+        if unknown:
+            print(f"unknown scenario(s): {sorted(unknown)}", file=sys.stderr)
+            return 2
+        all_sc = [s for s in all_sc if s.name in args.only]
+    if opts.pin:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {0})  # inherited by the brokers
+    tmp = Path(tempfile.mkdtemp(prefix="rapidmq-bench-"))
+    brokers: dict[str, Broker] = {}
+    for role in wanted:
+        kind = "mosquitto" if role == "mosquitto" else args.gateway_cmd
+        brokers[role] = Broker(
+            name=role,
+            kind=kind,
+            workdir=tmp / role,
+            mosquitto_bin=args.mosquitto,
+            python=args.python,
+            start_timeout=10.0 if kind == "mosquitto" else args.gateway_start_timeout,
+        )
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    result: dict[str, Any] = {
+        "meta": {
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "mosquitto": mosquitto_version(args.mosquitto),
+            "gateway_cmd": args.gateway_cmd,
+            "psutil": psutil is not None,
+            "nofile": limits,
+            "pinned": opts.pin,
+            "options": {k: v for k, v in vars(opts).items()},
+            "method": (
+                "raw-socket MQTT 3.1.1 load generator (bench/loadgen.py), publisher and "
+                "subscriber(s) in separate processes; msg_per_s = messages received by the "
+                "subscriber(s) / (last receipt - first publish); steady_msg_per_s = rate "
+                "between 10% and 90% of the final count (diagnostic); median of --repeat "
+                "runs; broker_cpu_pct: 100 = one core; ratio = gateway/mosquitto"
+            ),
+        },
+        "scenarios": {},
+    }
+    rc = 0
+    try:
+        for b in brokers.values():
+            if not b.start():
+                print(f"[bench] {b.name} failed to start: {b.error}", file=sys.stderr)
+        for sc in all_sc:
+            entry: dict[str, Any] = {}
+            for role, b in brokers.items():
+                print(f"[bench] {sc.name} on {role} ...", file=sys.stderr, flush=True)
+                entry[role] = run_one(b, sc, opts)
+                if "error" in entry[role]:
+                    print(f"[bench]   error: {entry[role]['error']}", file=sys.stderr)
+            if "gateway" in entry and "mosquitto" in entry:
+                rats = {k: ratio(entry["gateway"], entry["mosquitto"], k) for k in sc.ratio_keys}
+                entry["ratio"] = rats[sc.ratio_keys[0]] if len(rats) == 1 else rats
+            result["scenarios"][sc.name] = entry
+    except KeyboardInterrupt:
+        result["meta"]["interrupted"] = True
+        rc = 130
+    finally:
+        for proc in list(_CHILDREN):
+            _reap([proc])
+        for b in brokers.values():
+            b.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["meta"]["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    for line in summary_lines(result):
+        print(line, file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"[bench] wrote {out}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
