@@ -15,9 +15,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from rapidmq_edge.mqtt.topics import valid_topic_filter
+
+if TYPE_CHECKING:
+    from .config_forward import ForwardingSettings
 
 __all__ = [
     "ConfigError",
@@ -175,6 +178,12 @@ class PersistenceSettings:
     commit_delay_ms: float = 5.0
 
 
+def _default_forwarding() -> ForwardingSettings:
+    from .config_forward import ForwardingSettings
+
+    return ForwardingSettings()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; ``warnings`` are for the runner to log."""
@@ -186,6 +195,8 @@ class Config:
     persistence: PersistenceSettings = field(default_factory=PersistenceSettings)
     source: Path | None = None
     warnings: tuple[str, ...] = ()
+    #: ``[[upstream]]``, ``[[forward]]``, ``[[downstream]]``, ``[queue]`` (config_forward.py)
+    forwarding: ForwardingSettings = field(default_factory=_default_forwarding)
 
 
 # --------------------------------------------------------------------------- value checkers
@@ -402,7 +413,9 @@ _FLOAT_LIMITS: dict[str, tuple[float, float]] = {
 }
 _BOOL_KEYS = ("retain_available",)
 _MQTT_KEYS = ("listen", "tls", *_INT_LIMITS, *_FLOAT_LIMITS, *_BOOL_KEYS)
-_TOP_KEYS = ("gateway", "mqtt", "auth", "acl", "persistence")
+_TOP_KEYS = (
+    "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
+)
 
 
 def _gateway(data: object, base_dir: Path) -> GatewaySettings:
@@ -537,7 +550,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     auth = _auth(top.data.get("auth", {}), base_dir)
     acl = _acl(top.data.get("acl", []))
     persistence = _persistence(top.data.get("persistence", {}))
-    return Config(gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth))
+    from .config_forward import parse_forwarding
+
+    forwarding = parse_forwarding(top.data, base_dir)
+    return Config(
+        gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding
+    )
 
 
 def load_config(path: Path | None) -> Config:

@@ -250,7 +250,9 @@ def test_mosquitto_sub_wildcard_from_paho(gw: GatewayProcess, clients: ClientTra
         pub.publish(f"{base}/a/humidity", b"x", qos=2)
         pub.publish(f"{base}/b/temp", b"2", qos=1)
         lines = msub.wait()
-    assert lines == [f"2|{base}/a/temp|1", f"1|{base}/b/temp|2"]
+    # Order across QoS levels is not guaranteed (libmosquitto hands a QoS 2 message to the
+    # application only at PUBREL), so compare as a set.
+    assert sorted(lines) == sorted([f"2|{base}/a/temp|1", f"1|{base}/b/temp|2"])
 
 
 # =========================================================================== amqtt

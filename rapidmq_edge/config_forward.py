@@ -1,0 +1,278 @@
+"""Store-and-forward configuration: ``[[upstream]]``, ``[[forward]]``, ``[[downstream]]``,
+``[queue]``.
+
+Validated with the same rules and messages as :mod:`rapidmq_edge.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+from .config import (
+    _choice,
+    _err,
+    _existing_file,
+    _float,
+    _int,
+    _show,
+    _str,
+    _Table,
+)
+from .mqtt.topics import valid_topic_filter
+
+#: priority class names and numbers (0 drains first)
+PRIORITIES: dict[str, int] = {"alarm": 0, "high": 1, "normal": 2, "bulk": 3}
+Policy = Literal["drop_oldest", "refuse_new"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """One ``[[upstream]]``: a broker cluster, its node URLs in failover order."""
+
+    name: str
+    urls: tuple[str, ...]
+    topic_prefix: str = "edge/{gateway_id}/"
+    protocol: int = 5
+    client_id: str = "{gateway_id}"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    keep_alive: int = 30
+    window: int = 100
+    rate_limit: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRule:
+    """One ``[[forward]]``: local messages matching ``filter`` go to ``upstream``."""
+
+    filter: str
+    upstream: str
+    qos: int = 1
+    priority: int = 2
+    ttl: float = 0.0
+    topic_prefix: str | None = None  # overrides the upstream's prefix
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamRule:
+    """One ``[[downstream]]``: upstream topics matching ``filter`` are published locally."""
+
+    upstream: str
+    filter: str
+    qos: int = 1
+    strip_prefix: str = ""
+    local_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClassLimitSettings:
+    """Bounds of one priority class in the queue (0 = unlimited)."""
+
+    max_messages: int = 0
+    max_bytes: int = 0
+    max_age: float = 0.0
+    policy: Policy = "drop_oldest"
+
+
+def _default_classes() -> dict[int, ClassLimitSettings]:
+    return {
+        0: ClassLimitSettings(policy="refuse_new"),
+        1: ClassLimitSettings(),
+        2: ClassLimitSettings(),
+        3: ClassLimitSettings(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """``[queue]``: durability and bounds of the store-and-forward queue."""
+
+    durability: Literal["fsync", "normal"] = "fsync"
+    commit_delay_ms: float = 5.0
+    max_bytes: int = 0
+    classes: dict[int, ClassLimitSettings] = field(default_factory=_default_classes)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingSettings:
+    """Everything about store-and-forward; empty upstreams = a local broker only."""
+
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    forward: tuple[ForwardRule, ...] = ()
+    downstream: tuple[DownstreamRule, ...] = ()
+    queue: QueueSettings = field(default_factory=QueueSettings)
+
+
+def _priority(key: str, value: Any) -> int:
+    if isinstance(value, str) and value in PRIORITIES:
+        return PRIORITIES[value]
+    names = ", ".join(f'"{n}"' for n in PRIORITIES)
+    raise _err(key, f"must be one of {names}, got {_show(value)}")
+
+
+def _filter(key: str, value: Any) -> str:
+    f = _str(key, value)
+    if not valid_topic_filter(f.replace("{gateway_id}", "x")):
+        raise _err(key, f"must be a valid MQTT topic filter, got {_show(value)}")
+    return f
+
+
+def _urls(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _err(key, f"must be a non-empty array of URLs, got {_show(value)}")
+    out = []
+    for i, u in enumerate(value):
+        k = f"{key}[{i}]"
+        url = _str(k, u)
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise _err(k, f'must look like "mqtt://host:port" or "mqtts://host:port", got {url!r}')
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise _err(k, f"invalid port in {url!r}") from None
+        out.append(url)
+    return tuple(out)
+
+
+def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
+    t = _Table(data, key, (
+        "name", "urls", "topic_prefix", "protocol", "client_id", "username", "password",
+        "ca_file", "cert", "key", "keep_alive", "window", "rate_limit",
+    ))
+    for name in ("name", "urls"):
+        if name not in t.data:
+            raise _err(t.sub(name), "required")
+    files = _existing_file(base_dir)
+    up = UpstreamSettings(
+        name=t.get("name", _str, ""),
+        urls=t.get("urls", _urls, ()),
+        topic_prefix=t.get("topic_prefix", _str, "edge/{gateway_id}/"),
+        protocol=t.get("protocol", _int(4, 5), 5),
+        client_id=t.get("client_id", _str, "{gateway_id}"),
+        username=t.get("username", _str, None),
+        password=t.get("password", _str, None),
+        ca_file=t.get("ca_file", files, None),
+        cert=t.get("cert", files, None),
+        key=t.get("key", files, None),
+        keep_alive=t.get("keep_alive", _int(0, 65535), 30),
+        window=t.get("window", _int(1, 65535), 100),
+        rate_limit=t.get("rate_limit", _float(0.0, 10_000_000.0), 0.0),
+    )
+    if not up.name:
+        raise _err(t.sub("name"), "must not be empty")
+    if (up.cert is None) != (up.key is None):
+        raise _err(t.sub("key" if up.key is None else "cert"), "cert and key go together")
+    return up
+
+
+def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
+    t = _Table(data, key, ("filter", "upstream", "qos", "priority", "ttl", "topic_prefix"))
+    for name in ("filter", "upstream"):
+        if name not in t.data:
+            raise _err(t.sub(name), "required")
+    rule = ForwardRule(
+        filter=t.get("filter", _filter, "#"),
+        upstream=t.get("upstream", _str, ""),
+        qos=t.get("qos", _int(0, 1), 1),
+        priority=t.get("priority", _priority, 2),
+        ttl=t.get("ttl", _float(0.0, 10 * 365 * 86400.0), 0.0),
+        topic_prefix=t.get("topic_prefix", _str, None),
+    )
+    if rule.upstream not in upstreams:
+        raise _err(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
+    return rule
+
+
+def _downstream(data: object, key: str, upstreams: set[str]) -> DownstreamRule:
+    t = _Table(data, key, ("upstream", "filter", "qos", "strip_prefix", "local_prefix"))
+    for name in ("upstream", "filter"):
+        if name not in t.data:
+            raise _err(t.sub(name), "required")
+    rule = DownstreamRule(
+        upstream=t.get("upstream", _str, ""),
+        filter=t.get("filter", _filter, "#"),
+        qos=t.get("qos", _int(0, 2), 1),
+        strip_prefix=t.get("strip_prefix", _str, ""),
+        local_prefix=t.get("local_prefix", _str, ""),
+    )
+    if rule.upstream not in upstreams:
+        raise _err(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
+    return rule
+
+
+def _class_limits(data: object, key: str, default: ClassLimitSettings) -> ClassLimitSettings:
+    t = _Table(data, key, ("max_messages", "max_bytes", "max_age", "policy"))
+    return ClassLimitSettings(
+        max_messages=t.get("max_messages", _int(0, 10**10), 0),
+        max_bytes=t.get("max_bytes", _int(0, 10**15), 0),
+        max_age=t.get("max_age", _float(0.0, 10 * 365 * 86400.0), 0.0),
+        policy=cast(
+            Policy, t.get("policy", _choice("drop_oldest", "refuse_new"), str(default.policy))
+        ),
+    )
+
+
+def _queue(data: object) -> QueueSettings:
+    t = _Table(data, "queue", ("durability", "commit_delay_ms", "max_bytes", *PRIORITIES))
+    classes = _default_classes()
+    for name, number in PRIORITIES.items():
+        if name in t.data:
+            classes[number] = _class_limits(t.data[name], t.sub(name), classes[number])
+    return QueueSettings(
+        durability=cast(
+            Literal["fsync", "normal"], t.get("durability", _choice("fsync", "normal"), "fsync")
+        ),
+        commit_delay_ms=t.get("commit_delay_ms", _float(0.0, 1000.0), 5.0),
+        max_bytes=t.get("max_bytes", _int(0, 10**15), 0),
+        classes=classes,
+    )
+
+
+def _array(value: object, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _err(key, f"must be an array of tables ([[{key}]]), got {_show(value)}")
+    return value
+
+
+def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings:
+    """Validate the store-and-forward sections of a decoded config document."""
+    ups = tuple(
+        _upstream(item, f"upstream[{i}]", base_dir)
+        for i, item in enumerate(_array(data.get("upstream", []), "upstream"))
+    )
+    names = [u.name for u in ups]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise _err(f"upstream[{i}].name", f"duplicate upstream name {n!r}")
+    known = set(names)
+    fwd = tuple(
+        _forward(item, f"forward[{i}]", known)
+        for i, item in enumerate(_array(data.get("forward", []), "forward"))
+    )
+    down = tuple(
+        _downstream(item, f"downstream[{i}]", known)
+        for i, item in enumerate(_array(data.get("downstream", []), "downstream"))
+    )
+    queue = _queue(data.get("queue", {}))
+    return ForwardingSettings(ups, fwd, down, queue)
+
+
+__all__ = [
+    "PRIORITIES",
+    "UpstreamSettings",
+    "ForwardRule",
+    "DownstreamRule",
+    "ClassLimitSettings",
+    "QueueSettings",
+    "ForwardingSettings",
+    "parse_forwarding",
+]
