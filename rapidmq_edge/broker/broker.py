@@ -63,6 +63,10 @@ class Broker:
         self.stats = Stats()
         #: connections whose socket was full when routing wrote to them (backpressure)
         self.blocked_links: list[Any] = []
+        #: commit futures of every durable store the acknowledgement of a PUBLISH waits for
+        self.durable: list[Callable[[], asyncio.Future[Any] | None]] = []
+        if store is not None:
+            self.durable.append(store.commit_future)
         #: called with every message accepted for routing (the pipeline hooks in here)
         self.taps: list[Callable[[Message], None]] = []
         if store is not None:
@@ -269,11 +273,20 @@ class Broker:
     def publish(self, msg: Message) -> int:
         """Store a retained message if flagged, then route; return the number of receivers."""
         self.stats.messages_received += 1
+        for tap in self.taps:
+            tap(msg)  # may raise PublishRefused: then nothing else happens
         if msg.retain:
             self._retain(msg)
-        for tap in self.taps:
-            tap(msg)
         return self.route(msg)
+
+    def commit_future(self) -> asyncio.Future[Any] | None:
+        """Resolved when every durable change made so far is committed (None: nothing to wait)."""
+        futs = [f for f in (src() for src in self.durable) if f is not None]
+        if not futs:
+            return None
+        if len(futs) == 1:
+            return futs[0]
+        return asyncio.gather(*futs)
 
     def _retain(self, msg: Message, persist: bool = True) -> None:
         if not msg.payload:

@@ -49,7 +49,7 @@ from ..mqtt.packets import (
 from ..mqtt.properties import encode_properties
 from ..mqtt.topics import valid_subscription_filter
 from .broker import Broker
-from .message import Delivery, Message
+from .message import Delivery, Message, PublishRefused
 from .session import NEVER_EXPIRES, Session
 
 log = logging.getLogger(__name__)
@@ -399,12 +399,16 @@ class ClientConnection:
         if p.raw is not None and "topic_alias" not in p.properties and expiry is None:
             msg.wire = {(self.v5, False): p.raw}
         blocked = broker.blocked_links
-        receivers = broker.publish(msg)
+        try:
+            receivers = broker.publish(msg)
+        except PublishRefused as exc:
+            if self.v5:
+                return self._ack_publish(p, exc.reason_code, None)
+            return None  # 3.1.1 cannot say no: withhold the ack, the client resends
         if blocked:
             self._wait_for_subscribers(blocked)
         if p.qos:
-            store = broker.store
-            fut = store.commit_future() if store is not None else None
+            fut = broker.commit_future()
             self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut)
 
     def _ack_publish(self, p: Publish, reason: int, fut: asyncio.Future[None] | None) -> None:
@@ -481,10 +485,24 @@ class ClientConnection:
         if self._tokens < 0 and not self._paused:
             self._paused = True
             self.transport.pause_reading()
+            if self._held is None:  # the rest of the bytes already read waits as well
+                self._held = []
             self.loop.call_later(-self._tokens / s.publish_rate, self._unthrottle)
 
     def _unthrottle(self) -> None:
         self._paused = False
+        held, self._held = self._held or [], None
+        for i, packet in enumerate(held):
+            if self.closed:
+                return
+            if self._held is not None:  # throttled again: the rest waits for the next turn
+                self._held.extend(held[i:])
+                return
+            try:
+                self._dispatch(packet)
+            except MqttError as exc:
+                self._protocol_failure(exc)
+                return
         if not self.closed and not self._ack_backlog:
             self.transport.resume_reading()
 

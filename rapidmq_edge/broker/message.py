@@ -60,3 +60,11 @@ class Delivery:
     released: bool = False  # QoS 2: PUBREC received, PUBREL sent
     seq: int = 0  # persistence key within the session
     sent: bool = False  # sent at least once: a resend carries DUP
+
+
+class PublishRefused(Exception):
+    """A broker tap refused a message (queue full, disk full); ``reason_code`` for MQTT 5."""
+
+    def __init__(self, reason_code: int, why: str) -> None:
+        super().__init__(why)
+        self.reason_code = reason_code

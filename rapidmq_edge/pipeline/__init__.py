@@ -1,0 +1,1 @@
+"""The message pipeline between ingress and the store: authorise, score, secure, forward."""

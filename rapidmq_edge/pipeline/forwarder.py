@@ -1,0 +1,87 @@
+"""Forwarding rules: which local messages go to which upstream, under which topic and class.
+
+The forwarder is a broker tap: every message accepted for routing passes through
+:meth:`Forwarder.__call__`, which puts a copy in the durable queue for each upstream a
+rule sends it to. A refusal (a full ``refuse_new`` class, a full disk) propagates as
+:class:`PublishRefused`, so the device is not acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..broker.message import FORWARDED_PROPERTIES, Message, PublishRefused
+from ..config_forward import ForwardRule, UpstreamSettings
+from ..mqtt import reasons as rc
+from ..mqtt.topics import topic_matches
+
+log = logging.getLogger(__name__)
+
+#: ``Message.origin`` of messages that came down from an upstream (never sent back up)
+DOWNSTREAM_ORIGIN = "$upstream:"
+
+
+class Queue(Protocol):
+    """The part of the durable queue the forwarder uses."""
+
+    def put(
+        self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
+        properties: dict[str, Any] | None = None, ttl: float | None = None,
+    ) -> int: ...
+
+
+class Forwarder:
+    """Applies ``[[forward]]`` rules to every local message."""
+
+    def __init__(
+        self, gateway_id: str, rules: Sequence[ForwardRule],
+        upstreams: Sequence[UpstreamSettings], queue: Queue,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.queue = queue
+        prefixes = {u.name: u.topic_prefix for u in upstreams}
+        self.rules = [
+            (
+                r.filter.replace("{gateway_id}", gateway_id),
+                r,
+                (r.topic_prefix if r.topic_prefix is not None else prefixes[r.upstream])
+                .replace("{gateway_id}", gateway_id),
+            )
+            for r in rules
+        ]
+        self.forwarded = 0
+        self.refused = 0
+
+    def targets(self, topic: str) -> list[tuple[ForwardRule, str]]:
+        """The first matching rule per upstream, with the upstream topic."""
+        out: dict[str, tuple[ForwardRule, str]] = {}
+        for filt, rule, prefix in self.rules:
+            if rule.upstream not in out and topic_matches(filt, topic):
+                out[rule.upstream] = (rule, prefix + topic)
+        return list(out.values())
+
+    def __call__(self, msg: Message) -> None:
+        if msg.topic.startswith("$"):
+            return  # $SYS and other server topics stay local
+        origin = msg.origin or ""
+        for rule, up_topic in self.targets(msg.topic):
+            if origin == DOWNSTREAM_ORIGIN + rule.upstream:
+                continue  # came from this upstream: never echo it back
+            props = {k: v for k, v in msg.properties.items() if k in FORWARDED_PROPERTIES}
+            ttl = rule.ttl or None
+            if msg.expires_at is not None:
+                remaining = max(0.0, msg.expires_at - time.time())
+                ttl = min(ttl, remaining) if ttl else remaining
+            try:
+                self.queue.put(
+                    rule.upstream, rule.priority, up_topic, msg.payload,
+                    min(rule.qos, 1), props, ttl,
+                )
+            except Exception as exc:  # QueueFull, QueueError: do not acknowledge
+                self.refused += 1
+                log.warning("not queued for %s (%s): %s", rule.upstream, msg.topic, exc)
+                raise PublishRefused(rc.QUOTA_EXCEEDED, str(exc)) from exc
+            self.forwarded += 1
