@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import IO, Any
 
@@ -172,5 +173,9 @@ def run_gateway(config: Config) -> int:
         return 1
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except sqlite3.Error as exc:  # not damage (that is moved aside): e.g. no permission
+        log.error("cannot open the session store %s: %s",
+                  config.gateway.data_dir / "broker.db", exc)
         return 1
     return 0

@@ -7,6 +7,7 @@ code runs, only what was committed survives). The database is inspected with ``s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -31,6 +32,7 @@ from rapidmq_edge.store.session_store import SessionStore
 
 from .gateway_proc import GatewayProcess
 from .mqtt_helpers import (
+    PUBACK,
     PUBCOMP,
     PUBREC,
     PUBREL,
@@ -411,6 +413,41 @@ def test_inbound_qos2_state_survives_sigkill(gateway_factory: Factory) -> None:
     assert read_db(db_path(gw), "SELECT * FROM inbound_qos2") == []
 
 
+def test_pubcomp_only_after_the_packet_id_is_released_on_disk(gateway_factory: Factory) -> None:
+    """After PUBCOMP the client may reuse the packet id at once; had the id survived a crash
+    in the store, the new message would be taken for a resend and silently dropped.
+    A long group-commit window makes the crash land inside it deterministically."""
+    gw = gateway_factory(config={"persistence": {"commit_delay_ms": 800}})
+    sub_cid, pub_cid, topic = unique("pc-sub"), unique("pc-pub"), unique("pc-t")
+    sub = PahoClient(gw.port, sub_cid, clean_session=False)
+    sub.subscribe(topic, qos=2)
+    wait_subscription_on_disk(gw, sub_cid, topic)
+    sub.disconnect()
+
+    pid = 77
+    with RawClient(gw.port) as raw:
+        assert raw.connect(pub_cid, clean=False) == (False, 0)
+        raw.publish(topic, b"first", qos=2, packet_id=pid)
+        assert pid_of(raw.expect(PUBREC).body) == pid
+        raw.pubrel(pid)
+        assert pid_of(raw.expect(PUBCOMP).body) == pid
+        restart(gw, hard=True)  # the instant PUBCOMP arrived
+    with RawClient(gw.port) as raw:
+        assert raw.connect(pub_cid, clean=False) == (True, 0)
+        raw.publish(topic, b"second", qos=2, packet_id=pid)  # same id, new message
+        assert pid_of(raw.expect(PUBREC).body) == pid
+        raw.pubrel(pid)
+        assert pid_of(raw.expect(PUBCOMP).body) == pid
+        raw.disconnect()
+
+    sub = PahoClient(gw.port, sub_cid, clean_session=False)
+    try:
+        assert [m.payload for m in sub.get_n(2)] == [b"first", b"second"]
+        sub.assert_no_message(0.3)
+    finally:
+        sub.disconnect()
+
+
 # --------------------------------------------------------------------------- clean sessions
 
 
@@ -463,6 +500,106 @@ def test_clean_sessions_leave_nothing_in_the_database(gateway_factory: Factory) 
     assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
     for table in TABLES:
         assert read_db(path, f"SELECT * FROM {table}") == [], f"rows left in {table}"
+
+
+class InProcessGateway:
+    """The real Gateway object on its own event loop in a thread, so a test can reach its
+    store (here: to make the disk "full" with SQLite's max_page_count)."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        from rapidmq_edge.app import Gateway
+        from rapidmq_edge.config import parse_config
+
+        cfg = parse_config({"gateway": {"data_dir": str(data_dir)},
+                            "mqtt": {"listen": [f"tcp://127.0.0.1:{port}"], "sys_interval": 0}},
+                           data_dir)
+        self.port = port
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self.gateway = Gateway(cfg)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), self._error
+
+    def _run(self) -> None:
+        async def main() -> None:
+            await self.gateway.start()
+            self._ready.set()
+            await self._stop.wait()
+            await self.gateway.stop()
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:  # pragma: no cover - reported by the constructor
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.loop.close()
+
+    def set_max_pages(self, pages: int | None) -> None:
+        store = self.gateway.store
+        with store._lock:
+            if pages is None:
+                pages = 1_073_741_823
+            store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def page_count(self) -> int:
+        store = self.gateway.store
+        with store._lock:
+            return int(store._db.execute("PRAGMA page_count").fetchone()[0])
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(15)
+
+
+def test_commit_failure_withholds_or_refuses_the_ack_and_retries(tmp_path: Path) -> None:
+    """Disk full (SQLITE_FULL): 5.0 PUBACK says 0x97, 3.1.1 gets no PUBACK; the changes are
+    retried and written once there is room again."""
+    from .conftest import free_port
+
+    gw = InProcessGateway(tmp_path / "data", free_port())
+    try:
+        sub_cid, topic = unique("full-sub"), unique("full-t")
+        with RawClient(gw.port) as raw:
+            assert raw.connect(sub_cid, clean=False) == (False, 0)
+            assert raw.subscribe([(topic, 1)]) == [1]
+            raw.disconnect()
+        assert wait_until(lambda: gw.gateway.store.pending == 0 and gw.gateway.store.commits)
+        gw.set_max_pages(gw.page_count())  # the disk is full now
+        big = b"x" * 20000
+        with RawClient(gw.port, version=5) as v5, RawClient(gw.port) as v3:
+            assert v5.connect(unique("full-v5"))[1] == 0
+            assert v3.connect(unique("full-v3"))[1] == 0
+            v5.publish(topic, big + b"5", qos=1, packet_id=1)
+            ack = v5.expect(PUBACK)
+            assert pid_of(ack.body) == 1 and ack.body[2] == 0x97, ack.body
+            v3.publish(topic, big + b"3", qos=1, packet_id=1)
+            v3.assert_no_packet(1.2)  # withheld, also across retries
+            assert gw.gateway.store.failures >= 2
+            gw.set_max_pages(None)  # room again: the retry succeeds
+            assert wait_until(lambda: gw.gateway.store.pending == 0, timeout=5)
+            v3.assert_no_packet(0.3)  # 3.1.1: the withheld ack stays withheld
+            v5.publish(topic, b"after", qos=1, packet_id=2)
+            ack = v5.expect(PUBACK)
+            assert pid_of(ack.body) == 2 and ack.body[2:3] in (b"", b"\x00"), ack.body
+            v3.publish(topic, b"after3", qos=1, packet_id=2)
+            assert pid_of(v3.expect(PUBACK).body) == 2
+        with RawClient(gw.port) as raw:
+            assert raw.connect(sub_cid, clean=False) == (True, 0)
+            got = []
+            for _ in range(4):
+                p = raw.expect_publish()
+                raw.puback(p.packet_id)
+                got.append(p.payload)
+            # the refused/unacknowledged ones were retried, not discarded (see the docs)
+            assert got == [big + b"5", big + b"3", b"after", b"after3"]
+            raw.disconnect()
+    finally:
+        gw.stop()
 
 
 # --------------------------------------------------------------------------- damaged files
@@ -525,8 +662,6 @@ def test_damaged_pages_found_while_loading_are_moved_aside(tmp_path: Path) -> No
         await fut
         await store.close()
 
-    import asyncio
-
     asyncio.run(fill())
     raw = bytearray(path.read_bytes())
     assert len(raw) > 8 * 4096
@@ -551,6 +686,23 @@ def test_unopenable_database_is_not_moved_aside(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.Error):
         SessionStore(path)
     assert path.is_dir() and [p.name for p in tmp_path.iterdir()] == ["broker.db"]
+
+
+def test_gateway_with_unopenable_store_exits_with_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "broker.db").mkdir(parents=True)  # not a file: cannot be opened, is not damage
+    cfg = {"gateway": {"data_dir": str(data)},
+           "mqtt": {"listen": ["tcp://127.0.0.1:0"], "sys_interval": 0}}
+    path = tmp_path / "gw.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    res = subprocess.run(
+        [sys.executable, "-m", "rapidmq_edge", "run", "--config", str(path)],
+        capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "cannot open the session store" in res.stderr and "broker.db" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert (data / "broker.db").is_dir()
 
 
 # --------------------------------------------------------------------------- data dir lock

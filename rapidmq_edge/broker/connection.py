@@ -424,7 +424,7 @@ class ClientConnection:
             session.inbound_qos2.add(p.packet_id)
             if session.persistent and session.store is not None:
                 session.store.save_inbound_qos2(session.client_id, p.packet_id)
-                fut = session.store.commit_future()
+                fut = self.broker.commit_future()  # every durable store, this one included
         self._queue_ack(Pubrec(p.packet_id, code), fut)
 
     def _queue_ack(self, ack: Packet, fut: asyncio.Future[None] | None) -> None:
@@ -453,8 +453,13 @@ class ClientConnection:
                 # Not stored: never acknowledge. 5.0 says why; 3.1.1 withholds the ack.
                 if self.v5 and ack.type in (PUBACK, PUBREC):
                     ack.reason_code = rc.QUOTA_EXCEEDED  # type: ignore[union-attr]
-                    if ack.type == PUBREC and self.session is not None:
-                        self.session.inbound_qos2.discard(ack.packet_id)  # type: ignore[union-attr]
+                    session = self.session
+                    if ack.type == PUBREC and session is not None:
+                        pid = ack.packet_id  # type: ignore[union-attr]
+                        session.inbound_qos2.discard(pid)
+                        if session.persistent and session.store is not None:
+                            # the retried batch must not bring the refused id back
+                            session.store.delete_inbound_qos2(session.client_id, pid)
                 else:
                     continue
             self._write(encode(ack, self.version))
@@ -468,9 +473,12 @@ class ClientConnection:
         assert session is not None
         if p.packet_id in session.inbound_qos2:
             session.inbound_qos2.discard(p.packet_id)
+            fut = None
             if session.persistent and session.store is not None:
                 session.store.delete_inbound_qos2(session.client_id, p.packet_id)
-            self._queue_ack(Pubcomp(p.packet_id), None)
+                # a crash must not leave the id behind: its reuse would look like a resend
+                fut = session.store.commit_future()
+            self._queue_ack(Pubcomp(p.packet_id), fut)
         else:
             code = rc.PACKET_IDENTIFIER_NOT_FOUND if self.v5 else 0
             self._queue_ack(Pubcomp(p.packet_id, code), None)

@@ -8,6 +8,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from ..broker.connection import ClientConnection
@@ -176,9 +177,15 @@ async def serve_websocket(
             transport.close()
             await asyncio.wait({transport.writer}, timeout=5)
 
+    def check_path(connection: Any, request: Any) -> Any:
+        # refuse the upgrade itself (HTTP 404) rather than accept and close
+        if request.path.split("?")[0] != path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "no MQTT endpoint here\n")
+        return None
+
     return await serve(
         handler, host, port, subprotocols=["mqtt"], ssl=ssl_context,  # type: ignore[list-item]
-        max_size=None, compression=None,
+        max_size=None, compression=None, process_request=check_path,
     )
 
 
