@@ -24,6 +24,7 @@ from .ingress.mqtt_server import (
 from .ops.sys_topics import publish_sys
 from .security.gatekeeper import Gatekeeper
 from .store.session_store import SessionStore
+from .uplink.forwarding import StoreAndForward
 
 log = logging.getLogger("rapidmq_edge")
 
@@ -86,6 +87,11 @@ class Gateway:
                          m.retain_available, m.max_session_expiry),
             self.store,
         )
+        self.forwarding: StoreAndForward | None = None
+        if config.forwarding.upstreams:
+            self.forwarding = StoreAndForward(
+                config.gateway.id, config.forwarding, data_dir, self.broker
+            )
         self.gate = Gatekeeper.from_config(config)
         self.settings = connection_settings(config)
 
@@ -120,9 +126,12 @@ class Gateway:
                 url = f"{lst.scheme}://{host}:{port}{lst.path}"
                 self.bound.append(url)
                 log.info("listening on %s", url)
+        if self.forwarding is not None:
+            self.forwarding.start()
         if self.config.mqtt.sys_interval > 0:
+            extra = self.forwarding.status if self.forwarding is not None else None
             self.tasks.append(
-                loop.create_task(publish_sys(self.broker, self.config.mqtt.sys_interval))
+                loop.create_task(publish_sys(self.broker, self.config.mqtt.sys_interval, extra))
             )
 
     async def stop(self) -> None:
@@ -133,6 +142,8 @@ class Gateway:
             task.cancel()
         self.registry.shutdown()
         await asyncio.sleep(0.05)  # let DISCONNECTs flush
+        if self.forwarding is not None:
+            await self.forwarding.stop()
         await self.broker.close()
         self._lock.close()
 

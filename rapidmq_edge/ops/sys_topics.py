@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from collections.abc import Callable
 
 from .. import __version__
 from ..broker.broker import Broker
@@ -34,9 +35,14 @@ def sys_values(broker: Broker) -> dict[str, str]:
     }
 
 
-async def publish_sys(broker: Broker, interval: float) -> None:
-    """Publish ``$SYS/broker/...`` forever, every ``interval`` seconds."""
+async def publish_sys(
+    broker: Broker, interval: float, extra: Callable[[], dict[str, str]] | None = None
+) -> None:
+    """Publish ``$SYS/broker/...`` (plus ``extra()`` values) every ``interval`` seconds."""
     while True:
-        for name, value in sys_values(broker).items():
+        values = sys_values(broker)
+        if extra is not None:
+            values.update(extra())
+        for name, value in values.items():
             broker.publish_internal(f"$SYS/broker/{name}", value.encode())
         await asyncio.sleep(interval)

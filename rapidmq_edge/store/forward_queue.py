@@ -1,0 +1,852 @@
+"""Durable store-and-forward queue for upstream forwarding (SQLite, WAL, group commit).
+
+``put()`` assigns a sequence id at once; rows accumulate for at most ``commit_delay``
+seconds and one writer thread writes them in one transaction. ``commit_future()``
+resolves when everything put so far is committed: only then may the device get its
+PUBACK. A failed commit fails that future and forgets the failed rows (nothing that was
+not stored is counted or acknowledged). Only committed rows are handed out by ``fetch()``,
+so an id forwarded upstream always names a stored message; rows are deleted only after
+the upstream's ``ack()``.
+
+An in-memory index (per upstream and priority class: ids, sizes, timestamps in compact
+arrays) is loaded at open; payloads of recent puts stay in a small cache and everything
+else is read from SQLite in batches by id. A damaged file is moved aside, never deleted,
+and its readable rows are salvaged into a fresh database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from array import array
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..mqtt.errors import MqttError
+from ..mqtt.packets import PUBLISH
+from ..mqtt.properties import decode_properties, encode_properties
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["drop_oldest", "refuse_new"]
+PRIORITIES = (0, 1, 2, 3)  # 0 = alarm (drains first, newest first) .. 3 = bulk
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, priority INTEGER NOT NULL,
+    topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
+    created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL);
+"""
+_COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
+_INSERT = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_READ_CHUNK = 900  # ids per "WHERE id IN (...)"
+_READ_SQL = "SELECT id, topic, payload, qos, props FROM messages WHERE id"
+#: id jump after a salvage that could not read the id sequence (ids are never reused)
+_ID_GAP_UNKNOWN = 1 << 32
+
+# row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
+Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
+
+
+class QueueError(Exception):
+    """The queue could not store something (for example: the disk is full)."""
+
+
+class QueueFull(QueueError):
+    """A put was refused by a bound; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ClassLimits:
+    """Bounds of one priority class, per upstream (0 = unlimited).
+
+    ``max_age`` (s): a ``drop_oldest`` class drops messages older than this; a
+    ``refuse_new`` class refuses new ones while its oldest unacked message is older.
+    """
+
+    max_messages: int = 0
+    max_bytes: int = 0
+    max_age: float = 0
+    policy: Policy = "drop_oldest"
+
+
+DEFAULT_CLASSES: dict[int, ClassLimits] = {
+    0: ClassLimits(policy="refuse_new"), 1: ClassLimits(), 2: ClassLimits(), 3: ClassLimits(),
+}
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    """A message handed out by :meth:`ForwardQueue.fetch`; ``id`` is stable across restarts."""
+
+    id: int
+    upstream: str
+    priority: int
+    topic: str
+    payload: bytes
+    qos: int
+    properties: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+    expires_at: float | None = None
+    retain: bool = False  # never set upstream; for the uplink client's Outgoing shape
+
+
+# -- in-memory index -----------------------------------------------------------------
+
+Entry = tuple[int, float, float]  # size, created, expires_at (0.0 = never)
+
+
+class _Lane:
+    """Messages of one upstream and class: ready ids (sorted, compact arrays from ``h``)
+    plus the in-flight ones (handed out, not yet acked)."""
+
+    __slots__ = ("ids", "sizes", "created", "expires", "h", "msgs", "bytes", "inflight")
+
+    def __init__(self) -> None:
+        self.ids = array("q")
+        self.sizes = array("q")
+        self.created = array("d")
+        self.expires = array("d")
+        self.h = 0
+        self.msgs = 0  # ready + in flight (+ not yet committed)
+        self.bytes = 0
+        self.inflight: dict[int, Entry] = {}
+
+    def append(self, mid: int, size: int, created: float, expires: float) -> None:
+        self.ids.append(mid)
+        self.sizes.append(size)
+        self.created.append(created)
+        self.expires.append(expires)
+        self.msgs += 1
+        self.bytes += size
+
+    @property
+    def ready(self) -> int:
+        return len(self.ids) - self.h
+
+    def entry(self, i: int) -> tuple[int, Entry]:
+        return self.ids[i], (self.sizes[i], self.created[i], self.expires[i])
+
+    def cut(self, i: int, j: int) -> None:
+        """Remove positions ``i:j`` (i >= h) from the ready arrays."""
+        if i == self.h:
+            self.h = j
+            if self.h > 4096 and self.h * 2 > len(self.ids):
+                for a in (self.ids, self.sizes, self.created, self.expires):
+                    del a[: self.h]
+                self.h = 0
+        else:
+            for a in (self.ids, self.sizes, self.created, self.expires):
+                del a[i:j]
+
+    def remove_range(self, lo: int, hi: int) -> list[int]:
+        """Drop ready ids in ``[lo, hi]``; return them (counters adjusted)."""
+        i = bisect_left(self.ids, lo, self.h)
+        j = bisect_right(self.ids, hi, i)
+        gone = list(self.ids[i:j])
+        self.msgs -= len(gone)
+        self.bytes -= sum(self.sizes[i:j])
+        if gone:
+            self.cut(i, j)
+        return gone
+
+    def merge(self, items: list[tuple[int, Entry]]) -> None:
+        """Put ids back into the ready arrays in order (used by requeue)."""
+        items.sort()
+        i = bisect_left(self.ids, items[0][0], self.h)
+        j = bisect_right(self.ids, items[-1][0], i)
+        old = [self.entry(k) for k in range(i, j)]
+        merged = sorted(old + items)
+        if i == self.h and j == i and self.h >= len(merged):
+            self.h -= len(merged)  # room before the head: write in place
+            i = j = self.h
+            for k, (mid, (size, created, expires)) in enumerate(merged):
+                self.ids[i + k] = mid
+                self.sizes[i + k] = size
+                self.created[i + k] = created
+                self.expires[i + k] = expires
+            return
+        self.ids[i:j] = array("q", [m for m, _ in merged])
+        self.sizes[i:j] = array("q", [e[0] for _, e in merged])
+        self.created[i:j] = array("d", [e[1] for _, e in merged])
+        self.expires[i:j] = array("d", [e[2] for _, e in merged])
+
+    def oldest_created(self) -> float | None:
+        times = [e[1] for e in self.inflight.values()]
+        if self.ready:
+            times.append(self.created[self.h])
+        return min(times) if times else None
+
+
+def _props_from(blob: bytes) -> dict[str, Any]:
+    if blob == b"\x00":
+        return {}
+    try:
+        return decode_properties(blob, 0, len(blob), PUBLISH)[0]
+    except MqttError:
+        return {}
+
+
+# -- the queue -----------------------------------------------------------------------
+
+
+class ForwardQueue:
+    """Durable, bounded, prioritised per-upstream queue; all methods run on the event loop."""
+
+    def __init__(
+        self,
+        path: Path,
+        durability: str = "fsync",
+        commit_delay: float = 0.005,
+        classes: Mapping[int, ClassLimits] | None = None,
+        max_bytes: int = 0,
+        now: Callable[[], float] = time.time,
+        cache_bytes: int = 8 << 20,
+    ) -> None:
+        if durability not in ("fsync", "normal"):
+            raise ValueError(f"durability must be 'fsync' or 'normal', got {durability!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.durability = durability
+        self.commit_delay = commit_delay
+        self.classes = {**DEFAULT_CLASSES, **(classes or {})}
+        self.max_bytes = max_bytes
+        self.now = now
+        self.cache_bytes = cache_bytes
+        #: where a damaged database file was moved to (None: it was fine)
+        self.quarantined: Path | None = None
+        self.drops = {"dropped_oldest": 0, "refused": 0, "expired": 0, "corrupt": 0,
+                      "not_stored": 0}
+        self.commits = 0
+        self.commit_failures = 0
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._total_bytes = 0
+        self._lock = threading.Lock()
+        self._db = self._open()
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA cache_size=-8000")  # KiB
+        self._next_id, self._durable_id = self._load()
+        # writing
+        self._ins: dict[int, Row] = {}  # puts not yet handed to the writer
+        self._dels: set[int] = set()  # deletes not yet handed to the writer
+        self._writing: dict[int, Row] = {}  # rows of the batch being written
+        self._cache: OrderedDict[int, Row] = OrderedDict()  # committed rows, newest last
+        self._cached = 0
+        self._pending_bytes = 0
+        self._waiters: list[asyncio.Future[None]] = []  # wait for the pending batch
+        self._busy_waiters: list[asyncio.Future[None]] = []  # wait for the batch in the writer
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="forward-queue")
+        self._data_waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    # -- opening, loading, salvage ---------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "fsync" else "NORMAL"))
+        problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
+        db.executescript(SCHEMA)
+        # the index is loaded from the table: make sure all of it can be read
+        db.execute("SELECT count(*), max(id) FROM messages").fetchone()
+
+    def _open(self) -> sqlite3.Connection:
+        """Open (or create) the database; a damaged one is quarantined and salvaged."""
+        db = self._connect()
+        try:
+            self._prepare(db)
+            return db
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                db.close()
+                raise
+            target = self._quarantine(exc)
+        db.close()  # only after the move: SQLite deletes a WAL it cannot use when closing
+        db = self._connect()
+        try:
+            self._prepare(db)
+            self._salvage(target, db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _quarantine(self, exc: BaseException) -> Path:
+        """Move the damaged file (and its -wal/-shm) aside; never delete it."""
+        path = self.path
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        path.rename(target)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+        self.quarantined = target
+        log.error("forward queue %s is damaged (%s); moved it to %s, salvaging readable rows",
+                  path, exc, target)
+        return target
+
+    def _salvage(self, src: Path, db: sqlite3.Connection) -> None:
+        """Copy every readable row of the damaged ``src`` into ``db`` (row by row)."""
+        copied = bad = 0
+        seq: int | None = None
+        top = 0
+        try:
+            old = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            log.error("forward queue: cannot open %s for salvage (%s)", src, exc)
+            old = None
+        if old is not None:
+            try:
+                row = old.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+                seq = int(row[0]) if row else 0
+            except (sqlite3.Error, ValueError, TypeError):
+                seq = None
+            rows: list[Row] = []
+            last = resumed = 0
+            while True:
+                try:
+                    for r in old.execute(
+                        f"SELECT {_COLUMNS} FROM messages WHERE id > ? ORDER BY id", (last,)
+                    ):
+                        last = r[0] if isinstance(r[0], int) else last + 1
+                        if _valid_row(r):
+                            rows.append(r)
+                            top = max(top, r[0])
+                        else:
+                            bad += 1
+                    break
+                except sqlite3.Error:
+                    nxt = _next_readable(old, max(last, resumed), seq)
+                    if nxt is None:
+                        break
+                    last = resumed = nxt
+            old.close()
+            with self._lock:
+                db.execute("BEGIN")
+                db.executemany(_INSERT, rows)
+                db.execute("COMMIT")
+            copied = len(rows)
+        next_seq = max(seq, top) if seq is not None else top + _ID_GAP_UNKNOWN
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (next_seq,))
+        self.drops["corrupt"] += bad
+        log.error(
+            "forward queue: salvaged %d message(s) from %s into %s; %d unreadable row(s) "
+            "dropped, rows in damaged pages are lost (count unknown)",
+            copied, src, self.path, bad,
+        )
+
+    def _load(self) -> tuple[int, int]:
+        """Build the in-memory index from the table; return (next id, last committed id)."""
+        top = 0
+        lanes = self._lanes
+        for mid, up, prio, size, created, exp in self._db.execute(
+            "SELECT id, upstream, priority, size, created, expires_at FROM messages ORDER BY id"
+        ):
+            lane = lanes.get((up, prio))
+            if lane is None:
+                lane = lanes[(up, prio)] = _Lane()
+            lane.append(mid, size, created, exp or 0.0)
+            self._total_bytes += size
+            top = mid
+        row = self._db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        seq = int(row[0]) if row else 0
+        return max(seq, top) + 1, top
+
+    # -- producing -------------------------------------------------------------------
+
+    def _lane(self, upstream: str, priority: int) -> _Lane:
+        lane = self._lanes.get((upstream, priority))
+        if lane is None:
+            lane = self._lanes[(upstream, priority)] = _Lane()
+        return lane
+
+    def put(
+        self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
+        properties: dict[str, Any] | None = None, ttl: float | None = None,
+    ) -> int:
+        """Queue a message for ``upstream``; return its id. Raises QueueFull when refused."""
+        if priority not in self.classes:
+            raise ValueError(f"unknown priority class {priority}")
+        props = encode_properties(properties)
+        size = len(topic.encode()) + len(payload) + len(props)
+        now = self.now()
+        lane = self._lane(upstream, priority)
+        limits = self.classes[priority]
+        self._check_class(upstream, priority, lane, limits, size, now)
+        if self.max_bytes and self._total_bytes + size > self.max_bytes:
+            self._make_room(priority, size)
+        mid = self._next_id
+        self._next_id += 1
+        expires = now + ttl if ttl is not None else None
+        self._ins[mid] = (mid, upstream, priority, topic, bytes(payload), qos, props, now,
+                          expires, size)
+        lane.append(mid, size, now, expires or 0.0)
+        self._total_bytes += size
+        self._pending_bytes += size
+        self._schedule()
+        return mid
+
+    def _refuse(self, reason: str) -> QueueFull:
+        self.drops["refused"] += 1
+        return QueueFull(reason)
+
+    def _check_class(
+        self, up: str, prio: int, lane: _Lane, lim: ClassLimits, size: int, now: float,
+    ) -> None:
+        if lim.max_bytes and size > lim.max_bytes:
+            raise self._refuse(f"message of {size} B exceeds class {prio} max_bytes")
+        if self.max_bytes and size > self.max_bytes:
+            raise self._refuse(f"message of {size} B exceeds queue max_bytes")
+        if lim.policy == "drop_oldest":
+            if lim.max_age:
+                self._trim_age(up, prio, lane, now - lim.max_age)
+            while lane.msgs and (
+                (lim.max_messages and lane.msgs + 1 > lim.max_messages)
+                or (lim.max_bytes and lane.bytes + size > lim.max_bytes)
+            ):
+                self._evict_oldest(up, prio, lane)
+            return
+        if lim.max_messages and lane.msgs >= lim.max_messages:
+            raise self._refuse(f"{up}: class {prio} holds max_messages={lim.max_messages}")
+        if lim.max_bytes and lane.bytes + size > lim.max_bytes:
+            raise self._refuse(f"{up}: class {prio} holds max_bytes={lim.max_bytes}")
+        if lim.max_age:
+            oldest = lane.oldest_created()
+            if oldest is not None and now - oldest > lim.max_age:
+                raise self._refuse(f"{up}: class {prio} has messages older than max_age")
+
+    def _make_room(self, priority: int, size: int) -> None:
+        """Evict oldest messages of drop_oldest classes not above ``priority`` (least
+        important class first) until ``size`` more bytes fit, or refuse."""
+        need = self._total_bytes + size - self.max_bytes
+        evictable = [
+            (p, key, lane) for key, lane in self._lanes.items()
+            if (p := key[1]) >= priority and self.classes[p].policy == "drop_oldest"
+        ]
+        if sum(lane.bytes for _, _, lane in evictable) < need:
+            raise self._refuse(f"queue holds max_bytes={self.max_bytes}")
+        for p in sorted({p for p, _, _ in evictable}, reverse=True):
+            lanes = [(key, lane) for q, key, lane in evictable if q == p]
+            while self._total_bytes + size > self.max_bytes:
+                live = [(key, lane) for key, lane in lanes if lane.msgs]
+                if not live:
+                    break
+                key, lane = min(live, key=lambda kl: _oldest_id(kl[1]))
+                self._evict_oldest(key[0], key[1], lane)
+            if self._total_bytes + size <= self.max_bytes:
+                return
+
+    def _evict_oldest(self, up: str, prio: int, lane: _Lane) -> None:
+        if lane.inflight and (not lane.ready or min(lane.inflight) < lane.ids[lane.h]):
+            mid = min(lane.inflight)
+            size = lane.inflight.pop(mid)[0]
+        else:
+            mid, size = lane.ids[lane.h], lane.sizes[lane.h]
+            lane.cut(lane.h, lane.h + 1)
+        lane.msgs -= 1
+        lane.bytes -= size
+        self._forget(mid, size, "dropped_oldest")
+
+    def _trim_age(self, up: str, prio: int, lane: _Lane, cutoff: float) -> None:
+        """Drop ready (not in-flight) messages created before ``cutoff``."""
+        while lane.ready and lane.created[lane.h] < cutoff:
+            mid, size = lane.ids[lane.h], lane.sizes[lane.h]
+            lane.cut(lane.h, lane.h + 1)
+            lane.msgs -= 1
+            lane.bytes -= size
+            self._forget(mid, size, "dropped_oldest")
+
+    def _forget(self, mid: int, size: int, reason: str) -> None:
+        """Delete a message that left the index (dropped or acked); count ``reason``."""
+        self._total_bytes -= size
+        if reason:
+            self.drops[reason] += 1
+        if self._ins.pop(mid, None) is not None:
+            self._pending_bytes -= size  # never written: nothing to delete
+            return
+        if self._cache.pop(mid, None) is not None:
+            self._cached -= size
+        self._dels.add(mid)
+        self._schedule()
+
+    # -- consuming -------------------------------------------------------------------
+
+    def fetch(self, upstream: str, limit: int) -> list[QueuedMessage]:
+        """Up to ``limit`` committed messages for ``upstream`` not yet handed out, in drain
+        order (class 0 newest first, then classes 1..3 oldest first)."""
+        now = self.now()
+        picked: list[tuple[int, int, Entry]] = []  # id, priority, entry
+        for prio in PRIORITIES:
+            if len(picked) >= limit:
+                break
+            lane = self._lanes.get((upstream, prio))
+            if lane is None or not lane.ready:
+                continue
+            lim = self.classes[prio]
+            if lim.max_age and lim.policy == "drop_oldest":
+                self._trim_age(upstream, prio, lane, now - lim.max_age)
+            self._take(upstream, prio, lane, limit - len(picked), now, picked)
+        return self._read(upstream, picked)
+
+    def _take(
+        self, up: str, prio: int, lane: _Lane, n: int, now: float,
+        out: list[tuple[int, int, Entry]],
+    ) -> None:
+        ids, durable = lane.ids, self._durable_id
+        end = bisect_right(ids, durable, lane.h)  # committed ready ids are ids[h:end]
+        if prio == 0:  # alarms: newest first
+            i = end
+            while i > lane.h and n > 0:
+                i -= 1
+                mid, e = lane.entry(i)
+                if self._expired(lane, mid, e, now):
+                    continue
+                lane.inflight[mid] = e
+                out.append((mid, prio, e))
+                n -= 1
+            lane.cut(i, end)
+        else:
+            i = lane.h
+            while i < end and n > 0:
+                mid, e = lane.entry(i)
+                i += 1
+                if self._expired(lane, mid, e, now):
+                    continue
+                lane.inflight[mid] = e
+                out.append((mid, prio, e))
+                n -= 1
+            lane.cut(lane.h, i)
+
+    def _expired(self, lane: _Lane, mid: int, e: Entry, now: float) -> bool:
+        if e[2] and e[2] <= now:
+            lane.msgs -= 1
+            lane.bytes -= e[0]
+            self._forget(mid, e[0], "expired")
+            return True
+        return False
+
+    def _read(self, up: str, picked: list[tuple[int, int, Entry]]) -> list[QueuedMessage]:
+        """Payloads of ``picked`` (cache first, then SQLite by id) as QueuedMessages."""
+        rows: dict[int, tuple[Any, ...]] = {}  # id -> (id, topic, payload, qos, props)
+        missing: list[int] = []
+        for mid, _, e in picked:
+            row = self._cache.pop(mid, None)
+            if row is None:
+                missing.append(mid)
+            else:
+                rows[mid] = (mid, row[3], row[4], row[5], row[6])
+                self._cached -= e[0]
+        for k in range(0, len(missing), _READ_CHUNK):
+            chunk = missing[k:k + _READ_CHUNK]
+            sql = f"{_READ_SQL} IN ({','.join('?' * len(chunk))})"
+            try:
+                for r in self._reader.execute(sql, chunk):
+                    rows[r[0]] = r
+            except sqlite3.DatabaseError as exc:
+                log.error("forward queue %s: reading messages failed (%s)", self.path, exc)
+                for mid in chunk:
+                    try:
+                        r = self._reader.execute(f"{_READ_SQL} = ?", (mid,)).fetchone()
+                    except sqlite3.DatabaseError:
+                        r = None
+                    if r is not None:
+                        rows[mid] = r
+        out: list[QueuedMessage] = []
+        for mid, prio, e in picked:
+            row = rows.get(mid)
+            if row is None or not (
+                isinstance(row[1], str) and isinstance(row[2], bytes) and row[3] in (0, 1, 2)
+                and isinstance(row[4], bytes)
+            ):
+                lane = self._lanes[(up, prio)]
+                del lane.inflight[mid]
+                lane.msgs -= 1
+                lane.bytes -= e[0]
+                self._forget(mid, e[0], "corrupt")
+                log.error("forward queue %s: message %d is unreadable, dropped", self.path, mid)
+                continue
+            out.append(QueuedMessage(
+                mid, up, prio, row[1], row[2], row[3], _props_from(row[4]), e[1], e[2] or None,
+            ))
+        return out
+
+    def ack(self, upstream: str, ids: Iterable[int]) -> None:
+        """The upstream acknowledged ``ids``: delete them (group-committed)."""
+        lanes = [self._lanes.get((upstream, p)) for p in PRIORITIES]
+        for mid in ids:
+            for lane in lanes:
+                if lane is not None and mid in lane.inflight:
+                    size = lane.inflight.pop(mid)[0]
+                    lane.msgs -= 1
+                    lane.bytes -= size
+                    self._forget(mid, size, "")
+                    break
+
+    def requeue(self, upstream: str, ids: Iterable[int]) -> None:
+        """Hand in-flight ``ids`` out again (the uplink dropped before their PUBACK)."""
+        want = set(ids)
+        for prio in PRIORITIES:
+            lane = self._lanes.get((upstream, prio))
+            if lane is None or not lane.inflight:
+                continue
+            back = [(m, lane.inflight.pop(m)) for m in want & lane.inflight.keys()]
+            if back:
+                lane.merge(back)
+                self._wake([upstream])
+
+    def has_data(self, upstream: str) -> bool:
+        """True when ``fetch(upstream, ...)`` may return something now."""
+        for prio in PRIORITIES:
+            lane = self._lanes.get((upstream, prio))
+            if lane is not None and lane.ready and lane.ids[lane.h] <= self._durable_id:
+                return True
+        return False
+
+    async def wait_for_data(self, upstream: str) -> None:
+        """Return once committed messages for ``upstream`` are ready to fetch."""
+        while not self.has_data(upstream):
+            loop = self._loop or asyncio.get_running_loop()
+            self._loop = loop
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters = [w for w in self._data_waiters.get(upstream, ()) if not w.done()]
+            self._data_waiters[upstream] = [*waiters, fut]
+            await fut
+
+    def _wake(self, upstreams: Iterable[str]) -> None:
+        for up in upstreams:
+            _resolve(self._data_waiters.pop(up, []), None)
+
+    def in_flight(self, upstream: str) -> list[int]:
+        """Ids handed out for ``upstream`` and not yet acked or requeued."""
+        return sorted(m for (u, _), lane in self._lanes.items() if u == upstream
+                      for m in lane.inflight)
+
+    # -- committing ------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._timer is None and not self._busy:
+            loop = self._loop or asyncio.get_running_loop()
+            self._loop = loop
+            self._timer = loop.call_later(self.commit_delay, self._flush)
+
+    def commit_future(self) -> asyncio.Future[None] | None:
+        """A future resolved when everything put (and acked) so far is committed, failed
+        with QueueError if that commit fails; None if nothing is pending or being written."""
+        if self._ins or self._dels:
+            waiters = self._waiters
+        elif self._busy:
+            waiters = self._busy_waiters
+        else:
+            return None
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters.append(fut)
+        return fut
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._busy:
+            return
+        if not self._ins and not self._dels:
+            waiters, self._waiters = self._waiters, []
+            _resolve(waiters, None)
+            return
+        loop = self._loop
+        assert loop is not None
+        rows = list(self._ins.values())
+        dels = sorted(self._dels)
+        self._writing, self._ins, self._dels = self._ins, {}, set()
+        self._busy_waiters, self._waiters = self._waiters, []
+        self._busy = True
+        fut = loop.run_in_executor(self._writer, self._write, rows, dels)
+        fut.add_done_callback(lambda f: self._written(f, rows, dels))
+
+    def _write(self, rows: list[Row], dels: list[int]) -> None:
+        db = self._db
+        with self._lock:
+            db.execute("BEGIN")
+            try:
+                if dels:
+                    db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in dels])
+                if rows:
+                    db.executemany(_INSERT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
+        self._busy = False
+        writing, self._writing = self._writing, {}
+        waiters, self._busy_waiters = self._busy_waiters, []
+        exc = f.exception()
+        if exc is None:
+            self.commits += 1
+            for mid, row in writing.items():
+                self._pending_bytes -= row[9]
+                if mid not in self._dels:  # not dropped while being written
+                    self._cache[mid] = row
+                    self._cached += row[9]
+            while self._cached > self.cache_bytes and self._cache:
+                self._cached -= self._cache.popitem(last=False)[1][9]
+            if rows:
+                self._durable_id = max(self._durable_id, rows[-1][0])
+            _resolve(waiters, None)
+            if self._data_waiters:
+                self._wake({r[1] for r in rows} & self._data_waiters.keys())
+        else:
+            self.commit_failures += 1
+            self._unput(writing, rows)
+            self._dels.update(dels)  # acks and drops are retried
+            log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
+                      self.path, exc, len(writing))
+            _resolve(waiters, QueueError(f"commit failed: {exc}"))
+        if (self._ins or self._dels) and self._timer is None and self._loop is not None:
+            delay = self.commit_delay if exc is None or self._ins else 0.5
+            self._timer = self._loop.call_later(delay, self._flush)
+
+    def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:
+        """Take rows whose insert failed out of the index: they were never stored."""
+        if not rows:
+            return
+        self._pending_bytes -= sum(r[9] for r in rows)
+        lo, hi = rows[0][0], rows[-1][0]
+        for lane in self._lanes.values():
+            for mid in lane.remove_range(lo, hi):
+                self._total_bytes -= writing[mid][9]
+                self.drops["not_stored"] += 1
+
+    # -- counters, closing -----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per upstream and class: messages, bytes, in flight, oldest age (s); drops by
+        reason; commits, commit failures, bytes not yet committed."""
+        now = self.now()
+        ups: dict[str, dict[int, dict[str, Any]]] = {}
+        for (up, prio), lane in sorted(self._lanes.items()):
+            oldest = lane.oldest_created()
+            ups.setdefault(up, {})[prio] = {
+                "messages": lane.msgs, "bytes": lane.bytes, "in_flight": len(lane.inflight),
+                "oldest_age": round(now - oldest, 3) if oldest is not None else 0.0,
+            }
+        return {
+            "upstreams": ups,
+            "messages": sum(lane.msgs for lane in self._lanes.values()),
+            "bytes": self._total_bytes,
+            "drops": dict(self.drops),
+            "commits": self.commits,
+            "commit_failures": self.commit_failures,
+            "pending_bytes": self._pending_bytes,
+            "quarantined": str(self.quarantined) if self.quarantined else None,
+        }
+
+    async def close(self) -> None:
+        """Commit everything pending, stop the writer and close the database."""
+        for _ in range(100):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._ins and not self._dels and not self._busy:
+                break
+            fut = self.commit_future()
+            self._flush()
+            if fut is not None:
+                try:
+                    await asyncio.wait_for(fut, 10)
+                except (QueueError, TimeoutError):
+                    break
+        self._writer.shutdown(wait=True)
+        self._reader.close()
+        with self._lock:
+            self._db.close()
+
+
+def _resolve(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for w in waiters:
+        if not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+
+def _oldest_id(lane: _Lane) -> int:
+    ids = [*lane.inflight]
+    if lane.ready:
+        ids.append(lane.ids[lane.h])
+    return min(ids)
+
+
+def _valid_row(r: tuple[Any, ...]) -> bool:
+    return (
+        len(r) == 10 and isinstance(r[0], int) and isinstance(r[1], str)
+        and r[2] in PRIORITIES and isinstance(r[3], str) and isinstance(r[4], bytes)
+        and r[5] in (0, 1, 2) and isinstance(r[6], bytes) and isinstance(r[7], float)
+        and (r[8] is None or isinstance(r[8], float)) and isinstance(r[9], int)
+    )
+
+
+def _next_readable(db: sqlite3.Connection, last: int, seq: int | None) -> int | None:
+    """Find a start id past ``last`` from which the table can be read again (skipping a
+    damaged b-tree page); None when nothing further is readable."""
+
+    def ok(start: int) -> bool:
+        try:
+            db.execute("SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT 1",
+                       (start,)).fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    step, bound = 1, max(seq or 0, last) + (1 << 20)
+    while not ok(last + step):
+        if last + step > bound:
+            return None
+        step *= 2
+    lo, hi = last + step // 2, last + step  # ok(hi); find the smallest ok start
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+#: primary SQLite result codes meaning "the file is damaged": SQLITE_CORRUPT, SQLITE_NOTADB
+_CORRUPT_CODES = (11, 26)
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True when ``exc`` says the database file is damaged (not: locked, I/O, full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPT_CODES
+    return type(exc) is sqlite3.DatabaseError

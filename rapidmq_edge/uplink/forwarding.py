@@ -1,0 +1,179 @@
+"""Store-and-forward assembled: durable queue → one UplinkClient per ``[[upstream]]``.
+
+Downstream rules bring upstream (cloud → device) topics back into the local broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..broker.broker import Broker
+from ..broker.message import Message, PublishRefused
+from ..config_forward import DownstreamRule, ForwardingSettings, UpstreamSettings
+from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder
+from ..store.forward_queue import ClassLimits, ForwardQueue
+from .client import Outgoing, UplinkClient
+
+log = logging.getLogger(__name__)
+
+
+class QueueSource:
+    """Adapts :class:`ForwardQueue` to the uplink client; wakes it when messages arrive."""
+
+    def __init__(self, queue: ForwardQueue) -> None:
+        self.queue = queue
+        self._events: dict[str, asyncio.Event] = {}
+
+    def notify(self, upstream: str) -> None:
+        """New messages were put for ``upstream``."""
+        ev = self._events.get(upstream)
+        if ev is not None:
+            ev.set()
+
+    def fetch(self, upstream: str, limit: int) -> list[Outgoing]:
+        return [
+            Outgoing(m.id, m.topic, m.payload, m.qos, m.properties)
+            for m in self.queue.fetch(upstream, limit)
+        ]
+
+    def ack(self, upstream: str, ids: list[int]) -> None:
+        self.queue.ack(upstream, ids)
+
+    def requeue(self, upstream: str, ids: list[int]) -> None:
+        self.queue.requeue(upstream, ids)
+        self.notify(upstream)
+
+    async def wait_for_data(self, upstream: str) -> None:
+        ev = self._events.setdefault(upstream, asyncio.Event())
+        await ev.wait()
+        ev.clear()
+
+
+def _tls_context(up: UpstreamSettings) -> ssl.SSLContext | None:
+    if not any(u.startswith("mqtts://") for u in up.urls):
+        return None
+    ctx = ssl.create_default_context(cafile=str(up.ca_file) if up.ca_file else None)
+    if up.cert is not None and up.key is not None:
+        ctx.load_cert_chain(str(up.cert), str(up.key))
+    return ctx
+
+
+def _local_topic(rule: DownstreamRule, topic: str) -> str | None:
+    if rule.strip_prefix:
+        if not topic.startswith(rule.strip_prefix):
+            return None
+        topic = topic[len(rule.strip_prefix):]
+    return rule.local_prefix + topic if topic else None
+
+
+class StoreAndForward:
+    """The durable queue, the forwarding tap and the uplinks of one gateway."""
+
+    def __init__(
+        self, gateway_id: str, settings: ForwardingSettings, data_dir: Path, broker: Broker
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.settings = settings
+        self.broker = broker
+        q = settings.queue
+        classes = {
+            n: ClassLimits(c.max_messages, c.max_bytes, c.max_age, c.policy)
+            for n, c in q.classes.items()
+        }
+        self.queue = ForwardQueue(
+            data_dir / "forward.db", q.durability, q.commit_delay_ms / 1000, classes, q.max_bytes
+        )
+        self.source = QueueSource(self.queue)
+        self.forwarder = Forwarder(gateway_id, settings.forward, settings.upstreams, self)
+        broker.taps.append(self.forwarder)
+        broker.durable.append(self.queue.commit_future)
+        self.uplinks: list[UplinkClient] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def put(
+        self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
+        properties: dict[str, Any] | None = None, ttl: float | None = None,
+    ) -> int:
+        """Queue durably for ``upstream`` and wake its uplink."""
+        mid = self.queue.put(upstream, priority, topic, payload, qos, properties, ttl)
+        self.source.notify(upstream)
+        return mid
+
+    def _sub(self, text: str) -> str:
+        return text.replace("{gateway_id}", self.gateway_id)
+
+    def start(self) -> None:
+        """Start one uplink per upstream (call inside the running loop)."""
+        loop = asyncio.get_running_loop()
+        for up in self.settings.upstreams:
+            rules = [r for r in self.settings.downstream if r.upstream == up.name]
+            client = UplinkClient(
+                up.name, up.urls, self._sub(up.client_id), self.source,
+                version=up.protocol, username=up.username, password=up.password,
+                keep_alive=up.keep_alive, window=up.window, tls=_tls_context(up),
+                subscriptions=[(self._sub(r.filter), r.qos) for r in rules],
+                on_message=self._downstream(up.name, rules), gateway_id=self.gateway_id,
+            )
+            self.uplinks.append(client)
+            self.tasks.append(loop.create_task(client.run()))
+            log.info("forwarding to upstream %s via %s", up.name, ", ".join(up.urls))
+
+    def _downstream(
+        self, upstream: str, rules: Sequence[DownstreamRule]
+    ) -> Any:
+        subbed = [(r, self._sub(r.strip_prefix)) for r in rules]
+
+        def deliver(topic: str, payload: bytes, qos: int, props: dict[str, Any]) -> None:
+            for rule, strip in subbed:
+                local = _local_topic(
+                    DownstreamRule(rule.upstream, rule.filter, rule.qos, strip, rule.local_prefix),
+                    topic,
+                )
+                if local is None:
+                    continue
+                expiry = props.pop("message_expiry_interval", None)
+                msg = Message(
+                    local, payload, min(qos, rule.qos), False, props,
+                    time.time() + expiry if expiry is not None else None,
+                    DOWNSTREAM_ORIGIN + upstream,
+                )
+                try:
+                    self.broker.publish(msg)
+                except PublishRefused as exc:
+                    log.warning("downstream message on %s refused: %s", local, exc)
+                return
+
+        return deliver
+
+    def status(self) -> dict[str, str]:
+        """Flat ``$SYS``-style values: per upstream link state and queue depth."""
+        out: dict[str, str] = {}
+        stats = self.queue.stats()
+        for client in self.uplinks:
+            base = f"forward/{client.name}/"
+            for k, v in client.status().items():
+                out[base + k] = str(v)
+            up = stats.get("upstreams", {}).get(client.name, {})
+            out[base + "queued"] = str(up.get("messages", 0)) if isinstance(up, dict) else "0"
+        for reason, n in stats.get("drops", {}).items():
+            out[f"forward/dropped/{reason}"] = str(n)
+        return out
+
+    async def stop(self) -> None:
+        """Stop the uplinks (in-flight messages stay queued), then close the queue."""
+        for client in self.uplinks:
+            try:
+                await client.stop()
+            except Exception:  # pragma: no cover - shutdown must go on
+                log.exception("stopping uplink %s", client.name)
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+        await self.queue.close()

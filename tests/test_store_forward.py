@@ -1,0 +1,197 @@
+"""End to end: devices → gateway → durable queue → real Mosquitto upstream (and back down)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from .conftest import MosquittoBroker, free_port
+from .gateway_proc import GatewayProcess
+
+V2 = mqtt.CallbackAPIVersion.VERSION2
+
+
+class Collector:
+    """A paho subscriber on the upstream that records (topic, payload, user properties)."""
+
+    def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
+        self.got: list[tuple[str, bytes, list[tuple[str, str]]]] = []
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        if client_id is None:  # MQTT 5, to see user properties
+            self.c = mqtt.Client(V2, client_id=f"cloud-{time.monotonic_ns()}",
+                                 protocol=mqtt.MQTTv5)
+        else:  # a persistent 3.1.1 session the upstream keeps while we are away
+            self.c = mqtt.Client(V2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                 clean_session=False)
+        self.c.on_message = self._msg
+        self.c.on_subscribe = lambda *a: self.ready.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe(topic, qos=1)
+        assert self.ready.wait(5), "upstream subscription not acknowledged"
+
+    def _msg(self, c: Any, u: Any, m: mqtt.MQTTMessage) -> None:
+        props = getattr(getattr(m, "properties", None), "UserProperty", None) or []
+        with self.lock:
+            self.got.append((m.topic, m.payload, list(props)))
+
+    def wait_for(self, n: int, timeout: float) -> list[tuple[str, bytes, list[tuple[str, str]]]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len({p for _, p, _ in self.got}) >= n:
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            return list(self.got)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def _device(port: int, cid: str) -> mqtt.Client:
+    c = mqtt.Client(V2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(50)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def _config(up_port: int, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up_port}"], "keep_alive": 5}],
+        "forward": [{"filter": "sensors/#", "upstream": "cloud", "qos": 1}],
+        "queue": {"commit_delay_ms": 2.0},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _persistent_cloud(
+    factory: Callable[..., MosquittoBroker], port: int, tmp: Path
+) -> Callable[[], MosquittoBroker]:
+    """An upstream on ``port`` that remembers a cloud subscriber across its own restarts.
+
+    Returns a function that (re)starts it. The subscriber's session is created now, so
+    what the gateway forwards once the upstream comes back is queued for it.
+    """
+    conf = (
+        f"listener {port} 127.0.0.1\npersistence true\npersistence_location {tmp}/\n"
+        "max_queued_messages 0\n"
+    )
+    first = factory(conf)
+    Collector(port, "edge/#", client_id="cloud").close()
+    first.stop()  # the session (and its subscription) is saved on exit
+    return lambda: factory(conf)
+
+
+def _publish_all(dev: mqtt.Client, n: int, topic: str = "sensors/t") -> list[bytes]:
+    infos = [dev.publish(topic, f"m{i}".encode(), qos=1) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(20)
+        assert info.is_published()
+    return [f"m{i}".encode() for i in range(n)]
+
+
+def test_forwarded_with_prefix_and_stable_id(
+    mosquitto: MosquittoBroker, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    gw = gateway_factory(_config(mosquitto.port))
+    cloud = Collector(mosquitto.port, "edge/#")
+    dev = _device(gw.port, "dev1")
+    try:
+        sent = _publish_all(dev, 200)
+        got = cloud.wait_for(200, 15)
+        assert [p for _, p, _ in got][:200] == sent, "all forwarded, in order"
+        assert {t for t, _, _ in got} == {"edge/test-gw/sensors/t"}
+        ids = [dict(props).get("rmq-id") for _, _, props in got]
+        assert all(i and i.startswith("test-gw:") for i in ids), ids[:3]
+        assert len(set(ids)) == len(ids), "every message has its own stable id"
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        cloud.close()
+
+
+def test_upstream_down_then_up_nothing_lost(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    start_upstream = _persistent_cloud(mosquitto_factory, port, tmp_path)
+    gw = gateway_factory(_config(port))
+    dev = _device(gw.port, "dev2")
+    try:
+        sent = _publish_all(dev, 2000)  # every PUBACK means: committed to the queue
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+    start_upstream()
+    cloud = Collector(port, "edge/#", client_id="cloud")
+    try:
+        got = {p for _, p, _ in cloud.wait_for(2000, 30)}
+        assert got == set(sent), f"{len(set(sent) - got)} of {len(sent)} lost"
+    finally:
+        cloud.close()
+
+
+def test_sigkill_after_puback_loses_nothing(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    start_upstream = _persistent_cloud(mosquitto_factory, port, tmp_path)
+    gw = gateway_factory(_config(port))
+    dev = _device(gw.port, "dev3")
+    try:
+        sent = _publish_all(dev, 500)
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+    gw.restart(hard=True)  # SIGKILL: only what was committed survives, and that is all acked
+    start_upstream()
+    cloud = Collector(port, "edge/#", client_id="cloud")
+    try:
+        got = {p for _, p, _ in cloud.wait_for(500, 30)}
+        assert got == set(sent), f"{len(set(sent) - got)} of {len(sent)} lost"
+    finally:
+        cloud.close()
+
+
+def test_downstream_commands_reach_local_subscribers(
+    mosquitto: MosquittoBroker, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    gw = gateway_factory(_config(
+        mosquitto.port,
+        downstream=[{"upstream": "cloud", "filter": "edge/{gateway_id}/cmd/#",
+                     "strip_prefix": "edge/{gateway_id}/"}],
+    ))
+    got: list[tuple[str, bytes]] = []
+    ev = threading.Event()
+    local = mqtt.Client(V2, client_id="actuator", protocol=mqtt.MQTTv311)
+    local.on_message = lambda c, u, m: (got.append((m.topic, m.payload)), ev.set())
+    local.connect("127.0.0.1", gw.port)
+    local.loop_start()
+    local.subscribe("cmd/#", qos=1)
+    cloud = mqtt.Client(V2, client_id="cloud-cmd", protocol=mqtt.MQTTv311)
+    cloud.connect("127.0.0.1", mosquitto.port)
+    cloud.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while not ev.is_set() and time.monotonic() < deadline:  # until the uplink subscribed
+            cloud.publish("edge/test-gw/cmd/valve", b"open", qos=1)
+            ev.wait(0.3)
+        assert got and got[0] == ("cmd/valve", b"open")
+    finally:
+        for c in (local, cloud):
+            c.disconnect()
+            c.loop_stop()
