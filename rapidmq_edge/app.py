@@ -93,6 +93,8 @@ class Gateway:
                 config.gateway.id, config.forwarding, data_dir, self.broker
             )
         self.gate = Gatekeeper.from_config(config)
+        if self.gate.acl.restricts_reading:
+            self.broker.read_check = self.gate.acl.can_receive
         self.settings = connection_settings(config)
 
     def _connection(self, transport: Any, peer: str) -> ClientConnection:

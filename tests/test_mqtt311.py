@@ -699,6 +699,18 @@ def test_acl_subscribe_denied(clients: ClientTracker) -> None:
     raw.assert_no_packet(0.4)
 
 
+def test_acl_subscribe_deny_also_applies_to_wildcard_deliveries(clients: ClientTracker) -> None:
+    """A ``test/#`` subscription does not carry ``test/nosubscribe`` (read check at delivery)."""
+    sub = clients.connected()
+    assert sub.subscribe("test/#", 1) == [1]
+    pub = clients.connected()
+    pub.publish("test/nosubscribe", b"secret", qos=1)
+    pub.publish("test/visible", b"fine", qos=1)
+    m = sub.get()
+    assert (m.topic, m.payload) == ("test/visible", b"fine")
+    sub.assert_no_message(0.3)
+
+
 def test_acl_publish_denied(clients: ClientTracker) -> None:
     denied = f"{DENY_PUB_PREFIX}/{unique('x')}"
     allowed = unique("aclallowed")

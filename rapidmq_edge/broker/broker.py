@@ -63,6 +63,8 @@ class Broker:
         self.stats = Stats()
         #: connections whose socket was full when routing wrote to them (backpressure)
         self.blocked_links: list[Any] = []
+        #: the ACL's "read" check at delivery: (username, client id, topic) -> allowed
+        self.read_check: Callable[[str | None, str, str], bool] | None = None
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for
         self.durable: list[Callable[[], asyncio.Future[Any] | None]] = []
         if store is not None:
@@ -301,10 +303,13 @@ class Broker:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
         per_client, groups = self.index.match(msg.topic)
         sessions = self.sessions
+        read_check = self.read_check
         n = 0
         for cid, subs in per_client.items():
             session = sessions.get(cid)
             if session is None:
+                continue
+            if read_check is not None and not read_check(session.username, cid, msg.topic):
                 continue
             if len(subs) == 1:
                 sub = subs[0]
@@ -332,6 +337,8 @@ class Broker:
 
     def _deliver_shared(self, g: SharedGroup, msg: Message, exclude: str | None = None) -> bool:
         members = [m for m in g.members.values() if m.client_id != exclude]
+        if self.read_check is not None:
+            members = [m for m in members if self._may_read(m.client_id, msg.topic)]
         if not members:
             return False
         online = [m for m in members if (s := self.sessions.get(m.client_id)) and s.link]
@@ -351,6 +358,13 @@ class Broker:
                 return True
         self.stats.publish_dropped += 1
         return False
+
+    def _may_read(self, client_id: str, topic: str) -> bool:
+        session = self.sessions.get(client_id)
+        check = self.read_check
+        return session is not None and (
+            check is None or check(session.username, client_id, topic)
+        )
 
     def _route_shared_again(self, d: Delivery, exclude: str) -> None:
         if d.share is None or d.message.expired(time.time()):
@@ -415,6 +429,8 @@ class Broker:
         for m in matches:
             if m.expired(now):
                 self.retained.pop(m.topic, None)
+                continue
+            if not self._may_read(session.client_id, m.topic):
                 continue
             session.deliver(Delivery(m, min(m.qos, opts.qos), True, sub_ids))
 

@@ -91,6 +91,21 @@ class Acl:
         self._default = default == "allow"
         self._cache: dict[tuple[str | None, str], tuple[_Bound, ...]] = {}
 
+    @property
+    def restricts_reading(self) -> bool:
+        """True when some client may be denied a message its subscription matches."""
+        return not self._default or any(
+            not r.allow and r.subscribe for r in self._rules
+        )
+
+    def can_receive(self, username: str | None, client_id: str, topic: str) -> bool:
+        """May this client be sent a message on ``topic`` (the "read" check at delivery)?
+
+        A subscription to ``test/#`` does not carry messages on ``test/secret`` to a client
+        that the subscribe rules deny ``test/secret`` (as Mosquitto's read access).
+        """
+        return self.can_subscribe(username, client_id, topic)
+
     @classmethod
     def from_config(cls, config: Config) -> Acl:
         """Build from ``config.acl`` and ``config.auth.acl_default``."""
