@@ -21,7 +21,8 @@ from .ingress.mqtt_server import (
     make_ssl_context,
     serve_websocket,
 )
-from .ops.sys_topics import publish_sys
+from .ops.status import STATUS_FILE, keep_status
+from .ops.sys_topics import publish_sys, sys_values
 from .security.gatekeeper import Gatekeeper
 from .store.session_store import SessionStore
 from .uplink.forwarding import StoreAndForward
@@ -130,11 +131,24 @@ class Gateway:
                 log.info("listening on %s", url)
         if self.forwarding is not None:
             self.forwarding.start()
-        if self.config.mqtt.sys_interval > 0:
+        interval = self.config.mqtt.sys_interval
+        if interval > 0:
             extra = self.forwarding.status if self.forwarding is not None else None
-            self.tasks.append(
-                loop.create_task(publish_sys(self.broker, self.config.mqtt.sys_interval, extra))
-            )
+            self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
+        status_path = self.config.gateway.data_dir / STATUS_FILE
+        self.tasks.append(
+            loop.create_task(keep_status(status_path, self.snapshot, min(interval or 5.0, 5.0)))
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``rapidmq-edge status`` shows."""
+        return {
+            "gateway": self.config.gateway.id,
+            "pid": os.getpid(),
+            "listeners": self.bound,
+            "broker": sys_values(self.broker),
+            "forwarding": self.forwarding.snapshot() if self.forwarding is not None else None,
+        }
 
     async def stop(self) -> None:
         """Stop accepting, disconnect clients, write durable state."""

@@ -1,4 +1,4 @@
-"""Command line: ``rapidmq-edge run | check-config | user add/remove/list``.
+"""Command line: ``rapidmq-edge run | check-config | status | user add/remove/list``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path, metavar="FILE")
+
+    status = sub.add_parser("status", help="show the running gateway's state")
+    status_where = status.add_mutually_exclusive_group()
+    status_where.add_argument("--config", type=Path, metavar="FILE", help="take data_dir from it")
+    status_where.add_argument("--data-dir", type=Path, metavar="DIR", help="default: ./data")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
 
     source = argparse.ArgumentParser(add_help=False)
     where = source.add_mutually_exclusive_group()
@@ -135,6 +142,26 @@ def _cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .ops.status import STATUS_FILE, render
+
+    data_dir: Path = args.data_dir or Path("./data")
+    if args.config is not None:
+        try:
+            data_dir = load_config(args.config).gateway.data_dir
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    path = data_dir / STATUS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: no gateway status at {path} ({exc})", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=1, sort_keys=True) if args.json else render(data))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -143,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args.config)
         if args.command == "check-config":
             return _cmd_check(args.file)
+        if args.command == "status":
+            return _cmd_status(args)
         return _cmd_user(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

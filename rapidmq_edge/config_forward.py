@@ -45,6 +45,7 @@ class UpstreamSettings:
     keep_alive: int = 30
     window: int = 100
     rate_limit: float = 0.0
+    heartbeat_interval: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,7 @@ def _urls(key: str, value: Any) -> tuple[str, ...]:
 def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
     t = _Table(data, key, (
         "name", "urls", "topic_prefix", "protocol", "client_id", "username", "password",
-        "ca_file", "cert", "key", "keep_alive", "window", "rate_limit",
+        "ca_file", "cert", "key", "keep_alive", "window", "rate_limit", "heartbeat_interval",
     ))
     for name in ("name", "urls"):
         if name not in t.data:
@@ -166,6 +167,7 @@ def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
         keep_alive=t.get("keep_alive", _int(0, 65535), 30),
         window=t.get("window", _int(1, 65535), 100),
         rate_limit=t.get("rate_limit", _float(0.0, 10_000_000.0), 0.0),
+        heartbeat_interval=t.get("heartbeat_interval", _float(0.0, 86400.0), 30.0),
     )
     if not up.name:
         raise _err(t.sub("name"), "must not be empty")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ class Collector:
 
     def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
         self.got: list[tuple[str, bytes, list[tuple[str, str]]]] = []
+        self.heartbeats = topic.endswith("_heartbeat")
         self.lock = threading.Lock()
         self.ready = threading.Event()
         if client_id is None:  # MQTT 5, to see user properties
@@ -37,6 +41,8 @@ class Collector:
         assert self.ready.wait(5), "upstream subscription not acknowledged"
 
     def _msg(self, c: Any, u: Any, m: mqtt.MQTTMessage) -> None:
+        if m.topic.endswith("/_heartbeat") and not self.heartbeats:
+            return  # the gateway's end-to-end heartbeat, not device data
         props = getattr(getattr(m, "properties", None), "UserProperty", None) or []
         with self.lock:
             self.got.append((m.topic, m.payload, list(props)))
@@ -195,3 +201,81 @@ def test_downstream_commands_reach_local_subscribers(
         for c in (local, cloud):
             c.disconnect()
             c.loop_stop()
+
+
+def test_heartbeat_status_and_sys_metrics(
+    mosquitto: MosquittoBroker, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    """A heartbeat proves the path end to end; `rapidmq-edge status` and $SYS show it."""
+    cfg = _config(mosquitto.port)
+    cfg["upstream"][0]["heartbeat_interval"] = 0.5
+    gw = gateway_factory(cfg)
+    cloud = Collector(mosquitto.port, "edge/test-gw/_heartbeat")
+    try:
+        assert cloud.wait_for(1, 10), "heartbeat published on the upstream"
+        deadline = time.monotonic() + 15
+        text = ""
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [sys.executable, "-m", "rapidmq_edge", "status", "--data-dir", str(gw.data_dir)],
+                capture_output=True, text=True, timeout=20,
+            )
+            text = out.stdout
+            if out.returncode == 0 and "heartbeat" in text and "no heartbeat yet" not in text:
+                break
+            time.sleep(0.3)
+        assert "upstream cloud: connected to mqtt://127.0.0.1" in text, text
+        assert "ms)" in text, text  # heartbeat round-trip time shown
+        data = json.loads(subprocess.run(
+            [sys.executable, "-m", "rapidmq_edge", "status", "--data-dir", str(gw.data_dir),
+             "--json"], capture_output=True, text=True, timeout=20, check=True,
+        ).stdout)
+        up = data["forwarding"]["upstreams"]["cloud"]
+        assert up["connected"] is True and up["heartbeat_rtt_ms"] is not None
+    finally:
+        cloud.close()
+    sys_seen: dict[str, bytes] = {}
+    probe = mqtt.Client(V2, client_id="sysprobe", protocol=mqtt.MQTTv311)
+    probe.on_message = lambda c, u, m: sys_seen.__setitem__(m.topic, m.payload)
+    probe.connect("127.0.0.1", gw.port)
+    probe.loop_start()
+    try:
+        probe.subscribe("$SYS/broker/forward/#", qos=0)
+        deadline = time.monotonic() + 5
+        key = "$SYS/broker/forward/upstreams/cloud/connected"
+        while key not in sys_seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sys_seen.get(key) == b"True", sorted(sys_seen)[:20]
+        assert "$SYS/broker/forward/drops/expired" in sys_seen
+    finally:
+        probe.disconnect()
+        probe.loop_stop()
+
+
+def test_drain_rate_cap(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    """`rate_limit` caps the drain of a backlog (token bucket)."""
+    port = free_port()
+    start_upstream = _persistent_cloud(mosquitto_factory, port, tmp_path)
+    cfg = _config(port)
+    cfg["upstream"][0]["rate_limit"] = 100.0
+    gw = gateway_factory(cfg)
+    dev = _device(gw.port, "dev-rate")
+    try:
+        sent = _publish_all(dev, 200)
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+    start_upstream()
+    cloud = Collector(port, "edge/#", client_id="cloud")
+    try:
+        t0 = time.monotonic()
+        got = {p for _, p, _ in cloud.wait_for(200, 15)}
+        elapsed = time.monotonic() - t0
+        assert got == set(sent)
+        assert elapsed >= 1.5, f"200 messages at 100 msg/s took only {elapsed:.2f} s"
+    finally:
+        cloud.close()

@@ -58,6 +58,7 @@ from ..mqtt.packets import (
 )
 from ..mqtt.properties import encode_properties
 from .backoff import Backoff
+from .rate import TokenBucket
 
 __all__ = ["Outgoing", "UplinkClient", "UplinkSource", "ConnectRefused"]
 
@@ -217,6 +218,9 @@ class UplinkClient:
         nack_delay: float = 1.0,
         poll_interval: float = 1.0,
         stable_after: float = 1.0,
+        rate_limit: float = 0.0,
+        heartbeat_topic: str | None = None,
+        heartbeat_interval: float = 30.0,
     ) -> None:
         if version not in (MQTT_311, MQTT_5):
             raise ValueError("version must be 4 (3.1.1) or 5")
@@ -243,6 +247,12 @@ class UplinkClient:
         self.nack_delay = nack_delay
         self.poll_interval = poll_interval
         self.stable_after = stable_after
+        self.bucket = TokenBucket(rate_limit)
+        self.heartbeat_topic = heartbeat_topic
+        self.heartbeat_interval = heartbeat_interval
+        #: wall-clock time the last heartbeat came back through the upstream, and its RTT
+        self.last_heartbeat: float | None = None
+        self.heartbeat_rtt_ms: float | None = None
         # observability
         self.connected = False
         self.current_url: str | None = None
@@ -298,6 +308,8 @@ class UplinkClient:
             "reconnects": self.reconnects,
             "failovers": self.failovers,
             "delayed_requeue": sum(len(v) for v in self._delayed.values()),
+            "last_heartbeat": self.last_heartbeat,
+            "heartbeat_rtt_ms": self.heartbeat_rtt_ms,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -413,13 +425,18 @@ class UplinkClient:
         log.info("uplink %s: connected to %s (session present: %s)",
                  self.name, url.raw, connack.session_present)
         self._resume(conn, connack.session_present)
-        if self.subscriptions:
+        subs = list(self.subscriptions)
+        if self.heartbeat_topic:
+            subs.append((self.heartbeat_topic, 0))
+        if subs:
             pid = self._next_pid()
             self._sub_pids.add(pid)
-            topics = [(t, SubOptions(q)) for t, q in self.subscriptions]
+            topics = [(t, SubOptions(q)) for t, q in subs]
             conn.write(encode(Subscribe(pid, topics), self.version))
         conn.activate()
         tasks = [asyncio.create_task(self._sender(conn))]
+        if self.heartbeat_topic and self.heartbeat_interval > 0:
+            tasks.append(asyncio.create_task(self._heartbeat(conn, self.heartbeat_topic)))
         if keep_alive:
             tasks.append(asyncio.create_task(self._keepalive(conn, keep_alive)))
         try:
@@ -485,8 +502,26 @@ class UplinkClient:
 
     # ------------------------------------------------------------------ sending
 
+    async def _heartbeat(self, conn: _Conn, topic: str) -> None:
+        """Prove the path end to end: publish a timestamp and watch it come back."""
+        while True:
+            payload = f"{time.time():.6f}".encode()
+            conn.write(encode_publish(topic.encode(), payload, 0, False, False, 0,
+                                      b"\x00" if self.version == MQTT_5 else None))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def _heartbeat_back(self, payload: bytes) -> None:
+        try:
+            sent = float(payload)
+        except ValueError:
+            return
+        now = time.time()
+        self.last_heartbeat = now
+        self.heartbeat_rtt_ms = round((now - sent) * 1000, 3)
+
     async def _sender(self, conn: _Conn) -> None:
         src = self.source
+        bucket = self.bucket
         while not self._draining:
             room = self.limit - len(self._inflight)
             if room <= 0:
@@ -496,7 +531,12 @@ class UplinkClient:
             if not conn.writable.is_set():
                 await conn.writable.wait()
                 continue
-            batch = src.fetch(self.name, room)
+            allowed = bucket.available()
+            if allowed < 1:
+                await asyncio.sleep(bucket.wait_time())
+                continue
+            batch = src.fetch(self.name, min(room, allowed))
+            bucket.take(len(batch))
             if not batch:
                 waiter = asyncio.ensure_future(src.wait_for_data(self.name))
                 try:
@@ -610,6 +650,9 @@ class UplinkClient:
             self._in_qos2.add(pid)
         elif p.qos == 1:
             out.append(encode(Puback(pid), self.version))
+        if p.topic == self.heartbeat_topic:
+            self._heartbeat_back(p.payload)
+            return
         self.received += 1
         if self.on_message is not None:
             try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
-from ..config_forward import DownstreamRule, ForwardingSettings, UpstreamSettings
+from ..config_forward import PRIORITIES, DownstreamRule, ForwardingSettings, UpstreamSettings
 from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder
 from ..store.forward_queue import ClassLimits, ForwardQueue
 from .client import Outgoing, UplinkClient
@@ -94,6 +94,7 @@ class StoreAndForward:
         broker.taps.append(self.forwarder)
         broker.durable.append(self.queue.commit_future)
         self.uplinks: list[UplinkClient] = []
+        self._rates: dict[str, tuple[float, int]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
     def put(
@@ -119,6 +120,9 @@ class StoreAndForward:
                 keep_alive=up.keep_alive, window=up.window, tls=_tls_context(up),
                 subscriptions=[(self._sub(r.filter), r.qos) for r in rules],
                 on_message=self._downstream(up.name, rules), gateway_id=self.gateway_id,
+                rate_limit=up.rate_limit,
+                heartbeat_topic=self._sub(up.topic_prefix) + "_heartbeat",
+                heartbeat_interval=up.heartbeat_interval,
             )
             self.uplinks.append(client)
             self.tasks.append(loop.create_task(client.run()))
@@ -151,18 +155,55 @@ class StoreAndForward:
 
         return deliver
 
-    def status(self) -> dict[str, str]:
-        """Flat ``$SYS``-style values: per upstream link state and queue depth."""
-        out: dict[str, str] = {}
+    def snapshot(self) -> dict[str, Any]:
+        """Queue depth per upstream and class, drops, link state, drain rate and ETA."""
         stats = self.queue.stats()
+        now = time.monotonic()
+        names = {v: k for k, v in PRIORITIES.items()}
+        upstreams: dict[str, Any] = {}
         for client in self.uplinks:
-            base = f"forward/{client.name}/"
-            for k, v in client.status().items():
-                out[base + k] = str(v)
-            up = stats.get("upstreams", {}).get(client.name, {})
-            out[base + "queued"] = str(up.get("messages", 0)) if isinstance(up, dict) else "0"
-        for reason, n in stats.get("drops", {}).items():
-            out[f"forward/dropped/{reason}"] = str(n)
+            lanes = stats["upstreams"].get(client.name, {})
+            queued = sum(c["messages"] for c in lanes.values())
+            prev = self._rates.get(client.name)
+            rate = 0.0
+            if prev is not None and now > prev[0]:
+                rate = max(0.0, (client.acked - prev[1]) / (now - prev[0]))
+            if prev is None or now - prev[0] >= 5.0:
+                self._rates[client.name] = (now, client.acked)
+            upstreams[client.name] = {
+                **client.status(),
+                "queued": queued,
+                "queued_bytes": sum(c["bytes"] for c in lanes.values()),
+                "oldest_age": max((c["oldest_age"] for c in lanes.values()), default=0.0),
+                "classes": {names.get(p, str(p)): c for p, c in lanes.items()},
+                "drain_rate": round(rate, 1),
+                "drain_eta_s": round(queued / rate, 1) if rate > 0 else None,
+            }
+        return {
+            "upstreams": upstreams,
+            "queued": stats["messages"],
+            "queued_bytes": stats["bytes"],
+            "drops": stats["drops"],
+            "commits": stats["commits"],
+            "commit_failures": stats["commit_failures"],
+            "quarantined": stats["quarantined"],
+            "refused": self.forwarder.refused,
+            "forwarded": self.forwarder.forwarded,
+        }
+
+    def status(self) -> dict[str, str]:
+        """The snapshot flattened to ``$SYS/broker/forward/...`` topic suffixes."""
+        snap = self.snapshot()
+        out: dict[str, str] = {}
+
+        def flat(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    flat(f"{prefix}/{k}", v)
+            else:
+                out[prefix] = "" if value is None else str(value)
+
+        flat("forward", snap)
         return out
 
     async def stop(self) -> None:

@@ -1,0 +1,90 @@
+"""``data_dir/status.json``: the gateway's state for ``rapidmq-edge status`` and humans.
+
+The gateway rewrites the file atomically every few seconds; the CLI only reads it, so
+``status`` works without network access to the gateway and without credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "status.json"
+
+
+def write_status(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temp file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+async def keep_status(path: Path, snapshot: Callable[[], dict[str, Any]], every: float) -> None:
+    """Rewrite the status file every ``every`` seconds, forever."""
+    while True:
+        # a full disk must not stop the gateway; the file is only a view
+        with contextlib.suppress(OSError):
+            write_status(path, {"written_at": time.time(), "interval": every, **snapshot()})
+        await asyncio.sleep(every)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render(data: dict[str, Any], now: float | None = None) -> str:
+    """A short human summary of a status document."""
+    now = time.time() if now is None else now
+    lines = []
+    age = now - float(data.get("written_at", 0))
+    stale = age > 3 * float(data.get("interval", 5)) + 5
+    lines.append(
+        f"gateway {data.get('gateway', '?')}: "
+        + (f"NOT RUNNING? (status is {_age(age)} old)" if stale else "running")
+    )
+    b = data.get("broker", {})
+    lines.append(
+        f"  clients {b.get('clients/connected', '?')} connected, "
+        f"{b.get('clients/total', '?')} sessions; messages in {b.get('messages/received', '?')}"
+        f", out {b.get('messages/sent', '?')}, dropped {b.get('publish/messages/dropped', '?')}"
+    )
+    fwd = data.get("forwarding")
+    if not fwd:
+        lines.append("  no upstreams configured (local broker only)")
+        return "\n".join(lines)
+    lines.append(
+        f"  queue {fwd['queued']} messages, {fwd['queued_bytes']} bytes; drops "
+        + (", ".join(f"{k} {v}" for k, v in fwd["drops"].items() if v) or "none")
+    )
+    for name, up in fwd["upstreams"].items():
+        state = f"connected to {up['current_url']}" if up["connected"] else "DISCONNECTED"
+        hb = up.get("last_heartbeat")
+        hb_text = "no heartbeat yet" if hb is None else (
+            f"heartbeat {_age(now - hb)} ago ({up.get('heartbeat_rtt_ms')} ms)"
+        )
+        pub = up.get("last_puback")
+        eta = up.get("drain_eta_s")
+        lines.append(
+            f"  upstream {name}: {state}; {hb_text}; last PUBACK "
+            f"{_age(now - pub) if pub else 'never'} ago"
+        )
+        lines.append(
+            f"    queued {up['queued']} (oldest {_age(up['oldest_age'])}), in flight "
+            f"{up['inflight']}, acked {up['acked']}, drain {up['drain_rate']} msg/s"
+            + (f", ETA {_age(eta)}" if eta else "")
+        )
+        if up.get("last_error") and not up["connected"]:
+            lines.append(f"    last error: {up['last_error']}")
+    return "\n".join(lines)
