@@ -21,6 +21,7 @@ from rapidmq_edge.mqtt.topics import valid_topic_filter
 
 if TYPE_CHECKING:
     from .config_forward import ForwardingSettings
+    from .config_ingress import CoapSettings, HttpSettings
 
 __all__ = [
     "ConfigError",
@@ -184,6 +185,18 @@ def _default_forwarding() -> ForwardingSettings:
     return ForwardingSettings()
 
 
+def _default_coap() -> CoapSettings:
+    from .config_ingress import CoapSettings
+
+    return CoapSettings()
+
+
+def _default_http() -> HttpSettings:
+    from .config_ingress import HttpSettings
+
+    return HttpSettings()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; ``warnings`` are for the runner to log."""
@@ -197,6 +210,9 @@ class Config:
     warnings: tuple[str, ...] = ()
     #: ``[[upstream]]``, ``[[forward]]``, ``[[downstream]]``, ``[queue]`` (config_forward.py)
     forwarding: ForwardingSettings = field(default_factory=_default_forwarding)
+    #: ``[coap]`` and ``[http]`` ingress (config_ingress.py); no listeners = disabled
+    coap: CoapSettings = field(default_factory=_default_coap)
+    http: HttpSettings = field(default_factory=_default_http)
 
 
 # --------------------------------------------------------------------------- value checkers
@@ -415,6 +431,7 @@ _BOOL_KEYS = ("retain_available",)
 _MQTT_KEYS = ("listen", "tls", *_INT_LIMITS, *_FLOAT_LIMITS, *_BOOL_KEYS)
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
+    "coap", "http",
 )
 
 
@@ -551,10 +568,14 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     acl = _acl(top.data.get("acl", []))
     persistence = _persistence(top.data.get("persistence", {}))
     from .config_forward import parse_forwarding
+    from .config_ingress import parse_coap, parse_http
 
     forwarding = parse_forwarding(top.data, base_dir)
+    coap = parse_coap(top.data.get("coap", {}), base_dir)
+    http = parse_http(top.data.get("http", {}), base_dir)
     return Config(
-        gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding
+        gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding,
+        coap, http,
     )
 
 
