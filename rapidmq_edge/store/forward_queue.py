@@ -33,6 +33,7 @@ from typing import Any, Literal
 from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBLISH
 from ..mqtt.properties import decode_properties, encode_properties
+from .sqlite_files import is_corrupt, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class ForwardQueue:
             self._prepare(db)
             return db
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 db.close()
                 raise
             target = self._quarantine(exc)
@@ -292,17 +293,7 @@ class ForwardQueue:
     def _quarantine(self, exc: BaseException) -> Path:
         """Move the damaged file (and its -wal/-shm) aside; never delete it."""
         path = self.path
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = path.with_name(f"{path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-            n += 1
-        path.rename(target)
-        for suffix in ("-wal", "-shm", "-journal"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                side.rename(target.with_name(target.name + suffix))
+        target = move_aside(path)
         self.quarantined = target
         log.error("forward queue %s is damaged (%s); moved it to %s, salvaging readable rows",
                   path, exc, target)
@@ -840,13 +831,3 @@ def _next_readable(db: sqlite3.Connection, last: int, seq: int | None) -> int | 
     return hi
 
 
-#: primary SQLite result codes meaning "the file is damaged": SQLITE_CORRUPT, SQLITE_NOTADB
-_CORRUPT_CODES = (11, 26)
-
-
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    """True when ``exc`` says the database file is damaged (not: locked, I/O, full)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _CORRUPT_CODES
-    return type(exc) is sqlite3.DatabaseError

@@ -14,7 +14,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from ..broker.message import Delivery, Message
 from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBLISH, SubOptions
 from ..mqtt.properties import decode_properties, encode_properties
+from .sqlite_files import is_corrupt, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class SessionStore:
             self._prepare(db)
             return db
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 db.close()
                 raise
             self._quarantine(exc)
@@ -136,17 +136,7 @@ class SessionStore:
     def _quarantine(self, exc: BaseException) -> None:
         """Move a damaged database (and its WAL/SHM files) aside; never delete it."""
         path = self.path
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = path.with_name(f"{path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-            n += 1
-        path.rename(target)
-        for suffix in ("-wal", "-shm", "-journal"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                side.rename(target.with_name(target.name + suffix))
+        target = move_aside(path)
         self.quarantined = target
         log.error(
             "session store %s is damaged (%s); moved it to %s and starting with an empty "
@@ -163,7 +153,7 @@ class SessionStore:
         try:
             return self._load()
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 raise
             with self._lock:
                 self._quarantine(exc)
@@ -364,19 +354,6 @@ class SessionStore:
 
 class StoreError(Exception):
     """A commit failed (for example: the disk is full)."""
-
-
-#: primary SQLite result codes meaning "the file is damaged": SQLITE_CORRUPT, SQLITE_NOTADB
-_CORRUPT_CODES = (11, 26)
-
-
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    """True when ``exc`` says the database file is damaged (not: locked, I/O, full)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _CORRUPT_CODES
-    # raised by _connect for a failed quick_check, or by an SQLite without error codes
-    return type(exc) is sqlite3.DatabaseError
 
 
 def _key_of(op: Op) -> tuple[Any, ...]:
