@@ -16,6 +16,7 @@ from typing import Any
 from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
 from ..config_forward import PRIORITIES, DownstreamRule, ForwardingSettings, UpstreamSettings
+from ..mqtt.topics import topic_matches
 from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder
 from ..store.forward_queue import ClassLimits, ForwardQueue
 from .client import Outgoing, UplinkClient
@@ -131,10 +132,12 @@ class StoreAndForward:
     def _downstream(
         self, upstream: str, rules: Sequence[DownstreamRule]
     ) -> Any:
-        subbed = [(r, self._sub(r.strip_prefix)) for r in rules]
+        subbed = [(r, self._sub(r.filter), self._sub(r.strip_prefix)) for r in rules]
 
         def deliver(topic: str, payload: bytes, qos: int, props: dict[str, Any]) -> None:
-            for rule, strip in subbed:
+            for rule, filt, strip in subbed:
+                if not topic_matches(filt, topic):
+                    continue
                 local = _local_topic(
                     DownstreamRule(rule.upstream, rule.filter, rule.qos, strip, rule.local_prefix),
                     topic,
