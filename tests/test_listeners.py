@@ -34,7 +34,6 @@ from .mqtt_helpers import (
     CONNACK,
     DISCONNECT,
     MOSQUITTO_PUB,
-    ConnectionClosed,
     MosquittoSub,
     MQTTv5,
     MQTTv311,
@@ -414,12 +413,14 @@ def test_connect_rate_per_ip_refuses_a_burst(gateways: Callable[..., Gw]) -> Non
         for i in range(10):
             raw = RawClient(g.port, timeout=3)
             raws.append(raw)
-            try:
-                raw.send(build_connect(unique(f"burst{i}")))
-                p = raw.expect(CONNACK, 3)
-                assert p.body[1] == 0
+            raw.send(build_connect(unique(f"burst{i}")))
+            p = raw.expect(CONNACK, 3)  # a refusal is answered too, not just closed
+            if p.body[1] == 0:
                 accepted += 1
-            except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            else:
+                assert p.body[1] == 3, p.body  # 3.1.1: server unavailable
+                assert raw.wait_closed(2)
+                raw.close()
                 refused += 1
         elapsed = time.monotonic() - start
         assert accepted >= 1
@@ -435,6 +436,23 @@ def test_connect_rate_per_ip_refuses_a_burst(gateways: Callable[..., Gw]) -> Non
             raw.close()
     time.sleep(1.0 / rate + 0.1)
     assert _connack_code(g.port) == 0  # tokens come back
+
+
+def test_connect_rate_exceeded_is_answered_with_connack(gateways: Callable[..., Gw]) -> None:
+    """Over ``mqtt.connect_rate`` the CONNECT is read and refused with a CONNACK (5.0:
+    0x9F connection rate exceeded; 3.1.1: 3, server unavailable), then closed."""
+    g = gateways(config={"mqtt": {"connect_rate": 0.5}})
+    time.sleep(2.2)  # the readiness probe used the only token: let it come back
+    first = PahoClient(g.port, protocol=MQTTv5)
+    try:
+        refused = PahoClient(g.port, protocol=MQTTv5, expect_success=False)
+        assert refused.connack is not None and refused.connack.reason_code == 0x9F
+        with RawClient(g.port) as raw:
+            assert raw.connect(unique("rate-v311")) == (False, 3)
+            assert raw.wait_closed(2)
+        assert first.is_connected
+    finally:
+        first.disconnect()
 
 
 def test_publish_rate_throttles_one_client_not_another(gateways: Callable[..., Gw]) -> None:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,21 @@ from rapidmq_edge.store.session_store import SessionStore
 
 from .gateway_proc import GatewayProcess
 from .mqtt_helpers import (
+    CONNACK,
+    PINGRESP,
     PUBACK,
     PUBCOMP,
+    PUBLISH,
     PUBREC,
     PUBREL,
+    SUBACK,
     MQTTv5,
     MQTTv311,
     PahoClient,
     RawClient,
+    build_connect,
     build_publish,
+    build_subscribe,
     parse_publish,
     unique,
     wait_until,
@@ -212,6 +219,71 @@ def test_queued_qos1_qos2_survive_sigkill_exactly_once_in_order(
         raw.disconnect()
 
 
+@pytest.mark.parametrize("version", [MQTTv311, MQTTv5], ids=["v311", "v5"])
+def test_connack_suback_unsuback_only_after_commit(gateway_factory: Factory,
+                                                   version: int) -> None:
+    """CONNACK (persistent session), SUBACK and UNSUBACK are sent only once what they
+    acknowledge is committed: a SIGKILL the instant one arrives loses nothing. The long
+    group-commit window makes the crash land inside it deterministically."""
+    gw = gateway_factory(config={"persistence": {"commit_delay_ms": 800}})
+    cid, topic = unique("ack-commit"), unique("ack-commit-t")
+    raw, present = raw_persistent(gw, cid, version)
+    with raw:
+        assert not present
+        restart(gw, hard=True)  # the instant CONNACK arrived
+    raw, present = raw_persistent(gw, cid, version)
+    with raw:
+        assert present, "CONNACK was sent before the session was committed"
+        assert raw.subscribe([(f"{topic}/keep", 1), (f"{topic}/drop", 1)]) == [1, 1]
+        restart(gw, hard=True)  # the instant SUBACK arrived
+    raw, present = raw_persistent(gw, cid, version)
+    with raw:
+        assert present
+        raw.unsubscribe([f"{topic}/drop"])
+        restart(gw, hard=True)  # the instant UNSUBACK arrived
+    raw, present = raw_persistent(gw, cid, version)
+    with raw:
+        assert present
+        with PahoClient(gw.port) as pub:
+            pub.publish(f"{topic}/drop", b"unsubscribed", qos=1)
+            pub.publish(f"{topic}/keep", b"subscribed", qos=1)
+        p = raw.expect_publish()
+        assert (p.topic, p.payload) == (f"{topic}/keep", b"subscribed")
+        raw.puback(p.packet_id)
+        raw.assert_no_packet(0.3)
+        raw.disconnect()
+
+
+def test_nothing_overtakes_a_delayed_connack(gateway_factory: Factory) -> None:
+    """While CONNACK waits for the commit, the packets the client sent after CONNECT are
+    processed in order, and nothing (resent or queued messages, their answers) is written
+    before the CONNACK."""
+    gw = gateway_factory(config={"persistence": {"commit_delay_ms": 300}})
+    cid, topic = unique("order"), unique("order-t")
+    with RawClient(gw.port) as raw:
+        assert raw.connect(cid, clean=False) == (False, 0)
+        assert raw.subscribe([(topic, 1)]) == [1]
+        with PahoClient(gw.port) as pub:
+            pub.publish(topic, b"inflight", qos=1)
+            first = raw.expect_publish()  # never acknowledged: resent on reconnect
+            raw.disconnect()
+            pub.publish(topic, b"queued", qos=1)
+    with RawClient(gw.port) as raw:
+        raw.send(build_connect(cid, clean=False) + build_subscribe(7, [(f"{topic}/x", 1)])
+                 + build_publish(f"{topic}/own", b"own", qos=1, packet_id=9) + b"\xc0\x00")
+        got = [raw.recv_packet() for _ in range(6)]
+        types = [p.type for p in got]
+        assert types[0] == CONNACK and got[0].body == b"\x01\x00", got[0]
+        pubs = [parse_publish(p, 4) for p in got if p.type == PUBLISH]
+        assert [(p.payload, p.dup) for p in pubs] == [(b"inflight", True), (b"queued", False)]
+        assert pubs[0].packet_id == first.packet_id
+        assert sorted(types[1:]) == sorted([PUBLISH, PUBLISH, SUBACK, PUBACK, PINGRESP])
+        assert types.index(SUBACK) < types.index(PUBACK)  # acks in the client's order
+        for p in pubs:
+            raw.puback(p.packet_id)
+        raw.disconnect()
+
+
 # --------------------------------------------------------------------------- in flight
 
 
@@ -274,6 +346,59 @@ def test_inflight_qos2_after_pubrec_gets_pubrel_after_sigkill(gateway_factory: F
         assert raw.connect(cid, clean=False) == (True, 0)
         raw.assert_no_packet(0.5)
         raw.disconnect()
+
+
+def test_session_expiry_counts_gateway_downtime(gateway_factory: Factory) -> None:
+    """The expiry countdown starts at the disconnect and runs while the gateway is down;
+    a session that expired meanwhile is dropped at start (also from the store)."""
+    gw = gateway_factory()
+    short, long_ = unique("exp-short"), unique("exp-long")
+    for cid, expiry in ((short, 3), (long_, 3600)):
+        c = PahoClient(gw.port, cid, protocol=MQTTv5, clean_session=False,
+                       properties=expiry_props(expiry))
+        c.subscribe(f"{cid}/t", qos=1)
+        c.disconnect()
+    disconnected = time.time()
+    time.sleep(1)
+    gw.stop()
+    # a graceful stop keeps the time of the disconnect (it does not restart the countdown)
+    updated = read_db(db_path(gw), "SELECT updated_at FROM sessions WHERE client_id = ?",
+                      (short,))
+    assert updated and updated[0][0] <= disconnected + 0.5, (updated, disconnected)
+    time.sleep(3)  # 4 s since the disconnect: the 3 s session has expired
+    gw.start()
+    assert wait_until(lambda: not read_db(
+        db_path(gw), "SELECT 1 FROM sessions WHERE client_id = ?", (short,))), \
+        "an expired session was not deleted from the store at start"
+    assert read_db(db_path(gw), "SELECT 1 FROM subscriptions WHERE client_id = ?",
+                   (short,)) == []
+    with PahoClient(gw.port, short, protocol=MQTTv5, clean_session=False,
+                    properties=expiry_props(3)) as c:
+        assert c.connack is not None and not c.connack.session_present
+    with PahoClient(gw.port, long_, protocol=MQTTv5, clean_session=False,
+                    properties=expiry_props(3600)) as c:
+        assert c.connack is not None and c.connack.session_present
+
+
+def test_time_connected_does_not_count_against_expiry_after_sigkill(
+    gateway_factory: Factory,
+) -> None:
+    """A session whose client was connected when the gateway was killed is not expired by
+    the time it was connected: its countdown starts when the gateway starts again."""
+    gw = gateway_factory()
+    cid = unique("exp-conn")
+    c = PahoClient(gw.port, cid, protocol=MQTTv5, clean_session=False,
+                   properties=expiry_props(2))
+    try:
+        c.subscribe(f"{cid}/t", qos=1)
+        wait_subscription_on_disk(gw, cid, f"{cid}/t")
+        time.sleep(3)  # connected for longer than the expiry interval
+        restart(gw, hard=True)
+    finally:
+        c.stop()
+    with PahoClient(gw.port, cid, protocol=MQTTv5, clean_session=False,
+                    properties=expiry_props(2)) as c:
+        assert c.connack is not None and c.connack.session_present
 
 
 # --------------------------------------------------------------------------- PUBACK = on disk

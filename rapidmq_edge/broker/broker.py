@@ -17,7 +17,7 @@ from typing import Any
 from ..mqtt import reasons as rc
 from ..mqtt.packets import SubOptions
 from ..mqtt.topics import is_wildcard, parse_shared, topic_matches, valid_topic_filter
-from ..store.session_store import SessionStore
+from ..store.session_store import ONLINE, SessionStore
 from .message import Delivery, Message
 from .session import NEVER_EXPIRES, Link, Session
 from .subscriptions import SharedGroup, Subscription, SubscriptionIndex
@@ -71,6 +71,8 @@ class Broker:
             self.durable.append(store.commit_future)
         #: called with every message accepted for routing (the pipeline hooks in here)
         self.taps: list[Callable[[Message], None]] = []
+        #: restored sessions: the expiry time left (<= 0: expired while the gateway was down)
+        self._expiry_left: dict[str, float] = {}
         if store is not None:
             self._restore(store)
 
@@ -83,6 +85,10 @@ class Broker:
             if not m.expired(now):
                 self.retained[m.topic] = m
         for s in stored.values():
+            left = float(s.expiry_interval)
+            if s.updated_at != ONLINE:  # the countdown started at the disconnect
+                left = min(left, s.expiry_interval - (now - s.updated_at))
+            self._expiry_left[s.client_id] = left
             session = self._new_session(s.client_id, s.version, s.expiry_interval)
             for filt, opts, sub_id in s.subscriptions:
                 sub = Subscription(s.client_id, filt, opts, sub_id)
@@ -94,10 +100,21 @@ class Broker:
             log.info("restored %d sessions and %d retained messages", len(stored), len(retained))
 
     def start(self) -> None:
-        """Arm expiry timers for restored sessions (call inside the running loop)."""
-        for session in self.sessions.values():
-            if session.link is None:
-                self._arm_expiry(session)
+        """End restored sessions that expired while the gateway was down, arm the expiry
+        timers of the others (call inside the running loop)."""
+        left, self._expiry_left = self._expiry_left, {}
+        expired = 0
+        for session in list(self.sessions.values()):
+            if session.link is not None:
+                continue
+            delay = left.get(session.client_id)
+            if delay is not None and delay <= 0:
+                self.end_session(session)  # deleted from the store too
+                expired += 1
+            else:
+                self._arm_expiry(session, delay)
+        if expired:
+            log.info("%d stored sessions expired while the gateway was down", expired)
 
     def _new_session(self, client_id: str, version: int, expiry: int) -> Session:
         return Session(
@@ -139,8 +156,8 @@ class Broker:
         session.username = username
         session.link = link
         if self.store is not None:
-            if session.persistent:
-                self.store.save_session(client_id, version, expiry, time.time())
+            if session.persistent:  # connected: no expiry countdown (see connection_lost)
+                self.store.save_session(client_id, version, expiry, ONLINE)
                 if not was_persistent:
                     self._persist_whole(session)
             elif was_persistent:
@@ -208,13 +225,13 @@ class Broker:
             )
         self._arm_expiry(session)
 
-    def _arm_expiry(self, session: Session) -> None:
+    def _arm_expiry(self, session: Session, delay: float | None = None) -> None:
         if session.expiry_interval == 0:
             self.end_session(session)
         elif session.expiry_interval != NEVER_EXPIRES:
             loop = asyncio.get_running_loop()
             session.expiry_timer = loop.call_later(
-                session.expiry_interval, self._expire, session
+                session.expiry_interval if delay is None else delay, self._expire, session
             )
 
     def _will_due(self, session: Session) -> None:
@@ -450,7 +467,9 @@ class Broker:
         if self.store is not None:
             now = time.time()
             for s in self.sessions.values():
-                if s.persistent:
+                # still connected: its countdown starts now; a disconnected session keeps
+                # the time of its disconnect (the countdown goes on while the gateway is down)
+                if s.persistent and s.link is not None:
                     self.store.save_session(s.client_id, s.version, s.expiry_interval, now)
             await self.store.close()
 

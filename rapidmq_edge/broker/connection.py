@@ -55,7 +55,12 @@ from .session import NEVER_EXPIRES, Session
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
+REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
 PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
+
+
+#: an acknowledgement, the commit it waits for, what to do once it is sent
+Ack = tuple[Packet, asyncio.Future[None] | None, Callable[[], None] | None]
 
 
 class Transport(Protocol):
@@ -138,7 +143,11 @@ class ClientConnection:
         )
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._acks: deque[tuple[Packet, asyncio.Future[None] | None]] = deque()
+        # acks waiting for a commit (or behind one), each with what to do once it is sent
+        self._acks: deque[Ack] = deque()
+        # a CONNACK waiting for the session's commit: until it is sent nothing else goes out
+        self._connack: bytes | None = None
+        self._connect_refusal = 0  # a CONNACK reason code: refuse the CONNECT with it
         self._inbound_unacked = 0
         self._tokens = float(settings.publish_burst or max(1.0, settings.publish_rate))
         self._token_time = self.loop.time()
@@ -150,6 +159,16 @@ class ClientConnection:
         self.write_paused = False
         self._pressure_waiters: set[ClientConnection] = set()
         self._pressure: asyncio.TimerHandle | None = None
+
+    def refuse_connect(self, reason: int) -> None:
+        """Answer the CONNECT with a CONNACK carrying ``reason`` (e.g. connection rate
+        exceeded), then close; without a CONNECT soon, close without one."""
+        self._connect_refusal = reason
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = self.loop.call_later(
+                min(REFUSED_CONNECT_WAIT, self.settings.connect_timeout), self._keep_alive_check
+            )
 
     # -- bytes in ------------------------------------------------------------------
 
@@ -234,6 +253,8 @@ class ClientConnection:
         self.version = p.protocol_level
         self.v5 = v5 = p.protocol_level == MQTT_5
         props = p.properties
+        if self._connect_refusal:
+            return self._refuse(self._connect_refusal)
         if "authentication_method" in props:
             return self._refuse(rc.BAD_AUTHENTICATION_METHOD)
         if broker.stats.clients_connected >= s.max_connections:
@@ -325,7 +346,15 @@ class ClientConnection:
                 ack_props["maximum_qos"] = s.max_qos
             if not s.retain_available:
                 ack_props["retain_available"] = 0
-        self._write(encode(Connack(present, 0, ack_props), self.version))
+        connack = encode(Connack(present, 0, ack_props), self.version)
+        fut = None
+        if session.persistent and session.store is not None:
+            fut = session.store.commit_future()  # the session row (Session Present holds)
+        if fut is None:
+            self._write(connack)
+        else:  # everything written until then (resends, acks, ...) waits behind it
+            self._connack = connack
+            fut.add_done_callback(self._connack_committed)
         session.will = p.will
         if self._ka_timer is not None:
             self._ka_timer.cancel()
@@ -336,6 +365,20 @@ class ClientConnection:
             session.resend_inflight()
         session.pump()
         log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
+
+    def _connack_committed(self, fut: asyncio.Future[None]) -> None:
+        connack, self._connack = self._connack, None
+        if connack is None or self.closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            # the session is not stored: refuse rather than promise it (the store retries)
+            self._out.clear()
+            self._flush_scheduled = False
+            log.warning("client %s refused: its session could not be stored", self.client_id)
+            self._refuse(rc.SERVER_UNAVAILABLE)
+            return
+        self._out.insert(0, connack)
+        self._flush()
 
     # -- PUBLISH in ----------------------------------------------------------------
 
@@ -427,21 +470,27 @@ class ClientConnection:
                 fut = self.broker.commit_future()  # every durable store, this one included
         self._queue_ack(Pubrec(p.packet_id, code), fut)
 
-    def _queue_ack(self, ack: Packet, fut: asyncio.Future[None] | None) -> None:
-        """Send acknowledgements in order, each only after its data is committed."""
+    def _queue_ack(
+        self, ack: Packet, fut: asyncio.Future[None] | None,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Send acknowledgements in order, each only after its data is committed;
+        ``then`` runs right after ``ack`` is written (not when it is withheld)."""
         if fut is None and not self._acks:
             self._write(encode(ack, self.version))
+            if then is not None:
+                then()
             return
         if ack.type == PUBACK:
             self._inbound_unacked += 1
-        self._acks.append((ack, fut))
+        self._acks.append((ack, fut, then))
         if fut is not None:
             fut.add_done_callback(self._drain_acks)
 
     def _drain_acks(self, _f: object = None) -> None:
         acks = self._acks
         while acks:
-            ack, fut = acks[0]
+            ack, fut, then = acks[0]
             if fut is not None and not fut.done():
                 break
             acks.popleft()
@@ -463,6 +512,8 @@ class ClientConnection:
                 else:
                     continue
             self._write(encode(ack, self.version))
+            if then is not None:
+                then()
         if self._ack_backlog and self._inbound_unacked < self.settings.receive_maximum:
             self._ack_backlog = False
             if not self.closed and not self._paused:
@@ -626,7 +677,7 @@ class ClientConnection:
         sub_ids = p.properties.get("subscription_identifier")
         sub_id = sub_ids[0] if sub_ids else None
         codes: list[int] = []
-        granted: list[tuple[str, Any, bool]] = []
+        granted: list[tuple[str, bool]] = []
         for filt, opts in p.topics:
             if filt.startswith("$share/") and opts.no_local:
                 raise MqttError("no local on a shared subscription")
@@ -641,11 +692,19 @@ class ClientConnection:
                 codes.append(code if self.v5 else 0x80)
                 continue
             codes.append(code)
-            granted.append((filt, opts, existed))
-        self._write(encode(Suback(p.packet_id, codes), self.version))
-        for filt, opts, existed in granted:
-            sub = session.subscriptions.get(filt)
-            broker.send_retained(session, filt, sub.options if sub else opts, existed)
+            granted.append((filt, existed))
+        fut = None
+        if granted and session.persistent and session.store is not None:
+            fut = session.store.commit_future()  # SUBACK: the subscriptions are stored
+
+        def send_retained() -> None:  # after the SUBACK
+            s = self.session
+            for filt, existed in granted:
+                sub = s.subscriptions.get(filt) if s is not None else None
+                if s is not None and sub is not None:  # (not unsubscribed since)
+                    broker.send_retained(s, filt, sub.options, existed)
+
+        self._queue_ack(Suback(p.packet_id, codes), fut, send_retained if granted else None)
 
     def _on_unsubscribe(self, p: Unsubscribe) -> None:
         session = self.session
@@ -654,7 +713,10 @@ class ClientConnection:
             rc.SUCCESS if self.broker.unsubscribe(session, f) else rc.NO_SUBSCRIPTION_EXISTED
             for f in p.topics
         ]
-        self._write(encode(Unsuback(p.packet_id, codes if self.v5 else []), self.version))
+        fut = None
+        if rc.SUCCESS in codes and session.persistent and session.store is not None:
+            fut = session.store.commit_future()  # UNSUBACK: the removal is stored
+        self._queue_ack(Unsuback(p.packet_id, codes if self.v5 else []), fut)
 
     # -- DISCONNECT and closing ----------------------------------------------------
 
@@ -740,6 +802,8 @@ class ClientConnection:
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._connack is not None:  # nothing goes out before it (_connack_committed)
+            return
         self._flush_scheduled = False
         out = self._out
         if not out:

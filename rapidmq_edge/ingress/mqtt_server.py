@@ -65,12 +65,12 @@ class MqttStreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:  # uvloop's is no asyncio.Transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         host = str(peer[0])
-        if not self.registry.admit(host):
-            log.warning("connection rate from %s exceeded; refusing", host)
-            transport.close()
-            return
+        admitted = self.registry.admit(host)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         conn = self.factory(transport, f"{host}:{peer[1]}")
+        if not admitted:  # CONNACK 0x9F (3.1.1: 3, server unavailable), then closed
+            log.warning("connection rate from %s exceeded; refusing", host)
+            conn.refuse_connect(rc.CONNECTION_RATE_EXCEEDED)
         conn.on_close = self.registry.connections.discard
         self.registry.connections.add(conn)
         self.conn = conn
@@ -154,11 +154,12 @@ async def serve_websocket(
             await ws.close(1008, "unknown path")
             return
         peer = ws.remote_address or ("?", 0)
-        if not registry.admit(str(peer[0])):
-            await ws.close(1013, "connection rate exceeded")
-            return
+        admitted = registry.admit(str(peer[0]))
         transport = WebSocketTransport(ws)
         conn = factory(transport, f"{peer[0]}:{peer[1]}")
+        if not admitted:  # refused with a CONNACK, as over TCP
+            log.warning("connection rate from %s exceeded; refusing", peer[0])
+            conn.refuse_connect(rc.CONNECTION_RATE_EXCEEDED)
         conn.on_close = registry.connections.discard
         registry.connections.add(conn)
         try:

@@ -720,7 +720,9 @@ class ForwardQueue:
                       self.path, exc, len(writing))
             _resolve(waiters, QueueError(f"commit failed: {exc}"))
         if (self._ins or self._dels) and self._timer is None and self._loop is not None:
-            delay = self.commit_delay if exc is None or self._ins else 0.5
+            # Adaptive group commit: what arrived during this commit has waited long
+            # enough; write it at once. After a failure, pause before retrying.
+            delay = 0.0 if exc is None else (self.commit_delay if self._ins else 0.5)
             self._timer = self._loop.call_later(delay, self._flush)
 
     def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:

@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS retained (
 """
 
 
+#: ``updated_at`` of a session stored while its client is connected: its expiry countdown
+#: has not started (otherwise ``updated_at`` is when the client disconnected)
+ONLINE = 0.0
+
+
 @dataclass(slots=True)
 class StoredSession:
     """A persistent session as loaded at start-up."""
@@ -317,7 +322,7 @@ class SessionStore:
             if self.on_error is not None:
                 self.on_error(exc)
         if self._pending and self._timer is None and self._loop is not None:
-            delay = self.commit_delay if exc is None else 0.5
+            delay = 0.0 if exc is None else 0.5  # adaptive group commit (see forward_queue)
             self._timer = self._loop.call_later(delay, self._flush)
 
     def _write(self, ops: list[Op]) -> None:

@@ -25,17 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class QueueSource:
-    """Adapts :class:`ForwardQueue` to the uplink client; wakes it when messages arrive."""
+    """Adapts :class:`ForwardQueue` to the uplink client's source interface."""
 
     def __init__(self, queue: ForwardQueue) -> None:
         self.queue = queue
-        self._events: dict[str, asyncio.Event] = {}
-
-    def notify(self, upstream: str) -> None:
-        """New messages were put for ``upstream``."""
-        ev = self._events.get(upstream)
-        if ev is not None:
-            ev.set()
 
     def fetch(self, upstream: str, limit: int) -> list[Outgoing]:
         return [
@@ -48,12 +41,10 @@ class QueueSource:
 
     def requeue(self, upstream: str, ids: list[int]) -> None:
         self.queue.requeue(upstream, ids)
-        self.notify(upstream)
 
     async def wait_for_data(self, upstream: str) -> None:
-        ev = self._events.setdefault(upstream, asyncio.Event())
-        await ev.wait()
-        ev.clear()
+        """Return once committed messages are ready (the queue wakes us at commit)."""
+        await self.queue.wait_for_data(upstream)
 
 
 def _tls_context(up: UpstreamSettings) -> ssl.SSLContext | None:
@@ -102,10 +93,8 @@ class StoreAndForward:
         self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
         properties: dict[str, Any] | None = None, ttl: float | None = None,
     ) -> int:
-        """Queue durably for ``upstream`` and wake its uplink."""
-        mid = self.queue.put(upstream, priority, topic, payload, qos, properties, ttl)
-        self.source.notify(upstream)
-        return mid
+        """Queue durably for ``upstream`` (its uplink is woken when the batch commits)."""
+        return self.queue.put(upstream, priority, topic, payload, qos, properties, ttl)
 
     def _sub(self, text: str) -> str:
         return text.replace("{gateway_id}", self.gateway_id)
