@@ -25,6 +25,7 @@ class Collector:
     def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
         self.got: list[tuple[str, bytes, list[tuple[str, str]]]] = []
         self.heartbeats = topic.endswith("_heartbeat")
+        self.times: list[float] = []
         self.lock = threading.Lock()
         self.ready = threading.Event()
         if client_id is None:  # MQTT 5, to see user properties
@@ -46,6 +47,7 @@ class Collector:
         props = getattr(getattr(m, "properties", None), "UserProperty", None) or []
         with self.lock:
             self.got.append((m.topic, m.payload, list(props)))
+            self.times.append(time.monotonic())
 
     def wait_for(self, n: int, timeout: float) -> list[tuple[str, bytes, list[tuple[str, str]]]]:
         deadline = time.monotonic() + timeout
@@ -272,10 +274,9 @@ def test_drain_rate_cap(
     start_upstream()
     cloud = Collector(port, "edge/#", client_id="cloud")
     try:
-        t0 = time.monotonic()
-        got = {p for _, p, _ in cloud.wait_for(200, 15)}
-        elapsed = time.monotonic() - t0
+        got = {p for _, p, _ in cloud.wait_for(200, 20)}
         assert got == set(sent)
-        assert elapsed >= 1.5, f"200 messages at 100 msg/s took only {elapsed:.2f} s"
+        spread = cloud.times[-1] - cloud.times[0]  # first to last arrival upstream
+        assert spread >= 1.5, f"200 messages at 100 msg/s arrived within {spread:.2f} s"
     finally:
         cloud.close()
