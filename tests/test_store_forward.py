@@ -277,6 +277,7 @@ def test_drain_rate_cap(
         got = {p for _, p, _ in cloud.wait_for(200, 20)}
         assert got == set(sent)
         spread = cloud.times[-1] - cloud.times[0]  # first to last arrival upstream
-        assert spread >= 1.5, f"200 messages at 100 msg/s arrived within {spread:.2f} s"
+        # uncapped, 200 messages arrive within ~50 ms; capped they need >= 1.9 s in all
+        assert spread >= 1.0, f"200 messages at 100 msg/s arrived within {spread:.2f} s"
     finally:
         cloud.close()
