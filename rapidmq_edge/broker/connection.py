@@ -12,8 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..mqtt import reasons as rc
 from ..mqtt.codec import PacketReader, encode, encode_publish
@@ -50,7 +49,8 @@ from ..mqtt.properties import encode_properties
 from ..mqtt.topics import valid_subscription_filter
 from .broker import Broker
 from .message import Delivery, Message, PublishRefused
-from .session import NEVER_EXPIRES, Session
+from .negotiation import ConnectionSettings, negotiate
+from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +84,6 @@ class Gatekeeper(Protocol):
 
     def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
     def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
-
-
-@dataclass(slots=True)
-class ConnectionSettings:
-    """Per-connection limits taken from ``[mqtt]``."""
-
-    max_packet_size: int = 1048576
-    receive_maximum: int = 100
-    max_inflight_messages: int = 100
-    topic_alias_maximum: int = 10
-    retain_available: bool = True
-    max_qos: int = 2
-    server_keep_alive: int = 0
-    max_keep_alive: int = 65535
-    max_session_expiry: int = 604800
-    max_connections: int = 10000
-    publish_rate: float = 0.0
-    publish_burst: int = 0
-    connect_timeout: float = 10.0
 
 
 class ClientConnection:
@@ -301,51 +282,23 @@ class ClientConnection:
     def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
         s = self.settings
         broker = self.broker
-        v5 = self.v5
-        props = p.properties
         if reason:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
-        ka = p.keep_alive
-        announce_ka = False
-        if s.server_keep_alive:
-            ka, announce_ka = s.server_keep_alive, v5
-        elif ka > s.max_keep_alive or (ka == 0 and s.max_keep_alive < 65535):
-            if not v5:
-                return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
-            ka, announce_ka = s.max_keep_alive, True
-        if v5:
-            expiry = int(props.get("session_expiry_interval", 0))
-            self.send_quota = min(self.send_quota, int(props.get("receive_maximum", 65535)))
-            self.max_out_size = int(props.get("maximum_packet_size", self.max_out_size))
-            self.alias_max_out = int(props.get("topic_alias_maximum", 0))
-        else:
-            expiry = 0 if p.clean_start else NEVER_EXPIRES
-        granted_expiry = min(expiry, s.max_session_expiry)
+        terms = negotiate(p, s, client_id if assigned else None)
+        if isinstance(terms, int):
+            return self._refuse(terms)
+        self.send_quota = terms.send_quota
+        self.max_out_size = terms.max_out_size
+        self.alias_max_out = terms.alias_max_out
         self.client_id = client_id
         self.username = p.username
-        self.keep_alive = ka
+        self.keep_alive = ka = terms.keep_alive
         session, present = broker.open_session(
-            self, client_id, p.clean_start, granted_expiry, p.protocol_level, p.username
+            self, client_id, p.clean_start, terms.session_expiry, p.protocol_level, p.username
         )
         self.session = session
-        ack_props: dict[str, Any] = {}
-        if v5:
-            if assigned:
-                ack_props["assigned_client_identifier"] = client_id
-            if granted_expiry != expiry:
-                ack_props["session_expiry_interval"] = granted_expiry
-            if announce_ka:
-                ack_props["server_keep_alive"] = ka
-            if s.receive_maximum != 65535:
-                ack_props["receive_maximum"] = s.receive_maximum
-            ack_props["maximum_packet_size"] = s.max_packet_size
-            if s.topic_alias_maximum:
-                ack_props["topic_alias_maximum"] = s.topic_alias_maximum
-            if s.max_qos < 2:
-                ack_props["maximum_qos"] = s.max_qos
-            if not s.retain_available:
-                ack_props["retain_available"] = 0
+        ack_props = terms.connack_properties
         connack = encode(Connack(present, 0, ack_props), self.version)
         fut = None
         if session.persistent and session.store is not None:
