@@ -97,7 +97,11 @@ def _start_mosquitto(tmp_dir: Path, extra_conf: str = "", attempts: int = 3) -> 
             "allow_anonymous true\n"
             "persistence false\n"
             "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\n" + extra_conf
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            # as root mosquitto would drop to the "mosquitto" user, which cannot read or
+            # write pytest's 0700 temp dirs (persistence files, ACLs, certificates)
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + extra_conf
         )
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed in MosquittoBroker.stop()
         proc = subprocess.Popen(

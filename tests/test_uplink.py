@@ -459,8 +459,7 @@ def test_v5_negative_puback_requeues_with_delay(
         mosquitto_factory: Callable[..., MosquittoBroker], tmp_path: Path) -> None:
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite ok/#\n")
-    # "user root": when run as root mosquitto drops privileges before reading the ACL file.
-    broker = mosquitto_factory(f"acl_file {acl}\nuser root\n")
+    broker = mosquitto_factory(f"acl_file {acl}\n")
 
     async def main() -> None:
         src = MemorySource()
@@ -526,7 +525,7 @@ def test_tls_with_custom_ca(tmp_path: Path, mosquitto_factory: Callable[..., Mos
                             subscribers: Callable[..., Subscriber]) -> None:
     ca, cert, key = _make_ca_and_server_cert(tmp_path)
     tls_port = free_port()
-    broker = mosquitto_factory(f"user root\nlistener {tls_port} {LOOPBACK}\n"
+    broker = mosquitto_factory(f"listener {tls_port} {LOOPBACK}\n"
                                f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")
     assert wait_for_port(LOOPBACK, tls_port, 5)
     sub = subscribers(broker.port, "up/#", 1)
