@@ -97,6 +97,8 @@ class Gateway:
         if self.gate.acl.restricts_reading:
             self.broker.read_check = self.gate.acl.can_receive
         self.settings = connection_settings(config)
+        self.http: Any = None  # ingress.http.HttpApi when [http] listen is set
+        self.coap: Any = None  # ingress.coap.CoapServer when [coap] listen is set
 
     def _connection(self, transport: Any, peer: str) -> ClientConnection:
         return ClientConnection(self.broker, self.gate, self.settings, transport, peer)
@@ -129,6 +131,16 @@ class Gateway:
                 url = f"{lst.scheme}://{host}:{port}{lst.path}"
                 self.bound.append(url)
                 log.info("listening on %s", url)
+        if self.config.http.listen:
+            from .ingress.http import HttpApi  # aiohttp is only imported when enabled
+
+            self.http = HttpApi(self.broker, self.gate, self.config.http, self.snapshot)
+            self.bound.extend(await self.http.start())
+        if self.config.coap.listen:
+            from .ingress.coap import CoapServer  # aiocoap is only imported when enabled
+
+            self.coap = CoapServer(self.broker, self.gate, self.config.coap)
+            self.bound.extend(await self.coap.start())
         if self.forwarding is not None:
             self.forwarding.start()
         interval = self.config.mqtt.sys_interval
@@ -156,6 +168,10 @@ class Gateway:
             server.close()
         for task in self.tasks:
             task.cancel()
+        if self.http is not None:
+            await self.http.stop()
+        if self.coap is not None:
+            await self.coap.close()
         self.registry.shutdown()
         await asyncio.sleep(0.05)  # let DISCONNECTs flush
         if self.forwarding is not None:

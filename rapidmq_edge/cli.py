@@ -1,4 +1,4 @@
-"""Command line: ``rapidmq-edge run | check-config | status | user add/remove/list``.
+"""Command line: ``rapidmq-edge run | check-config | status | user ... | token ...``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
 """
@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     remove = usub.add_parser("remove", parents=[source], help="remove a user")
     remove.add_argument("name", metavar="NAME")
     usub.add_parser("list", parents=[source], help="list user names")
+
+    tsource = argparse.ArgumentParser(add_help=False)
+    twhere = tsource.add_mutually_exclusive_group()
+    twhere.add_argument("--config", type=Path, metavar="FILE", help="take http.tokens_file from it")
+    twhere.add_argument("--tokens-file", type=Path, metavar="FILE", help="tokens file to edit")
+    token = sub.add_parser("token", help="manage the HTTP API tokens file")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tadd = tsub.add_parser(
+        "add", parents=[tsource], help="create a token (printed once, only its hash is kept)"
+    )
+    tadd.add_argument("name", metavar="NAME")
+    tadd.add_argument("--user", metavar="USER", help="user name the ACL sees (default: NAME)")
+    tadd.add_argument("--replace", action="store_true", help="replace an existing token NAME")
+    tremove = tsub.add_parser("remove", parents=[tsource], help="remove a token")
+    tremove.add_argument("name", metavar="NAME")
+    tsub.add_parser("list", parents=[tsource], help="list token names and their users")
     return parser
 
 
@@ -142,6 +158,44 @@ def _cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens_file(args: argparse.Namespace) -> Path:
+    if args.tokens_file is not None:
+        return Path(args.tokens_file)
+    config: Config = load_config(args.config)
+    if config.http.tokens_file is None:
+        where = f"in {args.config}" if args.config else "(no --config given)"
+        raise ConfigError(f"http.tokens_file: not set {where}; pass --tokens-file FILE")
+    return config.http.tokens_file
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from rapidmq_edge.security.tokens import TokenDB, add_token, remove_token
+
+    try:
+        path = _tokens_file(args)
+        if args.token_command == "list":
+            for t in TokenDB.load(path).tokens():
+                print(f"{t.name}\t{t.user}\t{t.created}")
+            return 0
+        if args.token_command == "remove":
+            if not remove_token(path, args.name):
+                return _fail(f"no such token: {args.name}", 1)
+            print(f"removed token {args.name} from {path}")
+            return 0
+        user = args.user if args.user is not None else args.name
+        token = add_token(path, args.name, user, replace=args.replace)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{exc.filename or 'tokens file'}: {exc.strerror or exc}", 1)
+    print(f"added token {args.name} (user {user}) to {path}; it is shown only this once:",
+          file=sys.stderr)
+    print(token)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .ops.status import STATUS_FILE, render
 
@@ -172,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_check(args.file)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "token":
+            return _cmd_token(args)
         return _cmd_user(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -1,0 +1,671 @@
+"""CoAP publish-subscribe broker (RFC 7252, RFC 7641, RFC 7959, draft-ietf-core-coap-pubsub).
+
+Resources (every CoAP resource maps one-to-one onto an MQTT topic of the same broker):
+
+- ``/ps`` (``rt="core.ps core.ps.coll"``): the topic collection. GET lists the topic
+  resources the client may read (retained topics, topics with exact subscriptions, topics
+  created through the collection) as link-format; POST with a CBOR map
+  ``{"topic-name": "a/b"}`` creates a topic resource (2.01, Location-Path ``ps/conf/a/b``).
+- ``/ps/conf/<topic>`` (``rt="core.ps.conf"``): the topic resource. GET returns its
+  configuration (CBOR map: ``topic-name``, ``topic-data``, ``resource-type``,
+  ``topic-media-type``); DELETE removes the topic: the retained value is cleared and the
+  observers get a final 4.04.
+- ``/ps/data/<topic>``: the topic-data resource (``core.ps.data``) of MQTT topic
+  ``<topic>``. PUT publishes the *last value* (MQTT retain = 1), POST publishes an event
+  (retain = 0); both are QoS 1 when sent as CON and QoS 0 as NON, and are answered
+  (2.04 Changed) only once the message is committed to every durable store (the session
+  store and the store-and-forward queue). GET returns the retained value (4.04 before any
+  value was published, as the draft's "half created" topic); GET with Observe is an MQTT
+  subscription through a :class:`~rapidmq_edge.broker.local.LocalClient` whose deliveries
+  become notifications. DELETE clears the retained value (2.02) and ends the observations
+  with 4.04.
+
+Content-Format and the MQTT 5 ``content_type`` property are translated both ways;
+text formats (text/plain, JSON, ...) also set ``payload_format_indicator`` = 1.
+
+Security: the MQTT ACL applies. Anonymous CoAP clients are user ``None``; requests
+protected with OSCORE (RFC 8613) are the user named like their security context
+(a sub-directory of ``coap.oscore_dir``, see :func:`provision_device`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections import deque
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from ..broker.broker import Broker
+from ..broker.local import LocalClient, publish
+from ..broker.message import Message, PublishRefused
+from ..config_ingress import CoapSettings
+from ..mqtt.topics import is_wildcard, valid_topic_name
+from ..security.gatekeeper import Gatekeeper
+
+try:  # optional dependency: the gateway runs without CoAP when it is missing
+    import aiocoap
+    import aiocoap.interfaces
+    import aiocoap.resource
+    from aiocoap.blockwise import _extract_block_key
+    from aiocoap.numbers.codes import Code
+    from aiocoap.numbers.contentformat import ContentFormat
+    from aiocoap.numbers.types import Type
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    aiocoap = None
+
+log = logging.getLogger(__name__)
+
+#: notifications queued per observation before the oldest are dropped (RFC 7641 §4.5:
+#: observers only need the latest state eventually)
+OBSERVE_QUEUE = 256
+#: text content formats (MQTT payload_format_indicator = 1)
+_TEXT_TYPES = ("text/", "application/json", "application/senml+json", "application/xml",
+               "application/link-format", "application/senml+xml")
+#: MQTT content types that name a CoAP content format differently than aiocoap's registry
+_ALIASES = {
+    "text/plain": 0,
+    "text/plain;charset=utf-8": 0,
+    "text/plain; charset=utf-8": 0,
+    "application/json;charset=utf-8": 50,
+}
+#: the CBOR map of a topic resource; "application/core-pubsub+cbor" has no number yet, so
+#: the generic application/cbor (60) is used, with the draft's parameter names as keys
+CONF_CONTENT_FORMAT = 60
+RT_COLLECTION = "core.ps core.ps.coll"
+RT_CONF = "core.ps.conf"
+#: critical options understood here (or by aiocoap below the resources): If-Match,
+#: Uri-Host, If-None-Match, Uri-Port, Uri-Path, Uri-Path-Abbrev, Uri-Query, Accept,
+#: Block2, Block1
+HANDLED_OPTIONS = frozenset({1, 3, 5, 7, 11, 13, 15, 17, 23, 27})
+DATA_PREFIX = ("ps", "data")
+CONF_PREFIX = ("ps", "conf")
+
+
+# --------------------------------------------------------------------------- content formats
+
+
+def content_type_for(cf: int) -> str | None:
+    """MQTT ``content_type`` for a CoAP content-format number; None when unknown."""
+    fmt = ContentFormat(cf)
+    if not fmt.is_known() or fmt.encoding != "identity":
+        return None
+    return str(fmt.media_type).replace("; ", ";")
+
+
+def content_format_for(content_type: str | None) -> int | None:
+    """CoAP content-format number for an MQTT ``content_type``; None when it has none."""
+    if not content_type:
+        return None
+    ct = content_type.strip()
+    alias = _ALIASES.get(ct.lower())
+    if alias is not None:
+        return alias
+    try:
+        return int(ContentFormat.by_media_type(ct))
+    except KeyError:
+        try:
+            return int(ContentFormat.by_media_type(ct.lower()))
+        except KeyError:
+            return None
+
+
+def _is_text(content_type: str) -> bool:
+    return content_type.startswith(_TEXT_TYPES)
+
+
+def topic_href(prefix: tuple[str, ...], topic: str) -> str:
+    """The URI path of a topic resource: every MQTT level is one percent-encoded segment."""
+    return "/" + "/".join(prefix) + "/" + "/".join(quote(s, safe="") for s in topic.split("/"))
+
+
+# --------------------------------------------------------------------------- OSCORE
+
+
+def provision_device(oscore_dir: Path | str, name: str) -> dict[str, Any]:
+    """Create an OSCORE security context for device ``name`` under ``oscore_dir``.
+
+    Writes ``<oscore_dir>/<name>/secret.json`` (the gateway's view: master secret and
+    salt, its own sender id and the device's id as recipient id) and returns the device's
+    view, in aiocoap's ``FilesystemSecurityContext`` format (``*_hex`` values), to be
+    installed on the device. The device is then authorised as MQTT user ``name``.
+    The gateway loads contexts at start-up.
+    """
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise ValueError(f"invalid device name {name!r}")
+    base = Path(oscore_dir)
+    kids = set()
+    if base.is_dir():
+        for sub in base.iterdir():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                kids.add(json.loads((sub / "secret.json").read_text())["recipient-id_hex"])
+    device_id = secrets.token_hex(6)
+    while device_id in kids:  # the recipient id selects the context: unique per device
+        device_id = secrets.token_hex(6)
+    ctx_dir = base / name
+    ctx_dir.mkdir(parents=True, exist_ok=False)
+    os.chmod(ctx_dir, 0o700)
+    secret = secrets.token_hex(32)
+    salt = secrets.token_hex(8)
+    server_id = "00"
+    gateway_view = {
+        "sender-id_hex": server_id,
+        "recipient-id_hex": device_id,
+        "secret_hex": secret,
+        "salt_hex": salt,
+    }
+    path = ctx_dir / "secret.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(gateway_view, fh, indent=2)
+    return {
+        "sender-id_hex": device_id,
+        "recipient-id_hex": server_id,
+        "secret_hex": secret,
+        "salt_hex": salt,
+    }
+
+
+def _load_oscore(oscore_dir: Path) -> tuple[Any, dict[int, str]]:
+    """CredentialsMap of every context under ``oscore_dir``, and context id -> name."""
+    from aiocoap.credentials import CredentialsMap
+    from aiocoap.oscore import FilesystemSecurityContext
+
+    creds = CredentialsMap()
+    names: dict[int, str] = {}
+    if not oscore_dir.is_dir():
+        log.warning("coap.oscore_dir %s does not exist: no OSCORE devices", oscore_dir)
+        return creds, names
+    for sub in sorted(oscore_dir.iterdir()):
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        try:
+            ctx = FilesystemSecurityContext(str(sub) + "/")
+        except Exception as exc:  # noqa: BLE001 - one bad context must not stop the rest
+            log.error("OSCORE context %s not loaded: %s", sub, exc)
+            continue
+        creds[":" + sub.name] = ctx
+        names[id(ctx)] = sub.name
+    log.info("loaded %d OSCORE security contexts from %s", len(names), oscore_dir)
+    return creds, names
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class _Refusal(Exception):
+    """A request answered with an error code and a diagnostic payload."""
+
+    def __init__(self, code: Any, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+def _answer(code: Any, why: str = "") -> Any:
+    return aiocoap.Message(code=code, payload=why.encode())
+
+
+class CoapBroker:
+    """The state and logic shared by the CoAP resources of one gateway."""
+
+    def __init__(self, broker: Broker, gate: Gatekeeper, settings: CoapSettings) -> None:
+        self.broker = broker
+        self.gate = gate
+        self.settings = settings
+        self.oscore_names: dict[int, str] = {}
+        #: topics created through POST /ps (their "configuration"), in memory
+        self.created: set[str] = set()
+        self.observers: set[LocalClient] = set()
+        self._obs_seq = secrets.randbelow(1 << 23)
+        self._obs_ids = 0
+
+    # -- who is asking -------------------------------------------------------------
+
+    def identity(self, request: Any) -> tuple[str | None, str]:
+        """(username, client id) of a request; raises _Refusal when OSCORE is required."""
+        remote = request.remote
+        ctx = getattr(remote, "security_context", None)
+        name = self.oscore_names.get(id(ctx)) if ctx is not None else None
+        if name is None:
+            if ctx is not None or self.settings.require_oscore:
+                raise _Refusal(Code.UNAUTHORIZED, "OSCORE required")
+            remote_id = getattr(remote, "hostinfo", "?")
+            return None, f"coap:{remote_id}"
+        return name, f"coap:{name}"
+
+    def topic_of(self, path: tuple[str, ...]) -> str:
+        """The MQTT topic of a resource path below a prefix; raises _Refusal (4.00)."""
+        topic = "/".join(path)
+        if not path or not valid_topic_name(topic):
+            raise _Refusal(Code.BAD_REQUEST, "invalid topic")
+        return topic
+
+    def next_observe(self) -> int:
+        self._obs_seq = (self._obs_seq + 1) & 0xFFFFFF
+        return self._obs_seq
+
+    # -- publish ---------------------------------------------------------------------
+
+    def check_size(self, request: Any, assembled: bool = False) -> Any:
+        """A 4.13 response when the (announced, partly received or assembled) payload is
+        over ``max_payload``: checked on every Block1 block before it is spooled."""
+        limit = self.settings.max_payload
+        size = len(request.payload)
+        b1 = request.opt.block1
+        if b1 is not None and not assembled:
+            size += b1.start
+        if request.opt.size1 is not None and not assembled:
+            size = max(size, request.opt.size1)
+        if size <= limit:
+            return None
+        resp = _answer(Code.REQUEST_ENTITY_TOO_LARGE, f"payload over {limit} bytes")
+        resp.opt.size1 = limit
+        return resp
+
+    async def publish(self, request: Any, topic: str, retain: bool) -> Any:
+        """PUT/POST: publish to ``topic``, answer after the commit."""
+        username, client_id = self.identity(request)
+        if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
+            log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
+            raise _Refusal(Code.FORBIDDEN, "not authorised")
+        too_large = self.check_size(request, assembled=True)
+        if too_large is not None:
+            return too_large
+        props: dict[str, Any] = {}
+        cf = request.opt.content_format
+        if cf is not None:
+            content_type = content_type_for(int(cf))
+            if content_type is None:
+                raise _Refusal(Code.UNSUPPORTED_CONTENT_FORMAT, f"content-format {int(cf)}")
+            props["content_type"] = content_type
+            if _is_text(content_type):
+                try:
+                    request.payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Refusal(Code.BAD_REQUEST, "payload is not UTF-8") from None
+                props["payload_format_indicator"] = 1
+        if retain:
+            self.check_conditions(request, topic)
+        if retain and not request.payload:
+            # an empty retained message deletes the value: that is DELETE's job
+            raise _Refusal(Code.BAD_REQUEST, "empty payload (use DELETE to clear)")
+        qos = 1 if request.mtype == Type.CON else 0
+        msg = Message(topic, request.payload, qos, retain, props, None, client_id)
+        await self._commit(msg)
+        return aiocoap.Message(code=Code.CHANGED)
+
+    def check_conditions(self, request: Any, topic: str) -> None:
+        """If-None-Match / If-Match (RFC 7252 §5.10.8) against the retained value; no
+        ETags are issued, so an If-Match with an ETag never matches."""
+        current = self.broker.retained.get(topic)
+        exists = current is not None and bool(current.payload)
+        if request.opt.if_none_match and exists:
+            raise _Refusal(Code.PRECONDITION_FAILED, "topic has data")
+        if_match = request.opt.if_match
+        if if_match and (not exists or any(tag for tag in if_match)):
+            raise _Refusal(Code.PRECONDITION_FAILED, "no matching representation")
+
+    async def _commit(self, msg: Message) -> None:
+        try:
+            fut = publish(self.broker, msg)
+        except PublishRefused as exc:
+            raise _Refusal(Code.SERVICE_UNAVAILABLE, str(exc) or "refused") from None
+        if fut is not None:
+            try:
+                await fut
+            except Exception as exc:  # noqa: BLE001 - any store failure: not stored
+                log.warning("CoAP publication to %s not stored: %s", msg.topic, exc)
+                raise _Refusal(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}") from None
+
+    async def delete(self, request: Any, topic: str) -> Any:
+        """DELETE: clear the retained value (observers see the topic go away)."""
+        username, client_id = self.identity(request)
+        if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
+            raise _Refusal(Code.FORBIDDEN, "not authorised")
+        if topic in self.broker.retained:
+            qos = 1 if request.mtype == Type.CON else 0
+            await self._commit(Message(topic, b"", qos, True, {}, None, client_id))
+        return aiocoap.Message(code=Code.DELETED)
+
+    # -- read --------------------------------------------------------------------
+
+    def may_read(self, username: str | None, client_id: str, topic: str) -> bool:
+        if not self.gate.can_subscribe(username, client_id, topic):
+            return False
+        check = self.broker.read_check
+        return check is None or check(username, client_id, topic)
+
+    def representation(self, msg: Message) -> Any:
+        """A 2.05 response carrying ``msg``, in its content format."""
+        resp = aiocoap.Message(code=Code.CONTENT, payload=msg.payload)
+        cf = content_format_for(msg.properties.get("content_type"))
+        if cf is not None:
+            resp.opt.content_format = cf
+        return resp
+
+    def get(self, request: Any, topic: str) -> Any:
+        username, client_id = self.identity(request)
+        if not self.may_read(username, client_id, topic):
+            raise _Refusal(Code.FORBIDDEN, "not authorised")
+        msg = self.broker.retained.get(topic)
+        if msg is None or not msg.payload:
+            raise _Refusal(Code.NOT_FOUND, "no data published")
+        return self.representation(msg)
+
+    def known_topics(self) -> list[str]:
+        """Retained topics, exact subscriptions, created topics."""
+        topics = {t for t in self.broker.retained if not t.startswith("$")}
+        for session in self.broker.sessions.values():
+            for filt in session.subscriptions:
+                if not is_wildcard(filt) and not filt.startswith("$"):
+                    topics.add(filt)
+        topics |= self.created
+        return sorted(topics)
+
+    def conf(self, topic: str) -> dict[str, Any]:
+        """The topic resource's representation (draft's parameter names as keys)."""
+        out: dict[str, Any] = {
+            "topic-name": topic,
+            "topic-data": topic_href(DATA_PREFIX, topic),
+            "resource-type": RT_CONF,
+        }
+        msg = self.broker.retained.get(topic)
+        if msg is not None and msg.properties.get("content_type"):
+            out["topic-media-type"] = msg.properties["content_type"]
+        return out
+
+    # -- observe ---------------------------------------------------------------------
+
+    async def observe(self, pipe: Any, cache: Any, topic: str) -> None:
+        """GET with Observe: 0: an MQTT subscription whose deliveries become notifications."""
+        request = pipe.request
+        username, client_id = self.identity(request)
+        if not self.may_read(username, client_id, topic):
+            raise _Refusal(Code.FORBIDDEN, "not authorised")
+        queue: deque[Message] = deque(maxlen=OBSERVE_QUEUE)
+        wake = asyncio.Event()
+
+        def deliver(msg: Message, retained: bool) -> None:
+            queue.append(msg)
+            wake.set()
+
+        self._obs_ids += 1
+        lc = LocalClient(self.broker, f"{client_id}:obs{self._obs_ids}", deliver, username)
+        self.observers.add(lc)
+        try:
+            code = lc.subscribe(topic)
+            if code >= 0x80:
+                raise _Refusal(Code.BAD_REQUEST, "cannot subscribe")
+            if queue:
+                first = self._notification(request, cache, queue.popleft())
+            else:  # no value yet: the observation waits for the first publication
+                first = aiocoap.Message(code=Code.CONTENT)
+            first.opt.observe = self.next_observe()
+            pipe.add_response(first, is_last=False)
+            while True:
+                await wake.wait()
+                wake.clear()
+                while queue:
+                    msg = queue.popleft()
+                    if msg.retain and not msg.payload:  # topic data deleted
+                        pipe.add_response(_answer(Code.NOT_FOUND, "deleted"), is_last=True)
+                        return
+                    resp = self._notification(request, cache, msg)
+                    resp.opt.observe = self.next_observe()
+                    pipe.add_response(resp, is_last=False)
+        finally:
+            self.observers.discard(lc)
+            lc.close()
+
+    def _notification(self, request: Any, cache: Any, msg: Message) -> Any:
+        """A notification; too large for one datagram: its first block (RFC 7959 §2.6)."""
+        resp = self.representation(msg)
+        remote = request.remote
+        if len(resp.payload) <= remote.maximum_payload_size:
+            return resp
+        cache._completes[_extract_block_key(request)] = resp  # for the follow-up GETs
+        szx = remote.maximum_block_size_exp
+        if request.opt.block2 is not None:
+            szx = min(szx, request.opt.block2.size_exponent)
+        block = resp._extract_block(0, szx, remote.maximum_payload_size)
+        block.opt.size2 = len(resp.payload)
+        return block
+
+    def close_observers(self) -> None:
+        for lc in list(self.observers):
+            lc.close()
+        self.observers.clear()
+
+
+def _guard(fn: Any) -> Any:
+    """Turn _Refusal into its response."""
+
+    async def wrapped(self: Any, request: Any) -> Any:
+        try:
+            return await fn(self, request)
+        except _Refusal as exc:
+            return _answer(exc.code, str(exc))
+
+    return wrapped
+
+
+if aiocoap is not None:
+
+    class TopicData(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
+        """``/ps/data/<topic>``: publish, read, observe, delete."""
+
+        def __init__(self, core: CoapBroker) -> None:
+            super().__init__()
+            self.core = core
+
+        async def render_to_pipe(self, pipe: Any) -> None:
+            request = pipe.request
+            try:
+                if request.code == Code.GET and request.opt.observe == 0:
+                    topic = self.core.topic_of(request.opt.uri_path)
+                    await self.core.observe(pipe, self._block2, topic)
+                    return
+                if request.code in (Code.PUT, Code.POST):
+                    too_large = self.core.check_size(request)
+                    if too_large is not None:  # before assembling any more blocks
+                        pipe.add_response(too_large, is_last=True)
+                        return
+            except _Refusal as exc:
+                pipe.add_response(_answer(exc.code, str(exc)), is_last=True)
+                return
+            await aiocoap.interfaces.Resource._render_to_pipe(self, pipe)
+
+        @_guard
+        async def render_get(self, request: Any) -> Any:
+            return self.core.get(request, self.core.topic_of(request.opt.uri_path))
+
+        @_guard
+        async def render_put(self, request: Any) -> Any:
+            return await self.core.publish(request, self.core.topic_of(request.opt.uri_path),
+                                           retain=True)
+
+        @_guard
+        async def render_post(self, request: Any) -> Any:
+            return await self.core.publish(request, self.core.topic_of(request.opt.uri_path),
+                                           retain=False)
+
+        @_guard
+        async def render_delete(self, request: Any) -> Any:
+            return await self.core.delete(request, self.core.topic_of(request.opt.uri_path))
+
+    class TopicConf(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
+        """``/ps/conf/<topic>``: the topic resource (configuration)."""
+
+        def __init__(self, core: CoapBroker) -> None:
+            super().__init__()
+            self.core = core
+
+        @_guard
+        async def render_get(self, request: Any) -> Any:
+            import cbor2
+
+            core = self.core
+            topic = core.topic_of(request.opt.uri_path)
+            username, client_id = core.identity(request)
+            if not core.may_read(username, client_id, topic):
+                raise _Refusal(Code.FORBIDDEN, "not authorised")
+            if topic not in core.known_topics():
+                raise _Refusal(Code.NOT_FOUND, "no such topic")
+            return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(core.conf(topic)),
+                                   content_format=CONF_CONTENT_FORMAT)
+
+        @_guard
+        async def render_delete(self, request: Any) -> Any:
+            core = self.core
+            topic = core.topic_of(request.opt.uri_path)
+            resp = await core.delete(request, topic)
+            core.created.discard(topic)
+            return resp
+
+    class TopicCollection(aiocoap.resource.Resource):
+        """``/ps``: list topics (GET), create a topic (POST)."""
+
+        rt = RT_COLLECTION
+        ct = "40"
+
+        def __init__(self, core: CoapBroker) -> None:
+            super().__init__()
+            self.core = core
+
+        @_guard
+        async def render_get(self, request: Any) -> Any:
+            core = self.core
+            username, client_id = core.identity(request)
+            links = [
+                f'<{topic_href(CONF_PREFIX, t)}>;rt="{RT_CONF}"'
+                for t in core.known_topics()
+                if core.may_read(username, client_id, t)
+            ]
+            return aiocoap.Message(code=Code.CONTENT, payload=",".join(links).encode(),
+                                   content_format=40)
+
+        @_guard
+        async def render_post(self, request: Any) -> Any:
+            import cbor2
+
+            core = self.core
+            username, client_id = core.identity(request)
+            try:
+                spec = cbor2.loads(request.payload)
+                name = spec.get("topic-name", spec.get(0)) if isinstance(spec, dict) else None
+            except Exception:  # noqa: BLE001 - any decoding problem is the client's
+                name = None
+            if not isinstance(name, str):
+                raise _Refusal(Code.BAD_REQUEST, 'expected a CBOR map with "topic-name"')
+            topic = core.topic_of(tuple(name.split("/")))
+            if topic.startswith("$") or not (
+                core.gate.can_publish(username, client_id, topic)
+                or core.gate.can_subscribe(username, client_id, topic)
+            ):
+                raise _Refusal(Code.FORBIDDEN, "not authorised")
+            core.created.add(topic)
+            resp = aiocoap.Message(code=Code.CREATED, payload=cbor2.dumps(core.conf(topic)),
+                                   content_format=CONF_CONTENT_FORMAT)
+            resp.opt.location_path = (*CONF_PREFIX, *topic.split("/"))
+            return resp
+
+
+    class PubSubSite(aiocoap.resource.Site):
+        """The resource tree; answers 4.02 Bad Option to unrecognised critical options
+        (RFC 7252 §5.4.1), which aiocoap's Site would otherwise ignore."""
+
+        def __init__(self, data: TopicData, conf: TopicConf) -> None:
+            super().__init__()
+            self.subtrees: dict[str, Any] = {DATA_PREFIX[1]: data, CONF_PREFIX[1]: conf}
+            self.add_resource(list(DATA_PREFIX), data)
+            self.add_resource(list(CONF_PREFIX), conf)
+
+        async def render_to_pipe(self, pipe: Any) -> None:
+            request = pipe.request
+            for opt in request.opt.option_list():
+                number = int(opt.number)
+                if number & 1 and number not in HANDLED_OPTIONS:
+                    pipe.add_response(_answer(Code.BAD_OPTION, f"option {number}"),
+                                      is_last=True)
+                    return
+            path = request.opt.uri_path
+            if len(path) > 2 and path[0] == "ps" and request.opt.uri_path_abbrev is None:
+                sub = self.subtrees.get(path[1])
+                if sub is not None:
+                    # the Site would deep-copy the request to strip the path: a fifth of
+                    # the CPU time of a publication; strip it in place instead
+                    request.opt.uri_path = path[2:]
+                    await sub.render_to_pipe(pipe)
+                    return
+            await super().render_to_pipe(pipe)
+
+
+class CoapServer:
+    """The CoAP listeners of a gateway (one aiocoap context per ``coap.listen`` URL)."""
+
+    def __init__(self, broker: Broker, gate: Gatekeeper, settings: CoapSettings) -> None:
+        if aiocoap is None:
+            raise RuntimeError("CoAP needs the aiocoap package (pip install 'rapidmq-edge[coap]')")
+        self.settings = settings
+        self.core = CoapBroker(broker, gate, settings)
+        # A response not ready within EMPTY_ACK_DELAY (aiocoap: 0.1 s) is sent as an empty
+        # ACK plus a separate CON response: twice the datagrams, when a busy store makes
+        # commits slow. 1 s still stays well below the client's ACK_TIMEOUT (2-3 s).
+        from aiocoap.numbers.constants import TransportTuning
+
+        TransportTuning.EMPTY_ACK_DELAY = max(TransportTuning.EMPTY_ACK_DELAY, 1.0)
+        if not log.isEnabledFor(logging.DEBUG):
+            # aiocoap logs every block-wise step and client error at INFO: per request
+            for name in ("coap-server", "coap"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        self.contexts: list[Any] = []
+        self.bound: list[str] = []
+
+    def site(self) -> Any:
+        """The resource tree (wrapped for OSCORE when ``oscore_dir`` is set)."""
+        site = PubSubSite(TopicData(self.core), TopicConf(self.core))
+        site.add_resource([".well-known", "core"], aiocoap.resource.WKCResource(
+            site.get_resources_as_linkheader, impl_info=None))
+        site.add_resource(["ps"], TopicCollection(self.core))
+        if self.settings.oscore_dir is None:
+            return site
+        from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+
+        creds, self.core.oscore_names = _load_oscore(self.settings.oscore_dir)
+        return OscoreSiteWrapper(site, creds)
+
+    async def start(self) -> list[str]:
+        """Bind every endpoint (UDP only); return their URLs."""
+        site = self.site()
+        for ep in self.settings.listen:
+            ctx = await aiocoap.Context.create_server_context(
+                site, bind=(ep.host, ep.port), transports=["udp6"]
+            )
+            self.contexts.append(ctx)
+            url = f"coap://{ep.host}:{ep.port}" if ":" not in ep.host else (
+                f"coap://[{ep.host}]:{ep.port}")
+            self.bound.append(url)
+            log.info("CoAP listening on %s", url)
+        return self.bound
+
+    async def close(self) -> None:
+        """Stop serving and end every observation."""
+        self.core.close_observers()
+        for ctx in self.contexts:
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+        self.contexts.clear()
+
+
+__all__ = [
+    "CoapServer",
+    "CoapBroker",
+    "provision_device",
+    "content_type_for",
+    "content_format_for",
+]
