@@ -190,8 +190,28 @@ async def serve_websocket(
     )
 
 
+def openssl_offers_hybrid_mlkem() -> bool:
+    """True when the OpenSSL linked into Python negotiates X25519MLKEM768 by default.
+
+    OpenSSL >= 3.5 puts the hybrid group first in its default TLS 1.3 group list, so
+    the gateway leaves the groups alone (Python < 3.15 cannot set them anyway) and a
+    post-quantum key exchange happens whenever the client offers it.
+    """
+    return ssl.OPENSSL_VERSION_INFO >= (3, 5)
+
+
 def make_ssl_context(cert: str, key: str, client_ca: str | None, require: bool) -> ssl.SSLContext:
-    """A server TLS context: TLS 1.2+ (1.3 preferred), optional client certificates."""
+    """A server TLS context: TLS 1.2+ (1.3 preferred), optional client certificates.
+
+    Key exchange groups are OpenSSL's defaults: hybrid X25519MLKEM768 where the linked
+    OpenSSL offers it (see :func:`openssl_offers_hybrid_mlkem`), classical otherwise.
+    """
+    if not openssl_offers_hybrid_mlkem():
+        log.warning(
+            "TLS: %s has no ML-KEM groups; key exchange is classical (X25519). "
+            "Hybrid X25519MLKEM768 needs Python linked against OpenSSL >= 3.5",
+            ssl.OPENSSL_VERSION,
+        )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
