@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rapidmq_edge import __version__
+from rapidmq_edge import __version__, cli_crypto
 from rapidmq_edge.config import Config, ConfigError, load_config
 
 __all__ = ["main", "build_parser"]
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tremove = tsub.add_parser("remove", parents=[tsource], help="remove a token")
     tremove.add_argument("name", metavar="NAME")
     tsub.add_parser("list", parents=[tsource], help="list token names and their users")
+    cli_crypto.register(sub)
     return parser
 
 
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "token":
             return _cmd_token(args)
+        if cli_crypto.handles(args.command):
+            return cli_crypto.run(args)
         return _cmd_user(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
