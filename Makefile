@@ -23,7 +23,7 @@ LINT_PATHS := $(wildcard rapidmq_edge tests bench firmware_sim)
 # Debian packages providing the external peers used by the interop tests.
 APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server
 
-.PHONY: help venv system-deps run lint test bench clean distclean
+.PHONY: help venv system-deps run lint test bench models clean distclean
 
 help:
 	@echo "targets: run [CONFIG=FILE], test, lint, bench, venv, system-deps, clean, distclean"
@@ -85,6 +85,13 @@ test: system-deps venv lint
 
 bench: venv
 	$(PY) bench/mqtt_throughput.py
+
+# ------------------------------------------------------------------ models
+# Reproducible training of the shipped ONNX models (models/*.onnx, *.json, *.md) from
+# simulator runs generated in-process; needs the `train` extra (scikit-learn, skl2onnx).
+models: venv
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[train]'
+	$(PY) models/train.py
 
 # ------------------------------------------------------------------ cleanup
 # `clean` keeps .venv and data/ (the gateway's state); `distclean` also drops .venv.
