@@ -32,6 +32,9 @@ class CoapSettings:
     max_payload: int = 65536
     oscore_dir: Path | None = None  # per-device OSCORE security contexts
     require_oscore: bool = False
+    max_pending: int = 10000  # publications awaiting their commit; more: 4.29
+    retry_after: int = 2  # Max-Age (s) of 4.29 and 5.03 answers
+    dedup_entries: int = 100000  # remembered (remote, message id) responses
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +78,16 @@ def _endpoints(key: str, value: Any, schemes: tuple[str, ...]) -> tuple[Endpoint
 
 def parse_coap(data: object, base_dir: Path) -> CoapSettings:
     """Validate ``[coap]``."""
-    t = _Table(data, "coap", ("listen", "max_payload", "oscore_dir", "require_oscore"))
+    t = _Table(data, "coap", ("listen", "max_payload", "oscore_dir", "require_oscore",
+                              "max_pending", "retry_after", "dedup_entries"))
     return CoapSettings(
         listen=t.get("listen", lambda k, v: _endpoints(k, v, ("udp",)), ()),
         max_payload=t.get("max_payload", _int(16, 16 * 1024 * 1024), 65536),
         oscore_dir=t.get("oscore_dir", _path(base_dir), None),
         require_oscore=t.get("require_oscore", _bool, False),
+        max_pending=t.get("max_pending", _int(1, 1_000_000), 10000),
+        retry_after=t.get("retry_after", _int(1, 3600), 2),
+        dedup_entries=t.get("dedup_entries", _int(1000, 10_000_000), 100000),
     )
 
 

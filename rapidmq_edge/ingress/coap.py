@@ -4,21 +4,33 @@ Resources (every CoAP resource maps one-to-one onto an MQTT topic of the same br
 
 - ``/ps`` (``rt="core.ps core.ps.coll"``): the topic collection. GET lists the topic
   resources the client may read (retained topics, topics with exact subscriptions, topics
-  created through the collection) as link-format; POST with a CBOR map
-  ``{"topic-name": "a/b"}`` creates a topic resource (2.01, Location-Path ``ps/conf/a/b``).
+  created through the collection) as link-format (``?rt=core.ps.data``: their topic-data
+  resources); FETCH with a CBOR map of topic parameters lists the topics whose
+  representation contains all of them; POST with a topic configuration (CBOR map, the
+  draft's integer keys or parameter names: ``topic-name`` required, ``resource-type``
+  ``core.ps.data``, optional ``topic-content-format``, ``topic-type``, ``initialize``)
+  creates a topic resource (2.01, Location-Path ``ps/conf/a/b``; 4.00 when the name is in
+  use or a parameter is unknown or not implemented).
 - ``/ps/conf/<topic>`` (``rt="core.ps.conf"``): the topic resource. GET returns its
-  configuration (CBOR map: ``topic-name``, ``topic-data``, ``resource-type``,
-  ``topic-media-type``); DELETE removes the topic: the retained value is cleared and the
-  observers get a final 4.04.
+  configuration (CBOR map with integer keys: topic-name 0, topic-data 1, resource-type 2,
+  topic-content-format 3, topic-type 4, ...), FETCH with ``{10: [...]}`` (conf-filter) a part
+  of it; DELETE removes the topic: the retained value is cleared and the observers get a
+  final 4.04.
 - ``/ps/data/<topic>``: the topic-data resource (``core.ps.data``) of MQTT topic
-  ``<topic>``. PUT publishes the *last value* (MQTT retain = 1), POST publishes an event
-  (retain = 0); both are QoS 1 when sent as CON and QoS 0 as NON, and are answered
-  (2.04 Changed) only once the message is committed to every durable store (the session
-  store and the store-and-forward queue). GET returns the retained value (4.04 before any
-  value was published, as the draft's "half created" topic); GET with Observe is an MQTT
-  subscription through a :class:`~rapidmq_edge.broker.local.LocalClient` whose deliveries
-  become notifications. DELETE clears the retained value (2.02) and ends the observations
-  with 4.04.
+  ``<topic>``. PUT publishes the *last value* (MQTT retain = 1; 2.01 Created for the first
+  value of a topic, 2.04 after), POST publishes an event (retain = 0, 2.04); both are QoS 1
+  when sent as CON and QoS 0 as NON, and are answered only once the message is committed to
+  every durable store (the session store and the store-and-forward queue). GET returns the
+  retained value with an ETag (2.03 Valid when the request names it; 4.04 before any value,
+  as the draft's "half created" topic); GET with Observe is an MQTT subscription through a
+  :class:`~rapidmq_edge.broker.local.LocalClient` whose deliveries become notifications.
+  DELETE clears the retained value (2.02) and ends the observations with 4.04.
+
+Plain publications (PUT/POST without Block1, OSCORE or conditions) never reach aiocoap:
+the listener's socket is a :class:`~rapidmq_edge.coap.endpoint.UdpEndpoint` whose fast path
+(:mod:`.coap_fast`) publishes them with the same checks and answers, and sheds load with
+4.29 + Max-Age; everything else is served by the aiocoap resources below through the same
+socket.
 
 Content-Format and the MQTT 5 ``content_type`` property are translated both ways;
 text formats (text/plain, JSON, ...) also set ``payload_format_indicator`` = 1.
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -75,10 +88,22 @@ _ALIASES = {
     "application/json;charset=utf-8": 50,
 }
 #: the CBOR map of a topic resource; "application/core-pubsub+cbor" has no number yet, so
-#: the generic application/cbor (60) is used, with the draft's parameter names as keys
+#: the generic application/cbor (60) is used, with the draft's integer keys (below)
 CONF_CONTENT_FORMAT = 60
 RT_COLLECTION = "core.ps core.ps.coll"
 RT_CONF = "core.ps.conf"
+RT_DATA = "core.ps.data"
+#: draft-ietf-core-coap-pubsub "CoAP Pubsub Parameters": name -> CBOR key
+PARAMS = {
+    "topic-name": 0, "topic-data": 1, "resource-type": 2, "topic-content-format": 3,
+    "topic-type": 4, "expiration-date": 5, "max-subscribers": 6, "observer-check": 7,
+    "topic-history": 8, "initialize": 9, "conf-filter": 10,
+}
+PARAM_NAMES = {v: k for k, v in PARAMS.items()}
+#: parameters a client may set when creating a topic (the others are not implemented:
+#: 4.00, as the draft requires for unrecognised ones)
+SETTABLE = frozenset({"topic-name", "resource-type", "topic-content-format", "topic-type",
+                      "initialize"})
 #: critical options understood here (or by aiocoap below the resources): If-Match,
 #: Uri-Host, If-None-Match, Uri-Port, Uri-Path, Uri-Path-Abbrev, Uri-Query, Accept,
 #: Block2, Block1
@@ -199,15 +224,46 @@ def _load_oscore(oscore_dir: Path) -> tuple[Any, dict[int, str]]:
 
 
 class _Refusal(Exception):
-    """A request answered with an error code and a diagnostic payload."""
+    """A request answered with an error code, a diagnostic payload and maybe Max-Age."""
 
-    def __init__(self, code: Any, why: str) -> None:
+    def __init__(self, code: Any, why: str, max_age: int | None = None) -> None:
         super().__init__(why)
         self.code = code
+        self.max_age = max_age
 
 
-def _answer(code: Any, why: str = "") -> Any:
-    return aiocoap.Message(code=code, payload=why.encode())
+def _answer(code: Any, why: str = "", max_age: int | None = None) -> Any:
+    resp = aiocoap.Message(code=code, payload=why.encode())
+    if max_age is not None:
+        resp.opt.max_age = max_age
+    return resp
+
+
+def etag_of(msg: Message) -> bytes:
+    """The ETag of a topic's current value (RFC 7252 §5.10.6): 8 bytes of a hash of its
+    payload and content type, so equal representations have equal tags."""
+    h = hashlib.blake2b(msg.payload, digest_size=8)
+    h.update(b"\0" + str(msg.properties.get("content_type") or "").encode())
+    return h.digest()
+
+
+def _cbor_map(payload: bytes) -> dict[int, Any]:
+    """A pubsub parameter map (integer or name keys) with integer keys; raises _Refusal."""
+    import cbor2
+
+    try:
+        spec = cbor2.loads(payload) if payload else None
+    except Exception:  # noqa: BLE001 - any decoding problem is the client's
+        spec = None
+    if not isinstance(spec, dict):
+        raise _Refusal(Code.BAD_REQUEST, "expected a CBOR map of topic parameters")
+    out: dict[int, Any] = {}
+    for key, value in spec.items():
+        number = PARAMS.get(key) if isinstance(key, str) else key
+        if not isinstance(number, int) or isinstance(number, bool) or number not in PARAM_NAMES:
+            raise _Refusal(Code.BAD_REQUEST, f"unknown topic parameter {key!r}")
+        out[number] = value
+    return out
 
 
 class CoapBroker:
@@ -218,8 +274,8 @@ class CoapBroker:
         self.gate = gate
         self.settings = settings
         self.oscore_names: dict[int, str] = {}
-        #: topics created through POST /ps (their "configuration"), in memory
-        self.created: set[str] = set()
+        #: topics created through POST /ps -> their optional parameters, in memory
+        self.created: dict[str, dict[int, Any]] = {}
         self.observers: set[LocalClient] = set()
         self._obs_seq = secrets.randbelow(1 << 23)
         self._obs_ids = 0
@@ -296,31 +352,39 @@ class CoapBroker:
             raise _Refusal(Code.BAD_REQUEST, "empty payload (use DELETE to clear)")
         qos = 1 if request.mtype == Type.CON else 0
         msg = Message(topic, request.payload, qos, retain, props, None, client_id)
+        # the draft: the first publication to a topic (it had no data) is 2.01 Created
+        created = retain and self.current(topic) is None
         await self._commit(msg)
-        return aiocoap.Message(code=Code.CHANGED)
+        return aiocoap.Message(code=Code.CREATED if created else Code.CHANGED)
+
+    def current(self, topic: str) -> Message | None:
+        """The topic's data (its retained message), None when it has none."""
+        msg = self.broker.retained.get(topic)
+        return msg if msg is not None and msg.payload else None
 
     def check_conditions(self, request: Any, topic: str) -> None:
-        """If-None-Match / If-Match (RFC 7252 §5.10.8) against the retained value; no
-        ETags are issued, so an If-Match with an ETag never matches."""
-        current = self.broker.retained.get(topic)
-        exists = current is not None and bool(current.payload)
-        if request.opt.if_none_match and exists:
+        """If-None-Match / If-Match (RFC 7252 §5.10.8) against the retained value; an
+        If-Match ETag matches the tag GET responses carry (:func:`etag_of`)."""
+        current = self.current(topic)
+        if request.opt.if_none_match and current is not None:
             raise _Refusal(Code.PRECONDITION_FAILED, "topic has data")
         if_match = request.opt.if_match
-        if if_match and (not exists or any(tag for tag in if_match)):
+        if if_match and (current is None or not any(
+                not tag or tag == etag_of(current) for tag in if_match)):
             raise _Refusal(Code.PRECONDITION_FAILED, "no matching representation")
 
     async def _commit(self, msg: Message) -> None:
+        retry = self.settings.retry_after
         try:
             fut = publish(self.broker, msg)
         except PublishRefused as exc:
-            raise _Refusal(Code.SERVICE_UNAVAILABLE, str(exc) or "refused") from None
+            raise _Refusal(Code.SERVICE_UNAVAILABLE, str(exc) or "refused", retry) from None
         if fut is not None:
             try:
                 await fut
             except Exception as exc:  # noqa: BLE001 - any store failure: not stored
                 log.warning("CoAP publication to %s not stored: %s", msg.topic, exc)
-                raise _Refusal(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}") from None
+                raise _Refusal(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}", retry) from None
 
     async def delete(self, request: Any, topic: str) -> Any:
         """DELETE: clear the retained value (observers see the topic go away)."""
@@ -341,20 +405,28 @@ class CoapBroker:
         return check is None or check(username, client_id, topic)
 
     def representation(self, msg: Message) -> Any:
-        """A 2.05 response carrying ``msg``, in its content format."""
+        """A 2.05 response carrying ``msg``, in its content format, with its ETag."""
         resp = aiocoap.Message(code=Code.CONTENT, payload=msg.payload)
         cf = content_format_for(msg.properties.get("content_type"))
         if cf is not None:
             resp.opt.content_format = cf
+        resp.opt.etag = etag_of(msg)
         return resp
 
     def get(self, request: Any, topic: str) -> Any:
         username, client_id = self.identity(request)
         if not self.may_read(username, client_id, topic):
             raise _Refusal(Code.FORBIDDEN, "not authorised")
-        msg = self.broker.retained.get(topic)
-        if msg is None or not msg.payload:
+        msg = self.current(topic)
+        if msg is None:
+            if self.created.get(topic, {}).get(PARAMS["initialize"]) is True:
+                return aiocoap.Message(code=Code.CONTENT)  # created with "initialize"
             raise _Refusal(Code.NOT_FOUND, "no data published")
+        tag = etag_of(msg)
+        if tag in request.opt.etags:  # the client's cached copy is current (§5.10.6.2)
+            resp = aiocoap.Message(code=Code.VALID)
+            resp.opt.etag = tag
+            return resp
         return self.representation(msg)
 
     def known_topics(self) -> list[str]:
@@ -364,19 +436,64 @@ class CoapBroker:
             for filt in session.subscriptions:
                 if not is_wildcard(filt) and not filt.startswith("$"):
                     topics.add(filt)
-        topics |= self.created
+        topics.update(self.created)
         return sorted(topics)
 
-    def conf(self, topic: str) -> dict[str, Any]:
-        """The topic resource's representation (draft's parameter names as keys)."""
-        out: dict[str, Any] = {
-            "topic-name": topic,
-            "topic-data": topic_href(DATA_PREFIX, topic),
-            "resource-type": RT_CONF,
+    def conf(self, topic: str) -> dict[int, Any]:
+        """The topic resource's representation: the draft's CBOR map (integer keys)."""
+        out: dict[int, Any] = {
+            PARAMS["topic-name"]: topic,
+            PARAMS["topic-data"]: topic_href(DATA_PREFIX, topic),
+            PARAMS["resource-type"]: RT_DATA,
         }
-        msg = self.broker.retained.get(topic)
-        if msg is not None and msg.properties.get("content_type"):
-            out["topic-media-type"] = msg.properties["content_type"]
+        out.update(self.created.get(topic, {}))
+        msg = self.current(topic)
+        cf = content_format_for(msg.properties.get("content_type")) if msg else None
+        if cf is not None:
+            out[PARAMS["topic-content-format"]] = cf
+        return out
+
+    def create(self, request: Any) -> tuple[str, dict[int, Any]]:
+        """POST to the collection: validate a topic configuration, remember the topic."""
+        username, client_id = self.identity(request)
+        spec = _cbor_map(request.payload)
+        for key in spec:
+            if PARAM_NAMES[key] not in SETTABLE:
+                raise _Refusal(Code.BAD_REQUEST, f"{PARAM_NAMES[key]} is not supported")
+        name = spec.pop(PARAMS["topic-name"], None)
+        if not isinstance(name, str):
+            raise _Refusal(Code.BAD_REQUEST, 'expected a CBOR map with "topic-name"')
+        if spec.pop(PARAMS["resource-type"], RT_DATA) != RT_DATA:
+            raise _Refusal(Code.BAD_REQUEST, f'resource-type must be "{RT_DATA}"')
+        cf = spec.get(PARAMS["topic-content-format"])
+        if cf is not None and (not isinstance(cf, int) or isinstance(cf, bool)
+                               or content_type_for(cf) is None):
+            raise _Refusal(Code.BAD_REQUEST, "topic-content-format: unknown content format")
+        if not isinstance(spec.get(PARAMS["topic-type"], ""), str):
+            raise _Refusal(Code.BAD_REQUEST, "topic-type must be a text string")
+        if not isinstance(spec.get(PARAMS["initialize"], False), bool):
+            raise _Refusal(Code.BAD_REQUEST, "initialize must be a boolean")
+        topic = self.topic_of(tuple(name.split("/")))
+        if topic.startswith("$") or not (
+            self.gate.can_publish(username, client_id, topic)
+            or self.gate.can_subscribe(username, client_id, topic)
+        ):
+            raise _Refusal(Code.FORBIDDEN, "not authorised")
+        if topic in self.known_topics():
+            raise _Refusal(Code.BAD_REQUEST, "topic-name already in use")
+        self.created[topic] = spec
+        return topic, self.conf(topic)
+
+    def matching(self, username: str | None, client_id: str,
+                 wanted: dict[int, Any]) -> list[str]:
+        """Readable topics whose representation has every (key, value) of ``wanted``."""
+        out = []
+        for topic in self.known_topics():
+            if not self.may_read(username, client_id, topic):
+                continue
+            conf = self.conf(topic)
+            if all(key in conf and conf[key] == value for key, value in wanted.items()):
+                out.append(topic)
         return out
 
     # -- observe ---------------------------------------------------------------------
@@ -449,7 +566,7 @@ def _guard(fn: Any) -> Any:
         try:
             return await fn(self, request)
         except _Refusal as exc:
-            return _answer(exc.code, str(exc))
+            return _answer(exc.code, str(exc), exc.max_age)
 
     return wrapped
 
@@ -476,7 +593,7 @@ if aiocoap is not None:
                         pipe.add_response(too_large, is_last=True)
                         return
             except _Refusal as exc:
-                pipe.add_response(_answer(exc.code, str(exc)), is_last=True)
+                pipe.add_response(_answer(exc.code, str(exc), exc.max_age), is_last=True)
                 return
             await aiocoap.interfaces.Resource._render_to_pipe(self, pipe)
 
@@ -505,10 +622,7 @@ if aiocoap is not None:
             super().__init__()
             self.core = core
 
-        @_guard
-        async def render_get(self, request: Any) -> Any:
-            import cbor2
-
+        def _readable(self, request: Any) -> str:
             core = self.core
             topic = core.topic_of(request.opt.uri_path)
             username, client_id = core.identity(request)
@@ -516,7 +630,28 @@ if aiocoap is not None:
                 raise _Refusal(Code.FORBIDDEN, "not authorised")
             if topic not in core.known_topics():
                 raise _Refusal(Code.NOT_FOUND, "no such topic")
-            return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(core.conf(topic)),
+            return topic
+
+        @_guard
+        async def render_get(self, request: Any) -> Any:
+            import cbor2
+
+            conf = self.core.conf(self._readable(request))
+            return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(conf),
+                                   content_format=CONF_CONTENT_FORMAT)
+
+        @_guard
+        async def render_fetch(self, request: Any) -> Any:
+            """Part of the topic resource: ``{conf-filter: [names or keys]}``."""
+            import cbor2
+
+            conf = self.core.conf(self._readable(request))
+            wanted = _cbor_map(request.payload).get(PARAMS["conf-filter"])
+            if not isinstance(wanted, list):
+                raise _Refusal(Code.BAD_REQUEST, "expected a conf-filter array")
+            keys = {PARAMS.get(k, -1) if isinstance(k, str) else k for k in wanted}
+            part = {k: v for k, v in conf.items() if k in keys}
+            return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(part),
                                    content_format=CONF_CONTENT_FORMAT)
 
         @_guard
@@ -524,7 +659,7 @@ if aiocoap is not None:
             core = self.core
             topic = core.topic_of(request.opt.uri_path)
             resp = await core.delete(request, topic)
-            core.created.discard(topic)
+            core.created.pop(topic, None)
             return resp
 
     class TopicCollection(aiocoap.resource.Resource):
@@ -539,13 +674,27 @@ if aiocoap is not None:
 
         @_guard
         async def render_get(self, request: Any) -> Any:
+            """Links to the readable topic resources; with ``?rt=core.ps.data`` to their
+            topic-data resources instead."""
             core = self.core
             username, client_id = core.identity(request)
-            links = [
-                f'<{topic_href(CONF_PREFIX, t)}>;rt="{RT_CONF}"'
-                for t in core.known_topics()
-                if core.may_read(username, client_id, t)
-            ]
+            topics = core.matching(username, client_id, {})
+            if f"rt={RT_DATA}" in request.opt.uri_query:
+                links = [f'<{topic_href(DATA_PREFIX, t)}>;rt="{RT_DATA}";obs' for t in topics]
+            else:
+                links = [f'<{topic_href(CONF_PREFIX, t)}>;rt="{RT_CONF}"' for t in topics]
+            return aiocoap.Message(code=Code.CONTENT, payload=",".join(links).encode(),
+                                   content_format=40)
+
+        @_guard
+        async def render_fetch(self, request: Any) -> Any:
+            """Topics by properties: links to the topics whose representation contains
+            every parameter of the CBOR map in the request."""
+            core = self.core
+            username, client_id = core.identity(request)
+            wanted = _cbor_map(request.payload)
+            links = [f'<{topic_href(CONF_PREFIX, t)}>;rt="{RT_CONF}"'
+                     for t in core.matching(username, client_id, wanted)]
             return aiocoap.Message(code=Code.CONTENT, payload=",".join(links).encode(),
                                    content_format=40)
 
@@ -553,23 +702,8 @@ if aiocoap is not None:
         async def render_post(self, request: Any) -> Any:
             import cbor2
 
-            core = self.core
-            username, client_id = core.identity(request)
-            try:
-                spec = cbor2.loads(request.payload)
-                name = spec.get("topic-name", spec.get(0)) if isinstance(spec, dict) else None
-            except Exception:  # noqa: BLE001 - any decoding problem is the client's
-                name = None
-            if not isinstance(name, str):
-                raise _Refusal(Code.BAD_REQUEST, 'expected a CBOR map with "topic-name"')
-            topic = core.topic_of(tuple(name.split("/")))
-            if topic.startswith("$") or not (
-                core.gate.can_publish(username, client_id, topic)
-                or core.gate.can_subscribe(username, client_id, topic)
-            ):
-                raise _Refusal(Code.FORBIDDEN, "not authorised")
-            core.created.add(topic)
-            resp = aiocoap.Message(code=Code.CREATED, payload=cbor2.dumps(core.conf(topic)),
+            topic, conf = self.core.create(request)
+            resp = aiocoap.Message(code=Code.CREATED, payload=cbor2.dumps(conf),
                                    content_format=CONF_CONTENT_FORMAT)
             resp.opt.location_path = (*CONF_PREFIX, *topic.split("/"))
             return resp
@@ -624,6 +758,8 @@ class CoapServer:
             for name in ("coap-server", "coap"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.contexts: list[Any] = []
+        self.endpoints: list[Any] = []  # coap.endpoint.UdpEndpoint, one per listen URL
+        self.fast: list[Any] = []  # coap_fast.FastPublisher of each endpoint
         self.bound: list[str] = []
 
     def site(self) -> Any:
@@ -640,12 +776,24 @@ class CoapServer:
         return OscoreSiteWrapper(site, creds)
 
     async def start(self) -> list[str]:
-        """Bind every endpoint (UDP only); return their URLs."""
+        """Bind every endpoint (UDP only); return their URLs.
+
+        Each endpoint's socket is a :class:`~rapidmq_edge.coap.endpoint.UdpEndpoint`:
+        plain publications take the fast path (:mod:`.coap_fast`, not when OSCORE is
+        required), every other message goes to aiocoap serving :meth:`site`.
+        """
+        from ..coap.endpoint import open_endpoint
+        from .coap_fast import FastPublisher
+
         site = self.site()
         for ep in self.settings.listen:
-            ctx = await aiocoap.Context.create_server_context(
-                site, bind=(ep.host, ep.port), transports=["udp6"]
-            )
+            endpoint, ctx = await open_endpoint(ep.host, ep.port, site)
+            if not self.settings.require_oscore:
+                fast = FastPublisher(self.core.broker, self.core.gate, self.settings,
+                                     endpoint, content_type_for, _is_text)
+                endpoint.fast = fast
+                self.fast.append(fast)
+            self.endpoints.append(endpoint)
             self.contexts.append(ctx)
             url = f"coap://{ep.host}:{ep.port}" if ":" not in ep.host else (
                 f"coap://[{ep.host}]:{ep.port}")
