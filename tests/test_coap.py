@@ -132,8 +132,8 @@ class RawClient:
         self.sock.close()
 
 
-def wait_coap(port: int, timeout: float = 10.0) -> None:
-    """Until the gateway answers GET /.well-known/core on ``port``."""
+def wait_coap(port: int, timeout: float = 20.0, gw: GatewayProcess | None = None) -> None:
+    """Until the gateway answers GET /.well-known/core on ``port`` (its log in the error)."""
     c = RawClient(port)
     try:
         deadline = time.monotonic() + timeout
@@ -141,7 +141,8 @@ def wait_coap(port: int, timeout: float = 10.0) -> None:
             r = c.request(1, ".well-known/core", timeout=0.3)
             if r is not None and r["code"] == "2.05":
                 return
-        raise RuntimeError(f"CoAP on port {port} does not answer")
+        log = gw.log()[-3000:] if gw is not None else ""
+        raise RuntimeError(f"CoAP on port {port} does not answer\n{log}")
     finally:
         c.close()
 
@@ -181,7 +182,7 @@ class CoapGateway:
         extra = coap_cfg.pop("extra", {})
         cfg = {"coap": {"listen": [f"udp://{LOOPBACK}:{self.coap_port}"], **coap_cfg}, **extra}
         self.gw = factory(config=cfg)
-        wait_coap(self.coap_port)
+        wait_coap(self.coap_port, gw=self.gw)
 
     def url(self, path: str) -> str:
         return f"coap://{LOOPBACK}:{self.coap_port}/{path.lstrip('/')}"
