@@ -4,7 +4,15 @@ Measured side by side in one run: plain (no protection, the reference), session 
 (Sealer/Opener), single-shot HPKE per message, Merkle batch signing at N = 1/64/256/1024 (sign
 side and verify side, per message), and the two backends' ML-DSA-65 sign/verify.
 
+Forwarding path (bench/crypto_forwarding.py): ``gateway_path`` = the gateway's real protected
+put (``pipeline.protect.Protector``: envelope at enqueue, leaf, batch signing, chain rows in the
+queue transaction) minus plain ``ForwardQueue.put``, process CPU per message and bytes per
+message at N = 1/64/256/1024, plus the cloud consumer's cost and the primitives' floor;
+``forwarding_throughput`` = devices -> gateway -> Mosquitto msg/s with ``encrypt = sign = true``
+vs off, alternating runs.
+
     .venv/bin/python bench/crypto_overhead.py [--payload 256] [--messages 20000] [--quick]
+        [--throughput-messages 20000] [--rounds 2] [--skip-throughput]
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rapidmq_edge.crypto.backend import available_backends, get_backend  # noqa: E402
 from rapidmq_edge.crypto.batch import BatchBuilder, message_leaf, verify_batch  # noqa: E402
@@ -177,10 +186,20 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--quick", action="store_true", help="2,000 messages")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--throughput-messages", type=int,
+                    help="per end-to-end run (20000; quick 5000)")
+    ap.add_argument("--rounds", type=int, default=2, help="end-to-end runs per mode (2)")
+    ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     n = 2000 if args.quick else args.messages
     load_before = os.getloadavg()
     result = bench(args.payload, n)
+    from crypto_forwarding import forwarding_throughput, gateway_path
+
+    result["gateway_path"] = gateway_path(args.payload, 4096 if args.quick else 16384)
+    if not args.skip_throughput:
+        result["forwarding_throughput"] = forwarding_throughput(
+            args.throughput_messages or (5000 if args.quick else 20000), args.rounds)
     doc = {
         "benchmark": "crypto_overhead",
         "payload_bytes": args.payload,

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None,
                     help="directory for labels.jsonl, clients.jsonl, outages.jsonl, run.json, "
                          "stats.json")
+    ap.add_argument("--e2e-recipient", type=Path, default=None, metavar="FILE",
+                    help="seal device payloads end to end (HPKE) to this cloud recipient "
+                         "COSE_Key (keys export-public recipient --out FILE)")
     ap.add_argument("--dry-run", action="store_true",
                     help="generate and write the labels only, send nothing")
     return ap
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = RunnerConfig(host=args.host, port=args.port, coap_port=args.coap_port,
                        time_scale=args.time_scale, out_dir=args.out)
+    if args.e2e_recipient is not None:
+        from .e2e import DeviceSealer
+
+        cfg.e2e = DeviceSealer.from_file(args.e2e_recipient)
     try:
         stats = asyncio.run(run_fleet(run, cfg))
     except KeyboardInterrupt:

@@ -51,6 +51,8 @@ class RunnerConfig:
     out_dir: Path | None = None
     #: stop after this many simulated seconds (None = the whole scenario)
     duration: float | None = None
+    #: firmware_sim.e2e.DeviceSealer: seal payloads end to end to the cloud (None = plain)
+    e2e: Any = None
 
 
 @dataclass
@@ -286,7 +288,8 @@ class FleetRunner:
         elif a.action == "publish":
             m = a.message
             if m is not None:
-                c.publish(m.topic, m.payload, m.qos, m.retain)
+                payload = self.cfg.e2e.seal(m.topic, m.payload) if self.cfg.e2e else m.payload
+                c.publish(m.topic, payload, m.qos, m.retain)
             else:
                 c.publish(a.topic, b"x" * a.size, 0, False)
             self.stats.mqtt_published += 1
@@ -307,7 +310,8 @@ class FleetRunner:
         import aiocoap
         from aiocoap.numbers.codes import Code
 
-        req = aiocoap.Message(code=Code.POST, payload=m.payload,
+        payload = self.cfg.e2e.seal(m.topic, m.payload) if self.cfg.e2e else m.payload
+        req = aiocoap.Message(code=Code.POST, payload=payload,
                               uri=f"coap://{self.cfg.host}:{self.cfg.coap_port}/ps/data/{m.topic}")
         req.opt.content_format = _COAP_CF[m.content_format]
         async with self._coap_sem:

@@ -188,6 +188,17 @@ class BatchBuilder:
         self._leaves.append(leaf)
         return len(self._leaves) - 1
 
+    def add_leaves(self, first_id: str, last_id: str, leaves: Sequence[bytes]) -> None:
+        """Add many precomputed 32-byte leaf hashes at once (ids of the first and last)."""
+        if not leaves:
+            return
+        if any(len(leaf) != HASH_SIZE for leaf in leaves):
+            raise ValueError("leaf hashes must be 32 bytes")
+        if self._first is None:
+            self._first = first_id
+        self._last = last_id
+        self._leaves.extend(leaves)
+
     def add(self, message_id: str, topic: str, payload: bytes) -> int:
         """Add one forwarded message; returns its index in the open batch."""
         return self.add_leaf(message_id, message_leaf(message_id, topic, payload))

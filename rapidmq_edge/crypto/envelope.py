@@ -54,6 +54,7 @@ __all__ = [
     "encode_envelope",
     "message_aad",
     "parse_session_header",
+    "tstr",
 ]
 
 SESSION_ID_SIZE = 8
@@ -84,9 +85,34 @@ def _bstr(data: bytes) -> bytes:
     return bytes(cbor2.dumps(data))
 
 
+def tstr(text: str) -> bytes:
+    """CBOR text string (major type 3) — same bytes as ``cbor2.dumps(text)``, faster."""
+    data = text.encode()
+    n = len(data)
+    if n < 24:
+        return bytes((0x60 + n,)) + data
+    if n < 256:
+        return bytes((0x78, n)) + data
+    if n < 65536:
+        return b"\x79" + n.to_bytes(2, "big") + data
+    return bytes(cbor2.dumps(text))
+
+
 # CBOR heads of fixed shape (tests compare with cose.enc_structure / cbor2 encodings):
 _ENC0_PREFIX = b"\x83\x68Encrypt0\x40"  # ["Encrypt0", h'', ...
 _ENV_PREFIX = b"\x83\x40\xa2\x04\x48"  # [h'', {4: <8-byte bstr>...
+_EXT_HEAD = bytes((0x87, AAD_VERSION, 3, 0x48))  # [1, 3 (A256GCM), <8-byte sid>...
+#: CBOR byte-string heads for lengths 0..255
+_BSTR_HEADS = [bytes((0x40 + n,)) if n < 24 else bytes((0x58, n)) for n in range(256)]
+#: Partial IV as a CBOR byte string, for seq < 256 (the first 256 messages of a session)
+_PIV_BSTR = [bytes((0x41, i)) for i in range(256)]
+
+
+def _piv_bstr(seq: int) -> bytes:
+    if seq < 256:
+        return _PIV_BSTR[seq]
+    n = (seq.bit_length() + 7) // 8
+    return bytes((0x40 + n,)) + seq.to_bytes(n, "big")
 
 
 def message_aad(
@@ -245,6 +271,11 @@ class Sealer:
         self._keys: SessionKeys | None = None
         self._aead: AESGCM | None = None
         self._header = b""
+        self._gw_t = tstr(gateway_id)
+        self._civ = 0  # common IV as an integer (nonce = civ XOR seq)
+        self._ext_head = b""  # external_aad head up to the session id
+        self._env_head = b""  # envelope head up to the Partial IV label
+        self._topics: dict[str, bytes] = {}  # topic -> CBOR text string (bounded)
         self._created = 0.0
         self._seq = 0
         self.sessions_started = 0
@@ -261,6 +292,9 @@ class Sealer:
         self._header = build_session_header(self.recipient, info, secret)
         self._keys = SessionKeys.derive(secret, info.session_id)
         self._aead = AESGCM(self._keys.key)
+        self._civ = int.from_bytes(self._keys.common_iv, "big")
+        self._ext_head = _EXT_HEAD + info.session_id
+        self._env_head = _ENV_PREFIX + info.session_id + b"\x06"
         self._created = created
         self._seq = 0
         self.sessions_started += 1
@@ -296,20 +330,58 @@ class Sealer:
         self.recipient = recipient
         self._keys = None
 
+    @property
+    def header(self) -> bytes:
+        """The header of the session the last envelope belongs to (no side effect)."""
+        return self._header
+
+    def topic_tstr(self, topic: str) -> bytes:
+        """``topic`` as a CBOR text string, cached (devices reuse their topics)."""
+        t = self._topics.get(topic)
+        if t is None:
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            t = self._topics[topic] = tstr(topic)
+        return t
+
+    def seal_raw(self, plaintext: bytes, topic_t: bytes, message_id_t: bytes) -> bytes:
+        """Fast path of :meth:`seal`: returns only the envelope (same bytes).
+
+        ``topic_t`` / ``message_id_t`` are CBOR text strings (:func:`tstr`,
+        :meth:`topic_tstr`). Renews the session when due; compare :attr:`header` before and
+        after to see whether a new session header must be delivered first.
+        """
+        seq = self._seq
+        if (
+            self._keys is None or seq >= self.max_messages
+            or self._clock() - self._created >= self.max_age
+        ):
+            self._new_session()
+            seq = 0
+        self._seq = seq + 1
+        piv_b = _PIV_BSTR[seq] if seq < 256 else _piv_bstr(seq)
+        ext = b"".join((self._ext_head, piv_b, topic_t, self._gw_t, message_id_t))
+        n = len(ext)
+        aad = b"".join((_ENC0_PREFIX, _BSTR_HEADS[n] if n < 256 else _bstr(ext)[:-n], ext))
+        ct = self._aead.encrypt(  # type: ignore[union-attr]
+            (self._civ ^ seq).to_bytes(NONCE_SIZE, "big"), plaintext, aad
+        )
+        n = len(ct)
+        return b"".join((
+            self._env_head, piv_b,
+            _BSTR_HEADS[n] if n < 256 else b"\x59" + n.to_bytes(2, "big") if n < 65536
+            else _bstr(ct)[:-n],
+            ct,
+        ))
+
     def seal(self, plaintext: bytes, *, topic: str, message_id: str) -> SealedMessage:
         """Encrypt ``plaintext``, binding ``topic``, the gateway id and ``message_id``."""
-        new = self._needs_session()
-        if new:
-            self._new_session()
-        keys, aead = self._keys, self._aead
-        assert keys is not None and aead is not None
-        seq = self._seq
-        self._seq = seq + 1
-        piv = _piv(seq)
-        aad = message_aad(keys.session_id, piv, topic, self.gateway_id, message_id)
-        ct = aead.encrypt(keys.nonce(seq), plaintext, aad)
-        envelope = encode_envelope(keys.session_id, piv, ct)
-        return SealedMessage(envelope, keys.session_id, seq, self._header, new)
+        before = self._header
+        envelope = self.seal_raw(plaintext, self.topic_tstr(topic), tstr(message_id))
+        keys = self._keys
+        assert keys is not None
+        new = self._header is not before
+        return SealedMessage(envelope, keys.session_id, self._seq - 1, self._header, new)
 
 
 # ----------------------------------------------------------------------------- Opener

@@ -1,0 +1,299 @@
+"""The forwarding-path parts of ``bench/crypto_overhead.py`` (issue 5).
+
+* :func:`gateway_path`: per-message CPU and bytes of ``pipeline.protect.Protector`` (sealing at
+  enqueue, leaf, batch signing, chain rows written in the queue's transaction) against plain
+  ``ForwardQueue.put`` (the reference), same process, same queue settings, at batch sizes
+  1/64/256/1024; plus the consumer's verify + decrypt cost (``cloud.verify.Ingest``). CPU is
+  ``time.process_time()`` (all threads: the SQLite writer thread is included).
+* :func:`forwarding_throughput`: devices (bench/loadgen.py, QoS 1, 256 B) -> gateway -> upstream
+  Mosquitto -> loadgen subscriber, the same gateway config with ``encrypt = sign = true`` vs
+  without, alternating runs (off, on, off, on...) in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rapidmq_edge.cloud.verify import Ingest  # noqa: E402
+from rapidmq_edge.config_forward import ForwardRule, UpstreamSettings  # noqa: E402
+from rapidmq_edge.config_security import SecuritySettings  # noqa: E402
+from rapidmq_edge.crypto.envelope import Sealer  # noqa: E402
+from rapidmq_edge.crypto.keystore import KeyStore  # noqa: E402
+from rapidmq_edge.pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, Protector  # noqa: E402
+from rapidmq_edge.store.forward_queue import ForwardQueue  # noqa: E402
+
+GW = "bench-gw"
+PREFIX = f"edge/{GW}/"
+CHUNK = 256  # messages between group commits (the broker acks a commit group at once)
+
+
+def _keys(tmp: Path) -> tuple[KeyStore, KeyStore]:
+    gw, cloud = KeyStore(tmp / "gw-keys"), KeyStore(tmp / "cloud-keys")
+    gw.create_identity()
+    cloud.create_recipient()
+    gw.import_recipient_public(cloud.public_cose("recipient"))
+    return gw, cloud
+
+
+async def _run_queue(
+    path: Path, n: int, payload: bytes, topics: list[str], keys_dir: Path | None,
+    batch_size: int,
+) -> tuple[float, list[tuple[str, bytes, str]]]:
+    """Put ``n`` messages (protected when ``keys_dir``); CPU seconds and the stored rows."""
+    q = ForwardQueue(path, durability="normal", commit_delay=0.002)
+    prot = None
+    rule = ForwardRule("sensors/#", "cloud", encrypt=True, sign=True)
+    if keys_dir is not None:
+        prot = Protector(
+            GW, SecuritySettings(batch_size=batch_size, batch_max_age=3600.0), [rule],
+            [UpstreamSettings("cloud", ("mqtt://127.0.0.1:1",), topic_prefix=PREFIX)],
+            q, keys_dir,
+        )
+    t0 = time.process_time()
+    for start in range(0, n, CHUNK):
+        for i in range(start, min(n, start + CHUNK)):
+            if prot is not None:
+                prot.put(rule, topics[i & 63], payload, 1, None, None)
+            else:
+                q.put("cloud", 2, topics[i & 63], payload, 1, None, None)
+        fut = q.commit_future()
+        if fut is not None:
+            await fut
+    if prot is not None:
+        prot.seal()
+    fut = q.commit_future()
+    if fut is not None:
+        await fut
+    cpu = time.process_time() - t0
+    rows = []
+    for m in q.fetch("cloud", n + 10_000):
+        rows.append((m.topic, m.payload, f"{GW}:{m.id}"))
+    await q.close()
+    return cpu, rows
+
+
+def gateway_path(payload_size: int, n: int) -> dict[str, Any]:
+    """Per-message gateway CPU/bytes of the protected path vs plain put; consumer cost."""
+    tmp = Path(tempfile.mkdtemp(prefix="pqwire-bench-"))
+    try:
+        gw, cloud = _keys(tmp)
+        payload = os.urandom(payload_size)
+        topics = [f"{PREFIX}plant/line{i % 8}/dev{i}/temp" for i in range(64)]
+        out: dict[str, Any] = {"chunk": CHUNK}
+        base_cpu, base_rows = asyncio.run(
+            _run_queue(tmp / "plain.db", n, payload, topics, None, 1))
+        base_bytes = sum(len(p) for _, p, _ in base_rows)
+        out["plain_put"] = {"cpu_us": round(base_cpu / n * 1e6, 3)}
+        recipients = cloud.recipient_keyring()
+        identities = gw.verifier_keyring()
+        sizes: dict[str, Any] = {}
+        for size in (1, 64, 256, 1024):
+            m = min(n, 600) if size == 1 else n
+            runs = []
+            for r in range(2):
+                cpu, rows = asyncio.run(_run_queue(
+                    tmp / f"prot-{size}-{r}.db", m, payload, topics, gw.directory, size))
+                b_cpu, _ = asyncio.run(_run_queue(
+                    tmp / f"plain-{size}-{r}.db", m, payload, topics, None, size))
+                runs.append((cpu - b_cpu) / m * 1e6)
+            data = [x for x in rows if "/plant/" in x[0]]
+            extra = sum(len(p) for _, p, _ in rows) - base_bytes * m // n
+            ctl = {suffix: sum(len(p) for t, p, _ in rows if t.endswith(suffix))
+                   for suffix in (BATCH_SUFFIX, SESSION_SUFFIX)}
+            # consumer: verify batches + leaves, decrypt, dedup
+            ing = Ingest(identities, recipients, prefix="edge/{gateway_id}/", grace=3600)
+            t0 = time.process_time()
+            for topic, body, mid in rows:
+                ing.publish(topic, body, mid)
+            verified, reports = ing.poll()
+            c_cpu = time.process_time() - t0
+            assert len(verified) == len(data) == m and not reports, (len(verified), reports)
+            sizes[str(size)] = {
+                "messages": m,
+                "gateway_cpu_us_per_msg": round(statistics.median(runs), 3),
+                "gateway_cpu_us_runs": [round(x, 3) for x in runs],
+                "consumer_cpu_us_per_msg": round(c_cpu / m * 1e6, 3),
+                "bytes_per_msg": round(extra / m, 2),
+                "bytes_breakdown_per_msg": {
+                    "envelope": round((sum(len(p) for _, p, _ in data) - payload_size * m) / m, 2),
+                    "batch_messages": round(ctl[BATCH_SUFFIX] / m, 2),
+                    "session_headers": round(ctl[SESSION_SUFFIX] / m, 2),
+                },
+            }
+        out["batch_sizes"] = sizes
+        out["primitive_floor_us_at_N1024"] = primitive_floor(payload_size)
+        out["seal_and_leaf_before_after"] = envelope_before_after(payload_size)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def primitive_floor(payload_size: int) -> dict[str, float]:
+    """What the C primitives alone cost per message (best of 7): AES-256-GCM of the payload,
+    SHA-256 of the envelope + the leaf, one Merkle node, ML-DSA-65 sign / 1024."""
+    import hashlib
+    import timeit
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from rapidmq_edge.crypto.keys import GatewayIdentity
+
+    aead, nonce, aad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(70)
+    payload, env, leaf_in = os.urandom(payload_size), os.urandom(payload_size + 35), os.urandom(80)
+    node = os.urandom(65)
+    ident = GatewayIdentity.generate()
+    sha = hashlib.sha256
+
+    def best(fn: Any, number: int) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
+
+    parts = {
+        "aes_gcm": best(lambda: aead.encrypt(nonce, payload, aad), 20000),
+        "sha256_envelope_and_leaf": best(lambda: sha(leaf_in + sha(env).digest()).digest(), 20000),
+        "merkle_node": best(lambda: sha(node).digest(), 20000),
+        "mldsa65_sign_per_1024": best(lambda: ident.sign(b"x" * 100), 20) / 1024,
+    }
+    parts["total"] = sum(parts.values())
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def envelope_before_after(payload_size: int, n: int = 20000) -> dict[str, float]:
+    """Per-message seal + leaf: the original composition (generic CBOR ``message_aad`` /
+    ``encode_envelope`` / ``SealedMessage`` / ``message_leaf``, still in the package) vs the
+    fast path the gateway uses (``Sealer.seal_raw`` + fused leaf). Best of 5, same process."""
+    import timeit
+
+    from rapidmq_edge.crypto.batch import message_leaf
+    from rapidmq_edge.crypto.envelope import (
+        SealedMessage,
+        _piv,
+        encode_envelope,
+        message_aad,
+        tstr,
+    )
+    from rapidmq_edge.crypto.keys import RecipientKey
+    from rapidmq_edge.pipeline.protect import fast_leaf
+
+    sealer = Sealer(RecipientKey.generate().public(), GW, max_messages=1 << 40)
+    sealer.session_header  # noqa: B018 - start the session
+    payload = os.urandom(payload_size)
+    topic = f"{PREFIX}plant/line1/dev7/temp"
+    keys, aead = sealer._keys, sealer._aead
+    assert keys is not None and aead is not None
+    seq = iter(range(10**9))
+
+    def before() -> None:
+        s = next(seq)
+        mid = f"{GW}:{s}"
+        piv = _piv(s)
+        ct = aead.encrypt(keys.nonce(s), payload, message_aad(keys.session_id, piv, topic, GW, mid))
+        m = SealedMessage(encode_envelope(keys.session_id, piv, ct), keys.session_id, s,
+                          sealer.header, False)
+        message_leaf(mid, topic, m.envelope)
+
+    def after() -> None:
+        mid = f"{GW}:{next(seq)}"
+        mid_t = tstr(mid)
+        env = sealer.seal_raw(payload, sealer.topic_tstr(topic), mid_t)
+        fast_leaf(mid, topic, env)
+
+    def best(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
+
+    b, a = best(before), best(after)
+    return {"before_us": round(b, 3), "after_us": round(a, 3), "speedup": round(b / a, 2)}
+
+
+def _gateway_render(data: Path, up_port: int, gw_id: str, keys: Path | None, batch: int) -> Any:
+    def render(port: int) -> str:
+        text = (
+            f'[gateway]\nid = "{gw_id}"\ndata_dir = "{data}"\nlog_level = "warning"\n'
+            f'[mqtt]\nlisten = ["tcp://127.0.0.1:{port}"]\nsys_interval = 1.0\n'
+            "[auth]\nallow_anonymous = true\n"
+            f'[[upstream]]\nname = "cloud"\nurls = ["mqtt://127.0.0.1:{up_port}"]\n'
+            'keep_alive = 30\n[[forward]]\nfilter = "sensors/#"\nupstream = "cloud"\nqos = 1\n'
+        )
+        if keys is not None:
+            text += "encrypt = true\nsign = true\n"
+        text += '[queue]\ndurability = "fsync"\ncommit_delay_ms = 5.0\n'
+        if keys is not None:
+            text += f'[security]\nkeys_dir = "{keys}"\nbatch_size = {batch}\n'
+        return text
+
+    return render
+
+
+def forwarding_throughput(messages: int, rounds: int, publishers: int = 4) -> dict[str, Any]:
+    """End-to-end msg/s and gateway CPU per message, security on vs off, alternating."""
+    try:
+        from bench import store_forward as sf
+    except ImportError:  # run as a script from bench/
+        import store_forward as sf  # type: ignore[no-redef]
+
+    tmp = Path(tempfile.mkdtemp(prefix="pqwire-fwd-"))
+    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    procs: list[Any] = []
+    try:
+        gw_keys, _cloud = _keys(tmp)
+        up = sf.Proc(name="upstream", kind="mosquitto", workdir=tmp / "up", mosquitto_bin=mosq,
+                     python=sys.executable, start_timeout=10.0, render=sf.upstream_conf(None))
+        procs.append(up)
+        if not up.start():
+            return {"error": f"upstream: {up.error}"}
+        entries = {}
+        for label, keys in (("off", None), ("on", gw_keys.directory)):
+            gid = f"bench-{label}"
+            p = sf.Proc(name=f"gateway-{label}", kind="rapidmq", workdir=tmp / label,
+                        mosquitto_bin=mosq, python=sys.executable, start_timeout=20.0,
+                        render=_gateway_render(tmp / label / "data", up.port, gid, keys, 1024))
+            procs.append(p)
+            if not p.start():
+                return {"error": f"gateway {label}: {p.error}"}
+            entries[label] = (p, gid)
+        ns = argparse.Namespace(timeout=120.0, idle_timeout=10.0, publishers=publishers,
+                                window=100)
+        for p, gid in entries.values():
+            sf.warmup(p, up, f"edge/{gid}", ns)
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        for r in range(rounds):
+            for label in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                p, gid = entries[label]
+                tag = f"r{r}{label}"
+                c0 = p.cpu()
+                res = sf.flow(p, up, f"edge/{gid}/sensors/{tag}/#", f"sensors/{tag}/t",
+                              messages, ns)
+                res["gateway_cpu_us_per_msg"] = round((p.cpu() - c0) / messages * 1e6, 2)
+                runs[label].append(res)
+        out: dict[str, Any] = {"messages_per_run": messages, "rounds": rounds,
+                               "publishers": publishers}
+        for label, rs in runs.items():
+            rates = [x["msg_per_s"] for x in rs if x.get("msg_per_s")]
+            out[label] = {
+                "msg_per_s_runs": rates,
+                "msg_per_s_median": round(statistics.median(rates), 1) if rates else None,
+                "gateway_cpu_us_per_msg_runs": [x["gateway_cpu_us_per_msg"] for x in rs],
+                "lost": sum(x.get("lost", 0) for x in rs),
+            }
+        on, off = out["on"]["msg_per_s_median"], out["off"]["msg_per_s_median"]
+        if on and off:
+            out["ratio_on_vs_off"] = round(on / off, 3)
+            out["gateway_cpu_us_per_msg_delta"] = round(
+                statistics.median(out["on"]["gateway_cpu_us_per_msg_runs"])
+                - statistics.median(out["off"]["gateway_cpu_us_per_msg_runs"]), 2)
+        out["target"] = {"ratio_on_vs_off": 0.8}
+        return out
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

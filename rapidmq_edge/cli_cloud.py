@@ -1,0 +1,91 @@
+"""Command line of the cloud side: ``rapidmq-edge cloud ingest ...``.
+
+Exit code: 0 when everything received was verified and nothing is missing, 1 when anything
+was reported (tampered, unverifiable, wrong key, missing message or batch, chain broken,
+replay), 2 on a usage or key error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["handles", "register", "run"]
+
+#: report kinds that are not failures
+_BENIGN = {"verified", "batches", "sessions", "duplicates", "received"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``cloud`` to the top-level subparsers."""
+    cloud = sub.add_parser("cloud", help="cloud-side consumer of protected forwarded data")
+    csub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION")
+    p = csub.add_parser("ingest", help="subscribe, verify batches, decrypt, write, report")
+    p.add_argument("--upstream", required=True, metavar="URL", help="mqtt://host:port")
+    p.add_argument("--keys-dir", required=True, type=Path, metavar="DIR",
+                   help="recipient keys (keys init --recipient) and trusted identity keys")
+    p.add_argument("--trust", type=Path, action="append", default=[], metavar="FILE",
+                   help="gateway identity COSE_Key to trust (keys export-public identity)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE",
+                   help="verified messages: FILE.jsonl or FILE.sqlite")
+    p.add_argument("--reports", type=Path, metavar="FILE", help="reports as JSON lines")
+    p.add_argument("--prefix", default="edge/{gateway_id}/",
+                   help="the gateways' upstream topic prefix (default: %(default)s)")
+    p.add_argument("--group", metavar="NAME", help="shared-subscription group (scale out)")
+    p.add_argument("--client-id", metavar="ID")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--grace", type=float, default=5.0, metavar="S",
+                   help="wait this long for a batch / message / session before reporting")
+    p.add_argument("--chain-start", type=int, metavar="SEQ",
+                   help="first batch seq expected (default: the first one seen)")
+    p.add_argument("--idle-exit", type=float, metavar="S",
+                   help="exit after S seconds without traffic (default: run until signalled)")
+
+
+def handles(command: str) -> bool:
+    """True for the commands this module runs."""
+    return command == "cloud"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``cloud ingest``."""
+    from .cloud.ingest import IngestOptions, run_ingest
+    from .crypto.errors import CryptoError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    opts = IngestOptions(
+        upstream=args.upstream, keys_dir=args.keys_dir, out=args.out, trust=tuple(args.trust),
+        prefix=args.prefix, group=args.group, client_id=args.client_id,
+        username=args.username, password=args.password, reports=args.reports,
+        grace=args.grace, chain_start=args.chain_start, idle_exit=args.idle_exit,
+    )
+
+    async def main() -> dict[str, int]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(run_ingest(opts, stop=stop, ready=ready))
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            print("cloud ingest: subscribed", file=sys.stderr, flush=True)
+        waiter.cancel()
+        return await task
+
+    try:
+        counts = asyncio.run(main())
+    except (CryptoError, OSError, ValueError) as exc:
+        print(f"rapidmq-edge cloud ingest: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts, sort_keys=True))
+    return 1 if any(v for k, v in counts.items() if k not in _BENIGN) else 0

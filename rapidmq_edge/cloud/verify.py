@@ -1,0 +1,392 @@
+"""Cloud-side verification of forwarded messages (sans-I/O): batches, leaves, envelopes.
+
+:class:`Ingest` is fed what arrives from the upstream broker (``publish(topic, payload,
+message_id)``) and a clock (``poll(now)``); it returns :class:`Verified` messages — each one
+covered by a batch whose ML-DSA-65 signature verified and whose leaf matches the bytes
+received — and :class:`Report` events for everything else. Nothing unverifiable is ever
+returned as verified: it is reported (tampered, unverifiable, wrong key, missing...).
+
+Report kinds: ``tampered`` (bytes do not match the signed leaf, AEAD fails, bad batch
+signature or manifest), ``wrong-key`` (session header / device envelope for a key not held,
+batch signed by an unknown identity), ``unverifiable`` (no signed batch covers the message
+within ``grace`` seconds, or its session header never came), ``missing-message`` (a signed
+batch lists an id that did not arrive within ``grace``), ``missing-batch`` (a gap in the batch
+sequence), ``chain-broken`` (prev_root does not link), ``replay`` (an envelope sequence number
+accepted before), ``duplicate`` (same id again; dropped, informational).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..crypto.batch import BatchHeader, verify_batch
+from ..crypto.e2e import device_context, is_device_envelope, open_device_message
+from ..crypto.envelope import Opener, parse_envelope
+from ..crypto.errors import (
+    CryptoError,
+    MalformedError,
+    ReplayError,
+    SignatureError,
+    TamperedError,
+    UnknownKeyError,
+    WrongRecipientError,
+)
+from ..crypto.keys import RecipientKeyring, VerifierKeyring
+from ..crypto.merkle import MerkleTree
+from ..pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, decode_batch_message, fast_leaf
+
+__all__ = ["Ingest", "Report", "Verified"]
+
+HEARTBEAT_SUFFIX = "_heartbeat"
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A message whose origin and integrity were proven; ``payload`` is the plaintext."""
+
+    message_id: str
+    gateway_id: str
+    topic: str
+    payload: bytes
+    batch: int
+    encrypted: bool
+    device_e2e: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """Something that was not accepted, or is missing."""
+
+    kind: str
+    detail: str
+    message_id: str | None = None
+    gateway_id: str | None = None
+    batch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class _Batch:
+    header: BatchHeader
+    ids: list[str]
+    index: dict[str, int]
+    leaves: list[bytes] | None
+    arrived: float
+    done: set[str] = field(default_factory=set)
+    reported: bool = False
+
+
+@dataclass
+class _Gateway:
+    batches: dict[int, _Batch] = field(default_factory=dict)
+    owner: dict[str, int] = field(default_factory=dict)  # message id -> batch seq
+    checked_to: int | None = None  # highest seq whose link to the previous was checked
+    low: int | None = None  # first batch seq of this chain seen (or expected)
+
+
+class Ingest:
+    """Verification state of one consumer (all gateways whose identities are trusted)."""
+
+    def __init__(
+        self,
+        identities: VerifierKeyring,
+        recipients: RecipientKeyring,
+        *,
+        prefix: str = "edge/{gateway_id}/",
+        grace: float = 5.0,
+        chain_start: int | None = None,
+        seen: Callable[[str], bool] | None = None,
+        report_missing: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.identities = identities
+        self.opener = Opener(recipients, replay_window=1 << 16)
+        self.recipients = recipients
+        self.prefix = prefix
+        self.grace = grace
+        self.chain_start = chain_start
+        self.seen = seen or (lambda mid: False)
+        self.report_missing = report_missing
+        self.clock = clock
+        self.gateways: dict[str, _Gateway] = {}
+        self.delivered: set[str] = set()
+        self._arrived: set[str] = set()  # ids seen (verified or not) of batches not yet closed
+        self._waiting: dict[str, list[tuple[str, bytes, float]]] = {}
+        self._no_session: dict[str, tuple[str, bytes, _Batch, float]] = {}
+        #: session headers / batches for keys not held (yet): retried after set_keys
+        self._held: list[tuple[str, bytes, float, str]] = []
+        self.counts: dict[str, int] = {"verified": 0, "batches": 0, "sessions": 0}
+        self._out: list[Verified] = []
+        self._reports: list[Report] = []
+
+    # -- input -------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, message_id: str | None) -> None:
+        """One PUBLISH from the upstream (``message_id`` = the ``rmq-id`` user property)."""
+        last = topic.rsplit("/", 1)[-1]
+        if last == SESSION_SUFFIX:
+            self._session(payload)
+        elif last == BATCH_SUFFIX:
+            self._batch(payload)
+        elif last == HEARTBEAT_SUFFIX:
+            return
+        elif message_id is None or ":" not in message_id:
+            self._report("unverifiable", f"message on {topic!r} has no rmq-id user property")
+        else:
+            self._message(topic, payload, message_id)
+
+    def set_keys(self, identities: VerifierKeyring, recipients: RecipientKeyring) -> None:
+        """New key rings (rotation); held session headers and batches are retried."""
+        self.identities = identities
+        self.recipients = self.opener.keyring = recipients
+        held, self._held = self._held, []
+        for kind, payload, t0, _detail in held:
+            (self._session if kind == "session" else self._batch)(payload, t0)
+
+    def poll(self, now: float | None = None) -> tuple[list[Verified], list[Report]]:
+        """Time-based reports (past ``grace``) and everything produced since the last poll."""
+        now = self.clock() if now is None else now
+        keep = []
+        for item in self._held:
+            if now - item[2] >= self.grace:
+                self._report("wrong-key", item[3])
+            else:
+                keep.append(item)
+        self._held = keep
+        for mid, cands in list(self._waiting.items()):
+            if now - cands[0][2] < self.grace:
+                continue
+            del self._waiting[mid]
+            seq = self._owner_any(mid).get(mid)
+            if seq is None:
+                self._report("unverifiable", "no signed batch covers this message", mid, _gw(mid))
+            else:  # "ids" manifest: a batch verifies only as a whole
+                self._report("unverifiable", "its signed batch is incomplete (ids manifest: "
+                             "every message of the batch is needed)", mid, _gw(mid), seq)
+        for mid, (_t, _p, b, t0) in list(self._no_session.items()):
+            if now - t0 >= self.grace:
+                del self._no_session[mid]
+                self._report("unverifiable", "session header never arrived", mid, _gw(mid),
+                             b.header.seq)
+        for gw_id, gw in self.gateways.items():
+            self._check_chain(gw_id, gw, now)
+            for b in gw.batches.values():
+                if b.reported or now - b.arrived < self.grace:
+                    continue
+                b.reported = True
+                arrived = self._arrived
+                lost = [m for m in b.ids if m not in arrived and not self.seen(m)]
+                for m in lost if self.report_missing else ():
+                    self._report("missing-message", "listed in a signed batch, never arrived",
+                                 m, gw_id, b.header.seq)
+                # closed: later copies are caught by the sink (seen) instead of memory
+                arrived.difference_update(b.ids)
+                self.delivered.difference_update(b.ids)
+        out, reports = self._out, self._reports
+        self._out, self._reports = [], []
+        return out, reports
+
+    def finish(self) -> tuple[list[Verified], list[Report]]:
+        """Report everything still pending as if ``grace`` had passed."""
+        return self.poll(self.clock() + self.grace + 1e9)
+
+    # -- sessions and batches ----------------------------------------------------------
+
+    def _session(self, payload: bytes, t0: float | None = None) -> None:
+        try:
+            info = self.opener.add_session(payload)
+        except WrongRecipientError as exc:
+            self._hold("session", payload, t0, f"session header: {exc}")
+            return
+        except CryptoError as exc:
+            self._report("tampered", f"session header: {exc}")
+            return
+        self.counts["sessions"] += 1
+        for mid, (topic, data, b, _t0) in list(self._no_session.items()):
+            if _sid_of(data) == info.session_id:
+                del self._no_session[mid]
+                self._accept(topic, data, mid, b)
+
+    def _hold(self, kind: str, payload: bytes, t0: float | None, detail: str) -> None:
+        if not any(h[1] == payload for h in self._held):
+            self._held.append((kind, payload, self.clock() if t0 is None else t0, detail))
+
+    def _batch(self, payload: bytes, t0: float | None = None) -> None:
+        try:
+            signed, qids, leaves = decode_batch_message(payload)
+            header = verify_batch(signed, self.identities)
+        except UnknownKeyError as exc:
+            self._hold("batch", payload, t0, f"batch signed by an untrusted identity: {exc}")
+            return
+        except (SignatureError, MalformedError) as exc:
+            self._report("tampered", f"batch: {exc}")
+            return
+        gw_id = header.gateway_id
+        ids = [f"{gw_id}:{q}" for q in qids]
+        if len(ids) != header.count or not ids or ids[0] != header.first_id \
+                or ids[-1] != header.last_id:
+            self._report("tampered", "batch manifest ids do not match the signed header",
+                         gateway_id=gw_id, batch=header.seq)
+            return
+        leaf_list = None
+        if leaves is not None:
+            leaf_list = [leaves[i:i + 32] for i in range(0, len(leaves), 32)]
+            if len(leaf_list) != header.count or MerkleTree(leaf_list).root != header.root:
+                self._report("tampered", "batch manifest leaves do not hash to the signed root",
+                             gateway_id=gw_id, batch=header.seq)
+                return
+        gw = self.gateways.setdefault(gw_id, _Gateway())
+        old = gw.batches.get(header.seq)
+        if old is not None:
+            if old.header != header:
+                self._report("tampered", f"two different signed batches with seq {header.seq} "
+                             "(forked chain)", gateway_id=gw_id, batch=header.seq)
+            return  # a copy (shared + direct subscription, redelivery)
+        b = _Batch(header, ids, {m: i for i, m in enumerate(ids)}, leaf_list, self.clock())
+        gw.batches[header.seq] = b
+        self.counts["batches"] += 1
+        for m in ids:
+            gw.owner[m] = header.seq
+        if leaf_list is None:
+            self._try_whole(b)
+            return
+        for m in ids:
+            for topic, data, _t in self._waiting.pop(m, ()):
+                self._try(topic, data, m, b)
+
+    def _check_chain(self, gw_id: str, gw: _Gateway, now: float) -> None:
+        seqs = sorted(gw.batches)
+        if gw.low is None:
+            gw.low = self.chain_start if self.chain_start is not None else seqs[0]
+        prev: _Batch | None = None
+        expect = gw.low
+        for s in seqs:
+            if s < gw.low:
+                continue
+            b = gw.batches[s]
+            if gw.checked_to is not None and s <= gw.checked_to:
+                prev, expect = b, s + 1
+                continue
+            if s != expect:
+                if now - b.arrived < self.grace:
+                    return  # the missing ones may still come (class 0 drains newest first)
+                self._report("missing-batch", f"batches {expect}..{s - 1} never arrived",
+                             gateway_id=gw_id, batch=expect)
+            elif prev is not None and b.header.prev_root != prev.header.root:
+                self._report("chain-broken", f"batch {s} does not link to batch {s - 1}",
+                             gateway_id=gw_id, batch=s)
+            gw.checked_to, prev, expect = s, b, s + 1
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _owner_any(self, mid: str) -> dict[str, int]:
+        gw = self.gateways.get(_gw(mid))
+        return gw.owner if gw is not None else {}
+
+    def _message(self, topic: str, payload: bytes, mid: str) -> None:
+        if mid in self.delivered or self.seen(mid):
+            self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
+            return
+        self._arrived.add(mid)
+        gw = self.gateways.get(_gw(mid))
+        seq = gw.owner.get(mid) if gw is not None else None
+        if gw is None or seq is None:
+            self._waiting.setdefault(mid, []).append((topic, payload, self.clock()))
+            return
+        b = gw.batches[seq]
+        if b.leaves is None:
+            self._waiting.setdefault(mid, []).append((topic, payload, self.clock()))
+            self._try_whole(b)
+        else:
+            self._try(topic, payload, mid, b)
+
+    def _try(self, topic: str, payload: bytes, mid: str, b: _Batch) -> None:
+        assert b.leaves is not None
+        if mid in self.delivered:
+            self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
+            return
+        if fast_leaf(mid, topic, payload) != b.leaves[b.index[mid]]:
+            self._report("tampered", f"topic or payload does not match the signed leaf "
+                         f"({len(payload)} B on {topic!r})", mid, b.header.gateway_id,
+                         b.header.seq)
+            return
+        self._accept(topic, payload, mid, b)
+
+    def _try_whole(self, b: _Batch) -> None:
+        """``ids`` manifest: verify once every listed message has arrived (all or nothing)."""
+        if not all(m in self._waiting for m in b.ids if m not in b.done):
+            return
+        picks = {m: self._waiting[m][0] for m in b.ids if m not in b.done}
+        leaves = [fast_leaf(m, picks[m][0], picks[m][1]) for m in b.ids]
+        for m in picks:
+            del self._waiting[m]
+        if MerkleTree(leaves).root != b.header.root:
+            for m in picks:
+                self._report("tampered", "batch messages do not hash to the signed root",
+                             m, b.header.gateway_id, b.header.seq)
+            b.done.update(picks)
+            return
+        for m, (topic, payload, _t) in picks.items():
+            self._accept(topic, payload, m, b)
+
+    def _accept(self, topic: str, payload: bytes, mid: str, b: _Batch) -> None:
+        """The bytes are the ones the gateway signed: decrypt (if sealed) and emit."""
+        gw_id = b.header.gateway_id
+        encrypted = False
+        try:
+            sid = _sid_of(payload)
+            if sid is not None:
+                if not self.opener.knows(sid):
+                    self._no_session[mid] = (topic, payload, b, self.clock())
+                    return
+                payload = self.opener.open(payload, topic=topic, message_id=mid).plaintext
+                encrypted = True
+            device = is_device_envelope(payload)
+            if device:
+                local = _local_topic(self.prefix, gw_id, topic)
+                payload = open_device_message(
+                    self.recipients, payload, device_context("", local)
+                )
+        except ReplayError as exc:
+            self._report("replay", str(exc), mid, gw_id, b.header.seq)
+            return
+        except WrongRecipientError as exc:
+            self._report("wrong-key", str(exc), mid, gw_id, b.header.seq)
+            return
+        except (TamperedError, CryptoError) as exc:
+            self._report("tampered", str(exc), mid, gw_id, b.header.seq)
+            return
+        b.done.add(mid)
+        self.delivered.add(mid)
+        self.counts["verified"] += 1
+        self._out.append(Verified(mid, gw_id, topic, payload, b.header.seq, encrypted, device))
+
+    def _report(self, kind: str, detail: str, message_id: str | None = None,
+                gateway_id: str | None = None, batch: int | None = None) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._reports.append(Report(kind, detail, message_id, gateway_id, batch))
+
+
+def _gw(mid: str) -> str:
+    return mid.rsplit(":", 1)[0]
+
+
+def _sid_of(payload: bytes) -> bytes | None:
+    """Session id if ``payload`` is a gateway session envelope, else None."""
+    if not payload.startswith(b"\x83\x40\xa2\x04\x48"):
+        return None
+    try:
+        return parse_envelope(payload)[0]
+    except MalformedError:
+        return None
+
+
+def _local_topic(prefix: str, gateway_id: str, topic: str) -> str:
+    p = prefix.replace("{gateway_id}", gateway_id)
+    return topic[len(p):] if topic.startswith(p) else topic

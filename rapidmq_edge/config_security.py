@@ -1,0 +1,75 @@
+"""``[security]``: post-quantum protection of forwarded messages (issue 5).
+
+Per rule, ``[[forward]] encrypt`` / ``sign`` switch protection on; this table says where the
+keys are and how batches and sessions are cut. Validated like the rest of the configuration
+(same error messages, see :mod:`rapidmq_edge.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from .config import _choice, _err, _float, _int, _path, _Table
+
+__all__ = ["MANIFESTS", "SecuritySettings", "parse_security"]
+
+#: what a published batch carries besides the signed header (see docs/crypto.md)
+MANIFESTS = ("leaves", "ids")
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    """``[security]``; ``keys_dir`` None = ``<data_dir>/keys``."""
+
+    keys_dir: Path | None = None
+    passphrase_file: Path | None = None
+    batch_size: int = 1024
+    batch_max_age: float = 1.0
+    session_max_messages: int = 1 << 20
+    session_max_age: float = 3600.0
+    manifest: Literal["leaves", "ids"] = "leaves"
+
+
+def parse_security(data: object, base_dir: Path) -> SecuritySettings:
+    """Validate the ``[security]`` table."""
+    t = _Table(data, "security", (
+        "keys_dir", "passphrase_file", "batch_size", "batch_max_age", "session_max_messages",
+        "session_max_age", "manifest",
+    ))
+    path = _path(base_dir)
+    return SecuritySettings(
+        keys_dir=t.get("keys_dir", path, None),
+        passphrase_file=t.get("passphrase_file", path, None),
+        batch_size=t.get("batch_size", _int(1, 1 << 20), 1024),
+        batch_max_age=t.get("batch_max_age", _float(0.01, 86400.0), 1.0),
+        session_max_messages=t.get("session_max_messages", _int(1, 1 << 40), 1 << 20),
+        session_max_age=t.get("session_max_age", _float(1.0, 30 * 86400.0), 3600.0),
+        manifest=cast(Literal["leaves", "ids"], t.get("manifest", _choice(*MANIFESTS), "leaves")),
+    )
+
+
+def check_protected_rules(rules: Any, upstreams: Any) -> None:
+    """Rules with ``encrypt``/``sign``: MQTT 5 upstreams (the message id travels as the
+    ``rmq-id`` user property), ``encrypt`` only with ``sign``, one signed upstream."""
+    protocol = {u.name: u.protocol for u in upstreams}
+    signed: set[str] = set()
+    for i, r in enumerate(rules):
+        if r.encrypt and not r.sign:
+            raise _err(
+                f"forward[{i}].sign",
+                "must be true when encrypt is true (sessions are not sender-authenticated; "
+                "the signed batches are what the cloud consumer verifies)",
+            )
+        if (r.encrypt or r.sign) and protocol.get(r.upstream) != 5:
+            raise _err(
+                f"forward[{i}].upstream",
+                f"encrypt/sign need an MQTT 5 upstream (protocol = 5); {r.upstream!r} is not",
+            )
+        if r.sign:
+            signed.add(r.upstream)
+    if len(signed) > 1:
+        raise _err(
+            "forward", f"sign = true rules must all go to one upstream, got {sorted(signed)}"
+        )

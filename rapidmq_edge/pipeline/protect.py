@@ -1,0 +1,442 @@
+"""Post-quantum protection on the forwarding path: envelopes at enqueue, signed batch chain.
+
+The forwarder hands messages of ``encrypt``/``sign`` rules to :class:`Protector.put` instead of
+the queue. Decisions (docs/crypto.md, "Gateway integration"):
+
+* **Sealing at enqueue time.** The envelope (bound to topic, gateway id and the message id
+  ``gateway:queue-id``, known before ``put`` via ``ForwardQueue.next_id``) is what the queue
+  stores, so the bytes hashed into the batch leaf are exactly the bytes forwarded, on every
+  retry and after a restart. A session header is queued (class 0, ``{prefix}_session``) before
+  the first envelope of each session.
+* **Chain records in the queue's own transaction.** The chain tables (``batches`` as in
+  :mod:`~rapidmq_edge.crypto.batchlog`, so ``audit verify`` reads it, ``chain_pending``, ``meta``)
+  live in ``forward.db``; ``ForwardQueue.write_hook`` writes a message's leaf, or a sealed batch, in
+  the same SQLite transaction as the queue row it belongs to. After ``kill -9`` a message row
+  exists iff its leaf (pending or in a batch) exists, and a batch exists iff its upstream
+  header message is queued: the device is acked only after that commit, so every acked
+  message is forwarded and is either in a signed batch or pending.
+* **Batches** are sealed on the event loop when ``batch_size`` leaves are open or the oldest is
+  ``batch_max_age`` old; the published header (``{prefix}_batch``, class 0, never
+  ``drop_oldest``) is a queue row, forwarded only once committed. Its payload is
+  ``[COSE_Sign1, id runs, leaves or null]`` (:func:`encode_batch_message`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from ..config_forward import ForwardRule, UpstreamSettings
+from ..config_security import SecuritySettings
+from ..crypto.batch import GENESIS_ROOT, BatchBuilder, SignedBatch, parse_signed_header
+from ..crypto.batchlog import _SCHEMA as CHAIN_SCHEMA
+from ..crypto.envelope import Sealer, tstr
+from ..crypto.errors import BatchError, KeyFileError, MalformedError
+from ..crypto.keys import GatewayIdentity, RecipientPublicKey
+from ..crypto.keystore import KeyStore
+from ..store.forward_queue import ForwardQueue, QueueFull
+
+__all__ = [
+    "BATCH_SUFFIX",
+    "SESSION_SUFFIX",
+    "Protector",
+    "decode_batch_message",
+    "encode_batch_message",
+    "fast_leaf",
+    "id_runs",
+    "runs_to_ids",
+]
+
+log = logging.getLogger(__name__)
+
+SESSION_SUFFIX = "_session"
+BATCH_SUFFIX = "_batch"
+PASSPHRASE_ENV = "RAPIDMQ_KEY_PASSPHRASE"
+_sha256 = hashlib.sha256
+_TSTR_HEADS = [bytes((0x60 + n,)) for n in range(24)]
+
+
+def fast_leaf(message_id: str, topic: str, payload: bytes) -> bytes:
+    """``crypto.batch.message_leaf`` without the generic CBOR encoder (same bytes; tested)."""
+    data = b"\x00\x83" + tstr(message_id) + tstr(topic) + b"\x58\x20"
+    return _sha256(data + _sha256(payload).digest()).digest()
+
+
+def id_runs(seqs: Sequence[int]) -> list[int]:
+    """Increasing queue ids as flat ``[start, length, start, length, ...]``."""
+    out: list[int] = []
+    for s in seqs:
+        if out and out[-2] + out[-1] == s:
+            out[-1] += 1
+        else:
+            out += [s, 1]
+    return out
+
+
+def runs_to_ids(runs: Sequence[int]) -> list[int]:
+    """Inverse of :func:`id_runs`; MalformedError on a bad shape."""
+    if len(runs) % 2 or not all(isinstance(v, int) and v >= 0 for v in runs):
+        raise MalformedError("batch message: id runs must be pairs of unsigned integers")
+    out: list[int] = []
+    for i in range(0, len(runs), 2):
+        if runs[i + 1] > 1 << 24:
+            raise MalformedError("batch message: id run too long")
+        out.extend(range(runs[i], runs[i] + runs[i + 1]))
+    return out
+
+
+def encode_batch_message(batch: SignedBatch, seqs: Sequence[int], leaves: bool) -> bytes:
+    """Upstream payload of a batch: ``[COSE_Sign1, id runs, leaves (n*32 B) or null]``."""
+    return bytes(
+        cbor2.dumps([batch.signed, id_runs(seqs), b"".join(batch.leaves) if leaves else None])
+    )
+
+
+def decode_batch_message(data: bytes) -> tuple[bytes, list[int], bytes | None]:
+    """``(signed header, queue ids, leaves or None)``; MalformedError on any deviation."""
+    from ..crypto import cose
+
+    arr = cose.as_array(cose.decode_strict(data, "batch message"), 3, "batch message")
+    signed = cose.as_bytes(arr[0], "batch message header")
+    if not isinstance(arr[1], list):
+        raise MalformedError("batch message: id runs must be an array")
+    leaves = arr[2]
+    if leaves is not None and (not isinstance(leaves, bytes) or len(leaves) % 32):
+        raise MalformedError("batch message: leaves must be n * 32 bytes or null")
+    return signed, runs_to_ids(arr[1]), leaves
+
+
+#: leaves not yet in a signed batch: one row per commit group (ids as int64 array, n*32 B)
+_PENDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chain_pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, qids BLOB NOT NULL, leaves BLOB NOT NULL);
+"""
+
+
+class Protector:
+    """Seals and logs the messages of protected rules; see the module docstring."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        settings: SecuritySettings,
+        rules: Sequence[ForwardRule],
+        upstreams: Sequence[UpstreamSettings],
+        queue: ForwardQueue,
+        keys_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.settings = settings
+        self.queue = queue
+        self.clock = clock
+        self.store = KeyStore(keys_dir)
+        self.passphrase = self._passphrase()
+        self.prefix = {
+            u.name: u.topic_prefix.replace("{gateway_id}", gateway_id) for u in upstreams
+        }
+        encrypting = sorted({r.upstream for r in rules if r.encrypt})
+        signing = sorted({r.upstream for r in rules if r.sign})
+        self.chain_upstream = signing[0] if signing else None
+        self.recipient: RecipientPublicKey | None = (
+            self.store.recipient_public() if encrypting else None
+        )
+        self.sealers = {
+            up: Sealer(
+                self.recipient,  # type: ignore[arg-type]
+                gateway_id,
+                max_messages=settings.session_max_messages,
+                max_age=settings.session_max_age,
+                clock=clock,
+            )
+            for up in encrypting
+        }
+        self._queued_header: dict[str, bytes] = {}
+        self._gw_colon = gateway_id + ":"
+        self._topics: dict[str, bytes] = {}
+        self._staged: dict[int, tuple[Any, ...]] = {}  # queue id -> chain record (write hook)
+        self._open: list[tuple[int, bytes]] = []  # (queue id, leaf) of the open batch
+        self._open_since: float | None = None
+        self._keys_mtime = self._index_mtime()
+        self.sealed_batches = 0
+        self.batch_failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self.builder: BatchBuilder | None = None
+        if self.chain_upstream is not None:
+            self.builder = self._load_chain(self.store.identity(self.passphrase))
+            queue.write_hook = self._write_hook
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _passphrase(self) -> bytes | None:
+        if self.settings.passphrase_file is not None:
+            try:
+                text = self.settings.passphrase_file.read_text().splitlines()
+            except OSError as exc:
+                raise KeyFileError(f"security.passphrase_file: {exc}") from None
+            return text[0].encode() if text else b""
+        env = os.environ.get(PASSPHRASE_ENV)
+        return env.encode() if env else None
+
+    def _index_mtime(self) -> float:
+        try:
+            return (self.store.directory / "keyring.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.queue.path), isolation_level=None, timeout=10)
+        db.executescript(CHAIN_SCHEMA + _PENDING_SCHEMA)
+        return db
+
+    def _load_chain(self, identity: GatewayIdentity) -> BatchBuilder:
+        """Head of the stored chain and the pending leaves (after a restart or kill -9)."""
+        db = self._connect()
+        try:
+            row = db.execute("SELECT v FROM meta WHERE k='gateway_id'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('gateway_id', ?)", (self.gateway_id,))
+            elif row[0] != self.gateway_id:
+                raise BatchError(
+                    f"{self.queue.path} holds the chain of gateway {row[0]!r}, "
+                    f"not {self.gateway_id!r}"
+                )
+            next_seq, prev_root = 0, GENESIS_ROOT
+            last = db.execute("SELECT signed FROM batches ORDER BY pos DESC LIMIT 1").fetchone()
+            if last is not None:
+                head = parse_signed_header(bytes(last[0]))[0]
+                next_seq, prev_root = head.seq + 1, head.root
+            pending = db.execute("SELECT qids, leaves FROM chain_pending ORDER BY id").fetchall()
+        finally:
+            db.close()
+        builder = BatchBuilder(
+            identity, self.gateway_id, next_seq=next_seq, prev_root=prev_root, clock=self.clock
+        )
+        self._open = []
+        for qid_blob, leaf_blob in pending:
+            ids = array("q")
+            ids.frombytes(bytes(qid_blob))
+            blob = bytes(leaf_blob)
+            self._open += [(q, blob[32 * i:32 * i + 32]) for i, q in enumerate(ids)]
+        if self._open:
+            self._open_since = self.clock()
+            log.info("batch chain: %d pending leaves carried over", len(self._open))
+        return builder
+
+    # -- the forwarding tap ------------------------------------------------------------
+
+    def put(
+        self, rule: ForwardRule, topic: str, payload: bytes, qos: int,
+        properties: dict[str, Any] | None, ttl: float | None,
+    ) -> int:
+        """Queue one message of a protected rule (sealed if ``encrypt``, logged if ``sign``).
+
+        Raises like ``ForwardQueue.put`` (QueueFull...): then nothing was queued or logged
+        (an envelope sealed for a refused put only consumes a sequence number).
+        """
+        queue, up = self.queue, rule.upstream
+        mid = queue.next_id
+        m = (self._gw_colon + str(mid)).encode()
+        mid_t = _TSTR_HEADS[len(m)] + m if len(m) < 24 else tstr(m.decode())
+        if rule.encrypt:
+            sealer = self.sealers[up]
+            topic_t = sealer.topic_tstr(topic)
+            envelope = sealer.seal_raw(payload, topic_t, mid_t)  # renews the session when due
+            if sealer.header is not self._queued_header.get(up):
+                # a new session: its header goes first (taking this id), then seal again
+                # under the next id (the first sequence number is simply skipped)
+                self._queued_header[up] = sealer.header
+                queue.put(up, 0, self.prefix[up] + SESSION_SUFFIX, sealer.header, 1)
+                mid = queue.next_id
+                mid_t = tstr(self._gw_colon + str(mid))
+                envelope = sealer.seal_raw(payload, topic_t, mid_t)
+            payload = envelope
+        else:
+            topic_t = self._topic_tstr(topic)
+        if rule.sign:
+            # crypto.batch.message_leaf, fused: SHA-256(0x00 || [mid, topic, SHA-256(payload)])
+            leaf = _sha256(
+                b"".join((b"\x00\x83", mid_t, topic_t, b"\x58\x20", _sha256(payload).digest()))
+            ).digest()
+        got = queue.put(up, rule.priority, topic, payload, qos, properties, ttl)
+        if got != mid:  # pragma: no cover - the queue assigns ids in order
+            raise RuntimeError(f"queue id {got} != expected {mid}")
+        if rule.sign:
+            self._staged[mid] = (0, leaf)
+            self._open.append((mid, leaf))
+            if self._open_since is None:
+                self._open_since = self.clock()
+            if len(self._open) >= self.settings.batch_size:
+                self.seal()
+        return mid
+
+    def _topic_tstr(self, topic: str) -> bytes:
+        t = self._topics.get(topic)
+        if t is None:
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            t = self._topics[topic] = tstr(topic)
+        return t
+
+    # -- batches -----------------------------------------------------------------------
+
+    def seal(self) -> SignedBatch | None:
+        """Sign the open batch and queue its header (None if empty or refused: retried)."""
+        builder, up = self.builder, self.chain_upstream
+        if builder is None or up is None or not self._open:
+            return None
+        opened = self._open
+        gw = self._gw_colon
+        builder.add_leaves(
+            f"{gw}{opened[0][0]}", f"{gw}{opened[-1][0]}", [leaf for _, leaf in opened]
+        )
+        prev = (builder.next_seq, builder.prev_root)
+        batch = builder.seal()
+        assert batch is not None
+        payload = encode_batch_message(
+            batch, [q for q, _ in opened], self.settings.manifest == "leaves"
+        )
+        bid = self.queue.next_id
+        self._staged[bid] = (1, batch)
+        try:
+            self.queue.put(up, 0, self.prefix[up] + BATCH_SUFFIX, payload, 1)
+        except QueueFull as exc:
+            del self._staged[bid]
+            builder.next_seq, builder.prev_root = prev
+            self.batch_failures += 1
+            log.warning("batch %d not queued (%s); it is retried", batch.header.seq, exc)
+            return None
+        self._open, self._open_since = [], None
+        self.sealed_batches += 1
+        fut = self.queue.commit_future()
+        if fut is not None:
+            fut.add_done_callback(lambda f: self._batch_committed(f, bid))
+        return batch
+
+    def _batch_committed(self, fut: asyncio.Future[None], bid: int) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            return
+        # the batch row and its header message were rolled back together: rebuild the head
+        # and the open batch from what is stored (leaves of failed rows are gone with them)
+        log.error("batch record (queue id %d) not stored: %s; resyncing the chain",
+                  bid, fut.exception())
+        assert self.builder is not None
+        later = [(q, leaf) for q, leaf in self._open if q > bid]
+        self.builder = self._load_chain(self.builder.identity)
+        known = {q for q, _ in self._open}
+        self._open += [(q, leaf) for q, leaf in later if q not in known]
+        self._open.sort()
+
+    def _write_hook(self, db: sqlite3.Connection, rows: list[Any]) -> None:
+        """Writer thread, inside the queue's transaction: chain records of these rows.
+
+        Pending leaves are stored as one ``chain_pending`` row per commit group (queue ids
+        and leaves packed), not one row per message.
+        """
+        pop = self._staged.pop
+        qids = array("q")
+        leaves: list[bytes] = []
+        for r in rows:
+            item = pop(r[0], None)
+            if item is None:
+                continue
+            if item[0] == 0:
+                qids.append(r[0])
+                leaves.append(item[1])
+                continue
+            batch: SignedBatch = item[1]
+            pos = db.execute("SELECT coalesce(max(pos) + 1, 0) FROM batches").fetchone()[0]
+            db.execute(
+                "INSERT INTO batches (pos, seq, signed, leaves) VALUES (?, ?, ?, ?)",
+                (pos, batch.header.seq, batch.signed, b"".join(batch.leaves)),
+            )
+            # rows come in id order and a batch row has a higher id than its messages, so
+            # every pending leaf stored so far (and collected above) is covered by it
+            db.execute("DELETE FROM chain_pending")
+            qids, leaves = array("q"), []
+        if leaves:
+            db.execute("INSERT INTO chain_pending (qids, leaves) VALUES (?, ?)",
+                       (qids.tobytes(), b"".join(leaves)))
+
+    # -- timers, keys --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the batch-age / key-change timer (inside the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        interval = min(0.25, self.settings.batch_max_age / 4)
+        last_keys = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                since = self._open_since
+                if since is not None and self.clock() - since >= self.settings.batch_max_age:
+                    self.seal()
+                if time.monotonic() - last_keys >= 1.0:
+                    last_keys = time.monotonic()
+                    self.reload_keys()
+            except Exception:  # pragma: no cover - keep the timer alive
+                log.exception("protect timer")
+
+    def reload_keys(self) -> bool:
+        """Pick up ``keys rotate`` / ``keys import-recipient`` done while running."""
+        mtime = self._index_mtime()
+        if mtime == self._keys_mtime:
+            return False
+        self._keys_mtime = mtime
+        if self.sealers:
+            rec = self.store.recipient_public()
+            if self.recipient is None or rec.kid != self.recipient.kid:
+                log.info("sealing to recipient key %s from now on", rec.kid.hex())
+                self.recipient = rec
+                for s in self.sealers.values():
+                    s.set_recipient(rec)
+        if self.builder is not None:
+            ident = self.store.identity(self.passphrase)
+            if ident.kid != self.builder.identity.kid:
+                log.info("signing batches with identity %s from now on", ident.kid.hex())
+                self.builder.identity = ident
+        return True
+
+    async def stop(self) -> None:
+        """Seal what is open (the queue commits it on close) and stop the timer."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.seal()
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``status`` / ``$SYS``."""
+        return {
+            "sealed_batches": self.sealed_batches,
+            "open_leaves": len(self._open),
+            "next_batch_seq": self.builder.next_seq if self.builder else None,
+            "sessions": {up: s.sessions_started for up, s in self.sealers.items()},
+        }
+
+
+def make_protector(
+    gateway_id: str,
+    rules: Sequence[ForwardRule],
+    upstreams: Sequence[UpstreamSettings],
+    settings: SecuritySettings,
+    queue: ForwardQueue,
+    data_dir: Path,
+) -> Protector | None:
+    """A :class:`Protector` if any rule has ``encrypt`` or ``sign``, else None."""
+    if not any(r.encrypt or r.sign for r in rules):
+        return None
+    keys_dir = settings.keys_dir or data_dir / "keys"
+    return Protector(gateway_id, settings, rules, upstreams, queue, keys_dir)

@@ -1,0 +1,206 @@
+"""Unit tests of the forwarding-path protection helpers, the sans-I/O verifier, sinks, config."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rapidmq_edge.cloud.sinks import JsonlSink, SqliteSink
+from rapidmq_edge.cloud.verify import Ingest, Verified
+from rapidmq_edge.config import ConfigError, parse_config
+from rapidmq_edge.config_forward import ForwardRule, UpstreamSettings
+from rapidmq_edge.config_security import SecuritySettings
+from rapidmq_edge.crypto.batch import BatchBuilder, message_leaf, verify_chain
+from rapidmq_edge.crypto.batchlog import read_chain
+from rapidmq_edge.crypto.envelope import Opener, Sealer, tstr
+from rapidmq_edge.crypto.keys import (
+    GatewayIdentity,
+    RecipientKey,
+    RecipientKeyring,
+    VerifierKeyring,
+)
+from rapidmq_edge.crypto.keystore import KeyStore
+from rapidmq_edge.pipeline.protect import (
+    Protector,
+    encode_batch_message,
+    fast_leaf,
+    id_runs,
+    runs_to_ids,
+)
+from rapidmq_edge.store.forward_queue import ForwardQueue
+
+GW = "gw-unit"
+
+
+@pytest.mark.parametrize("topic", ["t", "a" * 23, "b" * 24, "c/" * 200, "ü/" * 40000])
+def test_fast_leaf_and_tstr_match_the_generic_cbor_encoding(topic: str) -> None:
+    import cbor2
+
+    assert tstr(topic) == cbor2.dumps(topic)
+    payload = topic.encode()[:50]
+    assert fast_leaf(f"{GW}:17", topic, payload) == message_leaf(f"{GW}:17", topic, payload)
+
+
+def test_seal_raw_fast_path_opens_with_the_generic_opener() -> None:
+    rec = RecipientKey.generate()
+    sealer = Sealer(rec.public(), GW, max_messages=10_000)
+    opener = Opener(RecipientKeyring([rec]), replay_window=1 << 12)
+    topic = "x/" * 150  # > 255 bytes: long CBOR heads
+    for seq in range(300):  # past 255: two-byte Partial IV
+        env = sealer.seal_raw(b"p%d" % seq, sealer.topic_tstr(topic), tstr(f"{GW}:{seq}"))
+        if seq == 0:
+            opener.add_session(sealer.header)
+        assert opener.open(env, topic=topic, message_id=f"{GW}:{seq}").plaintext == b"p%d" % seq
+
+
+def test_id_runs_round_trip_and_reject_bad_shapes() -> None:
+    ids = [3, 4, 5, 9, 10, 20]
+    assert id_runs(ids) == [3, 3, 9, 2, 20, 1]
+    assert runs_to_ids(id_runs(ids)) == ids
+    from rapidmq_edge.crypto.errors import MalformedError
+
+    bad_runs: list[list[Any]] = [[1], [1, -2], ["a", 1], [0, 1 << 30]]
+    for bad in bad_runs:
+        with pytest.raises(MalformedError):
+            runs_to_ids(bad)
+
+
+def _stream(
+    manifest_leaves: bool, n: int = 6
+) -> tuple[list[Any], VerifierKeyring, RecipientKeyring]:
+    rec, ident = RecipientKey.generate(), GatewayIdentity.generate()
+    sealer = Sealer(rec.public(), GW)
+    builder = BatchBuilder(ident, GW)
+    stream: list[Any] = [(f"edge/{GW}/_session", sealer.session_header, None)]
+    qids = list(range(10, 10 + n))
+    for q in qids:
+        topic, mid = f"edge/{GW}/s/{q}", f"{GW}:{q}"
+        env = sealer.seal(b"v%d" % q, topic=topic, message_id=mid).envelope
+        builder.add(mid, topic, env)
+        stream.append((topic, env, mid))
+    batch = builder.seal()
+    assert batch is not None
+    stream.append((f"edge/{GW}/_batch", encode_batch_message(batch, qids, manifest_leaves), None))
+    return stream, VerifierKeyring([ident.public()]), RecipientKeyring([rec])
+
+
+@pytest.mark.parametrize("leaves", [True, False])
+def test_ingest_verifies_both_manifests_and_reports_a_missing_message(leaves: bool) -> None:
+    stream, ids, recs = _stream(leaves)
+    ing = Ingest(ids, recs, grace=1.0, chain_start=0)
+    for item in stream:
+        ing.publish(*item)
+    out, reports = ing.finish()
+    assert [v.payload for v in out] == [b"v%d" % q for q in range(10, 16)] and not reports
+
+    ing = Ingest(ids, recs, grace=1.0, chain_start=0)
+    for item in stream[:2] + stream[3:]:  # message 11 lost
+        ing.publish(*item)
+    out, reports = ing.finish()
+    kinds = sorted(r.kind for r in reports)
+    assert ("missing-message", f"{GW}:11") in {(r.kind, r.message_id) for r in reports}
+    if leaves:  # each message verifies on its own
+        assert len(out) == 5 and kinds == ["missing-message"]
+    else:  # all or nothing: the rest is reported, never accepted
+        assert out == [] and kinds == ["missing-message"] + ["unverifiable"] * 5
+
+
+def test_sinks_deduplicate_across_reopen(tmp_path: Path) -> None:
+    v = Verified(f"{GW}:1", GW, "t", b"\xff\x00", 0, True, False)
+    for cls, name in ((JsonlSink, "o.jsonl"), (SqliteSink, "o.sqlite")):
+        sink = cls(tmp_path / name)
+        assert sink.write([v, v]) == 1
+        sink.close()
+        sink = cls(tmp_path / name)
+        assert sink.has(v.message_id) and sink.write([v]) == 0
+        sink.close()
+
+
+def _cfg(forward: dict[str, Any], protocol: int = 5, **extra: Any) -> Any:
+    data = {
+        "upstream": [{"name": "c", "urls": ["mqtt://127.0.0.1:1883"], "protocol": protocol},
+                     {"name": "d", "urls": ["mqtt://127.0.0.1:1884"]}],
+        "forward": [{"filter": "a/#", "upstream": "c", **forward}],
+        **extra,
+    }
+    return parse_config(data, Path("/tmp"))
+
+
+def test_config_shape_and_clear_errors() -> None:
+    cfg = _cfg({"encrypt": True}, security={"batch_size": 64, "manifest": "ids"})
+    rule = cfg.forwarding.forward[0]
+    assert rule.encrypt and rule.sign  # sign follows encrypt by default
+    assert cfg.forwarding.security.batch_size == 64
+    assert cfg.forwarding.security.manifest == "ids"
+    assert not _cfg({}).forwarding.forward[0].sign
+    cases: list[tuple[dict[str, Any], dict[str, Any], str]] = [
+        ({"encrypt": True, "sign": False}, {}, r"forward\[0\]\.sign"),
+        ({"sign": True}, {"protocol": 4}, "MQTT 5"),
+        ({"sign": "yes"}, {}, r"forward\[0\]\.sign"),
+    ]
+    for fwd, kw, msg in cases:
+        with pytest.raises(ConfigError, match=msg):
+            _cfg(fwd, **kw)
+    with pytest.raises(ConfigError, match="one upstream"):
+        parse_config({
+            "upstream": [{"name": "c", "urls": ["mqtt://h:1"]}, {"name": "d", "urls": ["mqtt://h:2"]}],
+            "forward": [{"filter": "a/#", "upstream": "c", "sign": True},
+                        {"filter": "b/#", "upstream": "d", "sign": True}],
+        }, Path("/tmp"))
+    with pytest.raises(ConfigError, match="security.batch_size"):
+        _cfg({}, security={"batch_size": 0})
+    with pytest.raises(ConfigError, match="security.manifest"):
+        _cfg({}, security={"manifest": "all"})
+    with pytest.raises(ConfigError, match="did you mean"):
+        _cfg({}, security={"batch_sise": 4})
+
+
+def test_protector_chain_survives_reopen_and_failed_batch_put(tmp_path: Path) -> None:
+    """Leaves written with their queue rows; reopen carries pending leaves into the next batch."""
+    store = KeyStore(tmp_path / "keys")
+    store.create_identity()
+    store.create_recipient()
+    rule = ForwardRule("s/#", "c", encrypt=True, sign=True)
+    ups = [UpstreamSettings("c", ("mqtt://127.0.0.1:1",), topic_prefix="edge/gw/")]
+
+    async def run(n: int, seal: bool) -> int:
+        q = ForwardQueue(tmp_path / "forward.db", durability="normal", commit_delay=0.001)
+        prot = Protector("gw", SecuritySettings(batch_size=4, batch_max_age=3600), [rule], ups,
+                         q, store.directory)
+        carried = len(prot._open)
+        for i in range(n):
+            prot.put(rule, f"edge/gw/s/{i}", b"x%d" % i, 1, None, None)
+        if seal:
+            prot.seal()
+        fut = q.commit_future()
+        if fut is not None:
+            await fut
+        await q.close()
+        return carried
+
+    assert asyncio.run(run(6, False)) == 0  # one batch of 4 sealed, 2 leaves pending
+    assert asyncio.run(run(1, True)) == 2  # the 2 pending leaves were carried over
+    report = verify_chain(read_chain(tmp_path / "forward.db"), store.verifier_keyring(),
+                          gateway_id="gw")
+    assert report.ok and report.batches == 2 and report.messages == 7
+
+
+def test_gateway_refuses_to_start_without_keys_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    conf = tmp_path / "g.toml"
+    conf.write_text(
+        f'[gateway]\nid = "x"\ndata_dir = "{tmp_path / "data"}"\n'
+        '[mqtt]\nlisten = ["tcp://127.0.0.1:0"]\n'
+        '[[upstream]]\nname = "c"\nurls = ["mqtt://127.0.0.1:1"]\n'
+        '[[forward]]\nfilter = "a/#"\nupstream = "c"\nencrypt = true\n'
+    )
+    res = subprocess.run([sys.executable, "-m", "rapidmq_edge", "run", "--config", str(conf)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert "post-quantum protection" in res.stderr and "keys import-recipient" in res.stderr
+    assert "Traceback" not in res.stderr
