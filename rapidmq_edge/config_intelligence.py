@@ -1,0 +1,141 @@
+"""Configuration of the edge-intelligence runtime: ``[intelligence]``.
+
+Validated with the same rules and messages as :mod:`rapidmq_edge.config`. Absent or
+``enabled = false``: nothing of the runtime is built and no message is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import _bool, _choice, _err, _float, _int, _path, _show, _str, _Table
+from .config_forward import PRIORITIES
+
+#: what drives a decision: the ONNX model (rules when it cannot be loaded), the rules, nothing
+MODES = ("model", "rules", "off")
+#: the priority model's labels (``rapidmq_edge.intelligence.features.PRIORITY_LABELS``)
+PRIORITY_LABELS = ("critical", "high", "normal", "bulk")
+THREAT_ACTIONS = ("disconnect", "log")
+#: the committed models (``models/`` beside the package in a checkout)
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def _default_classes() -> dict[str, int]:
+    return {"critical": 0, "high": 1, "normal": 2, "bulk": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class IntelligenceSettings:
+    """``[intelligence]``: models, micro-batching, and what the scores drive."""
+
+    enabled: bool = False
+    models_dir: Path = DEFAULT_MODELS_DIR
+    priority: str = "model"
+    anomaly: str = "model"
+    threat: str = "model"
+    batch_window_ms: float = 1.0  # longest wait of a message for its micro-batch
+    max_batch: int = 256  # a batch this large is scored at once
+    worker_thread: bool = True  # score in a worker thread (onnxruntime releases the GIL)
+    inline_max_batch: int = 32  # batches up to this size are scored on the event loop
+    #: priority label -> store class number ([intelligence.classes], values are class names)
+    classes: dict[str, int] = field(default_factory=_default_classes)
+    alert_topic: str = "$edge/alerts"  # local: <alert_topic>/<kind>/<stream topic>
+    alert_upstream_topic: str = "alerts"  # upstream: <prefix><this>/<kind>/<stream topic>
+    alert_cooldown_s: float = 30.0  # one alert per stream and kind in this time
+    summarise_classes: tuple[int, ...] = (2, 3)
+    summarise_backlog_messages: int = 0  # 0 = not on this criterion
+    summarise_backlog_bytes: int = 0
+    summarise_disk_percent: float = 0.0
+    summary_window_s: float = 60.0
+    summary_suffix: str = "/summary"
+    pressure_check_s: float = 1.0  # how often backlog and disk are looked at
+    threat_interval_s: float = 1.0  # how often active clients are scored
+    threat_action: str = "disconnect"
+    threat_min_events: int = 10  # a client with fewer events in its window is not judged
+    threat_min_confidence: float = 0.7  # the model's probability needed to act
+    ban_s: float = 60.0  # an abusive client id is refused (CONNACK 0x8A) this long
+
+    @property
+    def summarising(self) -> bool:
+        """True when any summarisation threshold is set."""
+        return bool(self.summarise_backlog_messages or self.summarise_backlog_bytes
+                    or self.summarise_disk_percent)
+
+
+def _classes(data: object, key: str) -> dict[str, int]:
+    t = _Table(data, key, PRIORITY_LABELS)
+    out = _default_classes()
+    for label in PRIORITY_LABELS:
+        if label in t.data:
+            value = t.data[label]
+            if not isinstance(value, str) or value not in PRIORITIES:
+                names = ", ".join(f'"{n}"' for n in PRIORITIES)
+                raise _err(t.sub(label), f"must be one of {names}, got {_show(value)}")
+            out[label] = PRIORITIES[value]
+    return out
+
+
+def _class_list(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _err(key, f"must be an array of class names, got {_show(value)}")
+    for v in value:
+        if v not in PRIORITIES:
+            names = ", ".join(f'"{n}"' for n in PRIORITIES)
+            raise _err(key, f"must hold only {names}, got {_show(v)}")
+    return tuple(sorted({PRIORITIES[v] for v in value}))
+
+
+def _topic_root(key: str, value: Any) -> str:
+    s = _str(key, value).strip("/")
+    if not s or "+" in s or "#" in s or "\x00" in s:
+        raise _err(key, f"must be a topic without wildcards, got {_show(value)}")
+    return s
+
+
+def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
+    """Validate ``[intelligence]``."""
+    t = _Table(data, "intelligence", (
+        "enabled", "models_dir", "priority", "anomaly", "threat", "batch_window_ms",
+        "max_batch", "worker_thread", "inline_max_batch", "classes", "alert_topic",
+        "alert_upstream_topic",
+        "alert_cooldown_s", "summarise_classes", "summarise_backlog_messages",
+        "summarise_backlog_bytes", "summarise_disk_percent", "summary_window_s",
+        "summary_suffix", "pressure_check_s", "threat_interval_s", "threat_action", "ban_s",
+        "threat_min_events", "threat_min_confidence",
+    ))
+    suffix = t.get("summary_suffix", _str, "/summary")
+    if not suffix or "+" in suffix or "#" in suffix:
+        raise _err(t.sub("summary_suffix"), f"must be a topic suffix, got {_show(suffix)}")
+    return IntelligenceSettings(
+        enabled=t.get("enabled", _bool, False),
+        models_dir=t.get("models_dir", _path(base_dir), DEFAULT_MODELS_DIR),
+        priority=t.get("priority", _choice(*MODES), "model"),
+        anomaly=t.get("anomaly", _choice(*MODES), "model"),
+        threat=t.get("threat", _choice(*MODES), "model"),
+        batch_window_ms=t.get("batch_window_ms", _float(0.0, 1000.0), 1.0),
+        max_batch=t.get("max_batch", _int(1, 65536), 256),
+        worker_thread=t.get("worker_thread", _bool, True),
+        inline_max_batch=t.get("inline_max_batch", _int(0, 65536), 32),
+        classes=_classes(t.data["classes"], t.sub("classes")) if "classes" in t.data
+        else _default_classes(),
+        alert_topic=t.get("alert_topic", _topic_root, "$edge/alerts"),
+        alert_upstream_topic=t.get("alert_upstream_topic", _topic_root, "alerts"),
+        alert_cooldown_s=t.get("alert_cooldown_s", _float(0.0, 86400.0), 30.0),
+        summarise_classes=t.get("summarise_classes", _class_list, (2, 3)),
+        summarise_backlog_messages=t.get("summarise_backlog_messages", _int(0, 10**12), 0),
+        summarise_backlog_bytes=t.get("summarise_backlog_bytes", _int(0, 10**15), 0),
+        summarise_disk_percent=t.get("summarise_disk_percent", _float(0.0, 100.0), 0.0),
+        summary_window_s=t.get("summary_window_s", _float(0.05, 86400.0), 60.0),
+        summary_suffix=suffix,
+        pressure_check_s=t.get("pressure_check_s", _float(0.05, 3600.0), 1.0),
+        threat_interval_s=t.get("threat_interval_s", _float(0.05, 3600.0), 1.0),
+        threat_action=t.get("threat_action", _choice(*THREAT_ACTIONS), "disconnect"),
+        ban_s=t.get("ban_s", _float(0.0, 7 * 86400.0), 60.0),
+        threat_min_events=t.get("threat_min_events", _int(1, 10**9), 10),
+        threat_min_confidence=t.get("threat_min_confidence", _float(0.0, 1.0), 0.7),
+    )
+
+
+__all__ = ["IntelligenceSettings", "parse_intelligence", "MODES"]

@@ -1,0 +1,166 @@
+"""Load the ONNX models by manifest, verify them, and fall back to the rules on any doubt.
+
+A model is used only when its manifest (``models/<name>.json``) names the feature spec this
+gateway computes, the file's SHA-256 matches, the input width and labels are the expected
+ones, and the manifest's golden rows score to their recorded labels in a real
+onnxruntime session. Anything else (missing, corrupt, tampered, other spec) logs why and
+yields the rule-based :class:`Scorer` of :mod:`.rules`: the gateway keeps running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import rules
+from .features import (
+    ANOMALY_LABELS,
+    CLIENT_FEATURES,
+    FEATURE_SPEC,
+    MESSAGE_FEATURES,
+    PRIORITY_LABELS,
+    STREAM_FEATURES,
+    THREAT_LABELS,
+)
+
+log = logging.getLogger(__name__)
+
+#: model name -> (feature columns, labels, rule fallback)
+CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...],
+                           Callable[[np.ndarray], np.ndarray]]] = {
+    "priority": (MESSAGE_FEATURES, PRIORITY_LABELS, rules.priority_rules),
+    "anomaly": (STREAM_FEATURES, ANOMALY_LABELS, rules.anomaly_rules),
+    "threat": (CLIENT_FEATURES, THREAT_LABELS, rules.threat_rules),
+}
+
+
+class ModelRejected(Exception):
+    """A model file or manifest failed verification; the message says which check."""
+
+
+def ort_session(path: Path) -> Any:
+    """An onnxruntime session: 1 intra-op thread, sequential, no spinning threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Scorer:
+    """Scores feature rows: ``predict(X)`` -> (class indices, confidence of each).
+
+    ``source`` is "model" (an ONNX session), "rules" (:mod:`.rules`) or "off";
+    ``fallback`` is why a wanted model is not used (None when nothing fell back).
+    """
+
+    name: str
+    source: str
+    version: str
+    labels: tuple[str, ...]
+    width: int
+    session: Any = None
+    rule: Callable[[np.ndarray], np.ndarray] | None = None
+    fallback: str | None = None
+    path: Path | None = None  # the verified ONNX file (for :mod:`.gate`)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (int64) and the probability of each chosen label (1.0 for rules)."""
+        if self.session is not None:
+            label, probs = self.session.run(None, {"features": X})
+            conf = probs[np.arange(len(label)), label] if len(label) else np.zeros(0, np.float32)
+            return label, conf
+        assert self.rule is not None
+        out = self.rule(X)
+        return out, np.ones(len(out), dtype=np.float32)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_and_load(models_dir: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    """The onnxruntime session of model ``name`` and its manifest, or ModelRejected."""
+    features, labels, _ = CONTRACTS[name]
+    man_path = models_dir / f"{name}.json"
+    try:
+        man = json.loads(man_path.read_text())
+    except FileNotFoundError:
+        raise ModelRejected(f"no manifest {man_path}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelRejected(f"unreadable manifest {man_path}: {exc}") from None
+    if not isinstance(man, dict):
+        raise ModelRejected(f"manifest {man_path} is not a JSON object")
+    if man.get("feature_spec") != FEATURE_SPEC:
+        raise ModelRejected(
+            f"feature spec {man.get('feature_spec')!r} is not this gateway's {FEATURE_SPEC!r}")
+    if man.get("labels") != list(labels):
+        raise ModelRejected(f"labels {man.get('labels')!r} are not {list(labels)!r}")
+    inp = man.get("input") or {}
+    if inp.get("feature_names") != list(features):
+        raise ModelRejected("input feature names differ from this gateway's features")
+    path = models_dir / str(man.get("file", f"{name}.onnx"))
+    if path.resolve().parent != models_dir.resolve():
+        raise ModelRejected(f"model file {man.get('file')!r} is outside {models_dir}")
+    try:
+        digest = _sha256(path)
+    except OSError as exc:
+        raise ModelRejected(f"cannot read {path}: {exc.strerror or exc}") from None
+    if digest != man.get("sha256"):
+        raise ModelRejected(f"{path.name} sha256 {digest[:16]}... does not match the manifest")
+    try:
+        sess = ort_session(path)
+    except Exception as exc:
+        raise ModelRejected(f"onnxruntime cannot load {path.name}: {exc}") from None
+    ins = sess.get_inputs()
+    if len(ins) != 1 or ins[0].name != "features" or ins[0].shape[1] != len(features):
+        raise ModelRejected(f"{path.name} input is not features [N, {len(features)}]")
+    gold = man.get("golden") or {}
+    rows = np.asarray(gold.get("inputs", []), dtype=np.float32)
+    want = list(gold.get("labels", []))
+    if len(want) < 2 or rows.shape != (len(want), len(features)):
+        raise ModelRejected("manifest has no usable golden rows")
+    try:
+        got = sess.run(None, {"features": rows})[0].tolist()
+    except Exception as exc:
+        raise ModelRejected(f"{path.name} fails on its golden rows: {exc}") from None
+    if got != want:
+        raise ModelRejected(f"{path.name} scores its golden rows as {got}, not {want}")
+    return sess, man
+
+
+def load_scorer(models_dir: Path, name: str, mode: str) -> Scorer:
+    """The scorer for ``mode`` ("model", "rules", "off"); a rejected model -> rules."""
+    features, labels, rule = CONTRACTS[name]
+    if mode == "off":
+        return Scorer(name, "off", "", labels, len(features))
+    if mode == "rules":
+        return Scorer(name, "rules", "rules", labels, len(features), rule=rule)
+    try:
+        sess, man = verify_and_load(models_dir, name)
+    except ModelRejected as exc:
+        log.error("intelligence: %s model not used, rule fallback active: %s", name, exc)
+        return Scorer(name, "rules", "rules", labels, len(features), rule=rule,
+                      fallback=str(exc))
+    version = f"{man.get('version', '?')}+{str(man['sha256'])[:12]}"
+    log.info("intelligence: %s model %s loaded from %s", name, version, models_dir)
+    return Scorer(name, "model", version, labels, len(features), session=sess,
+                  path=models_dir / str(man.get("file", f"{name}.onnx")))

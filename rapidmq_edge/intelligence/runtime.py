@@ -1,0 +1,573 @@
+"""The edge-intelligence runtime in the message path (``[intelligence]``).
+
+It takes the forwarder's place as the broker tap. Messages are collected into micro-batches
+(at most ``batch_window_ms``, or ``max_batch`` messages) and scored together in one worker
+thread (onnxruntime releases the GIL; stream state is touched by that thread only, in
+order): the **priority** model picks the store class of every message whose ``[[forward]]``
+rule has no explicit ``priority``; the **anomaly** model judges each numeric reading
+against its stream's incremental state and an anomaly raises an **alert** (local
+``$edge/alerts/<kind>/<topic>`` and upstream in the highest class); while the forward
+backlog or the disk is past a threshold, routine readings are **summarised** per stream
+(count / min / max / mean per window) instead of forwarded one by one. Back on the event
+loop the batch is queued in arrival order, and the publishers' acknowledgements wait for
+:meth:`IntelligenceRuntime.commit_future` (scored, queued, and committed).
+
+The **threat** watch (:mod:`.threat`) is fed by the connection hooks and scored on a timer.
+A model that cannot be verified is replaced by the rules (:mod:`.models`); the runtime says
+so in the log and in ``$SYS/broker/intelligence/...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..broker.message import Message, PublishRefused
+from ..store.forward_queue import QueueError
+from .features import (
+    _TEMPLATE,
+    ANOMALY_LABELS,
+    PAYLOAD_HEAD,
+    PRIORITY_LABELS,
+    SCALAR_MAX,
+    StreamTable,
+    message_features,
+    reading_value,
+)
+from .gate import gate_for
+from .models import Scorer, load_scorer
+from .summarise import Summariser
+from .threat import ClientWatch
+
+if TYPE_CHECKING:
+    from ..broker.broker import Broker
+    from ..config_intelligence import IntelligenceSettings
+    from ..uplink.forwarding import StoreAndForward
+
+log = logging.getLogger(__name__)
+
+#: ``Message.origin`` of the runtime's own messages (alerts)
+ORIGIN = "$edge"
+#: the backlog / disk criteria switch off again below this share of their threshold
+HYSTERESIS = 0.8
+_NONE = ANOMALY_LABELS.index("none")
+#: remembered priority labels, keyed by what determines a message's feature row
+PRIORITY_CACHE = 65_536
+
+
+@dataclass(slots=True)
+class _Scored:
+    """What the worker computed for one batch."""
+
+    priority: list[int] | None  # class label index per message needing one (else -1)
+    values: list[float | None]
+    anomaly: np.ndarray | None  # label index per message with a value (else 0)
+    confidence: np.ndarray | None
+    seconds: float
+
+
+class IntelligenceRuntime:
+    """Micro-batched scoring between the broker and the durable forward queue."""
+
+    def __init__(self, settings: IntelligenceSettings, broker: Broker,
+                 forwarding: StoreAndForward | None, gate: Any = None,
+                 gateway_id: str = "", sys_interval: float = 0.0) -> None:
+        self.settings = s = settings
+        self.broker = broker
+        self.forwarding = forwarding
+        self.forwarder = forwarding.forwarder if forwarding is not None else None
+        self.queue = forwarding.queue if forwarding is not None else None
+        self.sys_interval = sys_interval
+        if forwarding is None and s.priority != "off":
+            log.info("intelligence: no [[upstream]]: priority scoring has nothing to drive")
+        self.priority = load_scorer(s.models_dir, "priority",
+                                    s.priority if forwarding is not None else "off")
+        self.anomaly = load_scorer(s.models_dir, "anomaly", s.anomaly)
+        self.threat = load_scorer(s.models_dir, "threat", s.threat)
+        #: readings in this box are "none" without asking the anomaly scorer (:mod:`.gate`)
+        self.anomaly_gate = gate_for(self.anomaly)
+        self.anomaly_gated = 0
+        self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
+                                  s.threat_min_confidence) if s.threat != "off" else None)
+        self.gate = gate
+        prefixes = []
+        if forwarding is not None:
+            for u in forwarding.settings.upstreams:
+                prefixes.append((u.name, u.topic_prefix.replace("{gateway_id}", gateway_id)))
+        self._all_upstreams = prefixes
+        self.streams = StreamTable()
+        self.summariser = Summariser(s.summary_window_s)
+        self.pressure = False
+        self.pressure_reason = ""
+        self.pressure_episodes = 0
+        self._window = s.batch_window_ms / 1000.0
+        self._values_needed = s.anomaly != "off" or s.summarising
+        self._pending: list[tuple[Message, list[Any], float]] = []
+        self._fut: asyncio.Future[None] | None = None
+        self._busy = False
+        self._busy_fut: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = (ThreadPoolExecutor(1, thread_name_prefix="rmqe-score")
+                          if s.worker_thread else None)
+        self._alerted: dict[tuple[str, str], float] = {}
+        self._prio_cache: dict[tuple[str, bytes, int, int, bool], int] = {}
+        self.prio_cache_hits = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        # counters
+        self.scored = 0
+        self.batches = 0
+        self.worker_seconds = 0.0
+        self.loop_seconds_max = 0.0
+        self.alerts = 0
+        self.alerts_suppressed = 0
+        self.alerts_not_queued = 0
+        self.forward_refused = 0
+        self.by_class = [0, 0, 0, 0]
+        self._rate: tuple[float, int] = (time.monotonic(), 0)
+
+    # -- wiring --------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Take the forwarder's place as broker tap; hook the ack path and the threat watch."""
+        taps = self.broker.taps
+        if self.forwarder is not None and self.forwarder in taps:
+            taps[taps.index(self.forwarder)] = self.tap
+        else:
+            taps.append(self.tap)
+        self.broker.durable.append(self.commit_future)
+        if self.gate is not None and self.watch is not None:
+            self.gate.watch = self.watch
+
+    @property
+    def fallback(self) -> list[str]:
+        """Models that were wanted but replaced by the rules."""
+        return [sc.name for sc in (self.priority, self.anomaly, self.threat) if sc.fallback]
+
+    # -- the message path ----------------------------------------------------------
+
+    def tap(self, msg: Message) -> None:
+        """Broker tap: collect the message into the current micro-batch."""
+        if msg.topic.startswith("$"):
+            return
+        fwd = self.forwarder
+        targets = fwd.targets(msg.topic) if fwd is not None else []
+        if not targets and not self._values_needed:
+            return
+        self._pending.append((msg, targets, time.time()))
+        if len(self._pending) >= self.settings.max_batch:
+            self._flush()
+        elif self._timer is None and not self._busy:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._window, self._flush)
+
+    def commit_future(self) -> asyncio.Future[None] | None:
+        """Resolved when every message tapped so far is scored, queued and committed."""
+        if self._pending:
+            if self._fut is None:
+                self._fut = self._new_future()
+            return self._fut
+        if self._busy:
+            if self._busy_fut is None:
+                self._busy_fut = self._new_future()
+            return self._busy_fut
+        return None
+
+    def _new_future(self) -> asyncio.Future[None]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._busy or not self._pending:
+            return  # the running batch flushes the next one when it is done
+        batch, self._pending = self._pending, []
+        self._busy_fut, self._fut = self._fut, None
+        self._busy = True
+        msgs = [m for m, _, _ in batch]
+        need = [i for i, (_, targets, _) in enumerate(batch)
+                if targets and any(not r.priority_explicit for r, _ in targets)]
+        args = ([m.topic for m in msgs], [m.payload for m in msgs], [m.qos for m in msgs],
+                [m.retain for m in msgs], [t for _, _, t in batch], need)
+        if self._executor is None or len(batch) <= self.settings.inline_max_batch:
+            # small batches: scoring takes tens of µs, less than handing over to a thread
+            # that then waits for the GIL (up to the 5 ms switch interval) behind the loop
+            self._scored(batch, self._score(*args))
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        done = loop.run_in_executor(self._executor, self._score, *args)
+        done.add_done_callback(lambda f: self._scored(batch, f))
+
+    def _score(self, topics: list[str], payloads: list[bytes], qos: list[int],
+               retain: list[bool], times: list[float], need: list[int]) -> _Scored:
+        """Features and models for one batch (in the worker thread)."""
+        t0 = time.perf_counter()
+        n = len(topics)
+        prio = None
+        if need and self.priority.source != "off":
+            prio = self._priority_labels(topics, payloads, qos, retain, need)
+        values: list[float | None] = (
+            [reading_value(p) for p in payloads] if self._values_needed else [None] * n)
+        anomaly = conf = None
+        if self.anomaly.source != "off":
+            idx = [i for i, v in enumerate(values) if v is not None]
+            if idx:
+                keys = [topics[i] for i in idx]
+                ts = [times[i] for i in idx]
+                xs = [values[i] or 0.0 for i in idx]
+                gate = self.anomaly_gate
+                if len(idx) <= SCALAR_MAX:
+                    # a few readings: plain float rows, the gate looks at them before any
+                    # array exists (np.array(rows, float32) is update_keys' exact result)
+                    rows = self.streams.update_rows(keys, ts, xs)
+                    if gate is not None:
+                        keep = [j for j, row in enumerate(rows) if not gate.inside_row(row)]
+                        if len(keep) < len(rows):
+                            rows = [rows[j] for j in keep]
+                            idx = [idx[j] for j in keep]
+                    F = np.array(rows, dtype=np.float32) if rows else None
+                else:
+                    F = self.streams.update_keys(keys, ts, xs)
+                    if gate is not None:
+                        cand = np.flatnonzero(~gate.inside(F))
+                        if len(cand) < len(idx):
+                            F = F[cand]
+                            idx = [idx[j] for j in cand.tolist()]
+                self.anomaly_gated += len(keys) - len(idx)
+                if idx and F is not None:
+                    lab, c = self.anomaly.predict(F)
+                    anomaly = np.zeros(n, dtype=np.int64)
+                    conf = np.zeros(n, dtype=np.float32)
+                    anomaly[idx] = lab
+                    conf[idx] = c
+        return _Scored(prio, values, anomaly, conf, time.perf_counter() - t0)
+
+    def _priority_labels(self, topics: list[str], payloads: list[bytes], qos: list[int],
+                         retain: list[bool], need: list[int]) -> list[int]:
+        """Priority labels (-1 where not needed), remembered per (topic, payload template,
+        payload length, qos, retain): exactly what :func:`message_features` builds a row
+        from, so an equal key has an equal row and a deterministic scorer the same label.
+        A device's messages repeat their keys, so most messages skip features and model."""
+        cache = self._prio_cache
+        out = [-1] * len(topics)
+        miss: list[int] = []
+        keys = []
+        tpl = _TEMPLATE
+        for i in need:
+            p = payloads[i]
+            key = (topics[i], p[:PAYLOAD_HEAD].translate(tpl), len(p), qos[i], retain[i])
+            v = cache.get(key)
+            if v is None:
+                miss.append(i)
+                keys.append(key)
+            else:
+                out[i] = v
+        if miss:
+            X = message_features([topics[i] for i in miss], [payloads[i] for i in miss],
+                                 [qos[i] for i in miss], [retain[i] for i in miss])
+            labels, _ = self.priority.predict(X)
+            if len(cache) + len(miss) > PRIORITY_CACHE:
+                cache.clear()
+            for i, key, lab in zip(miss, keys, labels.tolist(), strict=True):
+                out[i] = lab
+                cache[key] = lab
+        self.prio_cache_hits += len(need) - len(miss)
+        return out
+
+    def _scored(self, batch: list[tuple[Message, list[Any], float]],
+                result: _Scored | asyncio.Future[_Scored]) -> None:
+        """Back on the loop: act on the scores and queue the batch in arrival order."""
+        t0 = time.perf_counter()
+        fut, self._busy_fut = self._busy_fut, None
+        failure: BaseException | None = None
+        try:
+            r = result.result() if isinstance(result, asyncio.Future) else result
+        except Exception as exc:  # a scoring bug must not lose messages: rule classes
+            log.exception("intelligence: scoring a batch of %d failed", len(batch))
+            r = _Scored(None, [None] * len(batch), None, None, 0.0)
+            failure = None if self.forwarder is not None else exc
+        self.batches += 1
+        self.scored += len(batch)
+        self.worker_seconds += r.seconds
+        classes = self.settings.classes
+        summarise = self.pressure and self.queue is not None
+        sum_classes = self.settings.summarise_classes
+        fwd = self.forwarder
+        for i, (msg, targets, t) in enumerate(batch):
+            cls = None
+            if r.priority is not None and r.priority[i] >= 0:
+                cls = classes[PRIORITY_LABELS[r.priority[i]]]
+                self.by_class[cls] += 1
+            value = r.values[i]
+            anomalous = False
+            if r.anomaly is not None and r.anomaly[i] != _NONE and value is not None:
+                anomalous = True
+                assert r.confidence is not None
+                self._alert(msg.topic, ANOMALY_LABELS[int(r.anomaly[i])],
+                            float(r.confidence[i]), value, targets, t)
+            if not targets or fwd is None:
+                continue
+            if summarise and value is not None and not anomalous:
+                eff = min(rule.priority if rule.priority_explicit or cls is None else cls
+                          for rule, _ in targets)
+                if eff in sum_classes:
+                    self.summariser.add(msg.topic, t, value, eff, targets)
+                    continue
+            try:
+                fwd(msg, cls)
+            except PublishRefused as exc:
+                self.forward_refused += 1
+                failure = exc
+        self._resolve(fut, failure)
+        self._busy = False
+        self.loop_seconds_max = max(self.loop_seconds_max, time.perf_counter() - t0)
+        if self._pending:
+            if len(self._pending) >= self.settings.max_batch:
+                self._flush()
+            elif self._timer is None:
+                loop = self._loop or asyncio.get_running_loop()
+                self._timer = loop.call_later(self._window, self._flush)
+
+    def _resolve(self, fut: asyncio.Future[None] | None, failure: BaseException | None) -> None:
+        if fut is None or fut.done():
+            return
+        if failure is not None:
+            fut.set_exception(QueueError(f"not queued: {failure}"))
+            return
+        q = self.queue.commit_future() if self.queue is not None else None
+        if q is None:
+            fut.set_result(None)
+            return
+
+        def chain(f: asyncio.Future[None]) -> None:
+            if fut.done():
+                return
+            if f.cancelled():
+                fut.set_exception(QueueError("commit cancelled"))
+            elif f.exception() is not None:
+                fut.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                fut.set_result(None)
+
+        q.add_done_callback(chain)
+
+    # -- alerts --------------------------------------------------------------------
+
+    def _alert(self, topic: str, kind: str, confidence: float, value: float,
+               targets: list[Any], t: float) -> None:
+        now = time.monotonic()
+        key = (topic, kind)
+        last = self._alerted.get(key)
+        if last is not None and now - last < self.settings.alert_cooldown_s:
+            self.alerts_suppressed += 1
+            return
+        if len(self._alerted) > 100_000:
+            self._alerted.clear()
+        self._alerted[key] = now
+        self.alerts += 1
+        payload = json.dumps({
+            "kind": kind, "stream": topic, "reading": value, "score": round(confidence, 4),
+            "model": self.anomaly.version, "source": self.anomaly.source, "at": round(t, 3),
+        }, separators=(",", ":")).encode()
+        s = self.settings
+        log.info("intelligence: %s on %s (reading %s, score %.2f)", kind, topic, value,
+                 confidence)
+        self.broker.publish(Message(f"{s.alert_topic}/{kind}/{topic}", payload, 1, False, {},
+                                    None, ORIGIN))
+        if self.queue is None:
+            return
+        if targets:
+            ups = {rule.upstream: up[: len(up) - len(topic)] for rule, up in targets}
+        else:
+            ups = dict(self._all_upstreams)
+        for name, prefix in ups.items():
+            try:
+                self.queue.put(name, 0, f"{prefix}{s.alert_upstream_topic}/{kind}/{topic}",
+                               payload, 1)
+            except QueueError as exc:
+                self.alerts_not_queued += 1
+                log.warning("intelligence: alert for %s not queued for %s: %s", topic, name,
+                            exc)
+
+    # -- summaries and pressure ----------------------------------------------------
+
+    def check_pressure(self) -> bool:
+        """Look at the backlog and the disk; switch summarising on or off."""
+        if self.queue is None or self.forwarding is None:
+            return False
+        s = self.settings
+        st = self.queue.stats()
+        disk = 0.0
+        if s.summarise_disk_percent:
+            with contextlib.suppress(OSError):
+                du = shutil.disk_usage(self.forwarding.data_dir)
+                disk = 100.0 * du.used / du.total if du.total else 0.0
+        checks = [
+            ("backlog messages", st["messages"], s.summarise_backlog_messages),
+            ("backlog bytes", st["bytes"], s.summarise_backlog_bytes),
+            ("disk percent", disk, s.summarise_disk_percent),
+        ]
+        over = [f"{name} {value:g} >= {limit:g}" for name, value, limit in checks
+                if limit and value >= limit]
+        if over and not self.pressure:
+            self.pressure = True
+            self.pressure_episodes += 1
+            self.pressure_reason = "; ".join(over)
+            log.warning("intelligence: summarising routine readings (%s)", self.pressure_reason)
+        elif self.pressure and not over and all(
+                not limit or value < HYSTERESIS * limit for _, value, limit in checks):
+            self.pressure = False
+            log.info("intelligence: backlog and disk below their thresholds: forwarding every "
+                     "reading again")
+            self.emit_summaries(everything=True)
+        return self.pressure
+
+    def emit_summaries(self, everything: bool = False) -> int:
+        """Queue the summaries whose window is over (all when ``everything``)."""
+        if self.queue is None:
+            return 0
+        n = 0
+        suffix = self.settings.summary_suffix
+        for summary in self.summariser.due(time.time(), everything):
+            payload = summary.payload()
+            for rule, up_topic in summary.targets:
+                try:
+                    self.queue.put(rule.upstream, summary.priority, up_topic + suffix, payload,
+                                   min(rule.qos, 1), None, rule.ttl or None)
+                    n += 1
+                except QueueError as exc:
+                    log.warning("intelligence: summary of %s not queued: %s", summary.stream,
+                                exc)
+        return n
+
+    # -- background tasks ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the timers (call inside the running loop)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        s = self.settings
+        if s.summarising and self.queue is not None:
+            self._tasks.append(loop.create_task(self._every(s.pressure_check_s,
+                                                            self.check_pressure)))
+            self._tasks.append(loop.create_task(self._every(
+                min(s.summary_window_s / 4, 1.0), self.emit_summaries)))
+        if self.watch is not None:
+            self._tasks.append(loop.create_task(self._every(s.threat_interval_s,
+                                                            self.watch.tick)))
+        if self.sys_interval > 0:
+            self._tasks.append(loop.create_task(self._every(self.sys_interval,
+                                                            self.publish_sys)))
+        log.info("intelligence: priority %s, anomaly %s, threat %s (batch %.1f ms / %d)",
+                 self._describe(self.priority), self._describe(self.anomaly),
+                 self._describe(self.threat), s.batch_window_ms, s.max_batch)
+
+    @staticmethod
+    def _describe(sc: Scorer) -> str:
+        if sc.source == "model":
+            return f"model {sc.version}"
+        return "rules (fallback)" if sc.fallback else sc.source
+
+    @staticmethod
+    async def _every(interval: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fn()
+            except Exception:  # a timer must keep running
+                log.exception("intelligence: %s failed", getattr(fn, "__name__", fn))
+
+    async def stop(self) -> None:
+        """Score and queue what is pending, queue open summaries, stop the worker."""
+        for task in self._tasks:
+            task.cancel()
+        for _ in range(200):
+            if self._busy:
+                await asyncio.sleep(0.005)
+                continue
+            if not self._pending:
+                break
+            self._flush()
+        self.emit_summaries(everything=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    # -- metrics -------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the runtime counts (``rapidmq-edge status``, ``$SYS``)."""
+        now = time.monotonic()
+        t_prev, n_prev = self._rate
+        rate = (self.scored - n_prev) / (now - t_prev) if now > t_prev else 0.0
+        if now - t_prev >= 5.0:
+            self._rate = (now, self.scored)
+        per_msg = self.worker_seconds / self.scored * 1e6 if self.scored else 0.0
+        return {
+            "models": {sc.name: {"source": sc.source, "version": sc.version,
+                                 "fallback": sc.fallback}
+                       for sc in (self.priority, self.anomaly, self.threat)},
+            "fallback_active": bool(self.fallback),
+            "scored": self.scored,
+            "scores_per_s": round(rate, 1),
+            "batches": self.batches,
+            "mean_batch": round(self.scored / self.batches, 1) if self.batches else 0.0,
+            "score_us_per_message": round(per_msg, 2),
+            "loop_ms_max": round(self.loop_seconds_max * 1000, 3),
+            "priority_cache_hits": self.prio_cache_hits,
+            "anomaly_gate": self.anomaly_gate.source if self.anomaly_gate is not None else "off",
+            "anomaly_gated": self.anomaly_gated,
+            "classes": dict(zip(("alarm", "high", "normal", "bulk"), self.by_class,
+                                strict=True)),
+            "alerts": self.alerts,
+            "alerts_suppressed": self.alerts_suppressed,
+            "alerts_not_queued": self.alerts_not_queued,
+            "forward_refused": self.forward_refused,
+            "summarising": self.pressure,
+            "summarising_reason": self.pressure_reason if self.pressure else "",
+            "summarising_episodes": self.pressure_episodes,
+            "summarised_readings": self.summariser.readings,
+            "summaries": self.summariser.emitted,
+            "threat": self.watch.status() if self.watch is not None else None,
+        }
+
+    def publish_sys(self) -> None:
+        """``$SYS/broker/intelligence/...`` (retained, like the other ``$SYS`` topics)."""
+        out: dict[str, str] = {}
+
+        def flat(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    flat(f"{prefix}/{k}", v)
+            elif isinstance(value, list):
+                out[prefix] = json.dumps(value)
+            elif isinstance(value, bool):
+                out[prefix] = "true" if value else "false"
+            else:
+                out[prefix] = "" if value is None else str(value)
+
+        flat("intelligence", self.snapshot())
+        for name, value in out.items():
+            self.broker.publish_internal(f"$SYS/broker/{name}", value.encode())
+
+
+def default_models_dir() -> Path:
+    """Where the committed models are in a checkout."""
+    from ..config_intelligence import DEFAULT_MODELS_DIR
+
+    return DEFAULT_MODELS_DIR

@@ -1,0 +1,341 @@
+"""The intelligence runtime in a real gateway process: real paho clients, real Mosquitto
+upstream, real onnxruntime sessions on the committed models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from rapidmq_edge.security.users import add_user
+
+from .conftest import MosquittoBroker, free_port
+from .gateway_proc import GatewayProcess
+from .test_store_forward import Collector, _persistent_cloud
+
+V2 = mqtt.CallbackAPIVersion.VERSION2
+MODELS = Path(__file__).resolve().parent.parent / "models"
+STREAM = "site/s23/temperature/sn0008/reading"
+
+
+class Listener:
+    """A paho MQTT 5 client on the gateway that records what it receives."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.got: dict[str, bytes] = {}
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+        ready = threading.Event()
+        self.c = mqtt.Client(V2, client_id=f"l-{time.monotonic_ns()}", protocol=mqtt.MQTTv5)
+        self.c.on_message = self._msg
+        self.c.on_subscribe = lambda *a: ready.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe(topic, qos=1)
+        assert ready.wait(5)
+
+    def _msg(self, c: Any, u: Any, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.got[m.topic] = m.payload
+            self.order.append(m.topic)
+
+    def wait(self, pred: Callable[[dict[str, bytes]], bool], timeout: float = 8.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if pred(self.got):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def _device(port: int, cid: str) -> mqtt.Client:
+    c = mqtt.Client(V2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(100)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def _send(dev: mqtt.Client, items: list[tuple[str, bytes]], qos: int = 1,
+          gap: float = 0.0) -> None:
+    infos = []
+    for topic, payload in items:
+        infos.append(dev.publish(topic, payload, qos=qos))
+        if gap:
+            time.sleep(gap)
+    for info in infos:
+        info.wait_for_publish(20)
+        assert info.is_published()
+
+
+def _reading(i: int, value: float) -> tuple[str, bytes]:
+    return STREAM, json.dumps({"ts": round(time.time(), 3), "seq": i, "value": value,
+                               "unit": "C"}, separators=(",", ":")).encode()
+
+
+def _healthy(n: int, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [round(20.0 + float(v), 2) for v in rng.normal(0, 0.2, n)]
+
+
+BULK = [(f"plant1/line5/log/node{i:04d}/lines",
+         f"2023-11-14T22:13:{i % 60:02d}.790Z DEBUG fwupd[{i}]: alarm zone scan {i} idle".encode())
+        for i in range(150)]
+CRITICAL = [("devices/dev0025/alarm/evt",
+             b'{"ts":1700000380.633,"seq":6,"event":"alarm","type":"fire","zone":1,'
+             b'"severity":"critical"}'),
+            ("plant1/line5/log/node0022/lines",
+             b"2023-11-14T22:21:08.473Z CRITICAL fwupd[39]: power supply failure")]
+
+
+def _config(up_port: int, **intel: Any) -> dict[str, Any]:
+    return {
+        "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up_port}"],
+                      "keep_alive": 5}],
+        "forward": [{"filter": "#", "upstream": "cloud", "qos": 1}],
+        "queue": {"commit_delay_ms": 2.0},
+        "intelligence": {"enabled": True, **intel},
+    }
+
+
+def _sys_until(port: int, key: str, pred: Callable[[str], bool],
+               timeout: float = 8.0) -> dict[str, str]:
+    """``$SYS/broker/intelligence/...`` once ``pred`` holds for ``key`` (published each second)."""
+    lst = Listener(port, "$SYS/broker/intelligence/#")
+    topic = f"$SYS/broker/intelligence/{key}"
+    try:
+        lst.wait(lambda g: topic in g and pred(g[topic].decode()), timeout)
+        with lst.lock:
+            return {k.removeprefix("$SYS/broker/intelligence/"): v.decode()
+                    for k, v in lst.got.items()}
+    finally:
+        lst.close()
+
+
+def test_anomaly_alert_local_and_upstream_ahead_of_bulk_and_critical_first(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    port = free_port()
+    start_upstream = _persistent_cloud(mosquitto_factory, port, tmp_path)
+    gw = gateway_factory(_config(port))
+    alerts = Listener(gw.port, "$edge/alerts/#")
+    dev = _device(gw.port, "dev-a")
+    try:
+        _send(dev, BULK)  # upstream down: a bulk backlog builds up
+        values = _healthy(45)
+        _send(dev, [_reading(i, v) for i, v in enumerate(values)], gap=0.02)
+        time.sleep(0.02)
+        spike = 24.5  # ~20 sigma above a 0.2-sigma stream
+        _send(dev, [_reading(45, spike)])
+        _send(dev, CRITICAL)
+        topic = f"$edge/alerts/spike/{STREAM}"
+        assert alerts.wait(lambda g: topic in g), f"no spike alert, got {alerts.order}"
+        body = json.loads(alerts.got[topic])
+        assert body["reading"] == spike and body["stream"] == STREAM
+        assert body["source"] == "model" and body["model"].startswith("1.0.0+")
+        assert 0.5 <= body["score"] <= 1.0
+        assert alerts.order.count(topic) == 1  # the healthy readings raised nothing
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        alerts.close()
+    start_upstream()
+    cloud = Collector(port, "edge/#", client_id="cloud")
+    try:
+        n = len(BULK) + 46 + len(CRITICAL) + 1
+        got = cloud.wait_for(n, 20)
+        topics = [t for t, _, _ in got]
+        up_alert = f"edge/test-gw/alerts/spike/{STREAM}"
+        assert up_alert in topics, topics[:5]
+        first_bulk = min(i for i, t in enumerate(topics) if "/log/" in t and t.endswith("lines")
+                         and b"DEBUG" in got[i][1])
+        assert topics.index(up_alert) < first_bulk
+        crit = [i for i, (_, p, _) in enumerate(got) if b"critical" in p.lower()
+                and not got[i][0].startswith("edge/test-gw/alerts/")]
+        assert len(crit) == 2 and max(crit) < first_bulk, (crit, first_bulk)
+        assert len({p for _, p, _ in got if b"DEBUG" in p}) == len(BULK)  # nothing lost
+    finally:
+        cloud.close()
+    sys = _sys_until(gw.port, "alerts", lambda v: v == "1")
+    assert int(sys["alerts"]) == 1 and sys["models/anomaly/source"] == "model"
+    assert int(sys["classes/bulk"]) >= len(BULK) and sys["fallback_active"] == "false"
+
+
+def test_summarisation_past_backlog_threshold(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    port = free_port()
+    start_upstream = _persistent_cloud(mosquitto_factory, port, tmp_path)
+    gw = gateway_factory(_config(port, summarise_backlog_messages=100, summary_window_s=1.0,
+                                 pressure_check_s=0.1))
+    dev = _device(gw.port, "dev-s")
+    try:
+        _send(dev, BULK[:120])  # backlog 120 >= 100 while the upstream is down
+        on = _sys_until(gw.port, "summarising", lambda v: v == "true")
+        assert on["summarising"] == "true", "summarising never switched on"
+        assert "backlog messages" in on["summarising_reason"]
+        values = _healthy(30, seed=3)
+        _send(dev, [_reading(i, v) for i, v in enumerate(values)], gap=0.01)
+        time.sleep(1.5)  # the 1 s window closes and its summary is queued
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+    sys = _sys_until(gw.port, "summaries", lambda v: int(v) >= 1)
+    assert int(sys["summarised_readings"]) == 30 and int(sys["summaries"]) >= 1
+    start_upstream()
+    cloud = Collector(port, "edge/#", client_id="cloud")
+    try:
+        summary_topic = f"edge/test-gw/{STREAM}/summary"
+        got = cloud.wait_for(120 + 1, 20)
+        summaries = [json.loads(p) for t, p, _ in got if t == summary_topic]
+        singles = [p for t, p, _ in got if t == f"edge/test-gw/{STREAM}"]
+        assert summaries and not singles, (len(summaries), len(singles))
+        assert sum(s["count"] for s in summaries) == 30
+        assert min(s["min"] for s in summaries) == min(values)
+        assert max(s["max"] for s in summaries) == max(values)
+        total = sum(s["mean"] * s["count"] for s in summaries)
+        assert abs(total / 30 - sum(values) / 30) < 1e-9
+        assert all(s["stream"] == STREAM and s["end"] >= s["start"] for s in summaries)
+    finally:
+        cloud.close()
+
+
+def test_flooding_client_disconnected_with_reason_others_keep_working(
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    gw = gateway_factory({"intelligence": {"enabled": True, "threat_interval_s": 0.2,
+                                           "ban_s": 30}})
+    good = Listener(gw.port, "ok/#")
+    reasons: list[int] = []
+    gone = threading.Event()
+    flood = mqtt.Client(V2, client_id="flooder", protocol=mqtt.MQTTv5)
+
+    def on_disconnect(c: Any, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        reasons.append(rc.value)
+        gone.set()
+
+    flood.on_disconnect = on_disconnect
+    flood.connect("127.0.0.1", gw.port)
+    flood.loop_start()
+    try:
+        payload = b"x" * 512
+        for i in range(3000):
+            if gone.is_set():
+                break
+            flood.publish(f"spam/flooder/{i % 2}", payload, qos=0)
+            if i % 100 == 99:
+                time.sleep(0.01)
+        assert gone.wait(5), "the flooder was not disconnected"
+        assert reasons[0] == 0x96, hex(reasons[0])  # Message rate too high
+    finally:
+        flood.loop_stop()
+    # others keep working
+    dev = _device(gw.port, "dev-good")
+    try:
+        _send(dev, [(f"ok/{i}", b"fine") for i in range(20)])
+        assert good.wait(lambda g: len(g) == 20)
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        good.close()
+    # the flooder's client id is banned for a while
+    again = mqtt.Client(V2, client_id="flooder", protocol=mqtt.MQTTv5)
+    codes: list[int] = []
+    answered = threading.Event()
+    again.on_connect = lambda c, u, f, rc, p: (codes.append(rc.value), answered.set())
+    again.connect("127.0.0.1", gw.port)
+    again.loop_start()
+    try:
+        assert answered.wait(5) and codes == [0x8A], codes  # Banned
+    finally:
+        again.loop_stop()
+    sys = _sys_until(gw.port, "threat/disconnected", lambda v: v == "1")
+    assert sys["threat/disconnected"] == "1" and int(sys["threat/detected/flood"]) >= 1
+    assert "flooder looks like flood" in gw.log()
+
+
+def test_credential_guessing_is_banned(
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "wonderland")
+    gw = gateway_factory({"auth": {"allow_anonymous": False, "users_file": str(users)},
+                          "intelligence": {"enabled": True, "threat_interval_s": 0.2}})
+    codes: list[int] = []
+    for i in range(25):
+        c = mqtt.Client(V2, client_id="guesser", protocol=mqtt.MQTTv5)
+        c.username_pw_set(["admin", "root", "pi"][i % 3], f"guess{i}")
+        got = threading.Event()
+        c.on_connect = lambda cl, u, f, rc, p, got=got: (codes.append(rc.value), got.set())
+        c.connect("127.0.0.1", gw.port)
+        c.loop_start()
+        got.wait(3)
+        c.loop_stop()
+        c.disconnect()
+        if codes and codes[-1] == 0x8A:
+            break
+        time.sleep(0.05)
+    assert codes[0] == 0x86 and codes[-1] == 0x8A, [hex(c) for c in codes]  # then Banned
+    ok = mqtt.Client(V2, client_id="alice-1", protocol=mqtt.MQTTv5)
+    ok.username_pw_set("alice", "wonderland")
+    res: list[int] = []
+    done = threading.Event()
+    ok.on_connect = lambda cl, u, f, rc, p: (res.append(rc.value), done.set())
+    ok.connect("127.0.0.1", gw.port)
+    ok.loop_start()
+    try:
+        assert done.wait(5) and res == [0]  # the real user is not affected
+    finally:
+        ok.loop_stop()
+        ok.disconnect()
+    assert "guesser looks like credential_guessing" in gw.log()
+
+
+def test_tampered_and_missing_models_fall_back_to_rules(
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    blob = bytearray((models / "anomaly.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # tampered: the sha256 no longer matches
+    (models / "anomaly.onnx").write_bytes(bytes(blob))
+    (models / "threat.onnx").unlink()  # missing
+    gw = gateway_factory({"intelligence": {"enabled": True, "models_dir": str(models)}})
+    alerts = Listener(gw.port, "$edge/alerts/#")
+    dev = _device(gw.port, "dev-f")
+    try:
+        values = _healthy(40, seed=5)
+        _send(dev, [_reading(i, v) for i, v in enumerate(values)], gap=0.02)
+        _send(dev, [_reading(40, 25.0)])
+        # the rules still catch the spike: the gateway serves and keeps judging
+        assert alerts.wait(lambda g: f"$edge/alerts/spike/{STREAM}" in g)
+        body = json.loads(alerts.got[f"$edge/alerts/spike/{STREAM}"])
+        assert body["source"] == "rules"
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        alerts.close()
+    sys = _sys_until(gw.port, "fallback_active", lambda v: v == "true")
+    assert sys["fallback_active"] == "true" and sys["models/anomaly/source"] == "rules"
+    assert "no longer" not in sys["models/anomaly/fallback"]
+    assert "sha256" in sys["models/anomaly/fallback"]
+    assert "threat.onnx" in sys["models/threat/fallback"]
+    assert sys["models/priority/source"] == "off"  # no upstream: nothing to prioritise
+    log = gw.log()
+    assert "anomaly model not used, rule fallback active" in log
+    assert "threat model not used, rule fallback active" in log
