@@ -45,7 +45,8 @@ Scenarios (keys of ``scenarios`` in the JSON):
   ``build_msg_per_s``); then the upstream is restarted, the subscriber reconnects at once
   and the clock runs until it has every message.  ``upstream_up_to_all_s`` (the number a
   user sees) = ``reconnect_wait_s`` (gateway's reconnect backoff, up to 30 s, until the
-  first message arrives) + ``drain_s`` (first to last message).  If building the full
+  first message arrives; ``--reconnect-max-s`` sets the gateway's cap) + ``drain_s``
+  (first to last message).  If building the full
   backlog is projected to take longer than ``--build-budget`` seconds, 300,000 messages
   are used instead and the 1M numbers are linear extrapolations, labelled as such.
   Target: 1,000,000 drained in <= 60 s.
@@ -235,7 +236,8 @@ def bridge_conf(up_port: int) -> Callable[[int], str]:
 
 
 def gateway_conf(
-    data_dir: Path, up_port: int, durability: str, commit_delay_ms: float
+    data_dir: Path, up_port: int, durability: str, commit_delay_ms: float,
+    reconnect_max_s: float | None = None,
 ) -> Callable[[int], str]:
     def render(port: int) -> str:
         return (
@@ -252,7 +254,8 @@ def gateway_conf(
             f'name = "{UPSTREAM_NAME}"\n'
             f'urls = ["mqtt://{HOST}:{up_port}"]\n'
             "keep_alive = 30\n"
-            "[[forward]]\n"
+            + (f"reconnect_max_s = {reconnect_max_s}\n" if reconnect_max_s else "")
+            + "[[forward]]\n"
             'filter = "sensors/#"\n'
             f'upstream = "{UPSTREAM_NAME}"\n'
             "qos = 1\n"
@@ -507,7 +510,8 @@ def run_drain(args: argparse.Namespace, tmp: Path, mosq: str) -> dict[str, Any]:
     data = tmp / "gw-drain" / "data"
     gw = Proc(name="gateway-drain", kind="rapidmq", workdir=tmp / "gw-drain", mosquitto_bin=mosq,
               python=args.python, start_timeout=args.gateway_start_timeout,
-              render=gateway_conf(data, port, "fsync", args.commit_delay_ms))
+              render=gateway_conf(data, port, "fsync", args.commit_delay_ms,
+                                  args.reconnect_max_s))
     sub_topic = f"edge/{GATEWAY_ID}/sensors/#"
     procs: list[Any] = []
     out: dict[str, Any] = {"durability": "fsync"}
@@ -648,6 +652,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=100, help="QoS 1 in flight per device (100)")
     ap.add_argument("--commit-delay-ms", type=float, default=5.0,
                     help="[queue] commit_delay_ms of the gateway (5 = gateway default)")
+    ap.add_argument("--reconnect-max-s", type=float, default=None,
+                    help="[[upstream]] reconnect_max_s of the gateway (unset: its default, "
+                         "30); bounds the drain's reconnect wait")
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--latency-seconds", type=float, help="(5; quick 2)")
     ap.add_argument("--low-rate", type=float, default=20.0,

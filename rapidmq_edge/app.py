@@ -97,6 +97,14 @@ class Gateway:
         if self.gate.acl.restricts_reading:
             self.broker.read_check = self.gate.acl.can_receive
         self.settings = connection_settings(config)
+        self.intelligence: Any = None  # intelligence.runtime.IntelligenceRuntime when enabled
+        if config.intelligence.enabled:
+            from .intelligence.runtime import IntelligenceRuntime  # numpy/onnxruntime: lazily
+
+            self.intelligence = IntelligenceRuntime(
+                config.intelligence, self.broker, self.forwarding, self.gate, config.gateway.id,
+                config.mqtt.sys_interval)
+            self.intelligence.install()
         self.http: Any = None  # ingress.http.HttpApi when [http] listen is set
         self.coap: Any = None  # ingress.coap.CoapServer when [coap] listen is set
 
@@ -143,6 +151,8 @@ class Gateway:
             self.bound.extend(await self.coap.start())
         if self.forwarding is not None:
             self.forwarding.start()
+        if self.intelligence is not None:
+            self.intelligence.start()
         interval = self.config.mqtt.sys_interval
         if interval > 0:
             extra = self.forwarding.status if self.forwarding is not None else None
@@ -160,6 +170,8 @@ class Gateway:
             "listeners": self.bound,
             "broker": sys_values(self.broker),
             "forwarding": self.forwarding.snapshot() if self.forwarding is not None else None,
+            "intelligence": (self.intelligence.snapshot() if self.intelligence is not None
+                             else None),
         }
 
     async def stop(self) -> None:
@@ -174,6 +186,8 @@ class Gateway:
             await self.coap.close()
         self.registry.shutdown()
         await asyncio.sleep(0.05)  # let DISCONNECTs flush
+        if self.intelligence is not None:
+            await self.intelligence.stop()
         if self.forwarding is not None:
             await self.forwarding.stop()
         await self.broker.close()

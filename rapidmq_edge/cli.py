@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rapidmq_edge import __version__, cli_crypto
+from rapidmq_edge import __version__, cli_cloud, cli_crypto
 from rapidmq_edge.config import Config, ConfigError, load_config
 
 __all__ = ["main", "build_parser"]
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     tremove.add_argument("name", metavar="NAME")
     tsub.add_parser("list", parents=[tsource], help="list token names and their users")
     cli_crypto.register(sub)
+    cli_cloud.register(sub)
     return parser
 
 
@@ -95,7 +96,12 @@ def _cmd_run(config_path: Path | None) -> int:
         if exc.name != "rapidmq_edge.app":
             raise
         return _fail("gateway runtime (rapidmq_edge.app) is not available", 1)
-    return int(run_gateway(config))
+    from rapidmq_edge.crypto.errors import CryptoError
+
+    try:
+        return int(run_gateway(config))
+    except CryptoError as exc:  # [security] keys missing, wrong passphrase, ...
+        return _fail(f"post-quantum protection: {exc}", 1)
 
 
 def _cmd_check(path: Path) -> int:
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_token(args)
         if cli_crypto.handles(args.command):
             return cli_crypto.run(args)
+        if cli_cloud.handles(args.command):
+            return cli_cloud.run(args)
         return _cmd_user(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

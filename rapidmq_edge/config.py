@@ -22,6 +22,7 @@ from rapidmq_edge.mqtt.topics import valid_topic_filter
 if TYPE_CHECKING:
     from .config_forward import ForwardingSettings
     from .config_ingress import CoapSettings, HttpSettings
+    from .config_intelligence import IntelligenceSettings
 
 __all__ = [
     "ConfigError",
@@ -191,6 +192,12 @@ def _default_coap() -> CoapSettings:
     return CoapSettings()
 
 
+def _default_intelligence() -> IntelligenceSettings:
+    from .config_intelligence import IntelligenceSettings
+
+    return IntelligenceSettings()
+
+
 def _default_http() -> HttpSettings:
     from .config_ingress import HttpSettings
 
@@ -213,6 +220,8 @@ class Config:
     #: ``[coap]`` and ``[http]`` ingress (config_ingress.py); no listeners = disabled
     coap: CoapSettings = field(default_factory=_default_coap)
     http: HttpSettings = field(default_factory=_default_http)
+    #: ``[intelligence]`` (config_intelligence.py); disabled unless enabled = true
+    intelligence: IntelligenceSettings = field(default_factory=_default_intelligence)
 
 
 # --------------------------------------------------------------------------- value checkers
@@ -431,7 +440,7 @@ _BOOL_KEYS = ("retain_available",)
 _MQTT_KEYS = ("listen", "tls", *_INT_LIMITS, *_FLOAT_LIMITS, *_BOOL_KEYS)
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
-    "coap", "http",
+    "coap", "http", "security", "intelligence",
 )
 
 
@@ -573,9 +582,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     forwarding = parse_forwarding(top.data, base_dir)
     coap = parse_coap(top.data.get("coap", {}), base_dir)
     http = parse_http(top.data.get("http", {}), base_dir)
+    from .config_intelligence import parse_intelligence
+
+    intelligence = parse_intelligence(top.data.get("intelligence", {}), base_dir)
     return Config(
         gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding,
-        coap, http,
+        coap, http, intelligence=intelligence,
     )
 
 

@@ -6,12 +6,13 @@ Validated with the same rules and messages as :mod:`rapidmq_edge.config`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from .config import (
+    _bool,
     _choice,
     _err,
     _existing_file,
@@ -21,11 +22,14 @@ from .config import (
     _str,
     _Table,
 )
+from .config_security import SecuritySettings, check_protected_rules, parse_security
 from .mqtt.topics import valid_topic_filter
 
 #: priority class names and numbers (0 drains first)
 PRIORITIES: dict[str, int] = {"alarm": 0, "high": 1, "normal": 2, "bulk": 3}
 Policy = Literal["drop_oldest", "refuse_new"]
+#: ``[[upstream]] endpoint_policy`` values (see :mod:`rapidmq_edge.uplink.endpoint_policy`)
+ENDPOINT_POLICIES = ("ordered", "round_robin", "bandit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,9 @@ class UpstreamSettings:
     window: int = 100
     rate_limit: float = 0.0
     heartbeat_interval: float = 30.0
+    endpoint_policy: str = "ordered"
+    endpoint_dwell: float = 5.0
+    reconnect_max_s: float = 30.0  # longest reconnect backoff delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,10 @@ class ForwardRule:
     priority: int = 2
     ttl: float = 0.0
     topic_prefix: str | None = None  # overrides the upstream's prefix
+    encrypt: bool = False  # session AEAD envelope (docs/crypto.md)
+    sign: bool = False  # leaf in the signed batch chain
+    #: ``priority`` was set: the intelligence runtime's class does not override it
+    priority_explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +119,7 @@ class ForwardingSettings:
     forward: tuple[ForwardRule, ...] = ()
     downstream: tuple[DownstreamRule, ...] = ()
     queue: QueueSettings = field(default_factory=QueueSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 def _priority(key: str, value: Any) -> int:
@@ -140,6 +152,8 @@ def _urls(key: str, value: Any) -> tuple[str, ...]:
             parts.port  # noqa: B018 - validates the port
         except ValueError:
             raise _err(k, f"invalid port in {url!r}") from None
+        if url in out:
+            raise _err(k, f"duplicate URL {url!r}")
         out.append(url)
     return tuple(out)
 
@@ -148,6 +162,7 @@ def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
     t = _Table(data, key, (
         "name", "urls", "topic_prefix", "protocol", "client_id", "username", "password",
         "ca_file", "cert", "key", "keep_alive", "window", "rate_limit", "heartbeat_interval",
+        "endpoint_policy", "endpoint_dwell", "reconnect_max_s",
     ))
     for name in ("name", "urls"):
         if name not in t.data:
@@ -168,6 +183,9 @@ def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
         window=t.get("window", _int(1, 65535), 100),
         rate_limit=t.get("rate_limit", _float(0.0, 10_000_000.0), 0.0),
         heartbeat_interval=t.get("heartbeat_interval", _float(0.0, 86400.0), 30.0),
+        endpoint_policy=t.get("endpoint_policy", _choice(*ENDPOINT_POLICIES), "ordered"),
+        endpoint_dwell=t.get("endpoint_dwell", _float(0.1, 86400.0), 5.0),
+        reconnect_max_s=t.get("reconnect_max_s", _float(0.1, 86400.0), 30.0),
     )
     if not up.name:
         raise _err(t.sub("name"), "must not be empty")
@@ -177,7 +195,8 @@ def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
 
 
 def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
-    t = _Table(data, key, ("filter", "upstream", "qos", "priority", "ttl", "topic_prefix"))
+    t = _Table(data, key, (
+        "filter", "upstream", "qos", "priority", "ttl", "topic_prefix", "encrypt", "sign"))
     for name in ("filter", "upstream"):
         if name not in t.data:
             raise _err(t.sub(name), "required")
@@ -188,7 +207,10 @@ def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
         priority=t.get("priority", _priority, 2),
         ttl=t.get("ttl", _float(0.0, 10 * 365 * 86400.0), 0.0),
         topic_prefix=t.get("topic_prefix", _str, None),
+        encrypt=t.get("encrypt", _bool, False),
     )
+    rule = replace(rule, sign=t.get("sign", _bool, rule.encrypt),
+                   priority_explicit="priority" in t.data)
     if rule.upstream not in upstreams:
         raise _err(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
     return rule
@@ -265,7 +287,9 @@ def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings
         for i, item in enumerate(_array(data.get("downstream", []), "downstream"))
     )
     queue = _queue(data.get("queue", {}))
-    return ForwardingSettings(ups, fwd, down, queue)
+    check_protected_rules(fwd, ups)
+    security = parse_security(data.get("security", {}), base_dir)
+    return ForwardingSettings(ups, fwd, down, queue, security)
 
 
 __all__ = [

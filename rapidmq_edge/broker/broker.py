@@ -67,6 +67,7 @@ class Broker:
         self.read_check: Callable[[str | None, str, str], bool] | None = None
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for
         self.durable: list[Callable[[], asyncio.Future[Any] | None]] = []
+        self._combined: tuple[tuple[asyncio.Future[Any], ...], asyncio.Future[Any]] | None = None
         if store is not None:
             self.durable.append(store.commit_future)
         #: called with every message accepted for routing (the pipeline hooks in here)
@@ -299,13 +300,33 @@ class Broker:
         return self.route(msg)
 
     def commit_future(self) -> asyncio.Future[Any] | None:
-        """Resolved when every durable change made so far is committed (None: nothing to wait)."""
-        futs = [f for f in (src() for src in self.durable) if f is not None]
-        if not futs:
-            return None
-        if len(futs) == 1:
-            return futs[0]
-        return asyncio.gather(*futs)
+        """Resolved when every durable change made so far is committed (None: nothing to wait).
+
+        The stores share one future per group commit; so does this (the combination of
+        the same store futures is made once). Await it through ``asyncio.shield`` where
+        the awaiting task may be cancelled.
+        """
+        first: asyncio.Future[Any] | None = None
+        more: list[asyncio.Future[Any]] | None = None
+        for src in self.durable:
+            f = src()
+            if f is None:
+                continue
+            if first is None:
+                first = f
+            elif more is None:
+                more = [first, f]
+            else:
+                more.append(f)
+        if more is None:
+            return first
+        key = tuple(more)
+        combined = self._combined
+        if combined is not None and combined[0] == key and not combined[1].done():
+            return combined[1]
+        fut = asyncio.gather(*more)
+        self._combined = (key, fut)
+        return fut
 
     def _retain(self, msg: Message, persist: bool = True) -> None:
         if not msg.payload:

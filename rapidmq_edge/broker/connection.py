@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..mqtt import reasons as rc
 from ..mqtt.codec import PacketReader, encode, encode_publish
@@ -104,6 +104,8 @@ class ClientConnection:
         self.transport = transport
         self.peer = peer
         self.on_close = on_close
+        #: intelligence.threat.ClientWatch (client-behaviour hooks) or None
+        self.watch: Any = getattr(gate, "watch", None)
         self.loop = asyncio.get_running_loop()
         self.reader = PacketReader(settings.max_packet_size)
         self.version = 0
@@ -236,6 +238,8 @@ class ClientConnection:
         props = p.properties
         if self._connect_refusal:
             return self._refuse(self._connect_refusal)
+        if self.watch is not None and (banned := self.watch.admit(p.client_id)):
+            return self._refuse(banned)
         if "authentication_method" in props:
             return self._refuse(rc.BAD_AUTHENTICATION_METHOD)
         if broker.stats.clients_connected >= s.max_connections:
@@ -282,6 +286,8 @@ class ClientConnection:
     def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
         s = self.settings
         broker = self.broker
+        if self.watch is not None:
+            self.watch.connected(self, client_id, p.username, reason)
         if reason:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
@@ -381,8 +387,12 @@ class ClientConnection:
         if topic.startswith("$SYS") or not self.gate.can_publish(
             self.username, self.client_id, topic
         ):
+            if self.watch is not None:
+                self.watch.published(self.client_id, topic, len(p.payload), False)
             log.info("client %s not authorised to publish to %s", self.client_id, topic)
             return self._ack_publish(p, rc.NOT_AUTHORIZED, None)
+        if self.watch is not None:
+            self.watch.published(self.client_id, topic, len(p.payload), True)
         expiry = None
         if props:
             props = dict(props)
@@ -436,9 +446,12 @@ class ClientConnection:
             return
         if ack.type == PUBACK:
             self._inbound_unacked += 1
-        self._acks.append((ack, fut, then))
-        if fut is not None:
+        acks = self._acks
+        # Acks waiting for the same (shared, group commit) future need one callback: it
+        # drains them all, in order, when the commit is done.
+        if fut is not None and not (acks and acks[-1][1] is fut):
             fut.add_done_callback(self._drain_acks)
+        acks.append((ack, fut, then))
 
     def _drain_acks(self, _f: object = None) -> None:
         acks = self._acks
@@ -451,7 +464,7 @@ class ClientConnection:
                 self._inbound_unacked -= 1
             if self.closed:
                 continue
-            if fut is not None and fut.exception() is not None:
+            if fut is not None and (fut.cancelled() or fut.exception() is not None):
                 # Not stored: never acknowledge. 5.0 says why; 3.1.1 withholds the ack.
                 if self.v5 and ack.type in (PUBACK, PUBREC):
                     ack.reason_code = rc.QUOTA_EXCEEDED  # type: ignore[union-attr]
@@ -637,7 +650,10 @@ class ClientConnection:
             if not valid_subscription_filter(filt):  # invalid before unauthorised
                 codes.append(rc.TOPIC_FILTER_INVALID if self.v5 else 0x80)
                 continue
-            if not self.gate.can_subscribe(self.username, self.client_id, filt):
+            allowed = self.gate.can_subscribe(self.username, self.client_id, filt)
+            if self.watch is not None:
+                self.watch.subscribed(self.client_id, filt, allowed)
+            if not allowed:
                 codes.append(rc.NOT_AUTHORIZED if self.v5 else 0x80)
                 continue
             code, existed = broker.subscribe(session, filt, opts, sub_id)
@@ -738,6 +754,8 @@ class ClientConnection:
             self._ka_timer.cancel()
             self._ka_timer = None
         session, self.session = self.session, None
+        if self.watch is not None and self.client_id:
+            self.watch.closed(self, self.client_id)
         if session is not None and session.link is self:
             self.broker.connection_lost(session, send_will)
         if self.on_close is not None:

@@ -7,6 +7,7 @@ socket. Deliveries are QoS 0 in-process: the callback owns what happens next.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,4 +79,7 @@ def publish(broker: Broker, msg: Message) -> Any:
     Raises :class:`~rapidmq_edge.broker.message.PublishRefused` when a tap refuses it.
     """
     broker.publish(msg)
-    return broker.commit_future()
+    fut = broker.commit_future()
+    # the commit future is shared with every other publisher of the same group commit:
+    # a caller that is cancelled while awaiting must not cancel it for all of them
+    return asyncio.shield(fut) if fut is not None else None

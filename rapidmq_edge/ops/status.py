@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .status_intelligence import intelligence_lines
+
 STATUS_FILE = "status.json"
 
 
@@ -60,6 +62,7 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
         f"{b.get('clients/total', '?')} sessions; messages in {b.get('messages/received', '?')}"
         f", out {b.get('messages/sent', '?')}, dropped {b.get('publish/messages/dropped', '?')}"
     )
+    lines += intelligence_lines(data.get("intelligence"))
     fwd = data.get("forwarding")
     if not fwd:
         lines.append("  no upstreams configured (local broker only)")
@@ -68,6 +71,8 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
         f"  queue {fwd['queued']} messages, {fwd['queued_bytes']} bytes; drops "
         + (", ".join(f"{k} {v}" for k, v in fwd["drops"].items() if v) or "none")
     )
+    if fwd.get("forecast"):
+        lines.append(f"  forecast: {fwd['forecast']['text']}")
     for name, up in fwd["upstreams"].items():
         state = f"connected to {up['current_url']}" if up["connected"] else "DISCONNECTED"
         hb = up.get("last_heartbeat")
@@ -85,6 +90,16 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
             f"{up['inflight']}, acked {up['acked']}, drain {up['drain_rate']} msg/s"
             + (f", ETA {_age(eta)}" if eta else "")
         )
+        if up.get("forecast"):
+            lines.append(f"    forecast: {up['forecast']['text']}")
+        pol = up.get("endpoint_policy")
+        if pol and pol.get("policy") != "ordered":
+            eps = ", ".join(
+                f"{e['url']} " + (f"~{e['expected_ms']} ms" if "expected_ms" in e
+                                  else f"{e['acks']} acks")
+                for e in pol["endpoints"].values()
+            )
+            lines.append(f"    endpoints ({pol['policy']}, {pol['switches']} switches): {eps}")
         if up.get("last_error") and not up["connected"]:
             lines.append(f"    last error: {up['last_error']}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from ..broker.message import FORWARDED_PROPERTIES, Message, PublishRefused
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: ``Message.origin`` of messages that came down from an upstream (never sent back up)
 DOWNSTREAM_ORIGIN = "$upstream:"
+#: distinct topics whose matching rules are remembered
+TARGET_CACHE_SIZE = 4096
 
 
 class Queue(Protocol):
@@ -54,32 +57,54 @@ class Forwarder:
         ]
         self.forwarded = 0
         self.refused = 0
+        #: pipeline.protect.Protector for encrypt/sign rules (set by StoreAndForward)
+        self.protect: Any = None
+        #: topic -> targets; devices publish to the same topics over and over
+        self._targets: dict[str, list[tuple[ForwardRule, str]]] = {}
 
     def targets(self, topic: str) -> list[tuple[ForwardRule, str]]:
         """The first matching rule per upstream, with the upstream topic."""
+        cached = self._targets.get(topic)
+        if cached is not None:
+            return cached
         out: dict[str, tuple[ForwardRule, str]] = {}
         for filt, rule, prefix in self.rules:
             if rule.upstream not in out and topic_matches(filt, topic):
                 out[rule.upstream] = (rule, prefix + topic)
-        return list(out.values())
+        found = list(out.values())
+        if len(self._targets) >= TARGET_CACHE_SIZE:
+            self._targets.clear()  # many distinct topics: start over (cheap, rare)
+        self._targets[topic] = found
+        return found
 
-    def __call__(self, msg: Message) -> None:
+    def __call__(self, msg: Message, scored: int | None = None) -> None:
+        """Queue ``msg`` for every upstream a rule sends it to; ``scored`` is the class the
+        intelligence runtime chose (used for rules without an explicit ``priority``)."""
         if msg.topic.startswith("$"):
             return  # $SYS and other server topics stay local
         origin = msg.origin or ""
         for rule, up_topic in self.targets(msg.topic):
             if origin == DOWNSTREAM_ORIGIN + rule.upstream:
                 continue  # came from this upstream: never echo it back
-            props = {k: v for k, v in msg.properties.items() if k in FORWARDED_PROPERTIES}
+            props = (
+                {k: v for k, v in msg.properties.items() if k in FORWARDED_PROPERTIES}
+                if msg.properties else None
+            )
             ttl = rule.ttl or None
             if msg.expires_at is not None:
                 remaining = max(0.0, msg.expires_at - time.time())
                 ttl = min(ttl, remaining) if ttl else remaining
+            prio = rule.priority if scored is None or rule.priority_explicit else scored
             try:
-                self.queue.put(
-                    rule.upstream, rule.priority, up_topic, msg.payload,
-                    min(rule.qos, 1), props, ttl,
-                )
+                if self.protect is not None and (rule.encrypt or rule.sign):
+                    if prio != rule.priority:
+                        rule = replace(rule, priority=prio)
+                    self.protect.put(rule, up_topic, msg.payload, min(rule.qos, 1), props, ttl)
+                else:
+                    self.queue.put(
+                        rule.upstream, prio, up_topic, msg.payload,
+                        min(rule.qos, 1), props, ttl,
+                    )
             except Exception as exc:  # QueueFull, QueueError: do not acknowledge
                 self.refused += 1
                 log.warning("not queued for %s (%s): %s", rule.upstream, msg.topic, exc)

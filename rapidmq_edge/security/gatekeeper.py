@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import Config
 from ..mqtt import reasons as rc
 from .acl import Acl
@@ -15,6 +17,8 @@ class Gatekeeper:
         self.allow_anonymous = allow_anonymous
         self.users = users
         self.acl = acl
+        #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
+        self.watch: Any = None
 
     @classmethod
     def from_config(cls, config: Config) -> Gatekeeper:

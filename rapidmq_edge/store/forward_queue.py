@@ -6,7 +6,10 @@ resolves when everything put so far is committed: only then may the device get i
 PUBACK. A failed commit fails that future and forgets the failed rows (nothing that was
 not stored is counted or acknowledged). Only committed rows are handed out by ``fetch()``,
 so an id forwarded upstream always names a stored message; rows are deleted only after
-the upstream's ``ack()``.
+the upstream's ``ack()``. Deletes ride along with the next group of puts (or wait at
+most ``DELETE_DELAY``); nothing waits for them, and one lost in a crash only means the
+same id is sent again. Each group is a few multi-row statements, so the writer thread
+needs the GIL (held by a busy event loop) only a few times per commit.
 
 An in-memory index (per upstream and priority class: ids, sizes, timestamps in compact
 arrays) is loaded at open; payloads of recent puts stay in a small cache and everything
@@ -27,6 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +54,9 @@ CREATE TABLE IF NOT EXISTS messages (
 _COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
 _INSERT = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _READ_CHUNK = 900  # ids per "WHERE id IN (...)"
+_INSERT_CHUNK = 1024  # rows per multi-row INSERT (10 variables each; SQLite allows 32766)
+#: longest wait of acks' and drops' deletes for a batch of puts to ride along with (s)
+DELETE_DELAY = 0.1
 _READ_SQL = "SELECT id, topic, payload, qos, props FROM messages WHERE id"
 #: id jump after a salvage that could not read the id sequence (ids are never reused)
 _ID_GAP_UNKNOWN = 1 << 32
@@ -229,7 +237,7 @@ class ForwardQueue:
         #: where a damaged database file was moved to (None: it was fine)
         self.quarantined: Path | None = None
         self.drops = {"dropped_oldest": 0, "refused": 0, "expired": 0, "corrupt": 0,
-                      "not_stored": 0}
+                      "not_stored": 0, "too_large": 0}
         self.commits = 0
         self.commit_failures = 0
         self._lanes: dict[tuple[str, int], _Lane] = {}
@@ -246,13 +254,23 @@ class ForwardQueue:
         self._cache: OrderedDict[int, Row] = OrderedDict()  # committed rows, newest last
         self._cached = 0
         self._pending_bytes = 0
-        self._waiters: list[asyncio.Future[None]] = []  # wait for the pending batch
-        self._busy_waiters: list[asyncio.Future[None]] = []  # wait for the batch in the writer
+        # one shared future per batch: the pending one, and the one in the writer
+        self._pending_fut: asyncio.Future[None] | None = None
+        self._busy_fut: asyncio.Future[None] | None = None
         self._busy = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the armed flush (uvloop: call_later(0)
+        self._timer_due = 0.0  # returns a plain Handle, so its due time is kept here)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="forward-queue")
         self._data_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: called in the writer thread inside each commit's transaction with the rows being
+        #: inserted (pipeline/protect.py logs batch-chain records atomically with them)
+        self.write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None = None
+
+    @property
+    def next_id(self) -> int:
+        """The id the next successful :meth:`put` will return."""
+        return self._next_id
 
     # -- opening, loading, salvage ---------------------------------------------------
 
@@ -262,6 +280,8 @@ class ForwardQueue:
     def _prepare(self, db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "fsync" else "NORMAL"))
+        # multi-row INSERTs stage their rows in a temporary table: keep it off the disk
+        db.execute("PRAGMA temp_store=MEMORY")
         problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
@@ -484,7 +504,7 @@ class ForwardQueue:
         if self._cache.pop(mid, None) is not None:
             self._cached -= size
         self._dels.add(mid)
-        self._schedule()
+        self._schedule_deletes()
 
     # -- consuming -------------------------------------------------------------------
 
@@ -544,17 +564,49 @@ class ForwardQueue:
 
     def _read(self, up: str, picked: list[tuple[int, int, Entry]]) -> list[QueuedMessage]:
         """Payloads of ``picked`` (cache first, then SQLite by id) as QueuedMessages."""
-        rows: dict[int, tuple[Any, ...]] = {}  # id -> (id, topic, payload, qos, props)
-        missing: list[int] = []
-        for mid, _, e in picked:
-            row = self._cache.pop(mid, None)
+        out: list[QueuedMessage | None] = []
+        missing: list[int] = []  # positions in ``out`` still to read from SQLite
+        cache = self._cache
+        uncached = 0
+        for mid, prio, e in picked:
+            row = cache.pop(mid, None)
             if row is None:
-                missing.append(mid)
+                missing.append(len(out))
+                out.append(None)
             else:
-                rows[mid] = (mid, row[3], row[4], row[5], row[6])
-                self._cached -= e[0]
-        for k in range(0, len(missing), _READ_CHUNK):
-            chunk = missing[k:k + _READ_CHUNK]
+                uncached += e[0]
+                out.append(QueuedMessage(
+                    mid, up, prio, row[3], row[4], row[5], _props_from(row[6]), e[1],
+                    e[2] or None,
+                ))
+        self._cached -= uncached
+        if not missing:
+            return out  # type: ignore[return-value]  # no None left
+        rows = self._select([picked[i][0] for i in missing])
+        for i in missing:
+            mid, prio, e = picked[i]
+            row = rows.get(mid)
+            if row is None or not (
+                isinstance(row[1], str) and isinstance(row[2], bytes) and row[3] in (0, 1, 2)
+                and isinstance(row[4], bytes)
+            ):
+                lane = self._lanes[(up, prio)]
+                del lane.inflight[mid]
+                lane.msgs -= 1
+                lane.bytes -= e[0]
+                self._forget(mid, e[0], "corrupt")
+                log.error("forward queue %s: message %d is unreadable, dropped", self.path, mid)
+                continue
+            out[i] = QueuedMessage(
+                mid, up, prio, row[1], row[2], row[3], _props_from(row[4]), e[1], e[2] or None,
+            )
+        return [m for m in out if m is not None]
+
+    def _select(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+        """Rows ``(id, topic, payload, qos, props)`` of ``ids`` that can be read."""
+        rows: dict[int, tuple[Any, ...]] = {}
+        for k in range(0, len(ids), _READ_CHUNK):
+            chunk = ids[k:k + _READ_CHUNK]
             sql = f"{_READ_SQL} IN ({','.join('?' * len(chunk))})"
             try:
                 for r in self._reader.execute(sql, chunk):
@@ -568,36 +620,51 @@ class ForwardQueue:
                         r = None
                     if r is not None:
                         rows[mid] = r
-        out: list[QueuedMessage] = []
-        for mid, prio, e in picked:
-            row = rows.get(mid)
-            if row is None or not (
-                isinstance(row[1], str) and isinstance(row[2], bytes) and row[3] in (0, 1, 2)
-                and isinstance(row[4], bytes)
-            ):
-                lane = self._lanes[(up, prio)]
-                del lane.inflight[mid]
-                lane.msgs -= 1
-                lane.bytes -= e[0]
-                self._forget(mid, e[0], "corrupt")
-                log.error("forward queue %s: message %d is unreadable, dropped", self.path, mid)
-                continue
-            out.append(QueuedMessage(
-                mid, up, prio, row[1], row[2], row[3], _props_from(row[4]), e[1], e[2] or None,
-            ))
-        return out
+        return rows
 
     def ack(self, upstream: str, ids: Iterable[int]) -> None:
         """The upstream acknowledged ``ids``: delete them (group-committed)."""
-        lanes = [self._lanes.get((upstream, p)) for p in PRIORITIES]
+        lanes = [
+            lane for p in PRIORITIES
+            if (lane := self._lanes.get((upstream, p))) is not None and lane.inflight
+        ]
+        ins, cache, dels = self._ins, self._cache, self._dels
+        freed = uncached = 0
         for mid in ids:
             for lane in lanes:
-                if lane is not None and mid in lane.inflight:
-                    size = lane.inflight.pop(mid)[0]
+                e = lane.inflight.pop(mid, None)
+                if e is not None:
+                    size = e[0]
                     lane.msgs -= 1
                     lane.bytes -= size
-                    self._forget(mid, size, "")
+                    freed += size
+                    if ins.pop(mid, None) is not None:  # never written: nothing to delete
+                        self._pending_bytes -= size
+                    else:
+                        if cache.pop(mid, None) is not None:
+                            uncached += size
+                        dels.add(mid)
                     break
+        self._total_bytes -= freed
+        self._cached -= uncached
+        if dels:
+            self._schedule_deletes()
+
+    def drop(self, upstream: str, ids: Iterable[int], reason: str) -> None:
+        """Delete in-flight ``ids`` that can never be delivered; count them as ``reason``
+        (a key of ``drops``, e.g. ``too_large``)."""
+        if reason not in self.drops:
+            raise ValueError(f"unknown drop reason {reason!r}")
+        want = set(ids)
+        for prio in PRIORITIES:
+            lane = self._lanes.get((upstream, prio))
+            if lane is None or not lane.inflight:
+                continue
+            for mid in sorted(want & lane.inflight.keys()):
+                size = lane.inflight.pop(mid)[0]
+                lane.msgs -= 1
+                lane.bytes -= size
+                self._forget(mid, size, reason)
 
     def requeue(self, upstream: str, ids: Iterable[int]) -> None:
         """Hand in-flight ``ids`` out again (the uplink dropped before their PUBACK)."""
@@ -641,52 +708,94 @@ class ForwardQueue:
     # -- committing ------------------------------------------------------------------
 
     def _schedule(self) -> None:
+        """Arm the group commit for a put: at most ``commit_delay`` from now."""
+        if self._busy:
+            return  # _written flushes what arrived meanwhile
+        if self._timer is not None:
+            if self._timer_due <= self._time() + self.commit_delay:
+                return
+            self._timer.cancel()  # a lazy delete-only commit was armed: sooner now
+        self._arm(self.commit_delay)
+
+    def _time(self) -> float:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        return loop.time()
+
+    def _arm(self, delay: float) -> None:
+        """(Re)arm the flush timer ``delay`` seconds from now."""
+        self._timer_due = self._time() + delay
+        assert self._loop is not None
+        self._timer = self._loop.call_later(delay, self._flush)
+
+    def _schedule_deletes(self) -> None:
+        """Arm a commit for deletes alone (acks, drops): they wait up to ``DELETE_DELAY``
+        to ride along with the next batch of puts (nobody waits for them; a crash before
+        they are committed only means a redelivery of the same id)."""
         if self._timer is None and not self._busy:
-            loop = self._loop or asyncio.get_running_loop()
-            self._loop = loop
-            self._timer = loop.call_later(self.commit_delay, self._flush)
+            self._arm(max(self.commit_delay, DELETE_DELAY))
 
     def commit_future(self) -> asyncio.Future[None] | None:
-        """A future resolved when everything put (and acked) so far is committed, failed
-        with QueueError if that commit fails; None if nothing is pending or being written."""
-        if self._ins or self._dels:
-            waiters = self._waiters
-        elif self._busy:
-            waiters = self._busy_waiters
-        else:
-            return None
+        """A future resolved when everything put so far is committed, failed with
+        QueueError if that commit fails; None if no put is pending or being written.
+
+        The future is shared by every caller waiting for the same batch (one per group
+        commit, not one per message): await it through ``asyncio.shield`` where the
+        awaiting task may be cancelled. Deletes (acks, drops) are committed with the
+        next batch and are not waited for.
+        """
+        if self._ins:
+            fut = self._pending_fut
+            if fut is None or fut.done():
+                fut = self._pending_fut = self._new_future()
+            return fut
+        if self._busy and self._writing:
+            return self._busy_fut
+        return None
+
+    def _new_future(self) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        waiters.append(fut)
-        return fut
+        self._loop = loop
+        return loop.create_future()
 
     def _flush(self) -> None:
         self._timer = None
         if self._busy:
             return
-        if not self._ins and not self._dels:
-            waiters, self._waiters = self._waiters, []
-            _resolve(waiters, None)
-            return
-        loop = self._loop
-        assert loop is not None
+        if not self._ins:
+            fut, self._pending_fut = self._pending_fut, None
+            _resolve(fut, None)  # what it waited for was dropped before being written
+            if not self._dels:
+                return
         rows = list(self._ins.values())
         dels = sorted(self._dels)
         self._writing, self._ins, self._dels = self._ins, {}, set()
-        self._busy_waiters, self._waiters = self._waiters, []
+        fut = self._pending_fut
+        self._busy_fut = fut if fut is not None and not fut.done() else self._new_future()
+        self._pending_fut = None
         self._busy = True
-        fut = loop.run_in_executor(self._writer, self._write, rows, dels)
-        fut.add_done_callback(lambda f: self._written(f, rows, dels))
+        loop = self._loop
+        assert loop is not None
+        done = loop.run_in_executor(self._writer, self._write, rows, dels)
+        done.add_done_callback(lambda f: self._written(f, rows, dels))
 
     def _write(self, rows: list[Row], dels: list[int]) -> None:
+        """One transaction (in the writer thread). Few statements, each doing much: the
+        thread needs the GIL between statements, which a busy event loop holds."""
         db = self._db
         with self._lock:
             db.execute("BEGIN")
             try:
-                if dels:
-                    db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in dels])
-                if rows:
-                    db.executemany(_INSERT, rows)
+                if dels:  # acked ids come in runs: one range delete per run
+                    db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", _runs(dels))
+                k = 0
+                while k < len(rows):
+                    n = min(len(rows) - k, _INSERT_CHUNK)
+                    n = 1 << (n.bit_length() - 1)  # power of two: few distinct statements
+                    db.execute(_insert_sql(n), list(chain.from_iterable(rows[k:k + n])))
+                    k += n
+                if rows and self.write_hook is not None:
+                    self.write_hook(db, rows)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -696,7 +805,7 @@ class ForwardQueue:
     def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
         self._busy = False
         writing, self._writing = self._writing, {}
-        waiters, self._busy_waiters = self._busy_waiters, []
+        waiters, self._busy_fut = self._busy_fut, None
         exc = f.exception()
         if exc is None:
             self.commits += 1
@@ -719,11 +828,17 @@ class ForwardQueue:
             log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
                       self.path, exc, len(writing))
             _resolve(waiters, QueueError(f"commit failed: {exc}"))
-        if (self._ins or self._dels) and self._timer is None and self._loop is not None:
+        if self._timer is not None or self._loop is None:
+            return
+        if exc is not None:
+            if self._ins or self._dels:  # pause before retrying
+                self._arm(self.commit_delay if self._ins else 0.5)
+        elif self._ins:
             # Adaptive group commit: what arrived during this commit has waited long
-            # enough; write it at once. After a failure, pause before retrying.
-            delay = 0.0 if exc is None else (self.commit_delay if self._ins else 0.5)
-            self._timer = self._loop.call_later(delay, self._flush)
+            # enough; write it at once.
+            self._arm(0.0)
+        elif self._dels:
+            self._schedule_deletes()
 
     def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:
         """Take rows whose insert failed out of the index: they were never stored."""
@@ -768,11 +883,11 @@ class ForwardQueue:
                 self._timer = None
             if not self._ins and not self._dels and not self._busy:
                 break
-            fut = self.commit_future()
             self._flush()
+            fut = self._busy_fut
             if fut is not None:
                 try:
-                    await asyncio.wait_for(fut, 10)
+                    await asyncio.wait_for(asyncio.shield(fut), 10)
                 except (QueueError, TimeoutError):
                     break
         self._writer.shutdown(wait=True)
@@ -781,13 +896,38 @@ class ForwardQueue:
             self._db.close()
 
 
-def _resolve(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
-    for w in waiters:
+def _resolve(
+    waiters: list[asyncio.Future[None]] | asyncio.Future[None] | None, exc: BaseException | None
+) -> None:
+    if waiters is None:
+        return
+    for w in [waiters] if isinstance(waiters, asyncio.Future) else waiters:
         if not w.done():
             if exc is None:
                 w.set_result(None)
             else:
                 w.set_exception(exc)
+
+
+@lru_cache(maxsize=16)
+def _insert_sql(n: int) -> str:
+    """``INSERT`` of ``n`` rows in one statement."""
+    return _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``ids`` as ``(first, last)`` runs of consecutive integers."""
+    out: list[tuple[int, int]] = []
+    if not ids:
+        return out
+    lo = prev = ids[0]
+    for i in ids[1:]:
+        if i != prev + 1:
+            out.append((lo, prev))
+            lo = i
+        prev = i
+    out.append((lo, prev))
+    return out
 
 
 def _oldest_id(lane: _Lane) -> int:

@@ -11,12 +11,17 @@ Delivery contract with the :class:`UplinkSource` (the durable queue):
 * ``requeue(upstream, ids)`` returns leased messages: on connection loss (everything in
   flight, resent later as new PUBLISHes: at-least-once, duplicates only of the same id) and
   ``nack_delay`` seconds after a v5 PUBACK/PUBREC with a reason code >= 0x80.
+* ``drop(upstream, ids, reason)`` removes leased messages that can never be sent (reason
+  ``too_large``: above the MQTT 5 server's Maximum Packet Size); the rest keeps flowing.
 * ``wait_for_data(upstream)`` returns a fresh awaitable (e.g. a coroutine) that completes when
   ``fetch`` may return something. The client cancels it on timeout or disconnect and also
   polls every ``poll_interval`` seconds, so a missed wake-up only costs latency.
 
-Failover: URLs are tried in order; after a connection ends the next URL is tried at once,
-and a :class:`Backoff` delay separates full rounds of failed attempts.
+Failover: an :class:`~.endpoint_policy.EndpointPolicy` picks the URL of each attempt (by
+default the URLs in order); after a connection ends the next choice is tried at once, and a
+:class:`Backoff` delay separates full rounds of failed attempts. A steering policy may also
+end a healthy session (in-flight acks awaited briefly, then DISCONNECT; whatever is still in
+flight is requeued as on any connection loss) to move to a better endpoint.
 """
 
 from __future__ import annotations
@@ -56,16 +61,19 @@ from ..mqtt.packets import (
     SubOptions,
     Subscribe,
 )
-from ..mqtt.properties import encode_properties
+from ..mqtt.properties import encode_properties, encode_varint
+from .ackscan import leading_pubacks
 from .backoff import Backoff
+from .endpoint_policy import EndpointPolicy, FailureKind, OrderedPolicy
 from .rate import TokenBucket
 
-__all__ = ["Outgoing", "UplinkClient", "UplinkSource", "ConnectRefused"]
+__all__ = ["Outgoing", "OutgoingMessage", "UplinkClient", "UplinkSource", "ConnectRefused"]
 
 log = logging.getLogger(__name__)
 
 _PINGREQ = b"\xc0\x00"
 _ACK_ONLY = {PUBACK, PUBCOMP}
+_RMQ_ID = b"\x26\x00\x06rmq-id"  # User Property "rmq-id" (its value follows)
 MessageCallback = Callable[[str, bytes, int, dict[str, Any]], None]
 
 
@@ -81,14 +89,34 @@ class Outgoing:
     retain: bool = False
 
 
+class OutgoingMessage(Protocol):
+    """What the client reads of a fetched message (an :class:`Outgoing` or the queue's own
+    message type with the same fields)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def properties(self) -> dict[str, Any]: ...
+    @property
+    def retain(self) -> bool: ...
+
+
 class UplinkSource(Protocol):
     """What the client needs from the queue (see the module docstring for the contract)."""
 
-    def fetch(self, upstream: str, limit: int) -> Sequence[Outgoing]: ...
+    def fetch(self, upstream: str, limit: int) -> Sequence[OutgoingMessage]: ...
 
     def ack(self, upstream: str, ids: list[int]) -> None: ...
 
     def requeue(self, upstream: str, ids: list[int]) -> None: ...
+
+    def drop(self, upstream: str, ids: list[int], reason: str) -> None: ...
 
     def wait_for_data(self, upstream: str) -> Awaitable[None]: ...
 
@@ -105,6 +133,19 @@ class _Url:
     tls: bool
 
 
+def _v5_properties(properties: dict[str, Any], rmq_id: bytes) -> bytes:
+    """The message's property block with the ``rmq-id`` User Property appended (after any
+    User Properties of its own, so their order is kept)."""
+    tail = _RMQ_ID + len(rmq_id).to_bytes(2, "big") + rmq_id
+    if properties:
+        block = encode_properties(properties)
+        n = 1
+        while block[n - 1] & 0x80:  # skip the block's own length prefix
+            n += 1
+        tail = block[n:] + tail
+    return encode_varint(len(tail)) + tail
+
+
 def _parse_url(url: str) -> _Url:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -118,6 +159,7 @@ class _Flight:
     qid: int
     qos: int
     released: bool = False  # QoS 2: PUBREC received, PUBREL sent
+    sent: float = 0.0  # time.monotonic() when written
 
 
 class _Conn(asyncio.Protocol):
@@ -141,6 +183,14 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        acks: list[tuple[int, int]] = []
+        if self.active and data[:1] == b"\x40" and not self.reader.buffered:
+            acks, used = leading_pubacks(data, self.client.version == MQTT_5)
+            if used:
+                data = data[used:]
+                if not data:
+                    self.client._on_packets(self, [], acks)
+                    return
         try:
             packets = self.reader.feed(data)
         except Exception as exc:
@@ -158,7 +208,7 @@ class _Conn(asyncio.Protocol):
             assert isinstance(first, Connack)
             self.connack.set_result(first)
         if self.active:
-            self.client._on_packets(self, packets)
+            self.client._on_packets(self, packets, acks)
         else:
             self.pending.extend(packets)
         if self.reader.error is not None:
@@ -221,6 +271,9 @@ class UplinkClient:
         rate_limit: float = 0.0,
         heartbeat_topic: str | None = None,
         heartbeat_interval: float = 30.0,
+        policy: EndpointPolicy | None = None,
+        ack_timeout: float = 10.0,
+        steer_interval: float = 0.5,
     ) -> None:
         if version not in (MQTT_311, MQTT_5):
             raise ValueError("version must be 4 (3.1.1) or 5")
@@ -230,6 +283,12 @@ class UplinkClient:
             raise ValueError("window must be 1..65535")
         self.name = name
         self.urls = [_parse_url(u) for u in urls]
+        self._by_raw = {u.raw: u for u in self.urls}
+        self.policy = policy if policy is not None else OrderedPolicy(list(self._by_raw))
+        if set(getattr(self.policy, "endpoints", self._by_raw)) != set(self._by_raw):
+            raise ValueError("the endpoint policy must cover exactly the client's URLs")
+        self.ack_timeout = ack_timeout
+        self.steer_interval = steer_interval
         self.client_id = client_id
         self.source = source
         self.version = version
@@ -262,7 +321,9 @@ class UplinkClient:
         self.acked = 0
         self.reconnects = 0
         self.failovers = 0
+        self.switches = 0  # sessions ended by the endpoint policy
         self.nacked = 0
+        self.too_large = 0  # dropped: above the server's Maximum Packet Size
         self.received = 0
         self.max_inflight = 0
         self.limit = window
@@ -275,9 +336,11 @@ class UplinkClient:
         self._sub_pids: set[int] = set()
         self._pid = 0
         self._max_qos = 2
+        self._max_packet_size = 0
         self._room = asyncio.Event()
         self._stopping = False
         self._draining = False
+        self._switching = False
         self._stop_evt: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None
         self._delayed: dict[asyncio.TimerHandle, list[int]] = {}
@@ -304,9 +367,12 @@ class UplinkClient:
             "sent": self.sent,
             "acked": self.acked,
             "nacked": self.nacked,
+            "too_large": self.too_large,
             "received": self.received,
             "reconnects": self.reconnects,
             "failovers": self.failovers,
+            "switches": self.switches,
+            "endpoint_policy": self.policy.snapshot(),
             "delayed_requeue": sum(len(v) for v in self._delayed.values()),
             "last_heartbeat": self.last_heartbeat,
             "heartbeat_rtt_ms": self.heartbeat_rtt_ms,
@@ -321,20 +387,20 @@ class UplinkClient:
         self._stop_evt = asyncio.Event()
         self._finished = asyncio.Event()
         n = len(self.urls)
-        idx = 0
         failures = 0
         prev: str | None = None
         try:
             while not self._stopping:
-                url = self.urls[idx]
-                idx = (idx + 1) % n
+                url = self._by_raw[self.policy.choose()]
                 try:
                     conn, connack = await self._open(url)
                 except (OSError, TimeoutError, ConnectRefused) as exc:
                     self.last_error = f"{url.raw}: {exc!r}"
                     log.info("uplink %s: connect to %s failed: %r", self.name, url.raw, exc)
+                    self.policy.observe_failure(url.raw, FailureKind.CONNECT)
                     failures += 1
                 else:
+                    self.policy.connected(url.raw)
                     if prev is not None:
                         self.reconnects += 1
                         if prev != url.raw:
@@ -417,8 +483,11 @@ class UplinkClient:
         props = connack.properties
         self.limit = min(self.window, int(props.get("receive_maximum", 65535)))
         self._max_qos = int(props.get("maximum_qos", 2))
+        # MQTT 5: the server refuses (disconnects on) bigger packets; 0 = no limit
+        self._max_packet_size = int(props.get("maximum_packet_size", 0))
         keep_alive = int(props.get("server_keep_alive", self.keep_alive))
         self._conn = conn
+        self._switching = False
         self.connected = True
         self.current_url = url.raw
         self.last_error = None
@@ -439,6 +508,8 @@ class UplinkClient:
             tasks.append(asyncio.create_task(self._heartbeat(conn, self.heartbeat_topic)))
         if keep_alive:
             tasks.append(asyncio.create_task(self._keepalive(conn, keep_alive)))
+        if self.policy.steers:
+            tasks.append(asyncio.create_task(self._steer(conn, url.raw)))
         try:
             await conn.closed
         finally:
@@ -448,6 +519,8 @@ class UplinkClient:
             conn.abort()
             self._conn = None
             self.connected = False
+            if not self._stopping and not self._switching:
+                self.policy.observe_failure(url.raw, FailureKind.LOST, len(self._inflight))
             self._lost()
 
     def _resume(self, conn: _Conn, session_present: bool) -> None:
@@ -460,7 +533,7 @@ class UplinkClient:
                 self._ack(ids)
             return
         for pid, qid in self._carried.items():
-            self._inflight[pid] = _Flight(qid, 2, True)
+            self._inflight[pid] = _Flight(qid, 2, True, time.monotonic())
             conn.write(encode(Pubrel(pid), self.version))
         self._carried.clear()
 
@@ -500,6 +573,35 @@ class UplinkClient:
                 conn.write(_PINGREQ)
                 next_ping = now + keep_alive
 
+    async def _steer(self, conn: _Conn, endpoint: str) -> None:
+        """Report stalled acks to the endpoint policy; leave cleanly when it says so."""
+        stalled = False
+        while True:
+            await asyncio.sleep(self.steer_interval)
+            now = time.monotonic()
+            oldest = min((f.sent for f in self._inflight.values()), default=now)
+            if now - oldest > self.ack_timeout:
+                if not stalled:
+                    self.policy.observe_failure(
+                        endpoint, FailureKind.ACK_TIMEOUT, len(self._inflight))
+                stalled = True
+            else:
+                stalled = False
+            if not self.policy.should_switch(endpoint):
+                continue
+            self.switches += 1
+            log.info("uplink %s: endpoint policy %s leaves %s", self.name,
+                     self.policy.name, endpoint)
+            self._switching = True  # the sender stops; in-flight acks get a moment
+            self._room.set()
+            deadline = time.monotonic() + min(self.ack_timeout, 2.0)
+            while self._inflight and time.monotonic() < deadline and not conn.closed.done():
+                await asyncio.sleep(0.005)
+            conn.write(encode(Disconnect(), self.version))
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+
     # ------------------------------------------------------------------ sending
 
     async def _heartbeat(self, conn: _Conn, topic: str) -> None:
@@ -522,7 +624,7 @@ class UplinkClient:
     async def _sender(self, conn: _Conn) -> None:
         src = self.source
         bucket = self.bucket
-        while not self._draining:
+        while not self._draining and not self._switching:
             room = self.limit - len(self._inflight)
             if room <= 0:
                 self._room.clear()
@@ -538,42 +640,50 @@ class UplinkClient:
             batch = src.fetch(self.name, min(room, allowed))
             bucket.take(len(batch))
             if not batch:
-                waiter = asyncio.ensure_future(src.wait_for_data(self.name))
-                try:
-                    await asyncio.wait({waiter}, timeout=self.poll_interval)
-                finally:
-                    waiter.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await src.wait_for_data(self.name)
                 continue
             self._send_batch(conn, batch)
 
-    def _send_batch(self, conn: _Conn, batch: Sequence[Outgoing]) -> None:
+    def _send_batch(self, conn: _Conn, batch: Sequence[OutgoingMessage]) -> None:
         v5 = self.version == MQTT_5
         out: list[bytes] = []
         qos0: list[int] = []
+        too_large: list[int] = []
+        now = time.monotonic()
+        max_qos = self._max_qos
+        max_size = self._max_packet_size
+        inflight = self._inflight
+        rid = f"{self.gateway_id}:".encode()
         for msg in batch:
-            qos = min(msg.qos, self._max_qos)
-            props: bytes | None = None
-            if v5:
-                p = dict(msg.properties)
-                p["user_property"] = [
-                    *p.get("user_property", ()), ("rmq-id", f"{self.gateway_id}:{msg.id}"),
-                ]
-                props = encode_properties(p)
-            pid = 0
+            qos = msg.qos if msg.qos < max_qos else max_qos
+            props = _v5_properties(msg.properties, rid + str(msg.id).encode()) if v5 else None
+            pid = self._next_pid() if qos else 0  # reserved below, once it is sent
+            packet = encode_publish(
+                msg.topic.encode(), msg.payload, qos, msg.retain, False, pid, props,
+            )
+            if max_size and len(packet) > max_size:
+                too_large.append(msg.id)  # would be refused by the server on every attempt
+                continue
             if qos:
-                pid = self._next_pid()
-                self._inflight[pid] = _Flight(msg.id, qos)
+                inflight[pid] = _Flight(msg.id, qos, False, now)
             else:
                 qos0.append(msg.id)
-            out.append(encode_publish(
-                msg.topic.encode(), msg.payload, qos, msg.retain, False, pid, props,
-            ))
-        conn.write(b"".join(out))
-        self.sent += len(batch)
-        if len(self._inflight) > self.max_inflight:
-            self.max_inflight = len(self._inflight)
+            out.append(packet)
+        if out:
+            conn.write(b"".join(out))
+            self.sent += len(out)
+        if len(inflight) > self.max_inflight:
+            self.max_inflight = len(inflight)
         if qos0:
             self._ack(qos0)
+        if too_large:
+            self.too_large += len(too_large)
+            log.warning(
+                "uplink %s: %d message(s) larger than the server's Maximum Packet Size "
+                "(%d B) dropped", self.name, len(too_large), max_size)
+            self.source.drop(self.name, too_large, "too_large")
 
     def _ack(self, ids: list[int]) -> None:
         self.acked += len(ids)
@@ -581,13 +691,30 @@ class UplinkClient:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_packets(self, conn: _Conn, packets: list[Packet]) -> None:
+    def _on_packets(
+        self, conn: _Conn, packets: list[Packet], pubacks: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """Handle ``pubacks`` (packet id, reason code: the PUBACKs taken off the front by
+        :func:`~.ackscan.leading_pubacks`), then ``packets``."""
         if conn is not self._conn:
             return
         acks: list[int] = []
         nacks: list[int] = []
         out: list[bytes] = []
         version = self.version
+        lats: list[float] | None = [] if self.policy.wants_latency else None
+        now = time.monotonic()
+        inflight = self._inflight
+        for pid, code in pubacks:
+            f = inflight.pop(pid, None)
+            if f is None:
+                continue
+            if code >= 0x80:
+                nacks.append(f.qid)
+            else:
+                acks.append(f.qid)
+                if lats is not None:
+                    lats.append(now - f.sent)
         for p in packets:
             t = p.type
             if t in _ACK_ONLY:
@@ -599,6 +726,8 @@ class UplinkClient:
                     nacks.append(f.qid)
                 else:
                     acks.append(f.qid)
+                    if lats is not None:
+                        lats.append(now - f.sent)
             elif t == PUBREC:
                 assert isinstance(p, Pubrec)
                 f = self._inflight.get(p.packet_id)
@@ -632,6 +761,8 @@ class UplinkClient:
         if acks:
             self.last_puback = time.time()
             self._ack(acks)
+            if lats and self.current_url is not None:
+                self.policy.observe_acks(self.current_url, lats)
         if nacks:
             self.nacked += len(nacks)
             self.last_puback = time.time()

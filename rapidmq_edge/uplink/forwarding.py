@@ -17,9 +17,13 @@ from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
 from ..config_forward import PRIORITIES, DownstreamRule, ForwardingSettings, UpstreamSettings
 from ..mqtt.topics import topic_matches
+from ..ops.forecast import CapacityForecaster, LaneBounds, disk_free
 from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder
-from ..store.forward_queue import ClassLimits, ForwardQueue
-from .client import Outgoing, UplinkClient
+from ..pipeline.protect import make_protector
+from ..store.forward_queue import ClassLimits, ForwardQueue, QueuedMessage
+from .backoff import Backoff
+from .client import UplinkClient
+from .endpoint_policy import make_policy
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +34,17 @@ class QueueSource:
     def __init__(self, queue: ForwardQueue) -> None:
         self.queue = queue
 
-    def fetch(self, upstream: str, limit: int) -> list[Outgoing]:
-        return [
-            Outgoing(m.id, m.topic, m.payload, m.qos, m.properties)
-            for m in self.queue.fetch(upstream, limit)
-        ]
+    def fetch(self, upstream: str, limit: int) -> list[QueuedMessage]:
+        return self.queue.fetch(upstream, limit)  # has the fields of an Outgoing
 
     def ack(self, upstream: str, ids: list[int]) -> None:
         self.queue.ack(upstream, ids)
 
     def requeue(self, upstream: str, ids: list[int]) -> None:
         self.queue.requeue(upstream, ids)
+
+    def drop(self, upstream: str, ids: list[int], reason: str) -> None:
+        self.queue.drop(upstream, ids, reason)
 
     async def wait_for_data(self, upstream: str) -> None:
         """Return once committed messages are ready (the queue wakes us at commit)."""
@@ -82,11 +86,22 @@ class StoreAndForward:
             data_dir / "forward.db", q.durability, q.commit_delay_ms / 1000, classes, q.max_bytes
         )
         self.source = QueueSource(self.queue)
-        self.forwarder = Forwarder(gateway_id, settings.forward, settings.upstreams, self)
+        # the queue itself (StoreAndForward.put is the same call, one hop longer)
+        self.forwarder = Forwarder(gateway_id, settings.forward, settings.upstreams, self.queue)
+        self.protect = make_protector(
+            gateway_id, settings.forward, settings.upstreams, settings.security, self.queue,
+            data_dir,
+        )
+        self.forwarder.protect = self.protect
         broker.taps.append(self.forwarder)
         broker.durable.append(self.queue.commit_future)
         self.uplinks: list[UplinkClient] = []
         self._rates: dict[str, tuple[float, int]] = {}
+        self.data_dir = data_dir
+        self.forecaster = CapacityForecaster(
+            {n: LaneBounds(c.max_messages, c.max_bytes, c.policy) for n, c in q.classes.items()},
+            q.max_bytes,
+        )
         self.tasks: list[asyncio.Task[None]] = []
 
     def put(
@@ -102,6 +117,8 @@ class StoreAndForward:
     def start(self) -> None:
         """Start one uplink per upstream (call inside the running loop)."""
         loop = asyncio.get_running_loop()
+        if self.protect is not None:
+            self.protect.start()
         for up in self.settings.upstreams:
             rules = [r for r in self.settings.downstream if r.upstream == up.name]
             client = UplinkClient(
@@ -113,6 +130,8 @@ class StoreAndForward:
                 rate_limit=up.rate_limit,
                 heartbeat_topic=self._sub(up.topic_prefix) + "_heartbeat",
                 heartbeat_interval=up.heartbeat_interval,
+                policy=make_policy(up.endpoint_policy, up.urls, dwell=up.endpoint_dwell),
+                backoff=Backoff(maximum=up.reconnect_max_s),
             )
             self.uplinks.append(client)
             self.tasks.append(loop.create_task(client.run()))
@@ -151,6 +170,7 @@ class StoreAndForward:
         """Queue depth per upstream and class, drops, link state, drain rate and ETA."""
         stats = self.queue.stats()
         now = time.monotonic()
+        forecast = self._forecast(stats, now)
         names = {v: k for k, v in PRIORITIES.items()}
         upstreams: dict[str, Any] = {}
         for client in self.uplinks:
@@ -170,6 +190,7 @@ class StoreAndForward:
                 "classes": {names.get(p, str(p)): c for p, c in lanes.items()},
                 "drain_rate": round(rate, 1),
                 "drain_eta_s": round(queued / rate, 1) if rate > 0 else None,
+                "forecast": forecast["upstreams"].get(client.name),
             }
         return {
             "upstreams": upstreams,
@@ -181,7 +202,17 @@ class StoreAndForward:
             "quarantined": stats["quarantined"],
             "refused": self.forwarder.refused,
             "forwarded": self.forwarder.forwarded,
+            "forecast": forecast["queue"],
         }
+
+    def _forecast(self, stats: dict[str, Any], now: float) -> dict[str, Any]:
+        """Backlog and disk forecast (:mod:`rapidmq_edge.ops.forecast`) from queue stats."""
+        try:
+            free = disk_free(self.data_dir)
+        except OSError:
+            free = 0
+        acked = {c.name: c.acked for c in self.uplinks}
+        return self.forecaster.observe(now, stats, acked, free)
 
     def status(self) -> dict[str, str]:
         """The snapshot flattened to ``$SYS/broker/forward/...`` topic suffixes."""
@@ -209,4 +240,6 @@ class StoreAndForward:
             task.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=5)
+        if self.protect is not None:
+            await self.protect.stop()
         await self.queue.close()
