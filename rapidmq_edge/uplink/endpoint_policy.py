@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the bandit only (22 MB RSS the others don't need)
+    import numpy as np
 
 __all__ = [
     "POLICIES",
@@ -260,6 +261,8 @@ class BanditPolicy(_Base):
         self.min_gain = min_gain
         self.confidence = confidence
         self.samples = samples
+        import numpy as np
+
         self.rng = rng if rng is not None else np.random.default_rng()
         # normal-gamma prior on log latency: per-message spread ``prior_sigma``, mean known
         # to within a factor exp(prior_spread); Beta prior on the failure fraction
@@ -340,6 +343,8 @@ class BanditPolicy(_Base):
 
     def _draw(self, endpoint: str, size: int) -> np.ndarray:
         """``size`` samples of an endpoint's score (expected seconds per message)."""
+        import numpy as np
+
         arm = self._arm(endpoint)
         mu, kappa, a, b = self._posterior(arm)
         tau = self.rng.gamma(a, 1.0 / b, size)
@@ -372,6 +377,8 @@ class BanditPolicy(_Base):
         return min(self.endpoints, key=lambda e: draws[e])
 
     def _beats(self, alt: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         return np.asarray(alt * (1 + self.margin) + self.min_gain < cur)
 
     def should_switch(self, current: str) -> bool:
@@ -381,6 +388,8 @@ class BanditPolicy(_Base):
         now = self.clock()
         if now - self._since < self.dwell:
             return False
+        import numpy as np
+
         others = [e for e in self.endpoints if e != current]
         cur = self._draw(current, self.samples)
         alts = np.stack([self._draw(e, self.samples) for e in others])
