@@ -19,7 +19,6 @@ from ..config_forward import PRIORITIES, DownstreamRule, ForwardingSettings, Ups
 from ..mqtt.topics import topic_matches
 from ..ops.forecast import CapacityForecaster, LaneBounds, disk_free
 from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder
-from ..pipeline.protect import make_protector
 from ..store.forward_queue import ClassLimits, ForwardQueue, QueuedMessage
 from .backoff import Backoff
 from .client import UplinkClient
@@ -88,10 +87,14 @@ class StoreAndForward:
         self.source = QueueSource(self.queue)
         # the queue itself (StoreAndForward.put is the same call, one hop longer)
         self.forwarder = Forwarder(gateway_id, settings.forward, settings.upstreams, self.queue)
-        self.protect = make_protector(
-            gateway_id, settings.forward, settings.upstreams, settings.security, self.queue,
-            data_dir,
-        )
+        self.protect: Any = None  # pipeline.protect.Protector when a rule encrypts or signs
+        if any(r.encrypt or r.sign for r in settings.forward):
+            from ..pipeline.protect import make_protector  # the crypto stack: only when used
+
+            self.protect = make_protector(
+                gateway_id, settings.forward, settings.upstreams, settings.security, self.queue,
+                data_dir,
+            )
         self.forwarder.protect = self.protect
         broker.taps.append(self.forwarder)
         broker.durable.append(self.queue.commit_future)
