@@ -4,9 +4,11 @@ Prints JSON: priority macro-F1, anomaly precision/recall per fault kind, threat 
 false-positive rate on benign clients, for the committed ONNX models and for the rules in
 ``rapidmq_edge/intelligence/rules.py`` side by side; inference µs per message amortized at
 batch sizes 1/16/64/256 (onnxruntime, 1 intra-op thread, no spinning) next to the rules'
-cost; and the feature-extraction cost per message.
+cost; and the feature-extraction cost per message. With ``--routing`` it also runs
+``bench/routing.py`` (real Mosquitto brokers behind a fault-injecting proxy) and reports the
+bandit's end-to-end tail latency against round-robin and fixed-order failover.
 
-    .venv/bin/python bench/intelligence.py [--quick] [--out FILE]
+    .venv/bin/python bench/intelligence.py [--quick] [--routing] [--out FILE]
 """
 
 from __future__ import annotations
@@ -101,11 +103,31 @@ def _feature_cost(run: Any) -> dict[str, float]:
             "client_windows_per_event": round(client_us, 3)}
 
 
+def _routing_tails(scenario: str = "flaky") -> dict[str, Any]:
+    """End-to-end p99/p99.9 per endpoint policy from one ``bench/routing.py`` run."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "routing.json"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "routing.py"), "--scenarios",
+                        scenario, "--out", str(out)], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL)
+        data = json.loads(out.read_text())
+    runs = data["scenarios"][scenario]
+    return {"scenario": scenario, **{
+        policy: {"e2e_p99_ms": r["e2e_ms"]["p99"], "e2e_p999_ms": r["e2e_ms"]["p999"],
+                 "lost": r["lost"], "switches": r["switches"]}
+        for policy, r in runs.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller held-out run (~10 s)")
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--routing", action="store_true",
+                    help="also run bench/routing.py (flaky scenario, ~50 s) for the bandit's tail")
     args = ap.parse_args(argv)
     sc = QUICK if args.quick else HELDOUT
     load0 = os.getloadavg()
@@ -161,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "us_per_message_at_batch_16": all(
             result[n].get("inference_us_per_msg", {}).get("16", 1e9) <= 5.0 for n in specs),
     }
+    if args.routing:
+        result["routing"] = _routing_tails()
     result["loadavg_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
     text = json.dumps(result, indent=1)
     print(text)
