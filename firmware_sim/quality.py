@@ -1,8 +1,8 @@
 """Quality and cost of detectors measured against the simulator's ground truth.
 
 Used by ``models/train.py`` (model cards), ``bench/intelligence.py`` and the tests, so
-every number is computed one way. Also holds the reference onnxruntime session setup
-(one intra-op thread, no spinning) that the gateway runtime should mirror.
+every number is computed one way. Sessions are built exactly as the gateway builds them
+(:func:`rapidmq_edge.intelligence.models.ort_session`: one intra-op thread, no spinning).
 """
 
 from __future__ import annotations
@@ -15,23 +15,8 @@ from typing import Any
 
 import numpy as np
 
-#: the gateway's session settings: 1 intra-op thread, sequential, spinning off
-ORT_CONFIG = {"intra_op_num_threads": 1, "inter_op_num_threads": 1,
-              "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-
-
-def ort_session(path: str | Path) -> Any:
-    """An onnxruntime session with :data:`ORT_CONFIG`."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+# re-exported: training, the bench and the tests score exactly as the gateway does
+from rapidmq_edge.intelligence.models import ort_session as ort_session
 
 
 def predict(session: Any, X: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
