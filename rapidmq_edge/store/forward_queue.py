@@ -24,8 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from typing import Any, Literal
 from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBLISH
 from ..mqtt.properties import decode_properties, encode_properties
+from .lanes import Entry, Lane
 from .sqlite_files import is_corrupt, move_aside
 
 log = logging.getLogger(__name__)
@@ -112,93 +112,6 @@ class QueuedMessage:
     retain: bool = False  # never set upstream; for the uplink client's Outgoing shape
 
 
-# -- in-memory index -----------------------------------------------------------------
-
-Entry = tuple[int, float, float]  # size, created, expires_at (0.0 = never)
-
-
-class _Lane:
-    """Messages of one upstream and class: ready ids (sorted, compact arrays from ``h``)
-    plus the in-flight ones (handed out, not yet acked)."""
-
-    __slots__ = ("ids", "sizes", "created", "expires", "h", "msgs", "bytes", "inflight")
-
-    def __init__(self) -> None:
-        self.ids = array("q")
-        self.sizes = array("q")
-        self.created = array("d")
-        self.expires = array("d")
-        self.h = 0
-        self.msgs = 0  # ready + in flight (+ not yet committed)
-        self.bytes = 0
-        self.inflight: dict[int, Entry] = {}
-
-    def append(self, mid: int, size: int, created: float, expires: float) -> None:
-        self.ids.append(mid)
-        self.sizes.append(size)
-        self.created.append(created)
-        self.expires.append(expires)
-        self.msgs += 1
-        self.bytes += size
-
-    @property
-    def ready(self) -> int:
-        return len(self.ids) - self.h
-
-    def entry(self, i: int) -> tuple[int, Entry]:
-        return self.ids[i], (self.sizes[i], self.created[i], self.expires[i])
-
-    def cut(self, i: int, j: int) -> None:
-        """Remove positions ``i:j`` (i >= h) from the ready arrays."""
-        if i == self.h:
-            self.h = j
-            if self.h > 4096 and self.h * 2 > len(self.ids):
-                for a in (self.ids, self.sizes, self.created, self.expires):
-                    del a[: self.h]
-                self.h = 0
-        else:
-            for a in (self.ids, self.sizes, self.created, self.expires):
-                del a[i:j]
-
-    def remove_range(self, lo: int, hi: int) -> list[int]:
-        """Drop ready ids in ``[lo, hi]``; return them (counters adjusted)."""
-        i = bisect_left(self.ids, lo, self.h)
-        j = bisect_right(self.ids, hi, i)
-        gone = list(self.ids[i:j])
-        self.msgs -= len(gone)
-        self.bytes -= sum(self.sizes[i:j])
-        if gone:
-            self.cut(i, j)
-        return gone
-
-    def merge(self, items: list[tuple[int, Entry]]) -> None:
-        """Put ids back into the ready arrays in order (used by requeue)."""
-        items.sort()
-        i = bisect_left(self.ids, items[0][0], self.h)
-        j = bisect_right(self.ids, items[-1][0], i)
-        old = [self.entry(k) for k in range(i, j)]
-        merged = sorted(old + items)
-        if i == self.h and j == i and self.h >= len(merged):
-            self.h -= len(merged)  # room before the head: write in place
-            i = j = self.h
-            for k, (mid, (size, created, expires)) in enumerate(merged):
-                self.ids[i + k] = mid
-                self.sizes[i + k] = size
-                self.created[i + k] = created
-                self.expires[i + k] = expires
-            return
-        self.ids[i:j] = array("q", [m for m, _ in merged])
-        self.sizes[i:j] = array("q", [e[0] for _, e in merged])
-        self.created[i:j] = array("d", [e[1] for _, e in merged])
-        self.expires[i:j] = array("d", [e[2] for _, e in merged])
-
-    def oldest_created(self) -> float | None:
-        times = [e[1] for e in self.inflight.values()]
-        if self.ready:
-            times.append(self.created[self.h])
-        return min(times) if times else None
-
-
 def _props_from(blob: bytes) -> dict[str, Any]:
     if blob == b"\x00":
         return {}
@@ -240,7 +153,7 @@ class ForwardQueue:
                       "not_stored": 0, "too_large": 0}
         self.commits = 0
         self.commit_failures = 0
-        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._lanes: dict[tuple[str, int], Lane] = {}
         self._total_bytes = 0
         self._lock = threading.Lock()
         self._db = self._open()
@@ -380,7 +293,7 @@ class ForwardQueue:
         ):
             lane = lanes.get((up, prio))
             if lane is None:
-                lane = lanes[(up, prio)] = _Lane()
+                lane = lanes[(up, prio)] = Lane()
             lane.append(mid, size, created, exp or 0.0)
             self._total_bytes += size
             top = mid
@@ -391,10 +304,10 @@ class ForwardQueue:
 
     # -- producing -------------------------------------------------------------------
 
-    def _lane(self, upstream: str, priority: int) -> _Lane:
+    def _lane(self, upstream: str, priority: int) -> Lane:
         lane = self._lanes.get((upstream, priority))
         if lane is None:
-            lane = self._lanes[(upstream, priority)] = _Lane()
+            lane = self._lanes[(upstream, priority)] = Lane()
         return lane
 
     def put(
@@ -428,7 +341,7 @@ class ForwardQueue:
         return QueueFull(reason)
 
     def _check_class(
-        self, up: str, prio: int, lane: _Lane, lim: ClassLimits, size: int, now: float,
+        self, up: str, prio: int, lane: Lane, lim: ClassLimits, size: int, now: float,
     ) -> None:
         if lim.max_bytes and size > lim.max_bytes:
             raise self._refuse(f"message of {size} B exceeds class {prio} max_bytes")
@@ -468,12 +381,12 @@ class ForwardQueue:
                 live = [(key, lane) for key, lane in lanes if lane.msgs]
                 if not live:
                     break
-                key, lane = min(live, key=lambda kl: _oldest_id(kl[1]))
+                key, lane = min(live, key=lambda kl: kl[1].oldest_id())
                 self._evict_oldest(key[0], key[1], lane)
             if self._total_bytes + size <= self.max_bytes:
                 return
 
-    def _evict_oldest(self, up: str, prio: int, lane: _Lane) -> None:
+    def _evict_oldest(self, up: str, prio: int, lane: Lane) -> None:
         if lane.inflight and (not lane.ready or min(lane.inflight) < lane.ids[lane.h]):
             mid = min(lane.inflight)
             size = lane.inflight.pop(mid)[0]
@@ -484,7 +397,7 @@ class ForwardQueue:
         lane.bytes -= size
         self._forget(mid, size, "dropped_oldest")
 
-    def _trim_age(self, up: str, prio: int, lane: _Lane, cutoff: float) -> None:
+    def _trim_age(self, up: str, prio: int, lane: Lane, cutoff: float) -> None:
         """Drop ready (not in-flight) messages created before ``cutoff``."""
         while lane.ready and lane.created[lane.h] < cutoff:
             mid, size = lane.ids[lane.h], lane.sizes[lane.h]
@@ -526,7 +439,7 @@ class ForwardQueue:
         return self._read(upstream, picked)
 
     def _take(
-        self, up: str, prio: int, lane: _Lane, n: int, now: float,
+        self, up: str, prio: int, lane: Lane, n: int, now: float,
         out: list[tuple[int, int, Entry]],
     ) -> None:
         ids, durable = lane.ids, self._durable_id
@@ -554,7 +467,7 @@ class ForwardQueue:
                 n -= 1
             lane.cut(lane.h, i)
 
-    def _expired(self, lane: _Lane, mid: int, e: Entry, now: float) -> bool:
+    def _expired(self, lane: Lane, mid: int, e: Entry, now: float) -> bool:
         if e[2] and e[2] <= now:
             lane.msgs -= 1
             lane.bytes -= e[0]
@@ -928,13 +841,6 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         prev = i
     out.append((lo, prev))
     return out
-
-
-def _oldest_id(lane: _Lane) -> int:
-    ids = [*lane.inflight]
-    if lane.ready:
-        ids.append(lane.ids[lane.h])
-    return min(ids)
 
 
 def _valid_row(r: tuple[Any, ...]) -> bool:
