@@ -1,4 +1,4 @@
-"""Command line: ``rapidmq-edge run | check-config | status | user ... | token ...``.
+"""Command line: ``rapidmq-edge run | check-config | status | user | token | oscore ...``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
 """
@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     tremove = tsub.add_parser("remove", parents=[tsource], help="remove a token")
     tremove.add_argument("name", metavar="NAME")
     tsub.add_parser("list", parents=[tsource], help="list token names and their users")
+
+    osource = argparse.ArgumentParser(add_help=False)
+    owhere = osource.add_mutually_exclusive_group()
+    owhere.add_argument("--config", type=Path, metavar="FILE", help="take coap.oscore_dir from it")
+    owhere.add_argument("--oscore-dir", type=Path, metavar="DIR", help="contexts directory")
+    oscore = sub.add_parser("oscore", help="provision OSCORE security contexts of CoAP devices")
+    osub = oscore.add_subparsers(dest="oscore_command", required=True, metavar="ACTION")
+    oadd = osub.add_parser(
+        "add", parents=[osource],
+        help="create a device's context; print the device's side (JSON) once",
+    )
+    oadd.add_argument("name", metavar="NAME", help="device name = the MQTT user the ACL sees")
+    osub.add_parser("list", parents=[osource], help="list provisioned devices")
     cli_crypto.register(sub)
     cli_cloud.register(sub)
     return parser
@@ -203,6 +216,39 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_oscore(args: argparse.Namespace) -> int:
+    import json
+
+    from rapidmq_edge.security.oscore import list_devices, provision_device
+
+    try:
+        if args.oscore_dir is not None:
+            path = Path(args.oscore_dir)
+        else:
+            config: Config = load_config(args.config)
+            if config.coap.oscore_dir is None:
+                where = f"in {args.config}" if args.config else "(no --config given)"
+                raise ConfigError(f"coap.oscore_dir: not set {where}; pass --oscore-dir DIR")
+            path = config.coap.oscore_dir
+        if args.oscore_command == "list":
+            for name in list_devices(path):
+                print(name)
+            return 0
+        device_view = provision_device(path, args.name)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except FileExistsError:
+        return _fail(f"device {args.name} already has a context in {path}", 1)
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{exc.filename or 'oscore dir'}: {exc.strerror or exc}", 1)
+    print(f"added OSCORE context for {args.name} in {path}; restart the gateway to load it. "
+          "Install this on the device (shown only this once):", file=sys.stderr)
+    print(json.dumps(device_view, indent=2))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .ops.status import STATUS_FILE, render
 
@@ -235,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "token":
             return _cmd_token(args)
+        if args.command == "oscore":
+            return _cmd_oscore(args)
         if cli_crypto.handles(args.command):
             return cli_crypto.run(args)
         if cli_cloud.handles(args.command):

@@ -615,12 +615,21 @@ asyncio.run(main())
 def test_oscore_contexts_authenticate_devices(
     gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
 ) -> None:
-    from rapidmq_edge.ingress.coap import provision_device
+    import sys
 
     oscore_dir = tmp_path / "oscore"
-    good = provision_device(oscore_dir, "dev1")
-    with pytest.raises(FileExistsError):
-        provision_device(oscore_dir, "dev1")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rapidmq_edge", "oscore", *args, "--oscore-dir",
+             str(oscore_dir)], capture_output=True, text=True, timeout=30)
+
+    added = cli("add", "dev1")  # provisioned by the CLI; the device's side printed once
+    assert added.returncode == 0, added.stderr
+    good = json.loads(added.stdout)
+    again = cli("add", "dev1")
+    assert again.returncode == 1 and "already has a context" in again.stderr
+    assert cli("list").stdout.split() == ["dev1"]
     stored = json.loads((oscore_dir / "dev1" / "secret.json").read_text())
     assert stored["recipient-id_hex"] == good["sender-id_hex"]
     assert oct((oscore_dir / "dev1" / "secret.json").stat().st_mode & 0o777) == "0o600"
