@@ -457,8 +457,9 @@ def _gateway(data: object, base_dir: Path) -> GatewaySettings:
     )
 
 
-def _tls(data: object, base_dir: Path) -> TlsSettings:
-    t = _Table(data, "mqtt.tls", ("cert", "key", "client_ca", "require_client_cert"))
+def _tls(data: object, base_dir: Path, key: str = "mqtt.tls") -> TlsSettings:
+    """Validate a TLS table (``[mqtt.tls]``, ``[http.tls]``): files must exist."""
+    t = _Table(data, key, ("cert", "key", "client_ca", "require_client_cert"))
     for name in ("cert", "key"):
         if name not in t.data:
             raise _err(t.sub(name), "required")
@@ -470,7 +471,7 @@ def _tls(data: object, base_dir: Path) -> TlsSettings:
         require_client_cert=t.get("require_client_cert", _bool, False),
     )
     if tls.require_client_cert and tls.client_ca is None:
-        raise _err("mqtt.tls.client_ca", "required when require_client_cert = true")
+        raise _err(f"{key}.client_ca", "required when require_client_cert = true")
     return tls
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import _bool, _err, _int, _path, _show, _str, _Table
+from .config import TlsSettings, _bool, _err, _int, _path, _show, _str, _Table, _tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +44,10 @@ class HttpSettings:
     listen: tuple[Endpoint, ...] = ()
     tokens_file: Path | None = None
     max_body: int = 1048576
+    tls: TlsSettings | None = None  # required by https:// listeners
 
 
-_DEFAULT_PORTS = {"udp": 5683, "http": 8080}
+_DEFAULT_PORTS = {"udp": 5683, "http": 8080, "https": 8443}
 
 
 def _endpoints(key: str, value: Any, schemes: tuple[str, ...]) -> tuple[Endpoint, ...]:
@@ -93,9 +94,14 @@ def parse_coap(data: object, base_dir: Path) -> CoapSettings:
 
 def parse_http(data: object, base_dir: Path) -> HttpSettings:
     """Validate ``[http]``."""
-    t = _Table(data, "http", ("listen", "tokens_file", "max_body"))
-    return HttpSettings(
-        listen=t.get("listen", lambda k, v: _endpoints(k, v, ("http",)), ()),
+    t = _Table(data, "http", ("listen", "tokens_file", "max_body", "tls"))
+    settings = HttpSettings(
+        listen=t.get("listen", lambda k, v: _endpoints(k, v, ("http", "https")), ()),
         tokens_file=t.get("tokens_file", _path(base_dir), None),
         max_body=t.get("max_body", _int(16, 64 * 1024 * 1024), 1048576),
+        tls=_tls(t.data["tls"], base_dir, "http.tls") if "tls" in t.data else None,
     )
+    for i, ep in enumerate(settings.listen):
+        if ep.scheme == "https" and settings.tls is None:
+            raise _err("http.tls", f"required because http.listen[{i}] is {ep.url}")
+    return settings

@@ -627,3 +627,69 @@ def test_openapi_document_parses() -> None:
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/api/v1/publish", "/api/v1/subscribe", "/api/v1/health"}
     validate(doc)  # raises on any violation of the OpenAPI 3.1 schema
+
+
+def test_https_listener_serves_only_verified_tls(
+    gateway_factory: GatewayFactory, tmp_path: Path,
+) -> None:
+    """``https://`` listeners use ``[http.tls]``: a client trusting the CA publishes with its
+    token; plain HTTP on that port and clients that do not trust the certificate fail."""
+    import ssl
+
+    from .test_uplink import _make_ca_and_server_cert
+
+    ca, cert, key = _make_ca_and_server_cert(tmp_path)
+    tokens_file = tmp_path / "tokens.toml"
+    token = add_token(tokens_file, "main", "main")
+    port = free_port()
+    gw = gateway_factory(config={"http": {
+        "listen": [f"https://{LOOPBACK}:{port}"], "tokens_file": str(tokens_file),
+        "tls": {"cert": str(cert), "key": str(key)},
+    }})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        raise AssertionError(f"HTTPS API did not start:\n{gw.log()}")
+    sub = MqttSub(gw.port, "secure/#")
+    try:
+        trusted = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection(LOOPBACK, port, context=trusted, timeout=10)
+        conn.request("POST", f"{API}/publish", body=json.dumps({"topic": "secure/a",
+                     "payload": "over tls"}), headers={"Authorization": f"Bearer {token}",
+                                                       "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        conn.close()
+        got = sub.wait_for(1)
+        assert [(m.topic, m.payload) for m in got] == [("secure/a", b"over tls")]
+    finally:
+        sub.close()
+    untrusted = http.client.HTTPSConnection(LOOPBACK, port, timeout=10,
+                                            context=ssl.create_default_context())
+    with pytest.raises(ssl.SSLCertVerificationError):
+        untrusted.request("GET", f"{API}/health")
+    untrusted.close()
+    plain = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
+    with pytest.raises(ConnectionError):  # the TLS server drops a cleartext request
+        plain.request("GET", f"{API}/health")
+        plain.getresponse()
+    plain.close()
+    assert gw.proc is not None and gw.proc.poll() is None, "gateway keeps serving"
+
+
+def test_https_listener_needs_the_tls_table(tmp_path: Path) -> None:
+    from rapidmq_edge.config import ConfigError, load_config
+
+    f = tmp_path / "gateway.toml"
+    f.write_text('[http]\nlisten = ["https://127.0.0.1:8443"]\n')
+    with pytest.raises(ConfigError, match=r"http\.tls: required because http\.listen\[0\]"):
+        load_config(f)
+    f.write_text('[http]\nlisten = ["https://127.0.0.1:8443"]\n[http.tls]\n'
+                 'cert = "missing.crt"\nkey = "missing.key"\n')
+    with pytest.raises(ConfigError, match=r"http\.tls\.cert: file not found"):
+        load_config(f)

@@ -205,15 +205,28 @@ class HttpApi:
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
         )
         await self.runner.setup()
-        for ep in self.settings.listen:
-            site = web.TCPSite(self.runner, ep.host, ep.port, reuse_address=True)
-            await site.start()
+        tls = self.settings.tls
         urls = []
-        for addr in self.runner.addresses:
-            host, port = addr[0], addr[1]
-            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            urls.append(url)
-            log.info("http api listening on %s", url)
+        for ep in self.settings.listen:
+            ctx = None
+            if ep.scheme == "https" and tls is not None:
+                from .mqtt_server import make_ssl_context
+
+                ctx = make_ssl_context(str(tls.cert), str(tls.key),
+                                       str(tls.client_ca) if tls.client_ca else None,
+                                       tls.require_client_cert)
+            site = web.TCPSite(self.runner, ep.host, ep.port, reuse_address=True,
+                               ssl_context=ctx)
+            before = list(self.runner.addresses)
+            await site.start()
+            for addr in self.runner.addresses:  # the new ones: this site's (port 0 resolved)
+                if addr in before:
+                    continue
+                host, port = addr[0], addr[1]
+                url = (f"{ep.scheme}://[{host}]:{port}" if ":" in host
+                       else f"{ep.scheme}://{host}:{port}")
+                urls.append(url)
+                log.info("http api listening on %s", url)
         return urls
 
     async def stop(self) -> None:
