@@ -5,6 +5,8 @@
   ``ForwardQueue.put`` (the reference), same process, same queue settings, at batch sizes
   1/64/256/1024; plus the consumer's verify + decrypt cost (``cloud.verify.Ingest``). CPU is
   ``time.process_time()`` (all threads: the SQLite writer thread is included).
+* :func:`put_glue`: focused micro-bench of ``Protector.put`` x 1024 (one batch) vs plain put on
+  the event-loop thread, minus the primitives' floor = the Python glue.
 * :func:`forwarding_throughput`: devices (bench/loadgen.py, QoS 1, 256 B) -> gateway -> upstream
   Mosquitto -> loadgen subscriber, the same gateway config with ``encrypt = sign = true`` vs
   without, alternating runs (off, on, off, on...) in the same invocation.
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,7 +50,7 @@ def _keys(tmp: Path) -> tuple[KeyStore, KeyStore]:
 
 async def _run_queue(
     path: Path, n: int, payload: bytes, topics: list[str], keys_dir: Path | None,
-    batch_size: int,
+    batch_size: int, manifest: Literal["leaves", "ids"] = "leaves",
 ) -> tuple[float, list[tuple[str, bytes, str]]]:
     """Put ``n`` messages (protected when ``keys_dir``); CPU seconds and the stored rows."""
     q = ForwardQueue(path, durability="normal", commit_delay=0.002)
@@ -56,7 +58,9 @@ async def _run_queue(
     rule = ForwardRule("sensors/#", "cloud", encrypt=True, sign=True)
     if keys_dir is not None:
         prot = Protector(
-            GW, SecuritySettings(batch_size=batch_size, batch_max_age=3600.0), [rule],
+            GW, SecuritySettings(batch_size=batch_size, batch_max_age=3600.0,
+                                 manifest=manifest),
+            [rule],
             [UpstreamSettings("cloud", ("mqtt://127.0.0.1:1",), topic_prefix=PREFIX)],
             q, keys_dir,
         )
@@ -132,11 +136,71 @@ def gateway_path(payload_size: int, n: int) -> dict[str, Any]:
                 },
             }
         out["batch_sizes"] = sizes
+        # the same at N = 1024 with manifest = "ids" (no leaves in the batch message)
+        cpu, rows = asyncio.run(_run_queue(
+            tmp / "prot-ids.db", n, payload, topics, gw.directory, 1024, "ids"))
+        b_cpu, _ = asyncio.run(_run_queue(tmp / "plain-ids.db", n, payload, topics, None, 1024))
+        out["manifest_ids_at_N1024"] = {
+            "gateway_cpu_us_per_msg": round((cpu - b_cpu) / n * 1e6, 3),
+            "bytes_per_msg": round((sum(len(p) for _, p, _ in rows) - base_bytes) / n, 2),
+        }
         out["primitive_floor_us_at_N1024"] = primitive_floor(payload_size)
+        out["put_glue_at_N1024"] = put_glue(payload_size, gw.directory, tmp)
         out["seal_and_leaf_before_after"] = envelope_before_after(payload_size)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def put_glue(payload_size: int, keys_dir: Path, tmp: Path, n: int = 1024,
+             rounds: int = 30) -> dict[str, Any]:
+    """Focused micro-bench: event-loop thread CPU (``time.thread_time``, so time lost to other
+    processes is not counted) of ``Protector.put`` x N (one batch sealed: N = batch size) vs
+    plain ``ForwardQueue.put`` x N, alternating, min over ``rounds``; with the primitives'
+    floor measured right after: ``glue = (protected - plain) - floor``. The writer thread's
+    SQLite work is not in this number (``batch_sizes`` above includes it)."""
+    payload = os.urandom(payload_size)
+    topics = [f"{PREFIX}plant/line{i % 8}/dev{i}/temp" for i in range(64)]
+    rule = ForwardRule("sensors/#", "cloud", encrypt=True, sign=True)
+
+    async def run() -> dict[str, list[float]]:
+        qp = ForwardQueue(tmp / "glue-p.db", durability="normal", commit_delay=3600.0)
+        qb = ForwardQueue(tmp / "glue-b.db", durability="normal", commit_delay=3600.0)
+        prot = Protector(
+            GW, SecuritySettings(batch_size=n, batch_max_age=3600.0), [rule],
+            [UpstreamSettings("cloud", ("mqtt://127.0.0.1:1",), topic_prefix=PREFIX)],
+            qp, keys_dir,
+        )
+        res: dict[str, list[float]] = {"protected": [], "plain": []}
+        for _ in range(rounds):
+            t = time.thread_time()
+            for i in range(n):
+                prot.put(rule, topics[i & 63], payload, 1, None, None)
+            t1 = time.thread_time()
+            for i in range(n):
+                qb.put("cloud", 2, topics[i & 63], payload, 1, None, None)
+            t2 = time.thread_time()
+            res["protected"].append(t1 - t)
+            res["plain"].append(t2 - t1)
+            for q in (qp, qb):  # commit now (the long commit_delay kept the writer idle)
+                fut = q.commit_future()
+                q._flush()
+                if fut is not None:
+                    await fut
+        await qp.close()
+        await qb.close()
+        return res
+
+    res = asyncio.run(run())
+    prot_us, plain_us = (min(res[k]) / n * 1e6 for k in ("protected", "plain"))
+    floor = primitive_floor(payload_size)
+    delta = prot_us - plain_us
+    return {
+        "messages_per_round": n, "rounds": rounds,
+        "protected_put_us": round(prot_us, 3), "plain_put_us": round(plain_us, 3),
+        "security_us": round(delta, 3), "floor_us": floor["total"],
+        "glue_us": round(delta - floor["total"], 3),
+    }
 
 
 def primitive_floor(payload_size: int) -> dict[str, float]:

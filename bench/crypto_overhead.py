@@ -7,7 +7,8 @@ side and verify side, per message), and the two backends' ML-DSA-65 sign/verify.
 Forwarding path (bench/crypto_forwarding.py): ``gateway_path`` = the gateway's real protected
 put (``pipeline.protect.Protector``: envelope at enqueue, leaf, batch signing, chain rows in the
 queue transaction) minus plain ``ForwardQueue.put``, process CPU per message and bytes per
-message at N = 1/64/256/1024, plus the cloud consumer's cost and the primitives' floor;
+message at N = 1/64/256/1024 (and ``manifest = "ids"`` at 1024), plus the cloud consumer's cost,
+the primitives' floor and ``put_glue_at_N1024`` (event-loop thread: security = floor + glue);
 ``forwarding_throughput`` = devices -> gateway -> Mosquitto msg/s with ``encrypt = sign = true``
 vs off, alternating runs.
 

@@ -60,6 +60,7 @@ def test_id_runs_round_trip_and_reject_bad_shapes() -> None:
     ids = [3, 4, 5, 9, 10, 20]
     assert id_runs(ids) == [3, 3, 9, 2, 20, 1]
     assert runs_to_ids(id_runs(ids)) == ids
+    assert id_runs([7, 8, 9, 10]) == [7, 4] and id_runs([5]) == [5, 1] and id_runs([]) == []
     from rapidmq_edge.crypto.errors import MalformedError
 
     bad_runs: list[list[Any]] = [[1], [1, -2], ["a", 1], [0, 1 << 30]]
@@ -204,3 +205,38 @@ def test_gateway_refuses_to_start_without_keys_with_a_clear_error(tmp_path: Path
     assert res.returncode == 1
     assert "post-quantum protection" in res.stderr and "keys import-recipient" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("gw", ["gw", "a-gateway-id-longer-than-23-bytes"])
+def test_protector_one_message_sessions_all_verify(tmp_path: Path, gw: str) -> None:
+    """``session_max_messages = 1``: every envelope gets its own session header, queued before
+    it, and the consumer verifies and decrypts each one (short and long CBOR message ids)."""
+    store = KeyStore(tmp_path / "keys")
+    store.create_identity()
+    store.create_recipient()
+    rule = ForwardRule("s/#", "c", encrypt=True, sign=True)
+    prefix = f"edge/{gw}/"
+    ups = [UpstreamSettings("c", ("mqtt://127.0.0.1:1",), topic_prefix=prefix)]
+
+    async def run() -> list[tuple[str, bytes, str]]:
+        q = ForwardQueue(tmp_path / "forward.db", durability="normal", commit_delay=0.001)
+        settings = SecuritySettings(batch_size=3, batch_max_age=3600, session_max_messages=1)
+        prot = Protector(gw, settings, [rule], ups, q, store.directory)
+        for i in range(5):
+            prot.put(rule, f"{prefix}s/{i}", b"x%d" % i, 1, None, None)
+        prot.seal()
+        fut = q.commit_future()
+        if fut is not None:
+            await fut
+        rows = [(m.topic, m.payload, f"{gw}:{m.id}") for m in q.fetch("c", 100)]
+        await q.close()
+        return rows
+
+    rows = asyncio.run(run())
+    assert sum(t.endswith("_session") for t, _, _ in rows) == 5
+    ing = Ingest(store.verifier_keyring(), store.recipient_keyring(), prefix="edge/{gateway_id}/",
+                 grace=3600)
+    for row in rows:
+        ing.publish(*row)
+    out, reports = ing.finish()
+    assert sorted(v.payload for v in out) == [b"x%d" % i for i in range(5)] and not reports

@@ -257,12 +257,44 @@ def test_device_single_shot_hpke() -> None:
 )
 def test_fast_encoders_equal_cbor2(sid: bytes, seq: int, ct: bytes, topic: str) -> None:
     from rapidmq_edge.crypto import cose
-    from rapidmq_edge.crypto.envelope import _piv, encode_envelope, message_aad
+    from rapidmq_edge.crypto.envelope import (
+        _bstr_head,
+        _piv,
+        _piv_bstr,
+        encode_envelope,
+        message_aad,
+    )
 
     piv = _piv(seq)
     assert encode_envelope(sid, piv, ct) == cose.dumps([b"", {4: sid, 6: piv}, ct])
+    assert _piv_bstr(seq) == cose.dumps(piv)
+    assert _bstr_head(len(ct)) + ct == cose.dumps(ct)
     ext = cose.dumps([1, 3, sid, piv, topic, "gw", "gw:1"])
     assert message_aad(sid, piv, topic, "gw", "gw:1") == cose.enc_structure(b"", ext)
     keys = SessionKeys.derive(sid * 4, sid)
     padded = bytes(7) + seq.to_bytes(5, "big")
     assert keys.nonce(seq) == bytes(a ^ b for a, b in zip(padded, keys.common_iv, strict=True))
+
+
+@pytest.mark.parametrize("topic", ["t/1", "x/" * 150])  # AAD shorter / longer than 255 bytes
+def test_seal_parts_is_byte_identical_to_the_generic_composition(topic: str) -> None:
+    """The gateway's fused seal (one join per AAD and envelope, per-topic AAD part) produces
+    exactly encode_envelope(AES-GCM(message_aad(...))) for 1-, 2- and 3-byte Partial IVs."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from rapidmq_edge.crypto.envelope import _piv, encode_envelope, message_aad, tstr
+
+    sealer = Sealer(RecipientKey.generate().public(), "gw-7", max_messages=1 << 20)
+    sealer.session_header  # noqa: B018 - start the session
+    keys = sealer._keys
+    assert keys is not None
+    for seq in (0, 255, 256, 65535, 65536):
+        sealer._seq = seq
+        mid = f"gw-7:{seq}"
+        got = sealer.seal_parts(b"payload %d" % seq, sealer.topic_gw_tstr(topic), tstr(mid))
+        piv = _piv(seq)
+        ct = AESGCM(keys.key).encrypt(
+            keys.nonce(seq), b"payload %d" % seq,
+            message_aad(keys.session_id, piv, topic, "gw-7", mid),
+        )
+        assert got == encode_envelope(keys.session_id, piv, ct)

@@ -192,7 +192,7 @@ class BatchBuilder:
         """Add many precomputed 32-byte leaf hashes at once (ids of the first and last)."""
         if not leaves:
             return
-        if any(len(leaf) != HASH_SIZE for leaf in leaves):
+        if set(map(len, leaves)) != {HASH_SIZE}:
             raise ValueError("leaf hashes must be 32 bytes")
         if self._first is None:
             self._first = first_id

@@ -108,11 +108,27 @@ _BSTR_HEADS = [bytes((0x40 + n,)) if n < 24 else bytes((0x58, n)) for n in range
 _PIV_BSTR = [bytes((0x41, i)) for i in range(256)]
 
 
+#: Enc_structure head up to external_aad's byte-string head, for external_aad lengths 0..255
+_AAD_HEADS = [_ENC0_PREFIX + h for h in _BSTR_HEADS]
+#: external_aad length before its variable part: [1, 3, <8-byte sid>
+_EXT_HEAD_LEN = len(_EXT_HEAD) + SESSION_ID_SIZE
+
+
 def _piv_bstr(seq: int) -> bytes:
+    """Partial IV of ``seq`` as a CBOR byte string (head and value in one integer)."""
     if seq < 256:
         return _PIV_BSTR[seq]
-    n = (seq.bit_length() + 7) // 8
-    return bytes((0x40 + n,)) + seq.to_bytes(n, "big")
+    n = (seq.bit_length() + 7) >> 3
+    return ((0x40 + n) << (n << 3) | seq).to_bytes(n + 1, "big")
+
+
+def _bstr_head(n: int) -> bytes:
+    """CBOR byte-string head for a length of ``n`` bytes."""
+    if n < 256:
+        return _BSTR_HEADS[n]
+    if n < 65536:
+        return b"\x59" + n.to_bytes(2, "big")
+    return b"\x5a" + n.to_bytes(4, "big") if n < 1 << 32 else b"\x5b" + n.to_bytes(8, "big")
 
 
 def message_aad(
@@ -351,6 +367,11 @@ class Sealer:
         :meth:`topic_tstr`). Renews the session when due; compare :attr:`header` before and
         after to see whether a new session header must be delivered first.
         """
+        return self.seal_parts(plaintext, topic_t + self._gw_t, message_id_t)
+
+    def seal_parts(self, plaintext: bytes, topic_gw_t: bytes, message_id_t: bytes) -> bytes:
+        """:meth:`seal_raw` with ``topic_gw_t`` = CBOR topic || CBOR gateway id (cacheable per
+        topic, :meth:`topic_gw_tstr`): one join builds the AAD, one the envelope."""
         seq = self._seq
         if (
             self._keys is None or seq >= self.max_messages
@@ -359,20 +380,30 @@ class Sealer:
             self._new_session()
             seq = 0
         self._seq = seq + 1
-        piv_b = _PIV_BSTR[seq] if seq < 256 else _piv_bstr(seq)
-        ext = b"".join((self._ext_head, piv_b, topic_t, self._gw_t, message_id_t))
-        n = len(ext)
-        aad = b"".join((_ENC0_PREFIX, _BSTR_HEADS[n] if n < 256 else _bstr(ext)[:-n], ext))
+        piv_b = (
+            _PIV_BSTR[seq] if seq < 256
+            else (0x420000 | seq).to_bytes(3, "big") if seq < 65536 else _piv_bstr(seq)
+        )
+        n = _EXT_HEAD_LEN + len(piv_b) + len(topic_gw_t) + len(message_id_t)
         ct = self._aead.encrypt(  # type: ignore[union-attr]
-            (self._civ ^ seq).to_bytes(NONCE_SIZE, "big"), plaintext, aad
+            (self._civ ^ seq).to_bytes(NONCE_SIZE, "big"),
+            plaintext,
+            b"".join((
+                _AAD_HEADS[n] if n < 256 else _ENC0_PREFIX + _bstr_head(n),
+                self._ext_head, piv_b, topic_gw_t, message_id_t,
+            )),
         )
         n = len(ct)
         return b"".join((
             self._env_head, piv_b,
-            _BSTR_HEADS[n] if n < 256 else b"\x59" + n.to_bytes(2, "big") if n < 65536
-            else _bstr(ct)[:-n],
+            _BSTR_HEADS[n] if n < 256 else (0x590000 | n).to_bytes(3, "big") if n < 65536
+            else _bstr_head(n),
             ct,
         ))
+
+    def topic_gw_tstr(self, topic: str) -> bytes:
+        """CBOR ``topic`` followed by CBOR gateway id (the AAD part fixed per topic)."""
+        return self.topic_tstr(topic) + self._gw_t
 
     def seal(self, plaintext: bytes, *, topic: str, message_id: str) -> SealedMessage:
         """Encrypt ``plaintext``, binding ``topic``, the gateway id and ``message_id``."""

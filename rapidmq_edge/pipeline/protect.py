@@ -40,7 +40,7 @@ from ..config_forward import ForwardRule, UpstreamSettings
 from ..config_security import SecuritySettings
 from ..crypto.batch import GENESIS_ROOT, BatchBuilder, SignedBatch, parse_signed_header
 from ..crypto.batchlog import _SCHEMA as CHAIN_SCHEMA
-from ..crypto.envelope import Sealer, tstr
+from ..crypto.envelope import MAX_SEQ, Sealer, tstr
 from ..crypto.errors import BatchError, KeyFileError, MalformedError
 from ..crypto.keys import GatewayIdentity, RecipientPublicKey
 from ..crypto.keystore import KeyStore
@@ -63,7 +63,6 @@ SESSION_SUFFIX = "_session"
 BATCH_SUFFIX = "_batch"
 PASSPHRASE_ENV = "RAPIDMQ_KEY_PASSPHRASE"
 _sha256 = hashlib.sha256
-_TSTR_HEADS = [bytes((0x60 + n,)) for n in range(24)]
 
 
 def fast_leaf(message_id: str, topic: str, payload: bytes) -> bytes:
@@ -74,6 +73,8 @@ def fast_leaf(message_id: str, topic: str, payload: bytes) -> bytes:
 
 def id_runs(seqs: Sequence[int]) -> list[int]:
     """Increasing queue ids as flat ``[start, length, start, length, ...]``."""
+    if seqs and seqs[-1] - seqs[0] == len(seqs) - 1:
+        return [seqs[0], len(seqs)]  # one run (increasing ids): no per-id loop
     out: list[int] = []
     for s in seqs:
         if out and out[-2] + out[-1] == s:
@@ -156,7 +157,8 @@ class Protector:
             up: Sealer(
                 self.recipient,  # type: ignore[arg-type]
                 gateway_id,
-                max_messages=settings.session_max_messages,
+                # +1: the first sequence number of each session is skipped (see put)
+                max_messages=min(settings.session_max_messages + 1, MAX_SEQ + 1),
                 max_age=settings.session_max_age,
                 clock=clock,
             )
@@ -164,9 +166,20 @@ class Protector:
         }
         self._queued_header: dict[str, bytes] = {}
         self._gw_colon = gateway_id + ":"
-        self._topics: dict[str, bytes] = {}
-        self._staged: dict[int, tuple[Any, ...]] = {}  # queue id -> chain record (write hook)
-        self._open: list[tuple[int, bytes]] = []  # (queue id, leaf) of the open batch
+        self._gw_t = tstr(gateway_id)
+        #: CBOR text head + "gateway:" for message ids with d decimal digits (index d)
+        self._mid_pre = [
+            tstr(self._gw_colon + "0" * d)[: -d or None] for d in range(21)
+        ]
+        #: topic -> (CBOR topic || CBOR gateway id: AAD part, CBOR topic || 0x5820: leaf part)
+        self._topics: dict[str, tuple[bytes, bytes]] = {}
+        #: id(rule) -> (rule, upstream, sealer or None, sign, priority): per-rule constants
+        self._plans: dict[int, tuple[ForwardRule, str, Sealer | None, bool, int]] = {}
+        #: queue id -> its leaf (bytes) or sealed batch, until the write hook stores it
+        self._staged: dict[int, bytes | SignedBatch] = {}
+        self._open: list[bytes] = []  # leaves of the open batch
+        self._open_ids = array("q")  # their queue ids
+        self._batch_size = settings.batch_size
         self._open_since: float | None = None
         self._keys_mtime = self._index_mtime()
         self.sealed_batches = 0
@@ -223,12 +236,11 @@ class Protector:
         builder = BatchBuilder(
             identity, self.gateway_id, next_seq=next_seq, prev_root=prev_root, clock=self.clock
         )
-        self._open = []
+        self._open, self._open_ids = [], array("q")
         for qid_blob, leaf_blob in pending:
-            ids = array("q")
-            ids.frombytes(bytes(qid_blob))
+            self._open_ids.frombytes(bytes(qid_blob))
             blob = bytes(leaf_blob)
-            self._open += [(q, blob[32 * i:32 * i + 32]) for i, q in enumerate(ids)]
+            self._open += [blob[i:i + 32] for i in range(0, len(blob), 32)]
         if self._open:
             self._open_since = self.clock()
             log.info("batch chain: %d pending leaves carried over", len(self._open))
@@ -245,14 +257,17 @@ class Protector:
         Raises like ``ForwardQueue.put`` (QueueFull...): then nothing was queued or logged
         (an envelope sealed for a refused put only consumes a sequence number).
         """
-        queue, up = self.queue, rule.upstream
+        plan = self._plans.get(id(rule))
+        if plan is None or plan[0] is not rule:
+            plan = self._plan(rule)
+        _, up, sealer, sign, priority = plan
+        queue = self.queue
         mid = queue.next_id
-        m = (self._gw_colon + str(mid)).encode()
-        mid_t = _TSTR_HEADS[len(m)] + m if len(m) < 24 else tstr(m.decode())
-        if rule.encrypt:
-            sealer = self.sealers[up]
-            topic_t = sealer.topic_tstr(topic)
-            envelope = sealer.seal_raw(payload, topic_t, mid_t)  # renews the session when due
+        digits = b"%d" % mid
+        mid_t = self._mid_pre[len(digits)] + digits  # == tstr(f"{gateway}:{mid}")
+        tc = self._topics.get(topic) or self._topic_parts(topic)
+        if sealer is not None:
+            envelope = sealer.seal_parts(payload, tc[0], mid_t)  # renews the session when due
             if sealer.header is not self._queued_header.get(up):
                 # a new session: its header goes first (taking this id), then seal again
                 # under the next id (the first sequence number is simply skipped)
@@ -260,34 +275,41 @@ class Protector:
                 queue.put(up, 0, self.prefix[up] + SESSION_SUFFIX, sealer.header, 1)
                 mid = queue.next_id
                 mid_t = tstr(self._gw_colon + str(mid))
-                envelope = sealer.seal_raw(payload, topic_t, mid_t)
+                envelope = sealer.seal_parts(payload, tc[0], mid_t)
             payload = envelope
-        else:
-            topic_t = self._topic_tstr(topic)
-        if rule.sign:
+        if sign:
             # crypto.batch.message_leaf, fused: SHA-256(0x00 || [mid, topic, SHA-256(payload)])
             leaf = _sha256(
-                b"".join((b"\x00\x83", mid_t, topic_t, b"\x58\x20", _sha256(payload).digest()))
+                b"".join((b"\x00\x83", mid_t, tc[1], _sha256(payload).digest()))
             ).digest()
-        got = queue.put(up, rule.priority, topic, payload, qos, properties, ttl)
+        got = queue.put(up, priority, topic, payload, qos, properties, ttl)
         if got != mid:  # pragma: no cover - the queue assigns ids in order
             raise RuntimeError(f"queue id {got} != expected {mid}")
-        if rule.sign:
-            self._staged[mid] = (0, leaf)
-            self._open.append((mid, leaf))
+        if sign:
+            self._staged[mid] = leaf
+            opened = self._open
+            opened.append(leaf)
+            self._open_ids.append(mid)
             if self._open_since is None:
                 self._open_since = self.clock()
-            if len(self._open) >= self.settings.batch_size:
+            if len(opened) >= self._batch_size:
                 self.seal()
         return mid
 
-    def _topic_tstr(self, topic: str) -> bytes:
-        t = self._topics.get(topic)
-        if t is None:
-            if len(self._topics) >= 4096:
-                self._topics.clear()
-            t = self._topics[topic] = tstr(topic)
-        return t
+    def _plan(self, rule: ForwardRule) -> tuple[ForwardRule, str, Sealer | None, bool, int]:
+        if len(self._plans) >= 1024:
+            self._plans.clear()
+        sealer = self.sealers[rule.upstream] if rule.encrypt else None
+        plan = (rule, rule.upstream, sealer, rule.sign, rule.priority)
+        self._plans[id(rule)] = plan
+        return plan
+
+    def _topic_parts(self, topic: str) -> tuple[bytes, bytes]:
+        if len(self._topics) >= 4096:
+            self._topics.clear()
+        t = tstr(topic)
+        parts = self._topics[topic] = (t + self._gw_t, t + b"\x58\x20")
+        return parts
 
     # -- batches -----------------------------------------------------------------------
 
@@ -296,19 +318,15 @@ class Protector:
         builder, up = self.builder, self.chain_upstream
         if builder is None or up is None or not self._open:
             return None
-        opened = self._open
+        opened, ids = self._open, self._open_ids
         gw = self._gw_colon
-        builder.add_leaves(
-            f"{gw}{opened[0][0]}", f"{gw}{opened[-1][0]}", [leaf for _, leaf in opened]
-        )
+        builder.add_leaves(f"{gw}{ids[0]}", f"{gw}{ids[-1]}", opened)
         prev = (builder.next_seq, builder.prev_root)
         batch = builder.seal()
         assert batch is not None
-        payload = encode_batch_message(
-            batch, [q for q, _ in opened], self.settings.manifest == "leaves"
-        )
+        payload = encode_batch_message(batch, ids, self.settings.manifest == "leaves")
         bid = self.queue.next_id
-        self._staged[bid] = (1, batch)
+        self._staged[bid] = batch
         try:
             self.queue.put(up, 0, self.prefix[up] + BATCH_SUFFIX, payload, 1)
         except QueueFull as exc:
@@ -317,7 +335,7 @@ class Protector:
             self.batch_failures += 1
             log.warning("batch %d not queued (%s); it is retried", batch.header.seq, exc)
             return None
-        self._open, self._open_since = [], None
+        self._open, self._open_ids, self._open_since = [], array("q"), None
         self.sealed_batches += 1
         fut = self.queue.commit_future()
         if fut is not None:
@@ -332,11 +350,13 @@ class Protector:
         log.error("batch record (queue id %d) not stored: %s; resyncing the chain",
                   bid, fut.exception())
         assert self.builder is not None
-        later = [(q, leaf) for q, leaf in self._open if q > bid]
+        later = [(q, leaf) for q, leaf in zip(self._open_ids, self._open, strict=True) if q > bid]
         self.builder = self._load_chain(self.builder.identity)
-        known = {q for q, _ in self._open}
-        self._open += [(q, leaf) for q, leaf in later if q not in known]
-        self._open.sort()
+        merged = dict(zip(self._open_ids, self._open, strict=True))
+        merged.update(later)
+        ordered = sorted(merged.items())
+        self._open_ids = array("q", [q for q, _ in ordered])
+        self._open = [leaf for _, leaf in ordered]
 
     def _write_hook(self, db: sqlite3.Connection, rows: list[Any]) -> None:
         """Writer thread, inside the queue's transaction: chain records of these rows.
@@ -351,11 +371,12 @@ class Protector:
             item = pop(r[0], None)
             if item is None:
                 continue
-            if item[0] == 0:
+            if type(item) is bytes:
                 qids.append(r[0])
-                leaves.append(item[1])
+                leaves.append(item)
                 continue
-            batch: SignedBatch = item[1]
+            assert isinstance(item, SignedBatch)
+            batch = item
             pos = db.execute("SELECT coalesce(max(pos) + 1, 0) FROM batches").fetchone()[0]
             db.execute(
                 "INSERT INTO batches (pos, seq, signed, leaves) VALUES (?, ?, ?, ?)",
