@@ -8,8 +8,10 @@ Prints JSON with two parts, measured in one invocation:
   simulator run replayed in time order, in the micro-batches the 1 ms window forms at a
   given message rate (batch = rate x window, at least 1) and at ``max_batch`` (saturation):
   the first half of the run warms the runtime up, the second half is timed; as shipped
-  (priority label cache + anomaly gate), "ungated" (features + both models for every
-  message: the reference) and with the rules; interleaved, median of 3.
+  (priority label cache + split-grid cells + anomaly gate), "no_cells" (without the
+  cells), "ungated" (features + both models for every message: the reference) and with
+  the rules; interleaved, median of 3. ``priority_labels_heldout`` checks that the cached
+  labels equal the model's for every message of the run.
 * ``path``: device -> gateway -> upstream Mosquitto, QoS 1 at a fixed rate, simulator
   payloads; latency = upstream subscriber receipt - device publish (paho, same process),
   p50/p99/max ms, for the gateway with ``[intelligence]`` off and on (default settings,
@@ -47,6 +49,7 @@ from rapidmq_edge.config_intelligence import IntelligenceSettings  # noqa: E402
 from rapidmq_edge.intelligence.features import message_features  # noqa: E402
 from rapidmq_edge.intelligence.models import load_scorer  # noqa: E402
 from rapidmq_edge.intelligence.runtime import IntelligenceRuntime  # noqa: E402
+from rapidmq_edge.intelligence.splitkey import split_key_for  # noqa: E402
 from tests.gateway_proc import GatewayProcess, _free_port  # noqa: E402
 
 V2 = mqtt.CallbackAPIVersion.VERSION2
@@ -69,12 +72,13 @@ class _Ungated(IntelligenceRuntime):
         return out
 
 
-def _runtime(mode: str, reference: bool) -> IntelligenceRuntime:
+def _runtime(mode: str, reference: bool, cells: bool = True) -> IntelligenceRuntime:
     cls = _Ungated if reference else IntelligenceRuntime
     rt = cls(IntelligenceSettings(enabled=True, priority=mode, anomaly=mode, threat="off"),
              Broker(BrokerLimits()), None)
     # the runtime without upstreams turns priority off: load it as deployed with one
     rt.priority = load_scorer(rt.settings.models_dir, "priority", mode)
+    rt._prio_split = split_key_for(rt.priority) if cells else None
     if reference:
         rt.anomaly_gate = None
     return rt
@@ -91,14 +95,14 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
             [m.qos for m in messages], [m.retain for m in messages], [m.t for m in messages]]
     sizes = {f"{r}_msg_s": max(1, int(r * window_ms / 1000)) for r in RATES}
     sizes["saturated"] = max_batch
-    variants = {"model": ("model", False), "model_ungated": ("model", True),
-                "rules": ("rules", False)}
+    variants = {"model": ("model", False, True), "model_no_cells": ("model", False, False),
+                "model_ungated": ("model", True, False), "rules": ("rules", False, True)}
     times: dict[str, dict[str, list[float]]] = {v: {s: [] for s in sizes} for v in variants}
     stats: dict[str, dict[str, float]] = {}
     for _ in range(reps):
         for name, b in sizes.items():
-            for v, (mode, ref) in variants.items():
-                rt = _runtime(mode, ref)
+            for v, (mode, ref, cells) in variants.items():
+                rt = _runtime(mode, ref, cells)
                 for part, timed in ((range(0, half), False), (range(half, len(messages)), True)):
                     t0 = time.perf_counter()
                     for i in range(part.start, part.stop, b):
@@ -109,6 +113,8 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
                 if v == "model" and name == "5000_msg_s":
                     n = len(messages)
                     stats = {"priority_cache_hit_share": round(rt.prio_cache_hits / n, 3),
+                             "priority_cell_hit_share": round(rt.prio_cell_hits / n, 3),
+                             "priority_cells": len(rt._prio_cells),
                              "anomaly_gated_share_of_messages": round(rt.anomaly_gated / n, 3)}
     out: dict[str, Any] = {}
     for v in variants:
@@ -116,8 +122,32 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
     out["batch_sizes"] = sizes
     out["speedup_vs_ungated"] = {name: round(out["model_ungated"][name] / out["model"][name], 2)
                                  for name in sizes}
+    out["speedup_vs_no_cells"] = {name: round(out["model_no_cells"][name] / out["model"][name],
+                                              2) for name in sizes}
     out["model_stats_5000_msg_s"] = stats
     return out
+
+
+def labels_check(messages: list[Any], batch: int = 5) -> dict[str, Any]:
+    """Priority labels through the runtime (label cache + split-grid cells) against
+    ``message_features`` + the model for every message of the run: must be identical."""
+    rt = _runtime("model", False)
+    cols = [[m.topic for m in messages], [m.payload for m in messages],
+            [m.qos for m in messages], [m.retain for m in messages], [m.t for m in messages]]
+    got: list[int] = []
+    for i in range(0, len(messages), batch):
+        j = min(i + batch, len(messages))
+        got += rt._score(*(c[i:j] for c in cols), list(range(j - i))).priority or []
+    want: list[int] = []
+    for i in range(0, len(messages), 4096):
+        X = message_features(*(c[i:i + 4096] for c in cols[:4]))
+        want += rt.priority.predict(X)[0].tolist()
+    split = rt._prio_split
+    return {"messages": len(messages), "identical": got == want,
+            "differing": sum(a != b for a, b in zip(got, want, strict=True)),
+            "grid_columns": len(split.columns) if split else 0,
+            "grid_thresholds": sum(len(t) for t in split.thresholds) if split else 0,
+            "cells_seen": len(rt._prio_cells)}
 
 
 class Upstream:
@@ -235,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
                     "python": platform.python_version()},
         "targets": {"us_per_message": 5.0, "added_p99_ms": 2.0},
+        "priority_labels_heldout": labels_check(msgs),
         "runtime_us_per_msg": runtime_cost(msgs),
     }
     rc = result["runtime_us_per_msg"]["model"]

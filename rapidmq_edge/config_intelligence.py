@@ -17,7 +17,7 @@ from .config_forward import PRIORITIES
 MODES = ("model", "rules", "off")
 #: the priority model's labels (``rapidmq_edge.intelligence.features.PRIORITY_LABELS``)
 PRIORITY_LABELS = ("critical", "high", "normal", "bulk")
-THREAT_ACTIONS = ("disconnect", "log")
+THREAT_ACTIONS = ("disconnect", "throttle", "log")
 #: the committed models (``models/`` beside the package in a checkout)
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -54,7 +54,9 @@ class IntelligenceSettings:
     threat_interval_s: float = 1.0  # how often active clients are scored
     threat_action: str = "disconnect"
     threat_min_events: int = 10  # a client with fewer events in its window is not judged
-    threat_min_confidence: float = 0.7  # the model's probability needed to act
+    threat_min_confidence: float = 0.7  # the model's probability needed to disconnect
+    throttle_rate: float = 2.0  # PUBLISH/s of a throttled client (0 = no throttle step)
+    throttle_min_confidence: float = 0.5  # probability from which a client is throttled
     ban_s: float = 60.0  # an abusive client id is refused (CONNACK 0x8A) this long
 
     @property
@@ -103,7 +105,8 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         "alert_cooldown_s", "summarise_classes", "summarise_backlog_messages",
         "summarise_backlog_bytes", "summarise_disk_percent", "summary_window_s",
         "summary_suffix", "pressure_check_s", "threat_interval_s", "threat_action", "ban_s",
-        "threat_min_events", "threat_min_confidence",
+        "threat_min_events", "threat_min_confidence", "throttle_rate",
+        "throttle_min_confidence",
     ))
     suffix = t.get("summary_suffix", _str, "/summary")
     if not suffix or "+" in suffix or "#" in suffix:
@@ -135,6 +138,8 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         ban_s=t.get("ban_s", _float(0.0, 7 * 86400.0), 60.0),
         threat_min_events=t.get("threat_min_events", _int(1, 10**9), 10),
         threat_min_confidence=t.get("threat_min_confidence", _float(0.0, 1.0), 0.7),
+        throttle_rate=t.get("throttle_rate", _float(0.0, 1_000_000.0), 2.0),
+        throttle_min_confidence=t.get("throttle_min_confidence", _float(0.0, 1.0), 0.5),
     )
 
 

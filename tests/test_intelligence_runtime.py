@@ -115,9 +115,13 @@ def test_forwarder_uses_scored_class_unless_rule_is_explicit(tmp_path: Path) -> 
 class _Link:
     def __init__(self) -> None:
         self.reasons: list[int] = []
+        self.rates: list[float] = []
 
     def disconnect(self, reason: int, why: str = "") -> None:
         self.reasons.append(reason)
+
+    def limit_rate(self, rate: float) -> None:
+        self.rates.append(rate)
 
 
 @pytest.mark.parametrize("mode", ["model", "rules"])
@@ -143,3 +147,57 @@ def test_threat_watch_flood_and_guessing(mode: str) -> None:
     now[0] += 31
     assert watch.admit("spam") == 0  # the ban is over
     assert watch.status()["disconnected"] == 1
+
+
+@pytest.mark.parametrize("mode", ["model", "rules"])
+def test_threat_watch_throttles_a_first_flood_then_escalates(mode: str) -> None:
+    now = [100.0]
+    watch = ClientWatch(load_scorer(MODELS, "threat", mode), ban_s=30.0,
+                        clock=lambda: now[0], throttle_rate=2.0)
+
+    def flood(cid: str, n: int, dt: float) -> None:
+        for i in range(n):
+            now[0] += dt
+            watch.published(cid, f"spam/x/{i % 2}", 800, True)
+
+    bad = _Link()
+    watch.connected(bad, "spam", None, 0)
+    flood("spam", 400, 0.002)
+    assert [(v.client, v.action) for v in watch.tick()] == [("spam", "throttled to 2/s")]
+    assert bad.rates == [2.0] and bad.reasons == []
+    assert watch.admit("spam") == 0  # throttled, not banned
+    flood("spam", 12, 0.5)  # held at its limit: 12 in 6 s is not a flood
+    assert watch.tick() == [] and bad.reasons == []
+    flood("spam", 300, 0.002)  # still flooding in a window after the throttle
+    assert [v.action for v in watch.tick()] == ["disconnected"]
+    assert bad.reasons == [0x96] and watch.admit("spam") == 0x8A
+    st = watch.status()
+    assert (st["throttled"], st["throttled_now"], st["disconnected"]) == (1, 0, 1)
+    # a client id throttled before that floods again within ban_s is not throttled twice
+    now[0] += 31
+    assert watch.admit("spam") == 0
+    again = _Link()
+    watch.connected(again, "spam", None, 0)
+    flood("spam", 400, 0.002)
+    assert [v.action for v in watch.tick()] == ["disconnected"]
+    assert again.rates == [] and again.reasons == [0x96]
+
+
+def test_threat_watch_throttles_when_not_certain() -> None:
+    """The band [throttle_confidence, min_confidence) throttles and never disconnects;
+    ``action = "throttle"`` never disconnects either."""
+    now = [100.0]
+    for action, dt in [("disconnect", 0.0001), ("throttle", 0.002)]:
+        watch = ClientWatch(load_scorer(MODELS, "threat", "model"), action=action,
+                            throttle_rate=5.0, throttle_confidence=0.5, clock=lambda: now[0])
+        link = _Link()
+        watch.connected(link, "c", None, 0)
+        for _ in range(2):  # 400 publishes in 0.04 s: a flood, but only probably (0.56)
+            for i in range(400):
+                now[0] += dt
+                watch.published("c", f"spam/x/{i % 2}", 800, True)
+            verdicts = watch.tick()
+            assert [v.action for v in verdicts] in (["throttled to 5/s"], [])
+            assert all(0.5 <= v.confidence < 0.7 for v in verdicts) or action == "throttle"
+        assert link.reasons == [] and link.rates == [5.0]
+        assert watch.status()["throttled_now"] == 1 and watch.admit("c") == 0

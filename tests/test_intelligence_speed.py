@@ -16,7 +16,12 @@ from firmware_sim.scenario import Scenario
 from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.config_intelligence import IntelligenceSettings
 from rapidmq_edge.intelligence import rules
-from rapidmq_edge.intelligence.features import StreamTable, message_features, reading_value
+from rapidmq_edge.intelligence.features import (
+    MESSAGE_FEATURES,
+    StreamTable,
+    message_features,
+    reading_value,
+)
 from rapidmq_edge.intelligence.gate import (
     MODEL_BOX,
     Gate,
@@ -27,6 +32,7 @@ from rapidmq_edge.intelligence.gate import (
 )
 from rapidmq_edge.intelligence.models import load_scorer
 from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
+from rapidmq_edge.intelligence.splitkey import split_key_for
 from rapidmq_edge.ops.status import render
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -45,6 +51,7 @@ def _runtime(mode: str = "model", models: Path = MODELS) -> IntelligenceRuntime:
                                                   priority=mode, anomaly=mode, threat="off"),
                              Broker(BrokerLimits()), None)
     rt.priority = load_scorer(models, "priority", mode)  # no upstream turns it off
+    rt._prio_split = split_key_for(rt.priority)
     return rt
 
 
@@ -112,6 +119,34 @@ def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int)
     assert got_a == want_a
     assert any(want_a) and len(set(want_p)) >= 3
     assert rt.prio_cache_hits > len(msgs) // 2 and rt.anomaly_gated > len(msgs) // 4
+    if mode == "model":
+        assert rt.prio_cell_hits > 0  # level-1 misses answered by their split-grid cell
+
+
+def test_split_grid_cells_have_one_output_and_thresholds_separate_them(run: object) -> None:
+    """Rows in one cell of the priority model's split grid get identical probabilities; the
+    two sides of a split threshold are different cells."""
+    msgs = run.messages[:4000]  # type: ignore[attr-defined]
+    sc = load_scorer(MODELS, "priority", "model")
+    split = split_key_for(sc)
+    assert split is not None and split_key_for(load_scorer(MODELS, "priority", "rules")) is None
+    X = message_features([m.topic for m in msgs], [m.payload for m in msgs],
+                         [m.qos for m in msgs], [m.retain for m in msgs])
+    keys = split.keys(X)
+    _, probs = sc.session.run(None, {"features": X})
+    first: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        assert np.array_equal(probs[i], probs[j]), (i, j)
+    assert len(first) < len(msgs) // 4  # far fewer cells than messages
+    # moving one value across a split threshold: another cell
+    col = split.columns.index(MESSAGE_FEATURES.index("size_log2"))
+    t = split.thresholds[col][len(split.thresholds[col]) // 2]
+    a, b = X[:1].copy(), X[:1].copy()
+    a[0, split.columns[col]] = t
+    b[0, split.columns[col]] = np.nextafter(t, np.float32(np.inf))
+    assert split.keys(a) != split.keys(b)
+    assert split.keys(np.vstack([a, a])) == split.keys(a) * 2
 
 
 def test_scalar_rows_equal_update_keys() -> None:

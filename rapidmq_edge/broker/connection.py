@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
 REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
 PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
+LINGER = 1.0  # longest a connection stays half-closed after a DISCONNECT with a reason
 
 
 #: an acknowledgement, the commit it waits for, what to do once it is sent
@@ -132,7 +134,10 @@ class ClientConnection:
         self._connack: bytes | None = None
         self._connect_refusal = 0  # a CONNACK reason code: refuse the CONNECT with it
         self._inbound_unacked = 0
-        self._tokens = float(settings.publish_burst or max(1.0, settings.publish_rate))
+        self.publish_rate = settings.publish_rate  # PUBLISH/s, 0 = unlimited (limit_rate)
+        self.publish_burst = float(settings.publish_burst or max(1.0, settings.publish_rate))
+        self._tokens = self.publish_burst
+        self._linger = False  # close() half-closes: the peer reads our DISCONNECT first
         self._token_time = self.loop.time()
         self._paused = False
         self._ack_backlog = False  # 3.1.1: reading paused until pending acks drain
@@ -381,7 +386,7 @@ class ClientConnection:
             if p.qos == 2 and p.packet_id in session.inbound_qos2:
                 self._queue_ack(Pubrec(p.packet_id), None)  # duplicate: acknowledge again
                 return
-        if s.publish_rate:
+        if self.publish_rate:
             self._throttle()
         broker = self.broker
         if topic.startswith("$SYS") or not self.gate.can_publish(
@@ -500,11 +505,20 @@ class ClientConnection:
             code = rc.PACKET_IDENTIFIER_NOT_FOUND if self.v5 else 0
             self._queue_ack(Pubcomp(p.packet_id, code), None)
 
+    def limit_rate(self, rate: float) -> None:
+        """Limit this client's PUBLISH rate to ``rate`` per second from now on (a token
+        bucket: reading pauses while it is empty); a lower configured limit stays."""
+        if self.publish_rate and self.publish_rate <= rate:
+            return
+        self.publish_rate = rate
+        self.publish_burst = max(1.0, float(math.ceil(rate)))
+        self._tokens = min(self._tokens, self.publish_burst)
+        self._token_time = self.loop.time()
+
     def _throttle(self) -> None:
-        s = self.settings
+        rate = self.publish_rate
         now = self.loop.time()
-        burst = float(s.publish_burst or max(1.0, s.publish_rate))
-        self._tokens = min(burst, self._tokens + (now - self._token_time) * s.publish_rate)
+        self._tokens = min(self.publish_burst, self._tokens + (now - self._token_time) * rate)
         self._token_time = now
         self._tokens -= 1
         if self._tokens < 0 and not self._paused:
@@ -512,7 +526,7 @@ class ClientConnection:
             self.transport.pause_reading()
             if self._held is None:  # the rest of the bytes already read waits as well
                 self._held = []
-            self.loop.call_later(-self._tokens / s.publish_rate, self._unthrottle)
+            self.loop.call_later(-self._tokens / rate, self._unthrottle)
 
     def _unthrottle(self) -> None:
         self._paused = False
@@ -710,6 +724,7 @@ class ClientConnection:
         if self.v5 and self.session is not None:
             props = {"reason_string": why} if why else {}
             self._write(encode(Disconnect(reason, props), MQTT_5))
+            self._linger = True
         self.close(send_will=True)
 
     def take_over(self) -> None:
@@ -744,7 +759,16 @@ class ClientConnection:
         if self._ka_timer is not None:
             self._ka_timer.cancel()
             self._ka_timer = None
-        self.transport.close()
+        t: Any = self.transport
+        if self._linger and getattr(t, "can_write_eof", lambda: False)():
+            # Closing with the peer's unread bytes in our buffer resets the connection, and the
+            # reset can reach a still-writing peer before our DISCONNECT is read: send FIN and
+            # keep reading (and dropping) until the peer closes, at most LINGER seconds.
+            t.write_eof()
+            t.resume_reading()
+            self.loop.call_later(LINGER, t.close)
+        else:
+            t.close()
         self.connection_lost(send_will)
 
     def connection_lost(self, send_will: bool = True) -> None:

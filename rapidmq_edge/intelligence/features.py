@@ -646,6 +646,11 @@ class ClientWindows:
         if len(acc.filters) < 4096:
             acc.filters.add(topic_filter)
 
+    def restart(self, client: str, t: float) -> None:
+        """Forget the client's open window so far: it is judged on what it does from ``t``."""
+        if client in self._open:
+            self._open[client] = _Acc(int(t // self.window), t, t)
+
     def events(self, client: str) -> int:
         """Events (connects, disconnects, publishes, subscribes) in the client's open window."""
         acc = self._open.get(client)

@@ -77,11 +77,14 @@ class Scorer:
     rule: Callable[[np.ndarray], np.ndarray] | None = None
     fallback: str | None = None
     path: Path | None = None  # the verified ONNX file (for :mod:`.gate`)
+    outputs: list[str] | None = None  # named, run() skips listing them per call (~1 µs)
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Labels (int64) and the probability of each chosen label (1.0 for rules)."""
         if self.session is not None:
-            label, probs = self.session.run(None, {"features": X})
+            if self.outputs is None:
+                self.outputs = [o.name for o in self.session.get_outputs()]
+            label, probs = self.session.run(self.outputs, {"features": X})
             conf = probs[np.arange(len(label)), label] if len(label) else np.zeros(0, np.float32)
             return label, conf
         assert self.rule is not None
