@@ -13,6 +13,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -555,9 +556,14 @@ NATS_BIN = "/usr/sbin/nats-server"
 
 def _start_nats_cluster(tmp: Path, n: int = 3) -> tuple[list[subprocess.Popen[bytes]],
                                                          list[int]]:
-    client_ports = [free_port() for _ in range(n)]
-    cluster_ports = [free_port() for _ in range(n)]
-    mqtt_ports = [free_port() for _ in range(n)]
+    # all 3n ports held at once while picking, so none is handed out twice
+    holders = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3 * n)]
+    for h in holders:
+        h.bind((LOOPBACK, 0))
+    picked = [int(h.getsockname()[1]) for h in holders]
+    for h in holders:
+        h.close()
+    client_ports, cluster_ports, mqtt_ports = picked[:n], picked[n:2 * n], picked[2 * n:]
     routes = ", ".join(f"nats-route://{LOOPBACK}:{p}" for p in cluster_ports)
     procs: list[subprocess.Popen[bytes]] = []
     for i in range(n):
@@ -574,16 +580,40 @@ def _start_nats_cluster(tmp: Path, n: int = 3) -> tuple[list[subprocess.Popen[by
     return procs, mqtt_ports
 
 
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(250)
 def test_nats_cluster_failover(tmp_path: Path, subscribers: Callable[..., Subscriber]) -> None:
     if shutil.which(NATS_BIN) is None:
         pytest.skip("nats-server not installed")
-    procs, ports = _start_nats_cluster(tmp_path)
     n = 1500
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for p in ports:
-            assert wait_for_port(LOOPBACK, p, 15), "nats MQTT listener did not come up"
+        # nats opens its MQTT listener only once JetStream is up, which in a cluster waits
+        # for a meta leader: allow for a slow CI machine, and start over on fresh ports once
+        # if another test took one of ours in the meantime
+        for attempt in range(2):
+            run_dir = tmp_path / f"attempt{attempt}"
+            run_dir.mkdir()
+            procs, ports = _start_nats_cluster(run_dir)
+            if all(wait_for_port(LOOPBACK, p, 45) for p in ports):
+                break
+            logs = "\n".join(f"--- nats{k}: exit {pr.poll()}\n"
+                              + (run_dir / f"nats{k}.log").read_text(errors="replace")[-1500:]
+                              for k, pr in enumerate(procs))
+            _stop_all(procs)
+            if attempt == 1:
+                raise AssertionError(f"nats MQTT listeners did not come up\n{logs}")
         # JetStream needs a meta leader and the MQTT streams before QoS 1 subscriptions work.
         deadline = time.monotonic() + 30
         while True:
@@ -620,11 +650,4 @@ def test_nats_cluster_failover(tmp_path: Path, subscribers: Callable[..., Subscr
 
         asyncio.run(main())
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        _stop_all(procs)
