@@ -26,11 +26,23 @@ LOOPBACK = "127.0.0.1"
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port on ``host`` that was free a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on ``host`` that was free a moment ago (bind to port 0).
+
+    Never the same port twice in one test process: the kernel may offer a just-released
+    port again, and a test that picks several ports before starting its servers would
+    then give two of them the same one.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 5.0) -> bool:

@@ -16,11 +16,9 @@ LOOPBACK = "127.0.0.1"
 
 
 def _free_port() -> int:
-    import socket
+    from .conftest import free_port  # one allocator: never the same port twice
 
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    return free_port(LOOPBACK)
 
 
 def _wait_port(port: int, timeout: float) -> bool:
