@@ -339,7 +339,13 @@ def test_sse_disconnect_ends_the_session(api: HttpGateway) -> None:
     assert body["sessions"] == 0  # the LocalClient session ended with the stream
 
 
-def test_slow_sse_reader_never_blocks_the_broker(api: HttpGateway, streams: list[Sse]) -> None:
+def test_slow_sse_reader_never_blocks_the_broker(
+    gateway_factory: GatewayFactory, tmp_path: Path, streams: list[Sse],
+) -> None:
+    # the MQTT subscriber's session may queue the whole burst: on a loaded machine paho
+    # falls behind, and the default max_queued_messages (1000) would drop by design
+    api = start_http_gateway(gateway_factory, tmp_path, {"main": "alice"},
+                             extra={"mqtt": {"max_queued_messages": 10000}})
     s = Sse(api.http_port, "bulk/#", api.tokens["main"])
     streams.append(s)
     s.ready()
