@@ -6,6 +6,7 @@ Validated with the same rules and messages as :mod:`rapidmq_edge.config`. Absent
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,16 @@ MODES = ("model", "rules", "off")
 #: the priority model's labels (``rapidmq_edge.intelligence.features.PRIORITY_LABELS``)
 PRIORITY_LABELS = ("critical", "high", "normal", "bulk")
 THREAT_ACTIONS = ("disconnect", "throttle", "log")
-#: the committed models (``models/`` beside the package in a checkout)
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+def _default_models_dir() -> Path:
+    """``models/`` of a checkout, else where the wheel installs them (``share/``)."""
+    checkout = Path(__file__).resolve().parent.parent / "models"
+    if (checkout / "priority.json").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "rapidmq-edge" / "models"
+
+
+#: the shipped models: a checkout's ``models/``, or ``<prefix>/share/rapidmq-edge/models``
+DEFAULT_MODELS_DIR = _default_models_dir()
 
 
 def _default_classes() -> dict[str, int]:
