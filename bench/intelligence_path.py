@@ -16,7 +16,8 @@ Prints JSON with two parts, measured in one invocation:
   payloads; latency = upstream subscriber receipt - device publish (paho, same process),
   p50/p99/max ms, for the gateway with ``[intelligence]`` off and on (default settings,
   ``[[forward]] filter = "#"`` without a class, so every message is scored), alternated
-  ``--rounds`` times; ``added_p99_ms`` = on - off per round. Mean micro-batch and the
+  ``--rounds`` times; ``added_p99_ms`` = on - off per round; ``queue_commits`` (forward queue
+  group commits, each an fsync) shows that both group the same way. Mean micro-batch and the
   runtime's own per-message cost come from its ``$SYS`` counters (``rapidmq-edge status``).
 
     .venv/bin/python bench/intelligence_path.py [--rate 500] [--seconds 8] [--rounds 2]
@@ -242,6 +243,7 @@ def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: boo
         "p50_ms": round(float(np.percentile(a, 50)), 3),
         "p99_ms": round(float(np.percentile(a, 99)), 3),
         "max_ms": round(float(a.max()), 3),
+        "queue_commits": (status.get("forwarding") or {}).get("commits"),
         **({"mean_batch": intel.get("mean_batch"),
             "score_us_per_message": intel.get("score_us_per_message"),
             "loop_ms_max": intel.get("loop_ms_max"),

@@ -119,6 +119,7 @@ class IntelligenceRuntime:
         self._window = s.batch_window_ms / 1000.0
         self._values_needed = s.anomaly != "off" or s.summarising
         self._pending: list[tuple[Message, list[Any], float]] = []
+        self._since = 0.0  # time.monotonic() of the first pending message
         self._fut: asyncio.Future[None] | None = None
         self._busy = False
         self._busy_fut: asyncio.Future[None] | None = None
@@ -174,6 +175,8 @@ class IntelligenceRuntime:
         targets = fwd.targets(msg.topic) if fwd is not None else []
         if not targets and not self._values_needed:
             return
+        if not self._pending:
+            self._since = time.monotonic()
         self._pending.append((msg, targets, time.time()))
         if len(self._pending) >= self.settings.max_batch:
             self._flush()
@@ -208,6 +211,7 @@ class IntelligenceRuntime:
         if self._busy or not self._pending:
             return  # the running batch flushes the next one when it is done
         batch, self._pending = self._pending, []
+        since = self._since
         self._busy_fut, self._fut = self._fut, None
         self._busy = True
         msgs = [m for m, _, _ in batch]
@@ -218,11 +222,11 @@ class IntelligenceRuntime:
         if self._executor is None or len(batch) <= self.settings.inline_max_batch:
             # small batches: scoring takes tens of µs, less than handing over to a thread
             # that then waits for the GIL (up to the 5 ms switch interval) behind the loop
-            self._scored(batch, self._score(*args))
+            self._scored(batch, self._score(*args), since)
             return
         loop = self._loop or asyncio.get_running_loop()
         done = loop.run_in_executor(self._executor, self._score, *args)
-        done.add_done_callback(lambda f: self._scored(batch, f))
+        done.add_done_callback(lambda f: self._scored(batch, f, since))
 
     def _score(self, topics: list[str], payloads: list[bytes], qos: list[int],
                retain: list[bool], times: list[float], need: list[int]) -> _Scored:
@@ -321,8 +325,10 @@ class IntelligenceRuntime:
         return [cells[ck] for ck in cell_keys]
 
     def _scored(self, batch: list[tuple[Message, list[Any], float]],
-                result: _Scored | asyncio.Future[_Scored]) -> None:
-        """Back on the loop: act on the scores and queue the batch in arrival order."""
+                result: _Scored | asyncio.Future[_Scored], since: float | None = None) -> None:
+        """Back on the loop: act on the scores and queue the batch in arrival order; its
+        group commit counts from ``since`` (``time.monotonic()`` of the batch's first
+        arrival), not from the put: the micro-batch window is part of that wait."""
         t0 = time.perf_counter()
         fut, self._busy_fut = self._busy_fut, None
         failure: BaseException | None = None
@@ -364,6 +370,9 @@ class IntelligenceRuntime:
             except PublishRefused as exc:
                 self.forward_refused += 1
                 failure = exc
+        q = self.queue
+        if since is not None and q is not None:
+            q.commit_within(q.commit_delay - (time.monotonic() - since))
         self._resolve(fut, failure)
         self._busy = False
         self.loop_seconds_max = max(self.loop_seconds_max, time.perf_counter() - t0)

@@ -641,6 +641,19 @@ class ForwardQueue:
         assert self._loop is not None
         self._timer = self._loop.call_later(delay, self._flush)
 
+    def commit_within(self, seconds: float) -> None:
+        """Commit the puts so far at most ``seconds`` from now (never later than
+        ``commit_delay``): for rows that already waited before their put (the intelligence
+        runtime's micro-batch), so their group commit does not start its wait again."""
+        if self._busy or not self._ins:
+            return  # _written writes what arrived meanwhile at once
+        delay = min(max(seconds, 0.0), self.commit_delay)
+        if self._timer is not None:
+            if self._timer_due <= self._time() + delay:
+                return
+            self._timer.cancel()
+        self._arm(delay)
+
     def _schedule_deletes(self) -> None:
         """Arm a commit for deletes alone (acks, drops): they wait up to ``DELETE_DELAY``
         to ride along with the next batch of puts (nobody waits for them; a crash before
