@@ -10,6 +10,7 @@ import getpass
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rapidmq_edge import __version__, cli_cloud, cli_crypto
@@ -46,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     status_where.add_argument("--data-dir", type=Path, metavar="DIR", help="default: ./data")
     status.add_argument("--json", action="store_true", help="print the raw status document")
 
-    source = argparse.ArgumentParser(add_help=False)
-    where = source.add_mutually_exclusive_group()
-    where.add_argument("--config", type=Path, metavar="FILE", help="take auth.users_file from it")
-    where.add_argument("--users-file", type=Path, metavar="FILE", help="users file to edit")
+    source = _file_source("auth.users_file", "--users-file", "FILE", "users file to edit")
 
     user = sub.add_parser("user", help="manage the users file")
     usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -62,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME")
     usub.add_parser("list", parents=[source], help="list user names")
 
-    tsource = argparse.ArgumentParser(add_help=False)
-    twhere = tsource.add_mutually_exclusive_group()
-    twhere.add_argument("--config", type=Path, metavar="FILE", help="take http.tokens_file from it")
-    twhere.add_argument("--tokens-file", type=Path, metavar="FILE", help="tokens file to edit")
+    tsource = _file_source("http.tokens_file", "--tokens-file", "FILE", "tokens file to edit")
     token = sub.add_parser("token", help="manage the HTTP API tokens file")
     tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tadd = tsub.add_parser(
@@ -78,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     tremove.add_argument("name", metavar="NAME")
     tsub.add_parser("list", parents=[tsource], help="list token names and their users")
 
-    osource = argparse.ArgumentParser(add_help=False)
-    owhere = osource.add_mutually_exclusive_group()
-    owhere.add_argument("--config", type=Path, metavar="FILE", help="take coap.oscore_dir from it")
-    owhere.add_argument("--oscore-dir", type=Path, metavar="DIR", help="contexts directory")
+    osource = _file_source("coap.oscore_dir", "--oscore-dir", "DIR", "contexts directory")
     oscore = sub.add_parser("oscore", help="provision OSCORE security contexts of CoAP devices")
     osub = oscore.add_subparsers(dest="oscore_command", required=True, metavar="ACTION")
     oadd = osub.add_parser(
@@ -93,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     cli_crypto.register(sub)
     cli_cloud.register(sub)
     return parser
+
+
+def _file_source(key: str, flag: str, metavar: str, help: str) -> argparse.ArgumentParser:
+    """Parent parser: ``--config FILE`` (take ``key`` from it) or ``flag`` given directly."""
+    source = argparse.ArgumentParser(add_help=False)
+    where = source.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, metavar="FILE", help=f"take {key} from it")
+    where.add_argument(flag, type=Path, metavar=metavar, help=help)
+    return source
+
+
+def _configured_path(args: argparse.Namespace, explicit: Path | None, key: str,
+                     flag: str, get: Callable[[Config], Path | None]) -> Path:
+    """``explicit`` if given, else ``key`` of ``--config`` (a clear error when unset)."""
+    if explicit is not None:
+        return Path(explicit)
+    path = get(load_config(args.config))
+    if path is None:
+        where = f"in {args.config}" if args.config else "(no --config given)"
+        raise ConfigError(f"{key}: not set {where}; pass {flag}")
+    return path
 
 
 def _cmd_run(config_path: Path | None) -> int:
@@ -129,13 +142,8 @@ def _cmd_check(path: Path) -> int:
 
 
 def _users_file(args: argparse.Namespace) -> Path:
-    if args.users_file is not None:
-        return Path(args.users_file)
-    config: Config = load_config(args.config)
-    if config.auth.users_file is None:
-        where = f"in {args.config}" if args.config else "(no --config given)"
-        raise ConfigError(f"auth.users_file: not set {where}; pass --users-file FILE")
-    return config.auth.users_file
+    return _configured_path(args, args.users_file, "auth.users_file", "--users-file FILE",
+                            lambda c: c.auth.users_file)
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -179,13 +187,8 @@ def _cmd_user(args: argparse.Namespace) -> int:
 
 
 def _tokens_file(args: argparse.Namespace) -> Path:
-    if args.tokens_file is not None:
-        return Path(args.tokens_file)
-    config: Config = load_config(args.config)
-    if config.http.tokens_file is None:
-        where = f"in {args.config}" if args.config else "(no --config given)"
-        raise ConfigError(f"http.tokens_file: not set {where}; pass --tokens-file FILE")
-    return config.http.tokens_file
+    return _configured_path(args, args.tokens_file, "http.tokens_file", "--tokens-file FILE",
+                            lambda c: c.http.tokens_file)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -222,14 +225,8 @@ def _cmd_oscore(args: argparse.Namespace) -> int:
     from rapidmq_edge.security.oscore import list_devices, provision_device
 
     try:
-        if args.oscore_dir is not None:
-            path = Path(args.oscore_dir)
-        else:
-            config: Config = load_config(args.config)
-            if config.coap.oscore_dir is None:
-                where = f"in {args.config}" if args.config else "(no --config given)"
-                raise ConfigError(f"coap.oscore_dir: not set {where}; pass --oscore-dir DIR")
-            path = config.coap.oscore_dir
+        path = _configured_path(args, args.oscore_dir, "coap.oscore_dir", "--oscore-dir DIR",
+                                lambda c: c.coap.oscore_dir)
         if args.oscore_command == "list":
             for name in list_devices(path):
                 print(name)
