@@ -38,6 +38,7 @@ from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBLISH
 from ..mqtt.properties import decode_properties, encode_properties
 from .lanes import Entry, Lane
+from .salvage import read_salvageable
 from .sqlite_files import is_corrupt, move_aside
 
 log = logging.getLogger(__name__)
@@ -234,46 +235,13 @@ class ForwardQueue:
 
     def _salvage(self, src: Path, db: sqlite3.Connection) -> None:
         """Copy every readable row of the damaged ``src`` into ``db`` (row by row)."""
-        copied = bad = 0
-        seq: int | None = None
-        top = 0
-        try:
-            old = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
-        except sqlite3.Error as exc:
-            log.error("forward queue: cannot open %s for salvage (%s)", src, exc)
-            old = None
-        if old is not None:
-            try:
-                row = old.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-                seq = int(row[0]) if row else 0
-            except (sqlite3.Error, ValueError, TypeError):
-                seq = None
-            rows: list[Row] = []
-            last = resumed = 0
-            while True:
-                try:
-                    for r in old.execute(
-                        f"SELECT {_COLUMNS} FROM messages WHERE id > ? ORDER BY id", (last,)
-                    ):
-                        last = r[0] if isinstance(r[0], int) else last + 1
-                        if _valid_row(r):
-                            rows.append(r)
-                            top = max(top, r[0])
-                        else:
-                            bad += 1
-                    break
-                except sqlite3.Error:
-                    nxt = _next_readable(old, max(last, resumed), seq)
-                    if nxt is None:
-                        break
-                    last = resumed = nxt
-            old.close()
+        found = read_salvageable(src, _COLUMNS, PRIORITIES)
+        if found.rows:
             with self._lock:
                 db.execute("BEGIN")
-                db.executemany(_INSERT, rows)
+                db.executemany(_INSERT, found.rows)
                 db.execute("COMMIT")
-            copied = len(rows)
+        copied, bad, seq, top = len(found.rows), found.bad, found.seq, found.top
         next_seq = max(seq, top) if seq is not None else top + _ID_GAP_UNKNOWN
         db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
         db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (next_seq,))
@@ -854,41 +822,5 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         prev = i
     out.append((lo, prev))
     return out
-
-
-def _valid_row(r: tuple[Any, ...]) -> bool:
-    return (
-        len(r) == 10 and isinstance(r[0], int) and isinstance(r[1], str)
-        and r[2] in PRIORITIES and isinstance(r[3], str) and isinstance(r[4], bytes)
-        and r[5] in (0, 1, 2) and isinstance(r[6], bytes) and isinstance(r[7], float)
-        and (r[8] is None or isinstance(r[8], float)) and isinstance(r[9], int)
-    )
-
-
-def _next_readable(db: sqlite3.Connection, last: int, seq: int | None) -> int | None:
-    """Find a start id past ``last`` from which the table can be read again (skipping a
-    damaged b-tree page); None when nothing further is readable."""
-
-    def ok(start: int) -> bool:
-        try:
-            db.execute("SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT 1",
-                       (start,)).fetchone()
-            return True
-        except sqlite3.Error:
-            return False
-
-    step, bound = 1, max(seq or 0, last) + (1 << 20)
-    while not ok(last + step):
-        if last + step > bound:
-            return None
-        step *= 2
-    lo, hi = last + step // 2, last + step  # ok(hi); find the smallest ok start
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
 
 
