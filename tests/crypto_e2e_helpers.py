@@ -87,12 +87,17 @@ def publish_qos1(port: int, items: Iterable[tuple[str, bytes]], timeout: float =
 Captured = tuple[str, bytes, str | None]  # topic, payload, rmq-id
 
 
-async def capture(port: int, until: Any, timeout: float = 10.0) -> list[Captured]:
-    """Record everything under ``edge/#`` on the upstream until ``until(list)`` is true."""
+async def capture(port: int, until: Any, timeout: float = 10.0,
+                  ready: asyncio.Event | None = None) -> list[Captured]:
+    """Record everything under ``edge/#`` on the upstream until ``until(list)`` is true;
+    ``ready`` is set once the subscription is acknowledged."""
     got: list[Captured] = []
     sub = Subscriber(f"mqtt://{LOOPBACK}:{port}", f"cap-{time.monotonic_ns()}",
                      [("edge/#", 1)], lambda t, p, props: got.append((t, p, props.get("rmq-id"))))
     task = asyncio.get_running_loop().create_task(sub.run())
+    if ready is not None:
+        await asyncio.wait_for(sub.subscribed.wait(), timeout)
+        ready.set()
     deadline = time.monotonic() + timeout
     try:
         while not until(got) and time.monotonic() < deadline:

@@ -60,8 +60,10 @@ def test_round_trip_encrypted_signed_and_device_e2e(
         ready = asyncio.Event()
         cons = asyncio.create_task(consume(mosquitto.port, keys, out, ready=ready, idle=1.5))
         await ready.wait()
+        wire_ready = asyncio.Event()
         wire_task = asyncio.create_task(capture(
-            mosquitto.port, lambda got: len(got) >= 45, timeout=8))
+            mosquitto.port, lambda got: len(got) >= 45, timeout=8, ready=wire_ready))
+        await asyncio.wait_for(wire_ready.wait(), 8)  # the session header is sent first
         sealed = [(t, device.seal(t, p)) for t, p in secret]
         acked = await asyncio.to_thread(publish_qos1, gw.port, msgs + sealed + [("plain/x", b"p")])
         assert acked == len(msgs) + len(secret) + 1

@@ -111,8 +111,9 @@ def test_every_tampering_is_reported_never_accepted(
             return sum(t.endswith("/_batch") for t, _, _ in got) >= 3 and sum(
                 "/sensors/" in t for t, _, _ in got) >= N
 
-        cap = asyncio.create_task(capture(mq.port, done, timeout=10))
-        await asyncio.sleep(0.2)
+        cap_ready = asyncio.Event()
+        cap = asyncio.create_task(capture(mq.port, done, timeout=10, ready=cap_ready))
+        await asyncio.wait_for(cap_ready.wait(), 10)  # subscribed before the first publish
         assert await asyncio.to_thread(publish_qos1, gw.port, msgs) == N
         stream = await cap
         assert done(stream), stream
