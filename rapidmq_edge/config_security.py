@@ -16,7 +16,7 @@ from .config import _choice, _err, _float, _int, _path, _Table
 __all__ = ["MANIFESTS", "SecuritySettings", "parse_security"]
 
 #: what a published batch carries besides the signed header (see docs/crypto.md)
-MANIFESTS = ("leaves", "ids")
+MANIFESTS = ("auto", "leaves", "ids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class SecuritySettings:
     batch_max_age: float = 1.0
     session_max_messages: int = 1 << 20
     session_max_age: float = 3600.0
-    manifest: Literal["leaves", "ids"] = "leaves"
+    manifest: Literal["auto", "leaves", "ids"] = "auto"
 
 
 def parse_security(data: object, base_dir: Path) -> SecuritySettings:
@@ -46,7 +46,8 @@ def parse_security(data: object, base_dir: Path) -> SecuritySettings:
         batch_max_age=t.get("batch_max_age", _float(0.01, 86400.0), 1.0),
         session_max_messages=t.get("session_max_messages", _int(1, 1 << 40), 1 << 20),
         session_max_age=t.get("session_max_age", _float(1.0, 30 * 86400.0), 3600.0),
-        manifest=cast(Literal["leaves", "ids"], t.get("manifest", _choice(*MANIFESTS), "leaves")),
+        manifest=cast(Literal["auto", "leaves", "ids"],
+                      t.get("manifest", _choice(*MANIFESTS), "auto")),
     )
 
 

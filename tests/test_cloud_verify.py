@@ -23,6 +23,7 @@ from rapidmq_edge.crypto.keys import (
     VerifierKeyring,
 )
 from rapidmq_edge.crypto.keystore import KeyStore
+from rapidmq_edge.crypto.signed_session import open_signed_session, sign_session
 from rapidmq_edge.pipeline.protect import (
     Protector,
     encode_batch_message,
@@ -70,12 +71,15 @@ def test_id_runs_round_trip_and_reject_bad_shapes() -> None:
 
 
 def _stream(
-    manifest_leaves: bool, n: int = 6
+    manifest_leaves: bool, n: int = 6, signed_session: bool = False
 ) -> tuple[list[Any], VerifierKeyring, RecipientKeyring]:
     rec, ident = RecipientKey.generate(), GatewayIdentity.generate()
     sealer = Sealer(rec.public(), GW)
     builder = BatchBuilder(ident, GW)
-    stream: list[Any] = [(f"edge/{GW}/_session", sealer.session_header, None)]
+    header = sealer.session_header
+    if signed_session:
+        header = sign_session(header, ident)
+    stream: list[Any] = [(f"edge/{GW}/_session", header, None)]
     qids = list(range(10, 10 + n))
     for q in qids:
         topic, mid = f"edge/{GW}/s/{q}", f"{GW}:{q}"
@@ -107,6 +111,109 @@ def test_ingest_verifies_both_manifests_and_reports_a_missing_message(leaves: bo
         assert len(out) == 5 and kinds == ["missing-message"]
     else:  # all or nothing: the rest is reported, never accepted
         assert out == [] and kinds == ["missing-message"] + ["unverifiable"] * 5
+
+
+def test_signed_session_lets_each_encrypted_message_verify_without_leaves() -> None:
+    """No leaves in the batch, the session header signed: a lost message costs only itself,
+    and two consumers of a shared subscription (each gets half) verify their own halves."""
+    stream, ids, recs = _stream(False, signed_session=True)
+    ing = Ingest(ids, recs, grace=1.0, chain_start=0)
+    for item in stream[:2] + stream[3:]:  # message 11 lost
+        ing.publish(*item)
+    out, reports = ing.finish()
+    assert [v.payload for v in out] == [b"v%d" % q for q in (10, 12, 13, 14, 15)]
+    assert [(r.kind, r.message_id) for r in reports] == [("missing-message", f"{GW}:11")]
+
+    got: list[bytes] = []
+    for half in (0, 1):  # session and batch reach both; the data messages alternate
+        ing = Ingest(ids, recs, grace=1.0, chain_start=0, report_missing=False)
+        data = [x for i, x in enumerate(stream[1:-1]) if i % 2 == half]
+        for item in [stream[-1], *data, stream[0]]:  # batch first, session last
+            ing.publish(*item)
+        out, reports = ing.finish()
+        assert not reports and len(out) == 3 and all(v.encrypted for v in out)
+        got += [v.payload for v in out]
+    assert sorted(got) == sorted(b"v%d" % q for q in range(10, 16))
+
+
+def test_forged_envelopes_and_sessions_are_not_accepted_without_leaves() -> None:
+    stream, ids, recs = _stream(False, signed_session=True)
+    # an attacker who knows the recipient public key makes its own (unsigned) session and
+    # replaces message 12 with its own envelope under the same id and topic
+    header, _kid = open_signed_session(stream[0][1], ids)
+    from rapidmq_edge.crypto.envelope import parse_session_header
+
+    info = parse_session_header(header)[0]
+    attacker_key = recs[info.recipient_kid].public()
+    forger = Sealer(attacker_key, GW)
+    topic, _env, mid = stream[3]
+    forged = forger.seal(b"evil", topic=topic, message_id=mid)
+    tampered = list(stream)
+    tampered[3] = (topic, forged.envelope, mid)
+    tampered.insert(1, (f"edge/{GW}/_session", forged.session_header, None))
+    ing = Ingest(ids, recs, grace=1.0, chain_start=0)
+    for item in tampered:
+        ing.publish(*item)
+    out, reports = ing.finish()
+    assert b"evil" not in [v.payload for v in out] and len(out) == 5
+    assert [(r.kind, r.message_id) for r in reports] == [("tampered", mid)]
+
+    # a session header signed by an identity the consumer does not trust: held, then
+    # reported, and its messages never verify; a flipped signature bit: tampered
+    other = sign_session(header, GatewayIdentity.generate())
+    flipped = bytearray(stream[0][1])
+    flipped[-5] ^= 1
+    for bad, kind in ((other, "wrong-key"), (bytes(flipped), "tampered")):
+        ing = Ingest(ids, recs, grace=1.0, chain_start=0)
+        for item in [(stream[0][0], bad, None), *stream[1:]]:
+            ing.publish(*item)
+        out, reports = ing.finish()
+        assert out == [] and kind in {r.kind for r in reports}
+        assert {r.kind for r in reports} <= {kind, "unverifiable"}
+
+
+@pytest.mark.parametrize("sign_only", [False, True])
+def test_auto_manifest_carries_leaves_only_for_unencrypted_messages(
+    tmp_path: Path, sign_only: bool
+) -> None:
+    """``manifest = "auto"``: encrypted messages -> ids only (~32 B/msg less); a signed-only
+    rule's messages need their leaves, so their batch carries them. Both verify."""
+    from rapidmq_edge.pipeline.protect import decode_batch_message
+
+    store = KeyStore(tmp_path / "keys")
+    store.create_identity()
+    store.create_recipient()
+    enc = ForwardRule("s/#", "c", encrypt=True, sign=True)
+    plain = ForwardRule("p/#", "c", encrypt=False, sign=True)
+    ups = [UpstreamSettings("c", ("mqtt://127.0.0.1:1",), topic_prefix="edge/gw/")]
+
+    async def run() -> list[tuple[str, bytes, str]]:
+        q = ForwardQueue(tmp_path / "forward.db", durability="normal", commit_delay=0.001)
+        prot = Protector("gw", SecuritySettings(batch_size=4, batch_max_age=3600),
+                         [enc, plain], ups, q, store.directory)
+        for i in range(4):
+            rule = plain if sign_only and i == 2 else enc
+            prot.put(rule, f"edge/gw/{'p' if rule is plain else 's'}/{i}", b"x%d" % i, 1,
+                     None, None)
+        fut = q.commit_future()
+        if fut is not None:
+            await fut
+        rows = [(m.topic, m.payload, f"gw:{m.id}") for m in q.fetch("c", 100)]
+        await q.close()
+        return rows
+
+    rows = asyncio.run(run())
+    batch = [p for t, p, _ in rows if t.endswith("_batch")]
+    assert len(batch) == 1
+    leaves = decode_batch_message(batch[0])[2]
+    assert (leaves is not None) == sign_only
+    session = [p for t, p, _ in rows if t.endswith("_session")]
+    assert len(session) == 1 and open_signed_session(session[0], store.verifier_keyring())
+    ing = Ingest(store.verifier_keyring(), store.recipient_keyring(), grace=3600)
+    for row in rows:
+        ing.publish(*row)
+    out, reports = ing.finish()
+    assert sorted(v.payload for v in out) == [b"x%d" % i for i in range(4)] and not reports
 
 
 def test_sinks_deduplicate_across_reopen(tmp_path: Path) -> None:

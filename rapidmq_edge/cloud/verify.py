@@ -2,9 +2,11 @@
 
 :class:`Ingest` is fed what arrives from the upstream broker (``publish(topic, payload,
 message_id)``) and a clock (``poll(now)``); it returns :class:`Verified` messages — each one
-covered by a batch whose ML-DSA-65 signature verified and whose leaf matches the bytes
-received — and :class:`Report` events for everything else. Nothing unverifiable is ever
-returned as verified: it is reported (tampered, unverifiable, wrong key, missing...).
+listed in a batch whose ML-DSA-65 signature verified, and either matching its signed leaf or
+(batches without leaves) authenticated by its AEAD under a session header the gateway signed,
+or hashing with the rest of its batch to the signed root — and :class:`Report` events for
+everything else. Nothing unverifiable is ever returned as verified: it is reported
+(tampered, unverifiable, wrong key, missing...).
 
 Report kinds: ``tampered`` (bytes do not match the signed leaf, AEAD fails, bad batch
 signature or manifest), ``wrong-key`` (session header / device envelope for a key not held,
@@ -36,6 +38,7 @@ from ..crypto.errors import (
 )
 from ..crypto.keys import RecipientKeyring, VerifierKeyring
 from ..crypto.merkle import MerkleTree
+from ..crypto.signed_session import is_signed_session, open_signed_session
 from ..pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, decode_batch_message, fast_leaf
 
 __all__ = ["Ingest", "Report", "Verified"]
@@ -80,6 +83,9 @@ class _Batch:
     arrived: float
     done: set[str] = field(default_factory=set)
     reported: bool = False
+    #: no leaves: leaf of each message verified by its signed session (for a root check of
+    #: the batch's other, unencrypted messages)
+    leaf_of: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,8 +205,16 @@ class Ingest:
     # -- sessions and batches ----------------------------------------------------------
 
     def _session(self, payload: bytes, t0: float | None = None) -> None:
+        signer = None
         try:
-            info = self.opener.add_session(payload)
+            header = payload
+            if is_signed_session(payload):
+                header, signer = open_signed_session(payload, self.identities)
+            info = self.opener.add_session(header, signer)
+        except UnknownKeyError as exc:
+            self._hold("session", payload, t0, f"session header signed by an untrusted "
+                       f"identity: {exc}")
+            return
         except WrongRecipientError as exc:
             self._hold("session", payload, t0, f"session header: {exc}")
             return
@@ -208,10 +222,18 @@ class Ingest:
             self._report("tampered", f"session header: {exc}")
             return
         self.counts["sessions"] += 1
+        sid = info.session_id
         for mid, (topic, data, b, _t0) in list(self._no_session.items()):
-            if _sid_of(data) == info.session_id:
+            if _sid_of(data) == sid:
                 del self._no_session[mid]
                 self._accept(topic, data, mid, b)
+        if signer is not None:  # messages of batches without leaves waited for this session
+            for mid, cands in list(self._waiting.items()):
+                seq = self._owner_any(mid).get(mid)
+                if seq is not None and _sid_of(cands[0][1]) == sid:
+                    b = self.gateways[_gw(mid)].batches[seq]
+                    if self._by_session(cands[0][0], cands[0][1], mid, b):
+                        del self._waiting[mid]
 
     def _hold(self, kind: str, payload: bytes, t0: float | None, detail: str) -> None:
         if not any(h[1] == payload for h in self._held):
@@ -254,6 +276,10 @@ class Ingest:
         for m in ids:
             gw.owner[m] = header.seq
         if leaf_list is None:
+            for m in ids:
+                cands = self._waiting.get(m)
+                if cands and self._by_session(cands[0][0], cands[0][1], m, b):
+                    del self._waiting[m]
             self._try_whole(b)
             return
         for m in ids:
@@ -300,11 +326,24 @@ class Ingest:
             self._waiting.setdefault(mid, []).append((topic, payload, self.clock()))
             return
         b = gw.batches[seq]
-        if b.leaves is None:
+        if b.leaves is not None:
+            self._try(topic, payload, mid, b)
+        elif not self._by_session(topic, payload, mid, b):
             self._waiting.setdefault(mid, []).append((topic, payload, self.clock()))
             self._try_whole(b)
-        else:
-            self._try(topic, payload, mid, b)
+
+    def _by_session(self, topic: str, payload: bytes, mid: str, b: _Batch) -> bool:
+        """A batch without leaves: an envelope of a gateway-signed session verifies on its own
+        (its AEAD authenticates it, the signed batch lists its id). False if it is not one."""
+        sid = _sid_of(payload)
+        if sid is None or not self.opener.knows_signed(sid):
+            return False
+        if mid in self.delivered:
+            self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
+            return True
+        if self._accept(topic, payload, mid, b, signed_only=True):
+            b.leaf_of[mid] = fast_leaf(mid, topic, payload)
+        return True
 
     def _try(self, topic: str, payload: bytes, mid: str, b: _Batch) -> None:
         assert b.leaves is not None
@@ -319,11 +358,16 @@ class Ingest:
         self._accept(topic, payload, mid, b)
 
     def _try_whole(self, b: _Batch) -> None:
-        """``ids`` manifest: verify once every listed message has arrived (all or nothing)."""
-        if not all(m in self._waiting for m in b.ids if m not in b.done):
+        """No leaves: the messages not verified by their session verify once every one has
+        arrived (all or nothing: the batch's leaves must hash to the signed root)."""
+        rest = [m for m in b.ids if m not in b.done]
+        if not rest or not all(m in self._waiting for m in rest):
             return
-        picks = {m: self._waiting[m][0] for m in b.ids if m not in b.done}
-        leaves = [fast_leaf(m, picks[m][0], picks[m][1]) for m in b.ids]
+        if len(b.leaf_of) < len(b.ids) - len(rest):
+            return  # some were reported tampered: the root cannot be checked
+        picks = {m: self._waiting[m][0] for m in rest}
+        leaves = [b.leaf_of[m] if m in b.leaf_of else fast_leaf(m, picks[m][0], picks[m][1])
+                  for m in b.ids]
         for m in picks:
             del self._waiting[m]
         if MerkleTree(leaves).root != b.header.root:
@@ -335,8 +379,10 @@ class Ingest:
         for m, (topic, payload, _t) in picks.items():
             self._accept(topic, payload, m, b)
 
-    def _accept(self, topic: str, payload: bytes, mid: str, b: _Batch) -> None:
-        """The bytes are the ones the gateway signed: decrypt (if sealed) and emit."""
+    def _accept(self, topic: str, payload: bytes, mid: str, b: _Batch,
+                signed_only: bool = False) -> bool:
+        """Decrypt (if sealed) and emit: the bytes are the ones the gateway signed, or with
+        ``signed_only`` their AEAD proves it (a session the gateway signed). True if emitted."""
         gw_id = b.header.gateway_id
         encrypted = False
         try:
@@ -344,9 +390,13 @@ class Ingest:
             if sid is not None:
                 if not self.opener.knows(sid):
                     self._no_session[mid] = (topic, payload, b, self.clock())
-                    return
-                payload = self.opener.open(payload, topic=topic, message_id=mid).plaintext
-                encrypted = True
+                    return False
+                opened = self.opener.open(payload, topic=topic, message_id=mid,
+                                          signed_only=signed_only)
+                if opened.gateway_id != gw_id:
+                    raise TamperedError(f"sealed in a session of gateway {opened.gateway_id!r}"
+                                        f", listed by {gw_id!r}")
+                payload, encrypted = opened.plaintext, True
             device = is_device_envelope(payload)
             if device:
                 local = _local_topic(self.prefix, gw_id, topic)
@@ -355,17 +405,20 @@ class Ingest:
                 )
         except ReplayError as exc:
             self._report("replay", str(exc), mid, gw_id, b.header.seq)
-            return
+            return False
         except WrongRecipientError as exc:
             self._report("wrong-key", str(exc), mid, gw_id, b.header.seq)
-            return
+            return False
         except (TamperedError, CryptoError) as exc:
             self._report("tampered", str(exc), mid, gw_id, b.header.seq)
-            return
+            if signed_only:
+                b.done.add(mid)  # reported: the batch's root can no longer be checked
+            return False
         b.done.add(mid)
         self.delivered.add(mid)
         self.counts["verified"] += 1
         self._out.append(Verified(mid, gw_id, topic, payload, b.header.seq, encrypted, device))
+        return True
 
     def _report(self, kind: str, detail: str, message_id: str | None = None,
                 gateway_id: str | None = None, batch: int | None = None) -> None:

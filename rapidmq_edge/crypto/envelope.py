@@ -201,6 +201,7 @@ class OpenedMessage:
     session_id: bytes
     seq: int
     gateway_id: str
+    signer: bytes | None = None  # kid that signed the session header, if it was signed
 
 
 # ----------------------------------------------------------------------------- session header
@@ -448,6 +449,7 @@ class _Session:
     keys: SessionKeys
     aead: Any
     window: _ReplayWindow = field(default_factory=lambda: _ReplayWindow(0))
+    signer: bytes | None = None  # kid of the identity that signed the header, if any
 
 
 def parse_envelope(data: bytes) -> tuple[bytes, bytes, int, bytes]:
@@ -486,13 +488,17 @@ class Opener:
         # the real one, it only adds a candidate that will never authenticate real envelopes)
         self._sessions: dict[bytes, list[_Session]] = {}
 
-    def add_session(self, header: bytes) -> SessionInfo:
+    def add_session(self, header: bytes, signer: bytes | None = None) -> SessionInfo:
         """Decrypt a session header and remember the session (idempotent).
 
-        Raises WrongRecipientError (kid not in the keyring), TamperedError / MalformedError.
+        ``signer``: kid of the gateway identity whose signature over ``header`` the caller
+        verified (:mod:`~rapidmq_edge.crypto.signed_session`); only such sessions count for
+        :meth:`open` with ``signed_only``. Raises WrongRecipientError (kid not in the
+        keyring), TamperedError / MalformedError.
         """
         for s in self._sessions.get(self._peek_sid(header), ()):
             if s.header == header:
+                s.signer = s.signer or signer
                 return s.info
         info, protected, enc, ct = parse_session_header(header)
         key = self.keyring.get(info.recipient_kid)
@@ -506,7 +512,8 @@ class Opener:
             raise MalformedError("session header: master secret must be 32 bytes")
         keys = SessionKeys.derive(secret, info.session_id)
         session = _Session(
-            info, bytes(header), keys, AESGCM(keys.key), _ReplayWindow(self.replay_window)
+            info, bytes(header), keys, AESGCM(keys.key), _ReplayWindow(self.replay_window),
+            signer,
         )
         candidates = self._sessions.setdefault(info.session_id, [])
         candidates.append(session)
@@ -526,6 +533,10 @@ class Opener:
         """True if a header for ``session_id`` was added."""
         return session_id in self._sessions
 
+    def knows_signed(self, session_id: bytes) -> bool:
+        """True if a gateway-signed header for ``session_id`` was added."""
+        return any(s.signer is not None for s in self._sessions.get(session_id, ()))
+
     def open(
         self,
         envelope: bytes,
@@ -533,10 +544,13 @@ class Opener:
         topic: str,
         message_id: str,
         session_header: bytes | None = None,
+        signed_only: bool = False,
     ) -> OpenedMessage:
         """Decrypt and authenticate an envelope (and topic, message id, gateway id); once only.
 
-        ``session_header`` may accompany the envelope; it is added first if new. Raises
+        ``session_header`` may accompany the envelope; it is added first if new. With
+        ``signed_only`` only sessions whose header a gateway signed are tried (an envelope of
+        an unsigned session with the same id is then TamperedError). Raises
         MalformedError/TamperedError, UnknownSessionError, ReplayError, WrongRecipientError.
         """
         if session_header is not None:
@@ -546,6 +560,8 @@ class Opener:
         if not candidates:
             raise UnknownSessionError(f"no session header seen for session {sid.hex()}")
         for s in candidates:
+            if signed_only and s.signer is None:
+                continue
             aad = message_aad(sid, piv, topic, s.info.gateway_id, message_id)
             try:
                 plaintext = s.aead.decrypt(s.keys.nonce(seq), ct, aad)
@@ -553,7 +569,7 @@ class Opener:
                 continue
             s.window.check(seq)  # only after authentication: forgeries cannot move the window
             s.window.accept(seq)
-            return OpenedMessage(plaintext, sid, seq, s.info.gateway_id)
+            return OpenedMessage(plaintext, sid, seq, s.info.gateway_id, s.signer)
         raise TamperedError(
             f"envelope {sid.hex()}#{seq} does not authenticate (modified ciphertext, topic, "
             "message id or gateway id)"

@@ -19,6 +19,10 @@ the queue. Decisions (docs/crypto.md, "Gateway integration"):
   ``batch_max_age`` old; the published header (``{prefix}_batch``, class 0, never
   ``drop_oldest``) is a queue row, forwarded only once committed. Its payload is
   ``[COSE_Sign1, id runs, leaves or null]`` (:func:`encode_batch_message`).
+* **Signed sessions, leaves only where needed** (``manifest = "auto"``): session headers are
+  signed by the gateway identity (:mod:`~rapidmq_edge.crypto.signed_session`), so every
+  encrypted message verifies on its own by its AEAD; a batch carries its leaves (32 B per
+  message) only when it holds a signed-but-not-encrypted message, which needs them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..crypto.envelope import MAX_SEQ, Sealer, tstr
 from ..crypto.errors import BatchError, KeyFileError, MalformedError
 from ..crypto.keys import GatewayIdentity, RecipientPublicKey
 from ..crypto.keystore import KeyStore
+from ..crypto.signed_session import sign_session
 from ..store.forward_queue import ForwardQueue, QueueFull
 
 __all__ = [
@@ -179,6 +184,7 @@ class Protector:
         self._staged: dict[int, bytes | SignedBatch] = {}
         self._open: list[bytes] = []  # leaves of the open batch
         self._open_ids = array("q")  # their queue ids
+        self._open_plain = False  # a signed-only (not encrypted) message in the open batch
         self._batch_size = settings.batch_size
         self._open_since: float | None = None
         self._keys_mtime = self._index_mtime()
@@ -243,6 +249,7 @@ class Protector:
             self._open += [blob[i:i + 32] for i in range(0, len(blob), 32)]
         if self._open:
             self._open_since = self.clock()
+            self._open_plain = True  # not known what they were: publish their leaves
             log.info("batch chain: %d pending leaves carried over", len(self._open))
         return builder
 
@@ -272,11 +279,16 @@ class Protector:
                 # a new session: its header goes first (taking this id), then seal again
                 # under the next id (the first sequence number is simply skipped)
                 self._queued_header[up] = sealer.header
-                queue.put(up, 0, self.prefix[up] + SESSION_SUFFIX, sealer.header, 1)
+                header = sealer.header
+                if self.builder is not None:  # encrypt implies sign (validated)
+                    header = sign_session(header, self.builder.identity)
+                queue.put(up, 0, self.prefix[up] + SESSION_SUFFIX, header, 1)
                 mid = queue.next_id
                 mid_t = tstr(self._gw_colon + str(mid))
                 envelope = sealer.seal_parts(payload, tc[0], mid_t)
             payload = envelope
+        elif sign:
+            self._open_plain = True
         if sign:
             # crypto.batch.message_leaf, fused: SHA-256(0x00 || [mid, topic, SHA-256(payload)])
             leaf = _sha256(
@@ -324,7 +336,9 @@ class Protector:
         prev = (builder.next_seq, builder.prev_root)
         batch = builder.seal()
         assert batch is not None
-        payload = encode_batch_message(batch, ids, self.settings.manifest == "leaves")
+        manifest = self.settings.manifest
+        payload = encode_batch_message(
+            batch, ids, manifest == "leaves" or (manifest == "auto" and self._open_plain))
         bid = self.queue.next_id
         self._staged[bid] = batch
         try:
@@ -336,6 +350,7 @@ class Protector:
             log.warning("batch %d not queued (%s); it is retried", batch.header.seq, exc)
             return None
         self._open, self._open_ids, self._open_since = [], array("q"), None
+        self._open_plain = False
         self.sealed_batches += 1
         fut = self.queue.commit_future()
         if fut is not None:
