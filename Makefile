@@ -20,8 +20,9 @@ PYTEST_ARGS ?=
 # Only lint the source trees that exist (an empty directory is not kept by git).
 LINT_PATHS := $(wildcard rapidmq_edge tests bench firmware_sim)
 
-# Debian packages providing the external peers used by the interop tests.
-APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server
+# Debian packages providing the external peers used by the interop tests, and what builds
+# the optional C accelerator (rapidmq_edge/crypto/_fastpath.c: a compiler, OpenSSL headers).
+APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server gcc libssl-dev
 
 .PHONY: help venv system-deps run lint test bench models clean distclean
 
@@ -32,7 +33,7 @@ help:
 venv: $(STAMP)
 
 # Re-installs whenever pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py rapidmq_edge/crypto/_fastpath.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@
@@ -42,21 +43,25 @@ $(STAMP): pyproject.toml
 system-deps:
 	@missing=""; \
 	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
-	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server; do \
+	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server gcc; do \
 	    command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
 	done; \
+	test -f /usr/include/openssl/evp.h || missing="$$missing libssl-dev"; \
+	extra=""; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	    || { missing="$$missing python3-dev"; extra="python3-dev"; }; \
 	if [ -z "$$missing" ]; then \
 	    echo "system-deps: all present"; exit 0; \
 	fi; \
 	echo "system-deps: missing:$$missing"; \
 	if [ "$$(id -u)" != "0" ]; then \
 	    echo "system-deps: not root; install them with:" >&2; \
-	    echo "    sudo apt-get update && sudo apt-get install -y $(APT_PACKAGES)" >&2; \
+	    echo "    sudo apt-get update && sudo apt-get install -y $(APT_PACKAGES) $$extra" >&2; \
 	    exit 1; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q || { sleep 5; apt-get update -q; }; \
-	apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	apt-get install -y -q --no-install-recommends $(APT_PACKAGES) $$extra; \
 	for s in mosquitto nats-server; do \
 	    if command -v service >/dev/null 2>&1 && service $$s status >/dev/null 2>&1; then \
 	        echo "system-deps: stopping system $$s service"; \

@@ -6,14 +6,16 @@ side and verify side, per message), and the two backends' ML-DSA-65 sign/verify.
 
 Forwarding path (bench/crypto_forwarding.py): ``gateway_path`` = the gateway's real protected
 put (``pipeline.protect.Protector``: envelope at enqueue, leaf, batch signing, chain rows in the
-queue transaction) minus plain ``ForwardQueue.put``, process CPU per message and bytes per
-message at N = 1/64/256/1024 (and ``manifest = "ids"`` at 1024), plus the cloud consumer's cost,
-the primitives' floor and ``put_glue_at_N1024`` (event-loop thread: security = floor + glue);
+queue transaction) minus plain ``ForwardQueue.put``, process CPU per message (min of
+``--cpu-rounds`` alternating runs each) and bytes per message at N = 1/64/256/1024 with the
+default ``manifest = "auto"`` (and ``"leaves"`` at 1024), the same at 1024 with the C
+accelerator vs pure Python (``RAPIDMQ_EDGE_PURE_PYTHON=1``), the cloud consumer's cost, the
+primitives' floor and ``put_glue_at_N1024`` (event-loop thread: security = floor + glue);
 ``forwarding_throughput`` = devices -> gateway -> Mosquitto msg/s with ``encrypt = sign = true``
 vs off, alternating runs.
 
     .venv/bin/python bench/crypto_overhead.py [--payload 256] [--messages 20000] [--quick]
-        [--throughput-messages 20000] [--rounds 2] [--skip-throughput]
+        [--throughput-messages 20000] [--rounds 2] [--cpu-rounds 5] [--skip-throughput]
 """
 
 from __future__ import annotations
@@ -190,6 +192,8 @@ def main() -> int:
     ap.add_argument("--throughput-messages", type=int,
                     help="per end-to-end run (20000; quick 5000)")
     ap.add_argument("--rounds", type=int, default=2, help="end-to-end runs per mode (2)")
+    ap.add_argument("--cpu-rounds", type=int, default=5,
+                    help="gateway CPU runs per mode and batch size, min taken (5)")
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     n = 2000 if args.quick else args.messages
@@ -197,7 +201,8 @@ def main() -> int:
     result = bench(args.payload, n)
     from crypto_forwarding import forwarding_throughput, gateway_path
 
-    result["gateway_path"] = gateway_path(args.payload, 4096 if args.quick else 16384)
+    result["gateway_path"] = gateway_path(args.payload, 4096 if args.quick else 16384,
+                                          2 if args.quick else args.cpu_rounds)
     if not args.skip_throughput:
         result["forwarding_throughput"] = forwarding_throughput(
             args.throughput_messages or (5000 if args.quick else 20000), args.rounds)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import cbor2
 
-from . import cose
+from . import accel, cose
 from .errors import MalformedError, SignatureError, UnknownKeyError
 from .keys import KID_SIZE, GatewayIdentity, VerifierKeyring
 from .merkle import HASH_SIZE, MerkleTree, leaf_hash
@@ -147,7 +148,12 @@ class SignedBatch:
     header: BatchHeader
     signed: bytes
     leaves: tuple[bytes, ...]
-    tree: MerkleTree = field(repr=False, compare=False)
+
+    @cached_property
+    def tree(self) -> MerkleTree:
+        """The Merkle tree over :attr:`leaves` (built on first use: sealing needs only the
+        root)."""
+        return MerkleTree(self.leaves)
 
     def proof(self, index: int) -> list[bytes]:
         """Inclusion proof of leaf ``index`` (verify with merkle.verify_inclusion)."""
@@ -207,22 +213,20 @@ class BatchBuilder:
         """Sign the open batch (None if empty) and start the next one, chained to it."""
         if not self._leaves:
             return None
-        tree = MerkleTree(self._leaves)
+        root = accel.merkle_root(b"".join(self._leaves))
         header = BatchHeader(
             gateway_id=self.gateway_id,
             seq=self.next_seq,
             prev_root=self.prev_root,
             count=len(self._leaves),
-            root=tree.root,
+            root=root,
             first_id=self._first or "",
             last_id=self._last,
             time_ms=int(self._clock() * 1000),
         )
-        batch = SignedBatch(
-            header, sign_batch_header(header, self.identity), tuple(self._leaves), tree
-        )
+        batch = SignedBatch(header, sign_batch_header(header, self.identity), tuple(self._leaves))
         self.next_seq += 1
-        self.prev_root = tree.root
+        self.prev_root = root
         self._leaves, self._first, self._last = [], None, ""
         return batch
 

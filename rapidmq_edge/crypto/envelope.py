@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import cose
+from . import accel, cose
 from .errors import (
     MalformedError,
     ReplayError,
@@ -287,6 +287,7 @@ class Sealer:
         self._rand = randbytes
         self._keys: SessionKeys | None = None
         self._aead: AESGCM | None = None
+        self._fast: Any = None  # accel GcmSealer of the session key, when built
         self._header = b""
         self._gw_t = tstr(gateway_id)
         self._civ = 0  # common IV as an integer (nonce = civ XOR seq)
@@ -312,6 +313,11 @@ class Sealer:
         self._civ = int.from_bytes(self._keys.common_iv, "big")
         self._ext_head = _EXT_HEAD + info.session_id
         self._env_head = _ENV_PREFIX + info.session_id + b"\x06"
+        self._fast = (
+            accel.FASTPATH.GcmSealer(
+                self._keys.key, self._keys.common_iv, self._ext_head, self._env_head)
+            if accel.FASTPATH is not None else None
+        )
         self._created = created
         self._seq = 0
         self.sessions_started += 1
@@ -372,7 +378,16 @@ class Sealer:
 
     def seal_parts(self, plaintext: bytes, topic_gw_t: bytes, message_id_t: bytes) -> bytes:
         """:meth:`seal_raw` with ``topic_gw_t`` = CBOR topic || CBOR gateway id (cacheable per
-        topic, :meth:`topic_gw_tstr`): one join builds the AAD, one the envelope."""
+        topic, :meth:`topic_gw_tstr`)."""
+        return self.seal_leaf(plaintext, topic_gw_t, message_id_t, None)[0]
+
+    def seal_leaf(
+        self, plaintext: bytes, topic_gw_t: bytes, message_id_t: bytes,
+        leaf_prefix: bytes | None,
+    ) -> tuple[bytes, bytes | None]:
+        """:meth:`seal_parts` and, with ``leaf_prefix``, the leaf hash of the envelope:
+        ``SHA-256(leaf_prefix || SHA-256(envelope))`` (:func:`accel.leaf`), in one call to the
+        C accelerator when it is built."""
         seq = self._seq
         if (
             self._keys is None or seq >= self.max_messages
@@ -381,26 +396,27 @@ class Sealer:
             self._new_session()
             seq = 0
         self._seq = seq + 1
+        if self._fast is not None:  # the same bytes, built in C (crypto/_fastpath.c)
+            return self._fast.seal(  # type: ignore[no-any-return]
+                seq, plaintext, topic_gw_t, message_id_t, leaf_prefix)
         piv_b = (
             _PIV_BSTR[seq] if seq < 256
             else (0x420000 | seq).to_bytes(3, "big") if seq < 65536 else _piv_bstr(seq)
         )
         n = _EXT_HEAD_LEN + len(piv_b) + len(topic_gw_t) + len(message_id_t)
-        ct = self._aead.encrypt(  # type: ignore[union-attr]
-            (self._civ ^ seq).to_bytes(NONCE_SIZE, "big"),
-            plaintext,
-            b"".join((
-                _AAD_HEADS[n] if n < 256 else _ENC0_PREFIX + _bstr_head(n),
-                self._ext_head, piv_b, topic_gw_t, message_id_t,
-            )),
-        )
-        n = len(ct)
-        return b"".join((
+        nonce = (self._civ ^ seq).to_bytes(NONCE_SIZE, "big")
+        aad = b"".join((
+            _AAD_HEADS[n] if n < 256 else _ENC0_PREFIX + _bstr_head(n),
+            self._ext_head, piv_b, topic_gw_t, message_id_t,
+        ))
+        n = len(plaintext) + 16  # ciphertext || tag
+        head = b"".join((
             self._env_head, piv_b,
             _BSTR_HEADS[n] if n < 256 else (0x590000 | n).to_bytes(3, "big") if n < 65536
             else _bstr_head(n),
-            ct,
         ))
+        envelope = head + self._aead.encrypt(nonce, plaintext, aad)  # type: ignore[union-attr]
+        return envelope, None if leaf_prefix is None else accel.leaf(leaf_prefix, envelope)
 
     def topic_gw_tstr(self, topic: str) -> bytes:
         """CBOR ``topic`` followed by CBOR gateway id (the AAD part fixed per topic)."""

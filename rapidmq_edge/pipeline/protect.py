@@ -28,7 +28,6 @@ the queue. Decisions (docs/crypto.md, "Gateway integration"):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sqlite3
@@ -42,6 +41,7 @@ import cbor2
 
 from ..config_forward import ForwardRule, UpstreamSettings
 from ..config_security import SecuritySettings
+from ..crypto import accel
 from ..crypto.batch import GENESIS_ROOT, BatchBuilder, SignedBatch, parse_signed_header
 from ..crypto.batchlog import _SCHEMA as CHAIN_SCHEMA
 from ..crypto.envelope import MAX_SEQ, Sealer, tstr
@@ -67,13 +67,11 @@ log = logging.getLogger(__name__)
 SESSION_SUFFIX = "_session"
 BATCH_SUFFIX = "_batch"
 PASSPHRASE_ENV = "RAPIDMQ_KEY_PASSPHRASE"
-_sha256 = hashlib.sha256
 
 
 def fast_leaf(message_id: str, topic: str, payload: bytes) -> bytes:
     """``crypto.batch.message_leaf`` without the generic CBOR encoder (same bytes; tested)."""
-    data = b"\x00\x83" + tstr(message_id) + tstr(topic) + b"\x58\x20"
-    return _sha256(data + _sha256(payload).digest()).digest()
+    return accel.leaf(b"\x00\x83" + tstr(message_id) + tstr(topic) + b"\x58\x20", payload)
 
 
 def id_runs(seqs: Sequence[int]) -> list[int]:
@@ -273,8 +271,11 @@ class Protector:
         digits = b"%d" % mid
         mid_t = self._mid_pre[len(digits)] + digits  # == tstr(f"{gateway}:{mid}")
         tc = self._topics.get(topic) or self._topic_parts(topic)
+        # leaf = crypto.batch.message_leaf, fused: SHA-256(0x00 || [mid, topic, SHA-256(payload)])
+        prefix = b"".join((b"\x00\x83", mid_t, tc[1])) if sign else None
         if sealer is not None:
-            envelope = sealer.seal_parts(payload, tc[0], mid_t)  # renews the session when due
+            # seals, renews the session when due, and hashes the envelope into its leaf
+            payload_out, leaf = sealer.seal_leaf(payload, tc[0], mid_t, prefix)
             if sealer.header is not self._queued_header.get(up):
                 # a new session: its header goes first (taking this id), then seal again
                 # under the next id (the first sequence number is simply skipped)
@@ -285,19 +286,17 @@ class Protector:
                 queue.put(up, 0, self.prefix[up] + SESSION_SUFFIX, header, 1)
                 mid = queue.next_id
                 mid_t = tstr(self._gw_colon + str(mid))
-                envelope = sealer.seal_parts(payload, tc[0], mid_t)
-            payload = envelope
-        elif sign:
+                prefix = b"".join((b"\x00\x83", mid_t, tc[1])) if sign else None
+                payload_out, leaf = sealer.seal_leaf(payload, tc[0], mid_t, prefix)
+            payload = payload_out
+        elif prefix is not None:
             self._open_plain = True
-        if sign:
-            # crypto.batch.message_leaf, fused: SHA-256(0x00 || [mid, topic, SHA-256(payload)])
-            leaf = _sha256(
-                b"".join((b"\x00\x83", mid_t, tc[1], _sha256(payload).digest()))
-            ).digest()
+            leaf = accel.leaf(prefix, payload)
         got = queue.put(up, priority, topic, payload, qos, properties, ttl)
         if got != mid:  # pragma: no cover - the queue assigns ids in order
             raise RuntimeError(f"queue id {got} != expected {mid}")
         if sign:
+            assert leaf is not None  # sign: a prefix was given
             self._staged[mid] = leaf
             opened = self._open
             opened.append(leaf)
