@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,15 @@ def test_round_trip_encrypted_signed_and_device_e2e(
     assert any(t.endswith("/_batch") for t, _, _ in wire)
     assert any(t.endswith("/_session") for t, _, _ in wire)
     assert all(mid and mid.startswith(f"{GW}:") for t, _, mid in wire if "/sensors/" in t)
+    # the operator sees the batch chain and which code path protects the messages
+    deadline, text = time.monotonic() + 15, ""
+    while time.monotonic() < deadline and "batches signed" not in text:
+        time.sleep(0.3)
+        text = subprocess.run(
+            [sys.executable, "-m", "rapidmq_edge", "status", "--data-dir", str(gw.data_dir)],
+            capture_output=True, text=True, timeout=20).stdout
+    assert "  post-quantum: " in text and "batches signed" in text, text
+    assert "(c path)" in text, text  # make test builds the C accelerator
     gw.stop()
     res = _audit(gw.data_dir, keys.trust)
     assert res.returncode == 0, res.stdout + res.stderr

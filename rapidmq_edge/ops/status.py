@@ -73,6 +73,13 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
     )
     if fwd.get("forecast"):
         lines.append(f"  forecast: {fwd['forecast']['text']}")
+    prot = fwd.get("protection")
+    if prot:
+        lines.append(
+            f"  post-quantum: {prot['sealed_batches']} batches signed, {prot['open_leaves']} "
+            f"messages in the open batch, sessions {prot['sessions'] or 'none'} "
+            f"({prot.get('accelerator', 'python')} path)"
+        )
     for name, up in fwd["upstreams"].items():
         state = f"connected to {up['current_url']}" if up["connected"] else "DISCONNECTED"
         hb = up.get("last_heartbeat")

@@ -459,6 +459,7 @@ class Protector:
             "open_leaves": len(self._open),
             "next_batch_seq": self.builder.next_seq if self.builder else None,
             "sessions": {up: s.sessions_started for up, s in self.sealers.items()},
+            "accelerator": "c" if accel.FASTPATH is not None else "python",
         }
 
 

@@ -206,6 +206,7 @@ class StoreAndForward:
             "refused": self.forwarder.refused,
             "forwarded": self.forwarder.forwarded,
             "forecast": forecast["queue"],
+            **({"protection": self.protect.status()} if self.protect is not None else {}),
         }
 
     def _forecast(self, stats: dict[str, Any], now: float) -> dict[str, Any]:
