@@ -3,7 +3,8 @@
 Fixed seeds make keys, key ids, the session key schedule, nonces, per-message envelopes, Merkle
 leaves/roots/proofs and batch header payloads deterministic. HPKE encapsulation and ML-DSA
 signing are randomised by the libraries (no way to fix them through ``cryptography``'s API), so
-the session header, device envelope and batch signature are *recorded* values: check them in
+the session header (and its signed form), device envelope and batch signature are *recorded*
+values: check them in
 the open/verify direction. ``check(vectors)`` re-derives and verifies everything.
 
 Usage: ``python -m rapidmq_edge.crypto.vectors [--update-doc docs/crypto.md]``.
@@ -25,6 +26,7 @@ from .e2e import device_context, open_device_message, seal_for_recipient
 from .envelope import Opener, Sealer, SessionKeys, _piv, message_aad
 from .keys import GatewayIdentity, RecipientKey, RecipientKeyring, VerifierKeyring
 from .merkle import MerkleTree, verify_inclusion
+from .signed_session import open_signed_session, sign_session
 
 __all__ = ["check", "generate"]
 
@@ -119,6 +121,7 @@ def generate() -> dict[str, Any]:
         rec.public(), GATEWAY, clock=lambda: float(CREATED), randbytes=lambda n: next(rand)
     )
     v["session"]["header"] = sealer.session_header.hex()
+    v["session"]["signed"] = sign_session(sealer.session_header, ident).hex()
     header = BatchHeader.decode(bytes.fromhex(v["batch"]["payload"]))
     v["batch"]["signed"] = sign_batch_header(header, ident).hex()
     ctx = device_context("sensor-7", "plant/line1/temp")
@@ -151,6 +154,10 @@ def check(v: dict[str, Any]) -> None:
         info.session_id.hex() == v["session"]["session_id"]
         and info.gateway_id == v["session"]["gateway_id"]
     )
+    # the header as published: signed by the identity (external AAD "rmq-session/1")
+    inner, kid = open_signed_session(bytes.fromhex(v["session"]["signed"]),
+                                     VerifierKeyring([ident.public()]))
+    assert inner.hex() == v["session"]["header"] and kid == ident.kid
     for m in v["messages"]:
         got = opener.open(
             bytes.fromhex(m["envelope"]), topic=m["topic"], message_id=m["message_id"]
