@@ -1,15 +1,19 @@
 """One client's MQTT connection: packets in, broker calls, packets out.
 
 Transport-agnostic: the listener hands it a :class:`Transport` (TCP, TLS or WebSocket)
-and feeds it bytes. The codec underneath is sans-I/O; this class owns the protocol rules
-that need connection state (CONNECT first, topic aliases, flow control, keep-alive).
+and feeds it bytes. The codec underneath is sans-I/O; :class:`ClientConnection` owns the
+protocol rules that need connection state, split by concern:
+
+* :mod:`.connect_handshake`: CONNECT to CONNACK (refusal, authentication, session terms);
+* :mod:`.flow_control`: acks ordered behind commits, publish rate, backpressure;
+* this module: packet dispatch, PUBLISH in (topic aliases, authorisation), deliveries out,
+  SUBSCRIBE/UNSUBSCRIBE, keep-alive, DISCONNECT and closing, output buffering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +36,6 @@ from ..mqtt.packets import (
     SUBSCRIBE,
     UNSUBSCRIBE,
     Connack,
-    Connect,
     Disconnect,
     Packet,
     Pingresp,
@@ -49,20 +52,15 @@ from ..mqtt.packets import (
 from ..mqtt.properties import encode_properties
 from ..mqtt.topics import valid_subscription_filter
 from .broker import Broker
+from .connect_handshake import ConnectHandshake, Gatekeeper
+from .flow_control import Ack, FlowControl
 from .message import Delivery, Message, PublishRefused
-from .negotiation import ConnectionSettings, negotiate
+from .negotiation import ConnectionSettings
 from .session import Session
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
-REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
-PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
 LINGER = 1.0  # longest a connection stays half-closed after a DISCONNECT with a reason
-
-
-#: an acknowledgement, the commit it waits for, what to do once it is sent
-Ack = tuple[Packet, asyncio.Future[None] | None, Callable[[], None] | None]
 
 
 class Transport(Protocol):
@@ -75,20 +73,7 @@ class Transport(Protocol):
     def resume_reading(self) -> None: ...
 
 
-class Gatekeeper(Protocol):
-    """Authentication and authorisation, as configured."""
-
-    def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
-        """0 or a CONNACK reason code when known without hashing; None otherwise."""
-
-    async def authenticate(self, username: str | None, password: bytes | None) -> int:
-        """0 or a CONNACK reason code (may hash the password in a thread)."""
-
-    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
-    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
-
-
-class ClientConnection:
+class ClientConnection(ConnectHandshake, FlowControl):
     """Server side of one network connection."""
 
     def __init__(
@@ -145,18 +130,8 @@ class ClientConnection:
         # Backpressure: a publisher whose messages went to a subscriber with a full socket
         # stops being read until that subscriber drains (or PRESSURE_TIMEOUT passes).
         self.write_paused = False
-        self._pressure_waiters: set[ClientConnection] = set()
+        self._pressure_waiters: set[FlowControl] = set()
         self._pressure: asyncio.TimerHandle | None = None
-
-    def refuse_connect(self, reason: int) -> None:
-        """Answer the CONNECT with a CONNACK carrying ``reason`` (e.g. connection rate
-        exceeded), then close; without a CONNECT soon, close without one."""
-        self._connect_refusal = reason
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = self.loop.call_later(
-                min(REFUSED_CONNECT_WAIT, self.settings.connect_timeout), self._keep_alive_check
-            )
 
     # -- bytes in ------------------------------------------------------------------
 
@@ -225,124 +200,6 @@ class ClientConnection:
             self.close(send_will=True)
             return
         self.disconnect(exc.reason_code, str(exc))
-
-    # -- CONNECT -------------------------------------------------------------------
-
-    def _refuse(self, reason: int) -> None:
-        if self.v5:
-            self._write(encode(Connack(False, reason), MQTT_5))
-        else:
-            self._write(bytes((0x20, 0x02, 0x00, rc.v311_connack_code(reason))))
-        self.close(send_will=False)
-
-    def _on_connect(self, p: Connect) -> None:
-        s = self.settings
-        broker = self.broker
-        self.version = p.protocol_level
-        self.v5 = v5 = p.protocol_level == MQTT_5
-        props = p.properties
-        if self._connect_refusal:
-            return self._refuse(self._connect_refusal)
-        if self.watch is not None and (banned := self.watch.admit(p.client_id)):
-            return self._refuse(banned)
-        if "authentication_method" in props:
-            return self._refuse(rc.BAD_AUTHENTICATION_METHOD)
-        if broker.stats.clients_connected >= s.max_connections:
-            return self._refuse(rc.QUOTA_EXCEEDED if v5 else rc.SERVER_UNAVAILABLE)
-        client_id = p.client_id
-        assigned = False
-        if not client_id:
-            if not v5 and not p.clean_start:
-                return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
-            client_id = broker.assign_client_id()
-            assigned = True
-        reason = self.gate.quick_authenticate(p.username, p.password)
-        if reason is None:  # a password hash to check: off the event loop
-            self._held = []
-            self.transport.pause_reading()
-            task = self.loop.create_task(self.gate.authenticate(p.username, p.password))
-            task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned))
-            return
-        self._accept(p, client_id, assigned, reason)
-
-    def _authenticated(
-        self, task: asyncio.Task[int], p: Connect, client_id: str, assigned: bool
-    ) -> None:
-        held, self._held = self._held or [], None
-        if self.closed:
-            return
-        try:
-            reason = task.result()
-        except Exception:  # pragma: no cover - a broken users file must not kill the loop
-            log.exception("authentication failed")
-            reason = rc.SERVER_UNAVAILABLE
-        self._accept(p, client_id, assigned, reason)
-        for packet in held:
-            if self.closed:
-                return
-            try:
-                self._dispatch(packet)
-            except MqttError as exc:
-                self._protocol_failure(exc)
-                return
-        if not self.closed:
-            self.transport.resume_reading()
-
-    def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
-        s = self.settings
-        broker = self.broker
-        if self.watch is not None:
-            self.watch.connected(self, client_id, p.username, reason)
-        if reason:
-            log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
-            return self._refuse(reason)
-        terms = negotiate(p, s, client_id if assigned else None)
-        if isinstance(terms, int):
-            return self._refuse(terms)
-        self.send_quota = terms.send_quota
-        self.max_out_size = terms.max_out_size
-        self.alias_max_out = terms.alias_max_out
-        self.client_id = client_id
-        self.username = p.username
-        self.keep_alive = ka = terms.keep_alive
-        session, present = broker.open_session(
-            self, client_id, p.clean_start, terms.session_expiry, p.protocol_level, p.username
-        )
-        self.session = session
-        ack_props = terms.connack_properties
-        connack = encode(Connack(present, 0, ack_props), self.version)
-        fut = None
-        if session.persistent and session.store is not None:
-            fut = session.store.commit_future()  # the session row (Session Present holds)
-        if fut is None:
-            self._write(connack)
-        else:  # everything written until then (resends, acks, ...) waits behind it
-            self._connack = connack
-            fut.add_done_callback(self._connack_committed)
-        session.will = p.will
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = None
-        if ka:
-            self._ka_timer = self.loop.call_later(ka * 1.5, self._keep_alive_check)
-        if present:
-            session.resend_inflight()
-        session.pump()
-        log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
-
-    def _connack_committed(self, fut: asyncio.Future[None]) -> None:
-        connack, self._connack = self._connack, None
-        if connack is None or self.closed:
-            return
-        if fut.cancelled() or fut.exception() is not None:
-            # the session is not stored: refuse rather than promise it (the store retries)
-            self._out.clear()
-            self._flush_scheduled = False
-            log.warning("client %s refused: its session could not be stored", self.client_id)
-            self._refuse(rc.SERVER_UNAVAILABLE)
-            return
-        self._out.insert(0, connack)
-        self._flush()
 
     # -- PUBLISH in ----------------------------------------------------------------
 
@@ -438,58 +295,6 @@ class ClientConnection:
                 fut = self.broker.commit_future()  # every durable store, this one included
         self._queue_ack(Pubrec(p.packet_id, code), fut)
 
-    def _queue_ack(
-        self, ack: Packet, fut: asyncio.Future[None] | None,
-        then: Callable[[], None] | None = None,
-    ) -> None:
-        """Send acknowledgements in order, each only after its data is committed;
-        ``then`` runs right after ``ack`` is written (not when it is withheld)."""
-        if fut is None and not self._acks:
-            self._write(encode(ack, self.version))
-            if then is not None:
-                then()
-            return
-        if ack.type == PUBACK:
-            self._inbound_unacked += 1
-        acks = self._acks
-        # Acks waiting for the same (shared, group commit) future need one callback: it
-        # drains them all, in order, when the commit is done.
-        if fut is not None and not (acks and acks[-1][1] is fut):
-            fut.add_done_callback(self._drain_acks)
-        acks.append((ack, fut, then))
-
-    def _drain_acks(self, _f: object = None) -> None:
-        acks = self._acks
-        while acks:
-            ack, fut, then = acks[0]
-            if fut is not None and not fut.done():
-                break
-            acks.popleft()
-            if ack.type == PUBACK:
-                self._inbound_unacked -= 1
-            if self.closed:
-                continue
-            if fut is not None and (fut.cancelled() or fut.exception() is not None):
-                # Not stored: never acknowledge. 5.0 says why; 3.1.1 withholds the ack.
-                if self.v5 and ack.type in (PUBACK, PUBREC):
-                    ack.reason_code = rc.QUOTA_EXCEEDED  # type: ignore[union-attr]
-                    session = self.session
-                    if ack.type == PUBREC and session is not None:
-                        pid = ack.packet_id  # type: ignore[union-attr]
-                        session.inbound_qos2.discard(pid)
-                        if session.persistent and session.store is not None:
-                            # the retried batch must not bring the refused id back
-                            session.store.delete_inbound_qos2(session.client_id, pid)
-                else:
-                    continue
-            self._write(encode(ack, self.version))
-            if then is not None:
-                then()
-        if self._ack_backlog and self._inbound_unacked < self.settings.receive_maximum:
-            self._ack_backlog = False
-            if not self.closed and not self._paused:
-                self.transport.resume_reading()
-
     def _on_pubrel(self, p: Pubrel) -> None:
         session = self.session
         assert session is not None
@@ -504,46 +309,6 @@ class ClientConnection:
         else:
             code = rc.PACKET_IDENTIFIER_NOT_FOUND if self.v5 else 0
             self._queue_ack(Pubcomp(p.packet_id, code), None)
-
-    def limit_rate(self, rate: float) -> None:
-        """Limit this client's PUBLISH rate to ``rate`` per second from now on (a token
-        bucket: reading pauses while it is empty); a lower configured limit stays."""
-        if self.publish_rate and self.publish_rate <= rate:
-            return
-        self.publish_rate = rate
-        self.publish_burst = max(1.0, float(math.ceil(rate)))
-        self._tokens = min(self._tokens, self.publish_burst)
-        self._token_time = self.loop.time()
-
-    def _throttle(self) -> None:
-        rate = self.publish_rate
-        now = self.loop.time()
-        self._tokens = min(self.publish_burst, self._tokens + (now - self._token_time) * rate)
-        self._token_time = now
-        self._tokens -= 1
-        if self._tokens < 0 and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-            if self._held is None:  # the rest of the bytes already read waits as well
-                self._held = []
-            self.loop.call_later(-self._tokens / rate, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self._paused = False
-        held, self._held = self._held or [], None
-        for i, packet in enumerate(held):
-            if self.closed:
-                return
-            if self._held is not None:  # throttled again: the rest waits for the next turn
-                self._held.extend(held[i:])
-                return
-            try:
-                self._dispatch(packet)
-            except MqttError as exc:
-                self._protocol_failure(exc)
-                return
-        if not self.closed and not self._ack_backlog:
-            self.transport.resume_reading()
 
     # -- deliveries out ------------------------------------------------------------
 
@@ -597,38 +362,6 @@ class ClientConnection:
     def send_pubrel(self, packet_id: int) -> None:
         """Write a PUBREL (QoS 2, second phase)."""
         self._write(encode(Pubrel(packet_id), self.version))
-
-    def pause_writing(self) -> None:
-        """The socket's write buffer is above its high-water mark."""
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        """The socket drained: let publishers waiting on this client go on."""
-        self.write_paused = False
-        waiters, self._pressure_waiters = self._pressure_waiters, set()
-        for w in waiters:
-            w._release_pressure()
-
-    def _wait_for_subscribers(self, blocked: list[ClientConnection]) -> None:
-        for link in blocked:
-            if link is not self:
-                link._pressure_waiters.add(self)
-        blocked.clear()
-        if self._pressure is None and not self.closed:
-            self.transport.pause_reading()
-            self._pressure = self.loop.call_later(PRESSURE_TIMEOUT, self._release_pressure)
-
-    def _release_pressure(self) -> None:
-        if self._pressure is None:
-            return
-        self._pressure.cancel()
-        self._pressure = None
-        if not self.closed and not self._paused and not self._ack_backlog:
-            self.transport.resume_reading()
-
-    def congested(self) -> bool:
-        """True when this client's outgoing buffer is over the high-water mark."""
-        return self.transport.get_write_buffer_size() > HIGH_WATER
 
     def _on_complete(self, pid: int) -> None:
         session = self.session

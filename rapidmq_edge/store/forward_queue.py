@@ -1,20 +1,16 @@
 """Durable store-and-forward queue for upstream forwarding (SQLite, WAL, group commit).
 
-``put()`` assigns a sequence id at once; rows accumulate for at most ``commit_delay``
-seconds and one writer thread writes them in one transaction. ``commit_future()``
-resolves when everything put so far is committed: only then may the device get its
-PUBACK. A failed commit fails that future and forgets the failed rows (nothing that was
-not stored is counted or acknowledged). Only committed rows are handed out by ``fetch()``,
-so an id forwarded upstream always names a stored message; rows are deleted only after
-the upstream's ``ack()``. Deletes ride along with the next group of puts (or wait at
-most ``DELETE_DELAY``); nothing waits for them, and one lost in a crash only means the
-same id is sent again. Each group is a few multi-row statements, so the writer thread
-needs the GIL (held by a busy event loop) only a few times per commit.
+``put()`` assigns a sequence id at once and the row is group-committed (:mod:`.queue_writer`:
+``commit_future()`` resolves when everything put so far is committed, and only then may the
+device get its PUBACK). Only committed rows are handed out by ``fetch()``, so an id
+forwarded upstream always names a stored message; rows are deleted only after the
+upstream's ``ack()``. Puts are checked against per-class and queue-wide bounds
+(:mod:`.queue_bounds`: drop oldest or refuse new).
 
 An in-memory index (per upstream and priority class: ids, sizes, timestamps in compact
-arrays) is loaded at open; payloads of recent puts stay in a small cache and everything
-else is read from SQLite in batches by id. A damaged file is moved aside, never deleted,
-and its readable rows are salvaged into a fresh database.
+arrays, :mod:`.lanes`) is loaded at open; payloads of recent puts stay in a small cache and
+everything else is read from SQLite in batches by id. A damaged file is moved aside, never
+deleted, and its readable rows are salvaged into a fresh database (:mod:`.salvage`).
 """
 
 from __future__ import annotations
@@ -29,72 +25,31 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from itertools import chain
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBLISH
 from ..mqtt.properties import decode_properties, encode_properties
 from .lanes import Entry, Lane
+from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds, QueueFull
+from .queue_writer import COLUMNS, DELETE_DELAY, INSERT, SCHEMA, QueueError, QueueWriter, Row
 from .salvage import read_salvageable
 from .sqlite_files import is_corrupt, move_aside
 
+__all__ = [
+    "DEFAULT_CLASSES", "DELETE_DELAY", "PRIORITIES", "ClassLimits", "ForwardQueue", "Policy",
+    "QueueError", "QueueFull", "QueuedMessage", "Row",
+]
+
 log = logging.getLogger(__name__)
 
-Policy = Literal["drop_oldest", "refuse_new"]
 PRIORITIES = (0, 1, 2, 3)  # 0 = alarm (drains first, newest first) .. 3 = bulk
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, priority INTEGER NOT NULL,
-    topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
-    created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL);
-"""
-_COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
-_INSERT = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _READ_CHUNK = 900  # ids per "WHERE id IN (...)"
-_INSERT_CHUNK = 1024  # rows per multi-row INSERT (10 variables each; SQLite allows 32766)
-#: longest wait of acks' and drops' deletes for a batch of puts to ride along with (s)
-DELETE_DELAY = 0.1
 _READ_SQL = "SELECT id, topic, payload, qos, props FROM messages WHERE id"
 #: id jump after a salvage that could not read the id sequence (ids are never reused)
 _ID_GAP_UNKNOWN = 1 << 32
-
-# row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
-Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
-
-
-class QueueError(Exception):
-    """The queue could not store something (for example: the disk is full)."""
-
-
-class QueueFull(QueueError):
-    """A put was refused by a bound; ``reason`` says which."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class ClassLimits:
-    """Bounds of one priority class, per upstream (0 = unlimited).
-
-    ``max_age`` (s): a ``drop_oldest`` class drops messages older than this; a
-    ``refuse_new`` class refuses new ones while its oldest unacked message is older.
-    """
-
-    max_messages: int = 0
-    max_bytes: int = 0
-    max_age: float = 0
-    policy: Policy = "drop_oldest"
-
-
-DEFAULT_CLASSES: dict[int, ClassLimits] = {
-    0: ClassLimits(policy="refuse_new"), 1: ClassLimits(), 2: ClassLimits(), 3: ClassLimits(),
-}
 
 
 @dataclass(slots=True)
@@ -125,7 +80,7 @@ def _props_from(blob: bytes) -> dict[str, Any]:
 # -- the queue -----------------------------------------------------------------------
 
 
-class ForwardQueue:
+class ForwardQueue(QueueBounds, QueueWriter):
     """Durable, bounded, prioritised per-upstream queue; all methods run on the event loop."""
 
     def __init__(
@@ -235,11 +190,11 @@ class ForwardQueue:
 
     def _salvage(self, src: Path, db: sqlite3.Connection) -> None:
         """Copy every readable row of the damaged ``src`` into ``db`` (row by row)."""
-        found = read_salvageable(src, _COLUMNS, PRIORITIES)
+        found = read_salvageable(src, COLUMNS, PRIORITIES)
         if found.rows:
             with self._lock:
                 db.execute("BEGIN")
-                db.executemany(_INSERT, found.rows)
+                db.executemany(INSERT, found.rows)
                 db.execute("COMMIT")
         copied, bad, seq, top = len(found.rows), found.bad, found.seq, found.top
         next_seq = max(seq, top) if seq is not None else top + _ID_GAP_UNKNOWN
@@ -303,76 +258,6 @@ class ForwardQueue:
         self._pending_bytes += size
         self._schedule()
         return mid
-
-    def _refuse(self, reason: str) -> QueueFull:
-        self.drops["refused"] += 1
-        return QueueFull(reason)
-
-    def _check_class(
-        self, up: str, prio: int, lane: Lane, lim: ClassLimits, size: int, now: float,
-    ) -> None:
-        if lim.max_bytes and size > lim.max_bytes:
-            raise self._refuse(f"message of {size} B exceeds class {prio} max_bytes")
-        if self.max_bytes and size > self.max_bytes:
-            raise self._refuse(f"message of {size} B exceeds queue max_bytes")
-        if lim.policy == "drop_oldest":
-            if lim.max_age:
-                self._trim_age(up, prio, lane, now - lim.max_age)
-            while lane.msgs and (
-                (lim.max_messages and lane.msgs + 1 > lim.max_messages)
-                or (lim.max_bytes and lane.bytes + size > lim.max_bytes)
-            ):
-                self._evict_oldest(up, prio, lane)
-            return
-        if lim.max_messages and lane.msgs >= lim.max_messages:
-            raise self._refuse(f"{up}: class {prio} holds max_messages={lim.max_messages}")
-        if lim.max_bytes and lane.bytes + size > lim.max_bytes:
-            raise self._refuse(f"{up}: class {prio} holds max_bytes={lim.max_bytes}")
-        if lim.max_age:
-            oldest = lane.oldest_created()
-            if oldest is not None and now - oldest > lim.max_age:
-                raise self._refuse(f"{up}: class {prio} has messages older than max_age")
-
-    def _make_room(self, priority: int, size: int) -> None:
-        """Evict oldest messages of drop_oldest classes not above ``priority`` (least
-        important class first) until ``size`` more bytes fit, or refuse."""
-        need = self._total_bytes + size - self.max_bytes
-        evictable = [
-            (p, key, lane) for key, lane in self._lanes.items()
-            if (p := key[1]) >= priority and self.classes[p].policy == "drop_oldest"
-        ]
-        if sum(lane.bytes for _, _, lane in evictable) < need:
-            raise self._refuse(f"queue holds max_bytes={self.max_bytes}")
-        for p in sorted({p for p, _, _ in evictable}, reverse=True):
-            lanes = [(key, lane) for q, key, lane in evictable if q == p]
-            while self._total_bytes + size > self.max_bytes:
-                live = [(key, lane) for key, lane in lanes if lane.msgs]
-                if not live:
-                    break
-                key, lane = min(live, key=lambda kl: kl[1].oldest_id())
-                self._evict_oldest(key[0], key[1], lane)
-            if self._total_bytes + size <= self.max_bytes:
-                return
-
-    def _evict_oldest(self, up: str, prio: int, lane: Lane) -> None:
-        if lane.inflight and (not lane.ready or min(lane.inflight) < lane.ids[lane.h]):
-            mid = min(lane.inflight)
-            size = lane.inflight.pop(mid)[0]
-        else:
-            mid, size = lane.ids[lane.h], lane.sizes[lane.h]
-            lane.cut(lane.h, lane.h + 1)
-        lane.msgs -= 1
-        lane.bytes -= size
-        self._forget(mid, size, "dropped_oldest")
-
-    def _trim_age(self, up: str, prio: int, lane: Lane, cutoff: float) -> None:
-        """Drop ready (not in-flight) messages created before ``cutoff``."""
-        while lane.ready and lane.created[lane.h] < cutoff:
-            mid, size = lane.ids[lane.h], lane.sizes[lane.h]
-            lane.cut(lane.h, lane.h + 1)
-            lane.msgs -= 1
-            lane.bytes -= size
-            self._forget(mid, size, "dropped_oldest")
 
     def _forget(self, mid: int, size: int, reason: str) -> None:
         """Delete a message that left the index (dropped or acked); count ``reason``."""
@@ -577,173 +462,10 @@ class ForwardQueue:
             self._data_waiters[upstream] = [*waiters, fut]
             await fut
 
-    def _wake(self, upstreams: Iterable[str]) -> None:
-        for up in upstreams:
-            _resolve(self._data_waiters.pop(up, []), None)
-
     def in_flight(self, upstream: str) -> list[int]:
         """Ids handed out for ``upstream`` and not yet acked or requeued."""
         return sorted(m for (u, _), lane in self._lanes.items() if u == upstream
                       for m in lane.inflight)
-
-    # -- committing ------------------------------------------------------------------
-
-    def _schedule(self) -> None:
-        """Arm the group commit for a put: at most ``commit_delay`` from now."""
-        if self._busy:
-            return  # _written flushes what arrived meanwhile
-        if self._timer is not None:
-            if self._timer_due <= self._time() + self.commit_delay:
-                return
-            self._timer.cancel()  # a lazy delete-only commit was armed: sooner now
-        self._arm(self.commit_delay)
-
-    def _time(self) -> float:
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
-        return loop.time()
-
-    def _arm(self, delay: float) -> None:
-        """(Re)arm the flush timer ``delay`` seconds from now."""
-        self._timer_due = self._time() + delay
-        assert self._loop is not None
-        self._timer = self._loop.call_later(delay, self._flush)
-
-    def commit_within(self, seconds: float) -> None:
-        """Commit the puts so far at most ``seconds`` from now (never later than
-        ``commit_delay``): for rows that already waited before their put (the intelligence
-        runtime's micro-batch), so their group commit does not start its wait again."""
-        if self._busy or not self._ins:
-            return  # _written writes what arrived meanwhile at once
-        delay = min(max(seconds, 0.0), self.commit_delay)
-        if self._timer is not None:
-            if self._timer_due <= self._time() + delay:
-                return
-            self._timer.cancel()
-        self._arm(delay)
-
-    def _schedule_deletes(self) -> None:
-        """Arm a commit for deletes alone (acks, drops): they wait up to ``DELETE_DELAY``
-        to ride along with the next batch of puts (nobody waits for them; a crash before
-        they are committed only means a redelivery of the same id)."""
-        if self._timer is None and not self._busy:
-            self._arm(max(self.commit_delay, DELETE_DELAY))
-
-    def commit_future(self) -> asyncio.Future[None] | None:
-        """A future resolved when everything put so far is committed, failed with
-        QueueError if that commit fails; None if no put is pending or being written.
-
-        The future is shared by every caller waiting for the same batch (one per group
-        commit, not one per message): await it through ``asyncio.shield`` where the
-        awaiting task may be cancelled. Deletes (acks, drops) are committed with the
-        next batch and are not waited for.
-        """
-        if self._ins:
-            fut = self._pending_fut
-            if fut is None or fut.done():
-                fut = self._pending_fut = self._new_future()
-            return fut
-        if self._busy and self._writing:
-            return self._busy_fut
-        return None
-
-    def _new_future(self) -> asyncio.Future[None]:
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
-        return loop.create_future()
-
-    def _flush(self) -> None:
-        self._timer = None
-        if self._busy:
-            return
-        if not self._ins:
-            fut, self._pending_fut = self._pending_fut, None
-            _resolve(fut, None)  # what it waited for was dropped before being written
-            if not self._dels:
-                return
-        rows = list(self._ins.values())
-        dels = sorted(self._dels)
-        self._writing, self._ins, self._dels = self._ins, {}, set()
-        fut = self._pending_fut
-        self._busy_fut = fut if fut is not None and not fut.done() else self._new_future()
-        self._pending_fut = None
-        self._busy = True
-        loop = self._loop
-        assert loop is not None
-        done = loop.run_in_executor(self._writer, self._write, rows, dels)
-        done.add_done_callback(lambda f: self._written(f, rows, dels))
-
-    def _write(self, rows: list[Row], dels: list[int]) -> None:
-        """One transaction (in the writer thread). Few statements, each doing much: the
-        thread needs the GIL between statements, which a busy event loop holds."""
-        db = self._db
-        with self._lock:
-            db.execute("BEGIN")
-            try:
-                if dels:  # acked ids come in runs: one range delete per run
-                    db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", _runs(dels))
-                k = 0
-                while k < len(rows):
-                    n = min(len(rows) - k, _INSERT_CHUNK)
-                    n = 1 << (n.bit_length() - 1)  # power of two: few distinct statements
-                    db.execute(_insert_sql(n), list(chain.from_iterable(rows[k:k + n])))
-                    k += n
-                if rows and self.write_hook is not None:
-                    self.write_hook(db, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-    def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
-        self._busy = False
-        writing, self._writing = self._writing, {}
-        waiters, self._busy_fut = self._busy_fut, None
-        exc = f.exception()
-        if exc is None:
-            self.commits += 1
-            for mid, row in writing.items():
-                self._pending_bytes -= row[9]
-                if mid not in self._dels:  # not dropped while being written
-                    self._cache[mid] = row
-                    self._cached += row[9]
-            while self._cached > self.cache_bytes and self._cache:
-                self._cached -= self._cache.popitem(last=False)[1][9]
-            if rows:
-                self._durable_id = max(self._durable_id, rows[-1][0])
-            _resolve(waiters, None)
-            if self._data_waiters:
-                self._wake({r[1] for r in rows} & self._data_waiters.keys())
-        else:
-            self.commit_failures += 1
-            self._unput(writing, rows)
-            self._dels.update(dels)  # acks and drops are retried
-            log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
-                      self.path, exc, len(writing))
-            _resolve(waiters, QueueError(f"commit failed: {exc}"))
-        if self._timer is not None or self._loop is None:
-            return
-        if exc is not None:
-            if self._ins or self._dels:  # pause before retrying
-                self._arm(self.commit_delay if self._ins else 0.5)
-        elif self._ins:
-            # Adaptive group commit: what arrived during this commit has waited long
-            # enough; write it at once.
-            self._arm(0.0)
-        elif self._dels:
-            self._schedule_deletes()
-
-    def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:
-        """Take rows whose insert failed out of the index: they were never stored."""
-        if not rows:
-            return
-        self._pending_bytes -= sum(r[9] for r in rows)
-        lo, hi = rows[0][0], rows[-1][0]
-        for lane in self._lanes.values():
-            for mid in lane.remove_range(lo, hi):
-                self._total_bytes -= writing[mid][9]
-                self.drops["not_stored"] += 1
 
     # -- counters, closing -----------------------------------------------------------
 
@@ -788,39 +510,3 @@ class ForwardQueue:
         self._reader.close()
         with self._lock:
             self._db.close()
-
-
-def _resolve(
-    waiters: list[asyncio.Future[None]] | asyncio.Future[None] | None, exc: BaseException | None
-) -> None:
-    if waiters is None:
-        return
-    for w in [waiters] if isinstance(waiters, asyncio.Future) else waiters:
-        if not w.done():
-            if exc is None:
-                w.set_result(None)
-            else:
-                w.set_exception(exc)
-
-
-@lru_cache(maxsize=16)
-def _insert_sql(n: int) -> str:
-    """``INSERT`` of ``n`` rows in one statement."""
-    return _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ``ids`` as ``(first, last)`` runs of consecutive integers."""
-    out: list[tuple[int, int]] = []
-    if not ids:
-        return out
-    lo = prev = ids[0]
-    for i in ids[1:]:
-        if i != prev + 1:
-            out.append((lo, prev))
-            lo = i
-        prev = i
-    out.append((lo, prev))
-    return out
-
-

@@ -1,0 +1,209 @@
+"""CONNECT handling of a broker connection: refusal, authentication, session negotiation.
+
+:class:`ConnectHandshake` is mixed into :class:`~.connection.ClientConnection`: it answers
+the first packet (CONNECT) with a CONNACK, authenticating off the event loop when a password
+hash must be checked (packets read meanwhile are held), negotiating the session terms
+(:func:`~.negotiation.negotiate`) and holding the CONNACK back until a persistent session is
+committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from ..mqtt import reasons as rc
+from ..mqtt.codec import encode
+from ..mqtt.errors import MqttError
+from ..mqtt.packets import MQTT_5, Connack, Connect, Packet
+from .broker import Broker
+from .negotiation import ConnectionSettings, negotiate
+from .session import Session
+
+if TYPE_CHECKING:
+    from .connection import Transport
+    from .session import Link
+
+__all__ = ["ConnectHandshake", "Gatekeeper", "REFUSED_CONNECT_WAIT"]
+
+log = logging.getLogger(__name__)
+
+REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
+
+
+class Gatekeeper(Protocol):
+    """Authentication and authorisation, as configured."""
+
+    def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
+        """0 or a CONNACK reason code when known without hashing; None otherwise."""
+
+    async def authenticate(self, username: str | None, password: bytes | None) -> int:
+        """0 or a CONNACK reason code (may hash the password in a thread)."""
+
+    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
+    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
+
+
+class ConnectHandshake:
+    """CONNECT to CONNACK (mixed into ``ClientConnection``, whose ``__init__`` sets the
+    attributes declared here)."""
+
+    broker: Broker
+    gate: Gatekeeper
+    settings: ConnectionSettings
+    transport: Transport
+    peer: str
+    watch: Any
+    loop: asyncio.AbstractEventLoop
+    version: int
+    v5: bool
+    session: Session | None
+    client_id: str
+    username: str | None
+    closed: bool
+    send_quota: int
+    max_out_size: int
+    alias_max_out: int
+    keep_alive: int
+    _ka_timer: asyncio.TimerHandle | None
+    _out: list[bytes]
+    _flush_scheduled: bool
+    _connack: bytes | None
+    _connect_refusal: int
+    _held: list[Packet] | None
+
+    if TYPE_CHECKING:  # provided by ClientConnection
+        def _dispatch(self, p: Packet) -> None: ...
+        def _protocol_failure(self, exc: MqttError) -> None: ...
+        def _keep_alive_check(self) -> None: ...
+        def _write(self, data: bytes) -> None: ...
+        def _flush(self) -> None: ...
+        def close(self, send_will: bool = True) -> None: ...
+
+    def refuse_connect(self, reason: int) -> None:
+        """Answer the CONNECT with a CONNACK carrying ``reason`` (e.g. connection rate
+        exceeded), then close; without a CONNECT soon, close without one."""
+        self._connect_refusal = reason
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = self.loop.call_later(
+                min(REFUSED_CONNECT_WAIT, self.settings.connect_timeout), self._keep_alive_check
+            )
+
+    def _refuse(self, reason: int) -> None:
+        if self.v5:
+            self._write(encode(Connack(False, reason), MQTT_5))
+        else:
+            self._write(bytes((0x20, 0x02, 0x00, rc.v311_connack_code(reason))))
+        self.close(send_will=False)
+
+    def _on_connect(self, p: Connect) -> None:
+        s = self.settings
+        broker = self.broker
+        self.version = p.protocol_level
+        self.v5 = v5 = p.protocol_level == MQTT_5
+        props = p.properties
+        if self._connect_refusal:
+            return self._refuse(self._connect_refusal)
+        if self.watch is not None and (banned := self.watch.admit(p.client_id)):
+            return self._refuse(banned)
+        if "authentication_method" in props:
+            return self._refuse(rc.BAD_AUTHENTICATION_METHOD)
+        if broker.stats.clients_connected >= s.max_connections:
+            return self._refuse(rc.QUOTA_EXCEEDED if v5 else rc.SERVER_UNAVAILABLE)
+        client_id = p.client_id
+        assigned = False
+        if not client_id:
+            if not v5 and not p.clean_start:
+                return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
+            client_id = broker.assign_client_id()
+            assigned = True
+        reason = self.gate.quick_authenticate(p.username, p.password)
+        if reason is None:  # a password hash to check: off the event loop
+            self._held = []
+            self.transport.pause_reading()
+            task = self.loop.create_task(self.gate.authenticate(p.username, p.password))
+            task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned))
+            return
+        self._accept(p, client_id, assigned, reason)
+
+    def _authenticated(
+        self, task: asyncio.Task[int], p: Connect, client_id: str, assigned: bool
+    ) -> None:
+        held, self._held = self._held or [], None
+        if self.closed:
+            return
+        try:
+            reason = task.result()
+        except Exception:  # pragma: no cover - a broken users file must not kill the loop
+            log.exception("authentication failed")
+            reason = rc.SERVER_UNAVAILABLE
+        self._accept(p, client_id, assigned, reason)
+        for packet in held:
+            if self.closed:
+                return
+            try:
+                self._dispatch(packet)
+            except MqttError as exc:
+                self._protocol_failure(exc)
+                return
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
+        s = self.settings
+        broker = self.broker
+        if self.watch is not None:
+            self.watch.connected(self, client_id, p.username, reason)
+        if reason:
+            log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
+            return self._refuse(reason)
+        terms = negotiate(p, s, client_id if assigned else None)
+        if isinstance(terms, int):
+            return self._refuse(terms)
+        self.send_quota = terms.send_quota
+        self.max_out_size = terms.max_out_size
+        self.alias_max_out = terms.alias_max_out
+        self.client_id = client_id
+        self.username = p.username
+        self.keep_alive = ka = terms.keep_alive
+        session, present = broker.open_session(
+            cast("Link", self),  # the ClientConnection this is mixed into
+            client_id, p.clean_start, terms.session_expiry, p.protocol_level, p.username,
+        )
+        self.session = session
+        ack_props = terms.connack_properties
+        connack = encode(Connack(present, 0, ack_props), self.version)
+        fut = None
+        if session.persistent and session.store is not None:
+            fut = session.store.commit_future()  # the session row (Session Present holds)
+        if fut is None:
+            self._write(connack)
+        else:  # everything written until then (resends, acks, ...) waits behind it
+            self._connack = connack
+            fut.add_done_callback(self._connack_committed)
+        session.will = p.will
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
+        if ka:
+            self._ka_timer = self.loop.call_later(ka * 1.5, self._keep_alive_check)
+        if present:
+            session.resend_inflight()
+        session.pump()
+        log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
+
+    def _connack_committed(self, fut: asyncio.Future[None]) -> None:
+        connack, self._connack = self._connack, None
+        if connack is None or self.closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            # the session is not stored: refuse rather than promise it (the store retries)
+            self._out.clear()
+            self._flush_scheduled = False
+            log.warning("client %s refused: its session could not be stored", self.client_id)
+            self._refuse(rc.SERVER_UNAVAILABLE)
+            return
+        self._out.insert(0, connack)
+        self._flush()

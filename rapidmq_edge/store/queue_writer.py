@@ -1,0 +1,279 @@
+"""The forward queue's writer: table layout and group commit (one writer thread).
+
+``put()`` rows accumulate for at most ``commit_delay`` seconds and one writer thread writes
+them in one transaction. ``commit_future()`` resolves when everything put so far is
+committed; a failed commit fails that future and takes the failed rows out of the index
+(nothing that was not stored is counted or acknowledged). Deletes (acks, drops) ride along
+with the next group of puts, or wait at most ``DELETE_DELAY``; nothing waits for them, and
+one lost in a crash only means the same id is sent again. Each group is a few multi-row
+statements, so the writer thread needs the GIL (held by a busy event loop) only a few times
+per commit.
+
+:class:`QueueWriter` is mixed into :class:`~.forward_queue.ForwardQueue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+
+from .lanes import Lane
+
+__all__ = ["COLUMNS", "DELETE_DELAY", "INSERT", "QueueError", "QueueWriter", "Row", "SCHEMA"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, priority INTEGER NOT NULL,
+    topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
+    created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL);
+"""
+COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
+INSERT = f"INSERT INTO messages ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CHUNK = 1024  # rows per multi-row INSERT (10 variables each; SQLite allows 32766)
+#: longest wait of acks' and drops' deletes for a batch of puts to ride along with (s)
+DELETE_DELAY = 0.1
+
+# row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
+Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
+
+
+class QueueError(Exception):
+    """The queue could not store something (for example: the disk is full)."""
+
+
+class QueueWriter:
+    """Group commit of puts and deletes (mixed into ``ForwardQueue``, whose ``__init__``
+    sets the attributes declared here)."""
+
+    path: Path
+    commit_delay: float
+    cache_bytes: int
+    drops: dict[str, int]
+    commits: int
+    commit_failures: int
+    write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None
+    _db: sqlite3.Connection
+    _lock: threading.Lock
+    _lanes: dict[tuple[str, int], Lane]
+    _total_bytes: int
+    _durable_id: int
+    _ins: dict[int, Row]  # puts not yet handed to the writer
+    _dels: set[int]  # deletes not yet handed to the writer
+    _writing: dict[int, Row]  # rows of the batch being written
+    _cache: OrderedDict[int, Row]  # committed rows, newest last
+    _cached: int
+    _pending_bytes: int
+    _pending_fut: asyncio.Future[None] | None
+    _busy_fut: asyncio.Future[None] | None
+    _busy: bool
+    _timer: asyncio.Handle | None
+    _timer_due: float
+    _loop: asyncio.AbstractEventLoop | None
+    _writer: ThreadPoolExecutor
+    _data_waiters: dict[str, list[asyncio.Future[None]]]
+
+    def _wake(self, upstreams: Iterable[str]) -> None:
+        """Resolve the ``wait_for_data`` futures of ``upstreams``."""
+        for up in upstreams:
+            _resolve(self._data_waiters.pop(up, []), None)
+
+    def _schedule(self) -> None:
+        """Arm the group commit for a put: at most ``commit_delay`` from now."""
+        if self._busy:
+            return  # _written flushes what arrived meanwhile
+        if self._timer is not None:
+            if self._timer_due <= self._time() + self.commit_delay:
+                return
+            self._timer.cancel()  # a lazy delete-only commit was armed: sooner now
+        self._arm(self.commit_delay)
+
+    def _time(self) -> float:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        return loop.time()
+
+    def _arm(self, delay: float) -> None:
+        """(Re)arm the flush timer ``delay`` seconds from now."""
+        self._timer_due = self._time() + delay
+        assert self._loop is not None
+        self._timer = self._loop.call_later(delay, self._flush)
+
+    def commit_within(self, seconds: float) -> None:
+        """Commit the puts so far at most ``seconds`` from now (never later than
+        ``commit_delay``): for rows that already waited before their put (the intelligence
+        runtime's micro-batch), so their group commit does not start its wait again."""
+        if self._busy or not self._ins:
+            return  # _written writes what arrived meanwhile at once
+        delay = min(max(seconds, 0.0), self.commit_delay)
+        if self._timer is not None:
+            if self._timer_due <= self._time() + delay:
+                return
+            self._timer.cancel()
+        self._arm(delay)
+
+    def _schedule_deletes(self) -> None:
+        """Arm a commit for deletes alone (acks, drops): they wait up to ``DELETE_DELAY``
+        to ride along with the next batch of puts (nobody waits for them; a crash before
+        they are committed only means a redelivery of the same id)."""
+        if self._timer is None and not self._busy:
+            self._arm(max(self.commit_delay, DELETE_DELAY))
+
+    def commit_future(self) -> asyncio.Future[None] | None:
+        """A future resolved when everything put so far is committed, failed with
+        QueueError if that commit fails; None if no put is pending or being written.
+
+        The future is shared by every caller waiting for the same batch (one per group
+        commit, not one per message): await it through ``asyncio.shield`` where the
+        awaiting task may be cancelled. Deletes (acks, drops) are committed with the
+        next batch and are not waited for.
+        """
+        if self._ins:
+            fut = self._pending_fut
+            if fut is None or fut.done():
+                fut = self._pending_fut = self._new_future()
+            return fut
+        if self._busy and self._writing:
+            return self._busy_fut
+        return None
+
+    def _new_future(self) -> asyncio.Future[None]:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        return loop.create_future()
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._busy:
+            return
+        if not self._ins:
+            fut, self._pending_fut = self._pending_fut, None
+            _resolve(fut, None)  # what it waited for was dropped before being written
+            if not self._dels:
+                return
+        rows = list(self._ins.values())
+        dels = sorted(self._dels)
+        self._writing, self._ins, self._dels = self._ins, {}, set()
+        fut = self._pending_fut
+        self._busy_fut = fut if fut is not None and not fut.done() else self._new_future()
+        self._pending_fut = None
+        self._busy = True
+        loop = self._loop
+        assert loop is not None
+        done = loop.run_in_executor(self._writer, self._write, rows, dels)
+        done.add_done_callback(lambda f: self._written(f, rows, dels))
+
+    def _write(self, rows: list[Row], dels: list[int]) -> None:
+        """One transaction (in the writer thread). Few statements, each doing much: the
+        thread needs the GIL between statements, which a busy event loop holds."""
+        db = self._db
+        with self._lock:
+            db.execute("BEGIN")
+            try:
+                if dels:  # acked ids come in runs: one range delete per run
+                    db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", _runs(dels))
+                k = 0
+                while k < len(rows):
+                    n = min(len(rows) - k, _INSERT_CHUNK)
+                    n = 1 << (n.bit_length() - 1)  # power of two: few distinct statements
+                    db.execute(_insert_sql(n), list(chain.from_iterable(rows[k:k + n])))
+                    k += n
+                if rows and self.write_hook is not None:
+                    self.write_hook(db, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
+        self._busy = False
+        writing, self._writing = self._writing, {}
+        waiters, self._busy_fut = self._busy_fut, None
+        exc = f.exception()
+        if exc is None:
+            self.commits += 1
+            for mid, row in writing.items():
+                self._pending_bytes -= row[9]
+                if mid not in self._dels:  # not dropped while being written
+                    self._cache[mid] = row
+                    self._cached += row[9]
+            while self._cached > self.cache_bytes and self._cache:
+                self._cached -= self._cache.popitem(last=False)[1][9]
+            if rows:
+                self._durable_id = max(self._durable_id, rows[-1][0])
+            _resolve(waiters, None)
+            if self._data_waiters:
+                self._wake({r[1] for r in rows} & self._data_waiters.keys())
+        else:
+            self.commit_failures += 1
+            self._unput(writing, rows)
+            self._dels.update(dels)  # acks and drops are retried
+            log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
+                      self.path, exc, len(writing))
+            _resolve(waiters, QueueError(f"commit failed: {exc}"))
+        if self._timer is not None or self._loop is None:
+            return
+        if exc is not None:
+            if self._ins or self._dels:  # pause before retrying
+                self._arm(self.commit_delay if self._ins else 0.5)
+        elif self._ins:
+            # Adaptive group commit: what arrived during this commit has waited long
+            # enough; write it at once.
+            self._arm(0.0)
+        elif self._dels:
+            self._schedule_deletes()
+
+    def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:
+        """Take rows whose insert failed out of the index: they were never stored."""
+        if not rows:
+            return
+        self._pending_bytes -= sum(r[9] for r in rows)
+        lo, hi = rows[0][0], rows[-1][0]
+        for lane in self._lanes.values():
+            for mid in lane.remove_range(lo, hi):
+                self._total_bytes -= writing[mid][9]
+                self.drops["not_stored"] += 1
+
+
+def _resolve(
+    waiters: list[asyncio.Future[None]] | asyncio.Future[None] | None, exc: BaseException | None
+) -> None:
+    if waiters is None:
+        return
+    for w in [waiters] if isinstance(waiters, asyncio.Future) else waiters:
+        if not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+
+@lru_cache(maxsize=16)
+def _insert_sql(n: int) -> str:
+    """``INSERT`` of ``n`` rows in one statement."""
+    return INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``ids`` as ``(first, last)`` runs of consecutive integers."""
+    out: list[tuple[int, int]] = []
+    if not ids:
+        return out
+    lo = prev = ids[0]
+    for i in ids[1:]:
+        if i != prev + 1:
+            out.append((lo, prev))
+            lo = i
+        prev = i
+    out.append((lo, prev))
+    return out
