@@ -54,7 +54,7 @@ def test_batched_stream_updates_equal_one_by_one() -> None:
 
 def test_stream_features_see_each_fault_kind() -> None:
     t, x = _healthy(80)
-    table = StreamTable(capacity=1)
+    table = StreamTable()
     f = _feed(table, "a", t, x)
     assert f[0].tolist() == [0.0] * len(STREAM_FEATURES)  # the first reading: no state yet
     assert np.all(np.abs(f[40:, S["z_fast"]]) < 5) and f[-1, S["warm"]] == 1.0

@@ -1,11 +1,16 @@
 """The runtime's fast paths change no label: the proven anomaly gate, the priority label
-cache, the scalar stream rows; and ``rapidmq-edge status`` shows the intelligence state."""
+cache, the payload templates' value layouts, the steady streams' update; and
+``rapidmq-edge status`` shows the intelligence state."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import cbor2
 import numpy as np
 import onnx
 import pytest
@@ -17,7 +22,7 @@ from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.config_intelligence import IntelligenceSettings
 from rapidmq_edge.intelligence import rules
 from rapidmq_edge.intelligence.features import (
-    MESSAGE_FEATURES,
+    PAYLOAD_HEAD,
     StreamTable,
     message_features,
     reading_value,
@@ -32,13 +37,27 @@ from rapidmq_edge.intelligence.gate import (
 )
 from rapidmq_edge.intelligence.models import load_scorer
 from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
-from rapidmq_edge.intelligence.splitkey import split_key_for
+from rapidmq_edge.intelligence.scoring import BatchScorer
+from rapidmq_edge.intelligence.streams import (
+    _ZERO,
+    NO_VALUE,
+    PARSE,
+    TEMPLATE,
+    Box,
+    _scalar_step,
+    value_span,
+)
 from rapidmq_edge.ops.status import render
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 #: a small held-out run (not the training seed), with faults of every kind
 RUN = Scenario(seed=2002, devices=40, duration=900.0, coap_fraction=0.0, fault_rate=6.0,
                attackers=0, misconfigured=0, dashboards=0)
+
+
+#: a longer run for the stream state: steady streams, outages (gaps), CBOR payloads (CoAP)
+LONG = Scenario(seed=5, devices=30, duration=3600.0, coap_fraction=0.3, fault_rate=6.0,
+                outage_rate=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +70,18 @@ def _runtime(mode: str = "model", models: Path = MODELS) -> IntelligenceRuntime:
                                                   priority=mode, anomaly=mode, threat="off"),
                              Broker(BrokerLimits()), None)
     rt.priority = load_scorer(models, "priority", mode)  # no upstream turns it off
-    rt._prio_split = split_key_for(rt.priority)
+    rt.scorer = BatchScorer(rt.priority, rt.anomaly, True)
     return rt
+
+
+def _reference_rows(keys: Sequence[str], ts: Sequence[float],
+                    xs: Sequence[float], states: dict[str, list[float]]) -> list[list[float]]:
+    """Stream features the plain way: every reading through the general update."""
+    rows = []
+    for k, t, x in zip(keys, ts, xs, strict=True):
+        row, states[k] = _scalar_step(states.get(k, _ZERO), float(t), float(x))
+        rows.append(row)
+    return rows
 
 
 def test_gate_box_is_proven_on_the_model_and_skips_most_healthy_readings(run: object) -> None:
@@ -92,11 +121,12 @@ def test_rules_box_is_none_for_the_rules() -> None:
 @pytest.mark.parametrize("mode", ["model", "rules"])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int) -> None:
-    """Label cache + gate + scalar rows give every message the label that features +
-    scorer give it without them (priority and anomaly, scalar and vectorised paths)."""
+    """Label cache + value layouts + steady streams + gate give every message the labels
+    that the plain path gives it: ``message_features`` + scorer for every message,
+    ``reading_value`` + the general stream update + scorer for every reading."""
     msgs = sorted(run.messages, key=lambda m: m.t)[:3000]  # type: ignore[attr-defined]
     rt = _runtime(mode)
-    ref_table = StreamTable()
+    states: dict[str, list[float]] = {}
     got_p, got_a, want_p, want_a = [], [], [], []
     for i in range(0, len(msgs), batch):
         c = msgs[i:i + batch]
@@ -104,60 +134,83 @@ def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int)
         qos, retain, times = [m.qos for m in c], [m.retain for m in c], [m.t for m in c]
         r = rt._score(topics, payloads, qos, retain, times, list(range(len(c))))
         got_p += list(r.priority or [])
-        got_a += (r.anomaly.tolist() if r.anomaly is not None else [0] * len(c))
+        got_a += (r.anomaly if r.anomaly is not None else [0] * len(c))
         want_p += rt.priority.predict(message_features(topics, payloads, qos, retain))[0].tolist()
         vals = [reading_value(p) for p in payloads]
+        assert r.values == vals
         idx = [j for j, v in enumerate(vals) if v is not None]
         a = [0] * len(c)
         if idx:
-            F = ref_table.update_keys([topics[j] for j in idx], [times[j] for j in idx],
-                                      [vals[j] for j in idx])  # type: ignore[misc]
+            rows = _reference_rows([topics[j] for j in idx], [times[j] for j in idx],
+                                   [vals[j] for j in idx], states)  # type: ignore[misc]
+            F = np.array(rows, dtype=np.float32)
             for j, lab in zip(idx, rt.anomaly.predict(F)[0].tolist(), strict=True):
                 a[j] = lab
         want_a += a
     assert got_p == want_p
     assert got_a == want_a
     assert any(want_a) and len(set(want_p)) >= 3
-    assert rt.prio_cache_hits > len(msgs) // 2 and rt.anomaly_gated > len(msgs) // 4
-    if mode == "model":
-        assert rt.prio_cell_hits > 0  # level-1 misses answered by their split-grid cell
+    sc = rt.scorer
+    assert sc.cache_hits > len(msgs) // 2 and sc.gated > len(msgs) // 4
 
 
-def test_split_grid_cells_have_one_output_and_thresholds_separate_them(run: object) -> None:
-    """Rows in one cell of the priority model's split grid get identical probabilities; the
-    two sides of a split threshold are different cells."""
-    msgs = run.messages[:4000]  # type: ignore[attr-defined]
-    sc = load_scorer(MODELS, "priority", "model")
-    split = split_key_for(sc)
-    assert split is not None and split_key_for(load_scorer(MODELS, "priority", "rules")) is None
-    X = message_features([m.topic for m in msgs], [m.payload for m in msgs],
-                         [m.qos for m in msgs], [m.retain for m in msgs])
-    keys = split.keys(X)
-    _, probs = sc.session.run(None, {"features": X})
-    first: dict[bytes, int] = {}
-    for i, k in enumerate(keys):
-        j = first.setdefault(k, i)
-        assert np.array_equal(probs[i], probs[j]), (i, j)
-    assert len(first) < len(msgs) // 4  # far fewer cells than messages
-    # moving one value across a split threshold: another cell
-    col = split.columns.index(MESSAGE_FEATURES.index("size_log2"))
-    t = split.thresholds[col][len(split.thresholds[col]) // 2]
-    a, b = X[:1].copy(), X[:1].copy()
-    a[0, split.columns[col]] = t
-    b[0, split.columns[col]] = np.nextafter(t, np.float32(np.inf))
-    assert split.keys(a) != split.keys(b)
-    assert split.keys(np.vstack([a, a])) == split.keys(a) * 2
+def test_steady_streams_equal_the_general_update() -> None:
+    """The steady-stream fast path of the stream table gives bit-identical rows and states
+    to the general update on a simulator run with outages, faults and every sensor kind;
+    readings it leaves out for a box are exactly those whose row is inside the box."""
+    msgs = [m for m in sorted(generate(LONG).messages, key=lambda m: m.t)
+            if m.value is not None]
+    keys, ts, xs = [m.topic for m in msgs], [m.t for m in msgs], [float(m.value) for m in msgs]
+    table, boxed = StreamTable(), StreamTable()
+    gate = gate_for(load_scorer(MODELS, "anomaly", "model"))
+    assert gate is not None
+    bounds = Box(gate.lo.tolist(), gate.hi.tolist())
+    states: dict[str, list[float]] = {}
+    rows: list[list[float]] = []
+    kept = 0
+    for i in range(0, len(msgs), 37):
+        part = slice(i, i + 37)
+        rows += table.update_rows(keys[part], ts[part], xs[part])
+        pos, out = boxed.update_outside(keys[part], ts[part], xs[part], bounds)
+        ref = _reference_rows(keys[part], ts[part], xs[part], states)
+        inside = [j for j, row in enumerate(ref) if row in bounds]
+        assert pos == [j for j in range(len(ref)) if j not in set(inside)]
+        assert out == [ref[j] for j in pos]
+        kept += len(pos)
+    want = _reference_rows(keys, ts, xs, {})
+    assert rows == want  # float64, bit for bit
+    assert table._rows == states == boxed._rows
+    steady = sum(1 for r in want if r[0] == 1.0 and r[9] == 0.0)
+    assert steady > len(want) // 2 and any(r[9] == 1.0 for r in want)  # fast path and gaps
+    assert 0 < kept < len(msgs) * 3 // 4  # the box spares the model many readings
 
 
-def test_scalar_rows_equal_update_keys() -> None:
-    a, b = StreamTable(), StreamTable()
-    rng = np.random.default_rng(3)
-    for k in range(200):
-        keys = [f"s/{j}" for j in rng.integers(0, 4, 3)]
-        ts = [k * 1.0 + j * 0.01 for j in range(3)]
-        xs = rng.normal(20, 1, 3).round(1).tolist()
-        rows = a.update_rows(keys, ts, xs)
-        assert np.array_equal(np.array(rows, dtype=np.float32), b.update_keys(keys, ts, xs))
+def test_value_layouts_equal_reading_value() -> None:
+    """The scorer reads every payload's value through its template's layout exactly as
+    ``reading_value`` does: simulator payloads (JSON, CBOR, log lines) and awkward ones,
+    each seen again with other digits after its layout is known."""
+    payloads = [m.payload for m in generate(LONG).messages]
+    odd = [b'{"value":1e999}', b'{"value":-0.0}', b'{"value": 12 , "value":7}',
+           b'{"a":{"value":3}}', b'{"value":[1]}', b'{"val\\u0075e":2}', b'{"value":"4"}',
+           b'{"value":5', b'{"value":6}  ', b"2023 ERROR value 9", b"", b"{",
+           b'{"value":1.5e-3,"x":2}', cbor2.dumps({"value": 8.5}), json.dumps(
+               {"value": 1.25, "pad": "x" * PAYLOAD_HEAD}).encode()]
+    again = [p.replace(b"1", b"9").replace(b"0", b"7") for p in odd]  # same templates
+    sc = BatchScorer(load_scorer(MODELS, "priority", "off"),
+                     load_scorer(MODELS, "anomaly", "off"), True)
+    seen = payloads + odd + again
+    for i in range(0, len(seen), 50):
+        batch = seen[i:i + 50]
+        values, idx = sc._values(batch, [p[:PAYLOAD_HEAD].translate(TEMPLATE) for p in batch])
+        want = [reading_value(p) for p in batch]
+        assert values == want, batch
+        assert [math.copysign(1, v) for v in values if v is not None] == [
+            math.copysign(1, v) for v in want if v is not None]  # -0.0 stays -0.0
+        assert idx == [j for j, v in enumerate(want) if v is not None]
+    layouts = {value_span(p.translate(TEMPLATE)) for p in odd}
+    assert NO_VALUE in layouts and PARSE in layouts and any(s[0] >= 0 for s in layouts)
+    json_payloads = [p for p in payloads if p[:1] == b"{"]
+    assert 0 < len(sc._spans) < len(json_payloads) // 10  # far fewer layouts than payloads
 
 
 def test_reading_value_without_value_key() -> None:

@@ -62,19 +62,10 @@ class Gate:
         self.lo = np.asarray(lo, dtype=np.float32)
         self.hi = np.asarray(hi, dtype=np.float32)
         self.source = source
-        self._pairs = list(zip(self.lo.tolist(), self.hi.tolist(), strict=True))
 
     def inside(self, X: np.ndarray) -> np.ndarray:
         """Boolean mask of the rows of ``X`` inside the box (NaN is never inside)."""
         return np.all((self.lo <= X) & (self.hi >= X), axis=1)
-
-    def inside_row(self, row: Sequence[float]) -> bool:
-        """One row of floats (float64 is fine: the bounds are float32 values, so a row's
-        float32 rounding is inside whenever the row is; NaN is never inside)."""
-        for v, (a, b) in zip(row, self._pairs, strict=True):  # noqa: SIM110 (faster)
-            if not a <= v <= b:
-                return False
-        return True
 
     def as_dict(self) -> dict[str, Any]:
         """The box by feature name (status, bench JSON)."""

@@ -91,6 +91,17 @@ class Scorer:
         out = self.rule(X)
         return out, np.ones(len(out), dtype=np.float32)
 
+    def predict_labels(self, X: np.ndarray) -> list[int]:
+        """:meth:`predict`'s labels alone (no confidences to gather), as a list."""
+        if self.session is not None:
+            if self.outputs is None:
+                self.outputs = [o.name for o in self.session.get_outputs()]
+            out: list[int] = self.session.run(self.outputs[:1], {"features": X})[0].tolist()
+            return out
+        assert self.rule is not None
+        rules: list[int] = self.rule(X).tolist()
+        return rules
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()

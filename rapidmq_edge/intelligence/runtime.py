@@ -1,16 +1,17 @@
 """The edge-intelligence runtime in the message path (``[intelligence]``).
 
 It takes the forwarder's place as the broker tap. Messages are collected into micro-batches
-(at most ``batch_window_ms``, or ``max_batch`` messages) and scored together in one worker
-thread (onnxruntime releases the GIL; stream state is touched by that thread only, in
-order): the **priority** model picks the store class of every message whose ``[[forward]]``
-rule has no explicit ``priority``; the **anomaly** model judges each numeric reading
-against its stream's incremental state and an anomaly raises an **alert** (local
-``$edge/alerts/<kind>/<topic>`` and upstream in the highest class); while the forward
-backlog or the disk is past a threshold, routine readings are **summarised** per stream
-(count / min / max / mean per window) instead of forwarded one by one. Back on the event
-loop the batch is queued in arrival order, and the publishers' acknowledgements wait for
-:meth:`IntelligenceRuntime.commit_future` (scored, queued, and committed).
+(at most ``batch_window_ms``, or ``max_batch`` messages) and scored together
+(:mod:`.scoring`) in one worker thread (onnxruntime releases the GIL; stream state is
+touched by that thread only, in order): the **priority** model picks the store class of
+every message whose ``[[forward]]`` rule has no explicit ``priority``; the **anomaly**
+model judges each numeric reading against its stream's incremental state and an anomaly
+raises an **alert** (local ``$edge/alerts/<kind>/<topic>`` and upstream in the highest
+class); while the forward backlog or the disk is past a threshold, routine readings are
+**summarised** per stream (count / min / max / mean per window) instead of forwarded one
+by one. Back on the event loop the batch is queued in arrival order, and the publishers'
+acknowledgements wait for :meth:`IntelligenceRuntime.commit_future` (scored, queued, and
+committed).
 
 The **threat** watch (:mod:`.threat`) is fed by the connection hooks and scored on a timer.
 A model that cannot be verified is replaced by the rules (:mod:`.models`); the runtime says
@@ -26,27 +27,14 @@ import logging
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..broker.message import Message, PublishRefused
 from ..store.forward_queue import QueueError
-from .features import (
-    _TEMPLATE,
-    ANOMALY_LABELS,
-    PAYLOAD_HEAD,
-    PRIORITY_LABELS,
-    SCALAR_MAX,
-    StreamTable,
-    message_features,
-    reading_value,
-)
-from .gate import gate_for
+from .features import ANOMALY_LABELS, PRIORITY_LABELS
 from .models import Scorer, load_scorer
-from .splitkey import split_key_for
+from .scoring import BatchScorer, Scored
 from .summarise import Summariser
 from .threat import ClientWatch
 
@@ -62,22 +50,6 @@ ORIGIN = "$edge"
 #: the backlog / disk criteria switch off again below this share of their threshold
 HYSTERESIS = 0.8
 _NONE = ANOMALY_LABELS.index("none")
-#: remembered priority labels, keyed by what determines a message's feature row
-PRIORITY_CACHE = 65_536
-#: at most this many cache misses in a batch look up their split-grid cell first: below it
-#: one onnxruntime call (10-15 µs) costs more than the keys (4-6 µs), above it less
-CELL_MAX = 8
-
-
-@dataclass(slots=True)
-class _Scored:
-    """What the worker computed for one batch."""
-
-    priority: list[int] | None  # class label index per message needing one (else -1)
-    values: list[float | None]
-    anomaly: np.ndarray | None  # label index per message with a value (else 0)
-    confidence: np.ndarray | None
-    seconds: float
 
 
 class IntelligenceRuntime:
@@ -98,9 +70,6 @@ class IntelligenceRuntime:
                                     s.priority if forwarding is not None else "off")
         self.anomaly = load_scorer(s.models_dir, "anomaly", s.anomaly)
         self.threat = load_scorer(s.models_dir, "threat", s.threat)
-        #: readings in this box are "none" without asking the anomaly scorer (:mod:`.gate`)
-        self.anomaly_gate = gate_for(self.anomaly)
-        self.anomaly_gated = 0
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
                                   s.threat_min_confidence, throttle_rate=s.throttle_rate,
                                   throttle_confidence=s.throttle_min_confidence)
@@ -111,13 +80,14 @@ class IntelligenceRuntime:
             for u in forwarding.settings.upstreams:
                 prefixes.append((u.name, u.topic_prefix.replace("{gateway_id}", gateway_id)))
         self._all_upstreams = prefixes
-        self.streams = StreamTable()
+        self._values_needed = s.anomaly != "off" or s.summarising
+        #: features + models of a batch (the worker's side, :mod:`.scoring`)
+        self.scorer = BatchScorer(self.priority, self.anomaly, self._values_needed)
         self.summariser = Summariser(s.summary_window_s)
         self.pressure = False
         self.pressure_reason = ""
         self.pressure_episodes = 0
         self._window = s.batch_window_ms / 1000.0
-        self._values_needed = s.anomaly != "off" or s.summarising
         self._pending: list[tuple[Message, list[Any], float]] = []
         self._since = 0.0  # time.monotonic() of the first pending message
         self._fut: asyncio.Future[None] | None = None
@@ -128,12 +98,6 @@ class IntelligenceRuntime:
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="rmqe-score")
                           if s.worker_thread else None)
         self._alerted: dict[tuple[str, str], float] = {}
-        self._prio_cache: dict[tuple[str, bytes, int, int, bool], int] = {}
-        self.prio_cache_hits = 0
-        #: second level: label per cell of the priority model's split grid (:mod:`.splitkey`)
-        self._prio_split = split_key_for(self.priority)
-        self._prio_cells: dict[bytes, int] = {}
-        self.prio_cell_hits = 0
         self._tasks: list[asyncio.Task[None]] = []
         # counters
         self.scored = 0
@@ -229,103 +193,12 @@ class IntelligenceRuntime:
         done.add_done_callback(lambda f: self._scored(batch, f, since))
 
     def _score(self, topics: list[str], payloads: list[bytes], qos: list[int],
-               retain: list[bool], times: list[float], need: list[int]) -> _Scored:
+               retain: list[bool], times: list[float], need: list[int]) -> Scored:
         """Features and models for one batch (in the worker thread)."""
-        t0 = time.perf_counter()
-        n = len(topics)
-        prio = None
-        if need and self.priority.source != "off":
-            prio = self._priority_labels(topics, payloads, qos, retain, need)
-        values: list[float | None] = (
-            [reading_value(p) for p in payloads] if self._values_needed else [None] * n)
-        anomaly = conf = None
-        if self.anomaly.source != "off":
-            idx = [i for i, v in enumerate(values) if v is not None]
-            if idx:
-                keys = [topics[i] for i in idx]
-                ts = [times[i] for i in idx]
-                xs = [values[i] or 0.0 for i in idx]
-                gate = self.anomaly_gate
-                if len(idx) <= SCALAR_MAX:
-                    # a few readings: plain float rows, the gate looks at them before any
-                    # array exists (np.array(rows, float32) is update_keys' exact result)
-                    rows = self.streams.update_rows(keys, ts, xs)
-                    if gate is not None:
-                        keep = [j for j, row in enumerate(rows) if not gate.inside_row(row)]
-                        if len(keep) < len(rows):
-                            rows = [rows[j] for j in keep]
-                            idx = [idx[j] for j in keep]
-                    F = np.array(rows, dtype=np.float32) if rows else None
-                else:
-                    F = self.streams.update_keys(keys, ts, xs)
-                    if gate is not None:
-                        cand = np.flatnonzero(~gate.inside(F))
-                        if len(cand) < len(idx):
-                            F = F[cand]
-                            idx = [idx[j] for j in cand.tolist()]
-                self.anomaly_gated += len(keys) - len(idx)
-                if idx and F is not None:
-                    lab, c = self.anomaly.predict(F)
-                    anomaly = np.zeros(n, dtype=np.int64)
-                    conf = np.zeros(n, dtype=np.float32)
-                    anomaly[idx] = lab
-                    conf[idx] = c
-        return _Scored(prio, values, anomaly, conf, time.perf_counter() - t0)
-
-    def _priority_labels(self, topics: list[str], payloads: list[bytes], qos: list[int],
-                         retain: list[bool], need: list[int]) -> list[int]:
-        """Priority labels (-1 where not needed), remembered per (topic, payload template,
-        payload length, qos, retain): exactly what :func:`message_features` builds a row
-        from, so an equal key has an equal row and a deterministic scorer the same label.
-        A device's messages repeat their keys, so most messages skip features and model."""
-        cache = self._prio_cache
-        out = [-1] * len(topics)
-        miss: list[int] = []
-        keys = []
-        tpl = _TEMPLATE
-        for i in need:
-            p = payloads[i]
-            key = (topics[i], p[:PAYLOAD_HEAD].translate(tpl), len(p), qos[i], retain[i])
-            v = cache.get(key)
-            if v is None:
-                miss.append(i)
-                keys.append(key)
-            else:
-                out[i] = v
-        if miss:
-            X = message_features([topics[i] for i in miss], [payloads[i] for i in miss],
-                                 [qos[i] for i in miss], [retain[i] for i in miss])
-            labels = self._cell_labels(X)
-            if len(cache) + len(miss) > PRIORITY_CACHE:
-                cache.clear()
-            for i, key, lab in zip(miss, keys, labels, strict=True):
-                out[i] = lab
-                cache[key] = lab
-        self.prio_cache_hits += len(need) - len(miss)
-        return out
-
-    def _cell_labels(self, X: np.ndarray) -> list[int]:
-        """Priority labels of feature rows: rows in a split-grid cell already scored take its
-        label, the model scores one row per new cell (every row without a grid)."""
-        split = self._prio_split
-        if split is None or len(X) > CELL_MAX:
-            return self.priority.predict(X)[0].tolist()  # type: ignore[no-any-return]
-        cells = self._prio_cells
-        if len(cells) + len(X) > PRIORITY_CACHE:
-            cells.clear()
-        cell_keys = split.keys(X)
-        new: dict[bytes, int] = {}
-        for j, ck in enumerate(cell_keys):
-            if ck not in cells and ck not in new:
-                new[ck] = j
-        if new:
-            labels, _ = self.priority.predict(X[list(new.values())])
-            cells.update(zip(new, labels.tolist(), strict=True))
-        self.prio_cell_hits += len(cell_keys) - len(new)
-        return [cells[ck] for ck in cell_keys]
+        return self.scorer.score(topics, payloads, qos, retain, times, need)
 
     def _scored(self, batch: list[tuple[Message, list[Any], float]],
-                result: _Scored | asyncio.Future[_Scored], since: float | None = None) -> None:
+                result: Scored | asyncio.Future[Scored], since: float | None = None) -> None:
         """Back on the loop: act on the scores and queue the batch in arrival order; its
         group commit counts from ``since`` (``time.monotonic()`` of the batch's first
         arrival), not from the put: the micro-batch window is part of that wait."""
@@ -336,7 +209,7 @@ class IntelligenceRuntime:
             r = result.result() if isinstance(result, asyncio.Future) else result
         except Exception as exc:  # a scoring bug must not lose messages: rule classes
             log.exception("intelligence: scoring a batch of %d failed", len(batch))
-            r = _Scored(None, [None] * len(batch), None, None, 0.0)
+            r = Scored(None, [None] * len(batch), None, None, 0.0)
             failure = None if self.forwarder is not None else exc
         self.batches += 1
         self.scored += len(batch)
@@ -355,8 +228,8 @@ class IntelligenceRuntime:
             if r.anomaly is not None and r.anomaly[i] != _NONE and value is not None:
                 anomalous = True
                 assert r.confidence is not None
-                self._alert(msg.topic, ANOMALY_LABELS[int(r.anomaly[i])],
-                            float(r.confidence[i]), value, targets, t)
+                self._alert(msg.topic, ANOMALY_LABELS[r.anomaly[i]], r.confidence[i], value,
+                            targets, t)
             if not targets or fwd is None:
                 continue
             if summarise and value is not None and not anomalous:
@@ -568,10 +441,9 @@ class IntelligenceRuntime:
             "mean_batch": round(self.scored / self.batches, 1) if self.batches else 0.0,
             "score_us_per_message": round(per_msg, 2),
             "loop_ms_max": round(self.loop_seconds_max * 1000, 3),
-            "priority_cache_hits": self.prio_cache_hits,
-            "priority_cell_hits": self.prio_cell_hits,
-            "anomaly_gate": self.anomaly_gate.source if self.anomaly_gate is not None else "off",
-            "anomaly_gated": self.anomaly_gated,
+            "priority_cache_hits": self.scorer.cache_hits,
+            "anomaly_gate": sc.gate.source if (sc := self.scorer).gate is not None else "off",
+            "anomaly_gated": sc.gated,
             "classes": dict(zip(("alarm", "high", "normal", "bulk"), self.by_class,
                                 strict=True)),
             "alerts": self.alerts,
