@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
-from .config import (
+from .config_checks import (
     _bool,
     _choice,
     _err,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import TlsSettings, _bool, _err, _int, _path, _show, _str, _Table, _tls
+from .config_checks import _bool, _err, _int, _path, _show, _str, _Table
+from .config_mqtt import TlsSettings, parse_tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def parse_http(data: object, base_dir: Path) -> HttpSettings:
         listen=t.get("listen", lambda k, v: _endpoints(k, v, ("http", "https")), ()),
         tokens_file=t.get("tokens_file", _path(base_dir), None),
         max_body=t.get("max_body", _int(16, 64 * 1024 * 1024), 1048576),
-        tls=_tls(t.data["tls"], base_dir, "http.tls") if "tls" in t.data else None,
+        tls=parse_tls(t.data["tls"], base_dir, "http.tls") if "tls" in t.data else None,
     )
     for i, ep in enumerate(settings.listen):
         if ep.scheme == "https" and settings.tls is None:

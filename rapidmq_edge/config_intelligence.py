@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import _bool, _choice, _err, _float, _int, _path, _show, _str, _Table
+from .config_checks import _bool, _choice, _err, _float, _int, _path, _show, _str, _Table
 from .config_forward import PRIORITIES
 
 #: what drives a decision: the ONNX model (rules when it cannot be loaded), the rules, nothing

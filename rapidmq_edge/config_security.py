@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from .config import _choice, _err, _float, _int, _path, _Table
+from .config_checks import _choice, _err, _float, _int, _path, _Table
 
 __all__ = ["MANIFESTS", "SecuritySettings", "parse_security"]
 

@@ -4,7 +4,7 @@ Taken here (see :mod:`rapidmq_edge.coap.endpoint` for why): CON or NON requests 
 PUT or POST, a ``/ps/data/...`` Uri-Path and no options besides Uri-Host, Uri-Port,
 Uri-Path and Content-Format, when OSCORE is not required. Anything else (Block1, OSCORE,
 If-Match/If-None-Match, Size1, queries, unknown options) goes to aiocoap, whose resources
-implement the same semantics (:class:`~rapidmq_edge.ingress.coap.CoapBroker`).
+implement the same semantics (:class:`~rapidmq_edge.ingress.coap_broker.CoapBroker`).
 
 Per request: deduplication by (remote, message id) with the response cached for
 retransmissions (RFC 7252 §4.5); the same checks and answers as the aiocoap resources
