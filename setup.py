@@ -1,7 +1,7 @@
-"""Only the optional C accelerator lives here; everything else is in pyproject.toml.
+"""Only the optional C accelerators live here; everything else is in pyproject.toml.
 
-``optional=True``: without a compiler or OpenSSL's headers (``libssl-dev``) the extension is
-skipped with a warning and the package runs its pure-Python path (same bytes, slower).
+``optional=True``: without a compiler or OpenSSL's headers (``libssl-dev``) an extension is
+skipped with a warning and the package runs its pure-Python path (same results, slower).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +14,14 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall"],
             optional=True,
-        )
+        ),
+        # exact IEEE double arithmetic, as Python's: no FMA contraction, no fast-math
+        Extension(
+            "rapidmq_edge.intelligence._streamstep",
+            ["rapidmq_edge/intelligence/_streamstep.c"],
+            libraries=["m"],
+            extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
+            optional=True,
+        ),
     ]
 )

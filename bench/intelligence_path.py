@@ -12,6 +12,9 @@ Prints JSON with two parts, measured in one invocation:
   no gate: features + both models for every message, the reference) and with the rules;
   interleaved, median of 3. ``labels_heldout`` checks that the shipped scorer's priority
   and anomaly labels equal the reference's for every message of the run.
+  ``stream_update_us_per_reading``: the stream table's update alone (batches of 20, the
+  gate's box) through its C kernel and its Python loop, and whether both give the same
+  bits (``RAPIDMQ_EDGE_PURE_PYTHON=1`` runs everything above on the Python loop).
 * ``path``: device -> gateway -> upstream Mosquitto, QoS 1 at a fixed rate, simulator
   payloads; latency = upstream subscriber receipt - device publish (paho, same process),
   p50/p99/max ms, for the gateway with ``[intelligence]`` off and on (default settings,
@@ -46,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from firmware_sim.generator import generate  # noqa: E402
 from firmware_sim.scenario import Scenario  # noqa: E402
 from rapidmq_edge.config_intelligence import IntelligenceSettings  # noqa: E402
+from rapidmq_edge.intelligence import streams  # noqa: E402
 from rapidmq_edge.intelligence.features import message_features  # noqa: E402
 from rapidmq_edge.intelligence.models import load_scorer  # noqa: E402
 from rapidmq_edge.intelligence.scoring import BatchScorer  # noqa: E402
@@ -90,19 +94,22 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
     """µs per message of the runtime's batch scorer at each rate's batch size, for the
     models as shipped (label cache + gate), the ungated reference and the rules; the run's
     first half warms the scorer up (not timed), the second half is timed; variants are
-    interleaved, ``reps`` times each, median reported."""
+    interleaved, ``reps`` times each, median reported. ``model_python_streams``: the models
+    as shipped with the stream table's Python loop instead of its C kernel."""
     half = len(messages) // 2
     cols = _columns(messages)
     sizes = {f"{r}_msg_s": max(1, int(r * window_ms / 1000)) for r in RATES}
     sizes["saturated"] = max_batch
     variants = {"model": ("model", False), "model_ungated": ("model", True),
-                "rules": ("rules", False)}
+                "rules": ("rules", False), "model_python_streams": ("model", False)}
+    kernel = streams._KERNEL
     times: dict[str, dict[str, list[float]]] = {v: {s: [] for s in sizes} for v in variants}
     stats: dict[str, float] = {}
     for _ in range(reps):
         for name, b in sizes.items():
             for v, (mode, ref) in variants.items():
                 sc = _scorer(mode, ref)
+                streams._KERNEL = None if v == "model_python_streams" else kernel
                 for part, timed in ((range(0, half), False), (range(half, len(messages)), True)):
                     t0 = time.perf_counter()
                     for i in range(part.start, part.stop, b):
@@ -120,8 +127,47 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
     out["batch_sizes"] = sizes
     out["speedup_vs_ungated"] = {name: round(out["model_ungated"][name] / out["model"][name], 2)
                                  for name in sizes}
+    out["stream_kernel"] = kernel is not None
+    out["speedup_c_streams"] = {name: round(out["model_python_streams"][name]
+                                            / out["model"][name], 2) for name in sizes}
     out["model_stats_20000_msg_s"] = stats
+    streams._KERNEL = kernel
     return out
+
+
+def stream_kernel_cost(messages: list[Any], batch: int = 20, reps: int = 3) -> dict[str, Any]:
+    """µs per reading of ``StreamTable.update_outside`` (the shipped gate's box) through
+    the C kernel (``_streamstep.c``) and the Python loop, interleaved, median of ``reps``;
+    the first half of the run warms the streams up (not timed), the second half is timed;
+    ``identical``: the same positions, rows and states."""
+    vals = [(m.topic, m.t, v) for m in messages
+            if (v := streams.reading_value(m.payload)) is not None]
+    keys, ts, xs = ([r[j] for r in vals] for j in range(3))
+    box = _scorer("model", False).box
+    kernels = {"c": streams._KERNEL, "python": None}
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    outs: dict[str, Any] = {}
+    for _ in range(reps):
+        for name, kernel in kernels.items():
+            if name == "c" and kernel is None:
+                continue  # not built, or RAPIDMQ_EDGE_PURE_PYTHON set
+            saved, streams._KERNEL = streams._KERNEL, kernel
+            table, out, half = streams.StreamTable(), [], len(keys) // 2
+            for part in (range(0, half), range(half, len(keys))):
+                t0 = time.perf_counter()
+                for i in range(part.start, part.stop, batch):
+                    j = min(i + batch, part.stop)
+                    out.append(table.update_outside(keys[i:j], ts[i:j], xs[i:j], box))
+            times[name].append((time.perf_counter() - t0) * 1e6 / len(part))
+            streams._KERNEL = saved
+            outs[name] = (out, table._rows)
+    res: dict[str, Any] = {"readings_timed": len(keys) - len(keys) // 2, "batch": batch}
+    for name in kernels:
+        res[name] = round(float(np.median(times[name])), 3) if times[name] else None
+    if res["c"] is not None:
+        res["speedup"] = round(res["python"] / res["c"], 2)
+        res["identical"] = repr(outs["c"]) == repr(outs["python"])  # repr: every float's bits
+    return res
 
 
 def labels_check(messages: list[Any], batch: int = 20) -> dict[str, Any]:
@@ -263,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"us_per_message": 5.0, "added_p99_ms": 2.0},
         "labels_heldout": labels_check(msgs),
         "runtime_us_per_msg": runtime_cost(msgs),
+        "stream_update_us_per_reading": stream_kernel_cost(msgs),
     }
     rc = result["runtime_us_per_msg"]["model"]
     result["targets_met"] = {f"us_per_message_at_{k}": rc[k] <= 5.0

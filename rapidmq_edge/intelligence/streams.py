@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,8 @@ class StreamTable:
     The state is plain Python floats and readings are folded in one at a time, in batch
     order (~2 µs a reading; numpy costs more than that per call at micro-batch sizes, and
     the conversions to and from arrays as much again). A stream past its warm-up takes a
-    fast path with the branches of the general update (:func:`_scalar_step`) decided.
+    fast path with the branches of the general update (:func:`_scalar_step`) decided,
+    run by an optional C kernel when it is built (same results bit for bit, ~5x faster).
     """
 
     def __init__(self) -> None:
@@ -127,6 +129,13 @@ class StreamTable:
         table = self._rows
         pos: list[int] = []
         rows: list[list[float]] = []
+        start = 0
+        if _KERNEL is not None:  # the same loop in C (_streamstep.c), bit for bit
+            stop = _KERNEL(table, keys, ts, xs, box, pos, rows)
+            if stop is None:
+                return pos, rows
+            # a state or value that is not a plain float: the rest goes through Python
+            start, keys, ts, xs = stop, keys[stop:], ts[stop:], xs[stop:]
         keep, append = pos.append, rows.append
         log, exp, sqrt = math.log, math.exp, math.sqrt
         lim_f = FEATURE_CLIP
@@ -134,7 +143,7 @@ class StreamTable:
         if box is not None:
             l1, l2, l3, l4, l5, l6, l7, l8, h1, h2, h3, h4, h5, h6, h7, h8 = box.fast
             steady_in = box.steady_in
-        for i, (k, t, x) in enumerate(zip(keys, ts, xs, strict=True)):
+        for i, (k, t, x) in enumerate(zip(keys, ts, xs, strict=True), start):
             st = table.get(k)
             if st is None:
                 st = _ZERO
@@ -278,6 +287,28 @@ def _scalar_step(st: Sequence[float], t: float, x: float) -> tuple[list[float], 
         dt_new = log_dt_base
     return row, [float(n1), float(n_dt1), t, x, new_fast, new_slow, var_new, slope_new,
                  dt_new, burst_new, stuck_new]
+
+
+def _load_kernel() -> Callable[..., int | None] | None:
+    """The optional C kernel of :meth:`StreamTable.update_outside` (``_streamstep.c``,
+    built by ``pip install`` when a compiler is present), configured with this module's
+    constants and general update; None (the Python loop) when it is not built or
+    ``RAPIDMQ_EDGE_PURE_PYTHON`` is set."""
+    if os.environ.get("RAPIDMQ_EDGE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _streamstep  # type: ignore[attr-defined]
+    except ImportError:  # not built here (no compiler): the Python loop
+        return None
+    _streamstep.configure(
+        (_STEADY, RESET_GAP, _LOG_EPS, ALPHA_FAST, ALPHA_SLOW, ALPHA_VAR, ALPHA_SLOPE,
+         ALPHA_DT, ALPHA_BURST, CLIP_SIGMA, CLIP_LOG_DT_DOWN, CLIP_LOG_DT_UP, FEATURE_CLIP),
+        _scalar_step, _ZERO)
+    return _streamstep.update_outside  # type: ignore[no-any-return]
+
+
+#: ``_streamstep.update_outside``, or None when the Python loop is in use
+_KERNEL = _load_kernel()
 
 
 # =========================================================================== readings
