@@ -67,6 +67,10 @@ class IntelligenceSettings:
     throttle_rate: float = 2.0  # PUBLISH/s of a throttled client (0 = no throttle step)
     throttle_min_confidence: float = 0.5  # probability from which a client is throttled
     ban_s: float = 60.0  # an abusive client id is refused (CONNACK 0x8A) this long
+    #: glob patterns of usernames / client ids the threat watch never judges (bridges, PLCs,
+    #: line controllers that legitimately publish thousands of messages a second)
+    threat_exempt_users: tuple[str, ...] = ()
+    threat_exempt_clients: tuple[str, ...] = ()
 
     @property
     def summarising(self) -> bool:
@@ -98,6 +102,12 @@ def _class_list(key: str, value: Any) -> tuple[int, ...]:
     return tuple(sorted({PRIORITIES[v] for v in value}))
 
 
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _err(key, f"must be an array of non-empty glob patterns, got {_show(value)}")
+    return tuple(value)
+
+
 def _topic_root(key: str, value: Any) -> str:
     s = _str(key, value).strip("/")
     if not s or "+" in s or "#" in s or "\x00" in s:
@@ -115,7 +125,7 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         "summarise_backlog_bytes", "summarise_disk_percent", "summary_window_s",
         "summary_suffix", "pressure_check_s", "threat_interval_s", "threat_action", "ban_s",
         "threat_min_events", "threat_min_confidence", "throttle_rate",
-        "throttle_min_confidence",
+        "throttle_min_confidence", "threat_exempt_users", "threat_exempt_clients",
     ))
     suffix = t.get("summary_suffix", _str, "/summary")
     if not suffix or "+" in suffix or "#" in suffix:
@@ -149,6 +159,8 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         threat_min_confidence=t.get("threat_min_confidence", _float(0.0, 1.0), 0.7),
         throttle_rate=t.get("throttle_rate", _float(0.0, 1_000_000.0), 2.0),
         throttle_min_confidence=t.get("throttle_min_confidence", _float(0.0, 1.0), 0.5),
+        threat_exempt_users=t.get("threat_exempt_users", _patterns, ()),
+        threat_exempt_clients=t.get("threat_exempt_clients", _patterns, ()),
     )
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rapidmq_edge.config import ConfigError, parse_config
 from rapidmq_edge.security.users import add_user
 
 from .conftest import MosquittoBroker, free_port
@@ -303,6 +305,28 @@ def test_flooding_client_throttled_then_disconnected_with_reason_others_keep_wor
     sys = _sys_until(gw.port, "threat/recent", lambda v: "disconnected" in v)
     assert sys["threat/disconnected"] == "1" and int(sys["threat/detected/flood"]) >= 2
     assert sys["threat/throttled"] == "1" and sys["threat/throttled_now"] == "0"
+
+
+def test_exempt_client_floods_unjudged_while_it_is_exempt(
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """A client id on ``threat_exempt_clients`` (a bridge, a PLC) is never throttled or
+    disconnected for its rate; the same flood without the exemption is throttled."""
+    gw = gateway_factory({"intelligence": {"enabled": True, "threat_interval_s": 0.2,
+                                           "throttle_rate": 20,
+                                           "threat_exempt_clients": ["flood*"]}})
+    flood = Flooder(gw.port)
+    try:
+        sys = _sys_until(gw.port, "threat/exempt_connected", lambda v: v == "1")
+        assert sys["threat/exempt_connected"] == "1"
+        time.sleep(2.5)  # more than ten scoring ticks of flooding
+        assert not flood.gone.is_set() and "looks like flood" not in gw.log(), gw.log()
+    finally:
+        flood.close()
+    sys = _sys_until(gw.port, "threat/exempt_connected", lambda v: v == "0")
+    assert sys["threat/throttled"] == "0" and sys["threat/disconnected"] == "0"
+    with pytest.raises(ConfigError, match="threat_exempt_users"):
+        parse_config({"intelligence": {"threat_exempt_users": "bridge"}}, Path("/tmp"))
 
 
 def test_throttled_flooder_held_at_its_limit_normal_client_unaffected(

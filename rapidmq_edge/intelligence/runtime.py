@@ -72,7 +72,9 @@ class IntelligenceRuntime:
         self.threat = load_scorer(s.models_dir, "threat", s.threat)
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
                                   s.threat_min_confidence, throttle_rate=s.throttle_rate,
-                                  throttle_confidence=s.throttle_min_confidence)
+                                  throttle_confidence=s.throttle_min_confidence,
+                                  exempt_users=s.threat_exempt_users,
+                                  exempt_clients=s.threat_exempt_clients)
                       if s.threat != "off" else None)
         self.gate = gate
         prefixes = []

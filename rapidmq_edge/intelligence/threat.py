@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,7 +72,8 @@ class ClientWatch:
     def __init__(self, scorer: Scorer, action: str = "disconnect", ban_s: float = 60.0,
                  min_events: int = 10, min_confidence: float = 0.7,
                  clock: Callable[[], float] = time.monotonic, throttle_rate: float = 0.0,
-                 throttle_confidence: float = 0.5) -> None:
+                 throttle_confidence: float = 0.5, exempt_users: Sequence[str] = (),
+                 exempt_clients: Sequence[str] = ()) -> None:
         self.scorer = scorer
         self.min_events = min_events
         self.min_confidence = min_confidence
@@ -93,6 +95,10 @@ class ClientWatch:
         self.refused = 0
         self.scored = 0
         self.recent: deque[Verdict] = deque(maxlen=RECENT)
+        self.exempt_users = tuple(exempt_users)
+        self.exempt_clients = tuple(exempt_clients)
+        #: connected exempt clients (matched at CONNECT): client id -> its connection
+        self.exempt: dict[str, Link] = {}
 
     # -- hooks (called by the connection) ------------------------------------------
 
@@ -110,7 +116,16 @@ class ClientWatch:
         return rc.BANNED
 
     def connected(self, link: Link, client_id: str, username: str | None, reason: int) -> None:
-        """A CONNECT was answered with ``reason`` (0 = accepted)."""
+        """A CONNECT was answered with ``reason`` (0 = accepted). An accepted client whose
+        username or client id matches an exempt pattern is not watched while connected."""
+        if reason == 0 and (
+            any(fnmatchcase(client_id, p) for p in self.exempt_clients)
+            or (username is not None
+                and any(fnmatchcase(username, p) for p in self.exempt_users))
+        ):
+            self.exempt[client_id] = link
+            return
+        self.exempt.pop(client_id, None)
         self.windows.connect(client_id, self.clock(), reason == 0, username)
         self._active.add(client_id)
         if reason == 0:
@@ -118,16 +133,23 @@ class ClientWatch:
 
     def published(self, client_id: str, topic: str, size: int, ok: bool) -> None:
         """A PUBLISH was accepted (``ok``) or refused by the ACL."""
+        if client_id in self.exempt:
+            return
         self.windows.publish(client_id, self.clock(), topic, size, ok)
         self._active.add(client_id)
 
     def subscribed(self, client_id: str, topic_filter: str, ok: bool) -> None:
         """A subscription to one filter was granted (``ok``) or refused."""
+        if client_id in self.exempt:
+            return
         self.windows.subscribe(client_id, self.clock(), topic_filter, ok)
         self._active.add(client_id)
 
     def closed(self, link: Link, client_id: str) -> None:
         """The client's connection ended."""
+        if self.exempt.get(client_id) is link:
+            del self.exempt[client_id]
+            return
         if self.links.get(client_id) is link:
             del self.links[client_id]
             self.throttled_now.discard(client_id)
@@ -229,5 +251,6 @@ class ClientWatch:
             "disconnected": self.disconnected,
             "refused_connects": self.refused,
             "banned": sum(1 for until, _ in self.banned.values() if until > now),
+            "exempt_connected": len(self.exempt),
             "recent": [f"{v.client} {v.label} {v.action}" for v in self.recent],
         }
