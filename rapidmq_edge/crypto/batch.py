@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-import cbor2
-
 from . import accel, cose
 from .errors import MalformedError, SignatureError, UnknownKeyError
 from .keys import KID_SIZE, GatewayIdentity, VerifierKeyring
@@ -106,27 +104,13 @@ class BatchHeader:
 
 def sign_batch_header(header: BatchHeader, identity: GatewayIdentity) -> bytes:
     """COSE_Sign1 (tag 18) over the encoded header, ML-DSA-65, kid = identity kid."""
-    protected = cose.dumps({cose.HDR_ALG: cose.ALG_ML_DSA_65, cose.HDR_KID: identity.kid})
-    payload = header.encode()
-    signature = identity.sign(cose.sig_structure(protected, payload))
-    return cose.dumps(cbor2.CBORTag(cose.TAG_COSE_SIGN1, [protected, {}, payload, signature]))
+    return cose.sign1_ml_dsa_65(header.encode(), identity.kid, identity.sign)
 
 
 def parse_signed_header(data: bytes) -> tuple[BatchHeader, bytes, bytes, bytes, bytes]:
     """Parse without verifying: ``(header, kid, protected, payload, signature)``."""
-    arr = cose.as_array(
-        cose.untag(cose.decode_strict(data, "COSE_Sign1"), cose.TAG_COSE_SIGN1, "COSE_Sign1"),
-        4,
-        "COSE_Sign1",
-    )
-    protected = cose.as_bytes(arr[0], "COSE_Sign1 protected")
-    hdr = cose.as_map(cose.decode_strict(protected, "COSE_Sign1 protected"), "protected")
-    if hdr.get(cose.HDR_ALG) != cose.ALG_ML_DSA_65:
-        raise MalformedError(f"COSE_Sign1: alg {hdr.get(cose.HDR_ALG)!r} is not ML-DSA-65 (-49)")
-    kid = cose.as_bytes(hdr.get(cose.HDR_KID), "COSE_Sign1 kid", KID_SIZE)
-    cose.as_map(arr[1], "COSE_Sign1 unprotected")
-    payload = cose.as_bytes(arr[2], "COSE_Sign1 payload")
-    signature = cose.as_bytes(arr[3], "COSE_Sign1 signature")
+    kid, protected, payload, signature = cose.parse_sign1_ml_dsa_65(data, "COSE_Sign1",
+                                                                    KID_SIZE)
     return BatchHeader.decode(payload), kid, protected, payload, signature
 
 

@@ -7,7 +7,7 @@ Only the structures this package needs: strict CBOR decoding (no trailing bytes)
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -133,3 +133,28 @@ def parse_akp_public_key(data: bytes) -> tuple[int, bytes, bytes]:
     kid = as_bytes(key.get(_KEY_KID), "COSE_Key kid")
     pub = as_bytes(key.get(_AKP_PUB), "COSE_Key pub")
     return alg, kid, pub
+
+
+def sign1_ml_dsa_65(payload: bytes, kid: bytes, sign: Callable[[bytes], bytes],
+                    external_aad: bytes = b"") -> bytes:
+    """COSE_Sign1 (tag 18) of ``payload``: protected ``{1: -49, 4: kid}``, empty unprotected,
+    the ML-DSA-65 ``sign`` over the RFC 9052 Sig_structure with ``external_aad``."""
+    protected = dumps({HDR_ALG: ALG_ML_DSA_65, HDR_KID: kid})
+    signature = sign(sig_structure(protected, payload, external_aad))
+    return dumps(cbor2.CBORTag(TAG_COSE_SIGN1, [protected, {}, payload, signature]))
+
+
+def parse_sign1_ml_dsa_65(data: bytes, what: str,
+                          kid_size: int) -> tuple[bytes, bytes, bytes, bytes]:
+    """Parse (not verify) an ML-DSA-65 COSE_Sign1: ``(kid, protected, payload, signature)``;
+    MalformedError naming ``what`` on any deviation."""
+    arr = as_array(untag(decode_strict(data, what), TAG_COSE_SIGN1, what), 4, what)
+    protected = as_bytes(arr[0], f"{what} protected")
+    hdr = as_map(decode_strict(protected, f"{what} protected"), "protected")
+    if hdr.get(HDR_ALG) != ALG_ML_DSA_65:
+        raise MalformedError(f"{what}: alg {hdr.get(HDR_ALG)!r} is not ML-DSA-65 (-49)")
+    kid = as_bytes(hdr.get(HDR_KID), f"{what} kid", kid_size)
+    as_map(arr[1], f"{what} unprotected")
+    return kid, protected, as_bytes(arr[2], f"{what} payload"), as_bytes(arr[3],
+                                                                          f"{what} signature")
+

@@ -19,10 +19,8 @@ session header can never be taken for one over a batch header (and vice versa).
 
 from __future__ import annotations
 
-import cbor2
-
 from . import cose
-from .errors import MalformedError, SignatureError
+from .errors import SignatureError
 from .keys import KID_SIZE, GatewayIdentity, VerifierKeyring
 
 __all__ = ["SESSION_SIGNATURE_AAD", "is_signed_session", "open_signed_session", "sign_session"]
@@ -38,9 +36,7 @@ def is_signed_session(data: bytes) -> bool:
 
 def sign_session(header: bytes, identity: GatewayIdentity) -> bytes:
     """COSE_Sign1 (ML-DSA-65, kid = identity kid) carrying ``header`` as its payload."""
-    protected = cose.dumps({cose.HDR_ALG: cose.ALG_ML_DSA_65, cose.HDR_KID: identity.kid})
-    signature = identity.sign(cose.sig_structure(protected, header, SESSION_SIGNATURE_AAD))
-    return cose.dumps(cbor2.CBORTag(cose.TAG_COSE_SIGN1, [protected, {}, header, signature]))
+    return cose.sign1_ml_dsa_65(header, identity.kid, identity.sign, SESSION_SIGNATURE_AAD)
 
 
 def open_signed_session(data: bytes, keyring: VerifierKeyring) -> tuple[bytes, bytes]:
@@ -48,19 +44,8 @@ def open_signed_session(data: bytes, keyring: VerifierKeyring) -> tuple[bytes, b
 
     Raises MalformedError, UnknownKeyError (kid not in ``keyring``) or SignatureError.
     """
-    arr = cose.as_array(
-        cose.untag(cose.decode_strict(data, "signed session"), cose.TAG_COSE_SIGN1,
-                   "signed session"),
-        4, "signed session",
-    )
-    protected = cose.as_bytes(arr[0], "signed session protected")
-    hdr = cose.as_map(cose.decode_strict(protected, "signed session protected"), "protected")
-    if hdr.get(cose.HDR_ALG) != cose.ALG_ML_DSA_65:
-        raise MalformedError(f"signed session: alg {hdr.get(cose.HDR_ALG)!r} is not ML-DSA-65")
-    kid = cose.as_bytes(hdr.get(cose.HDR_KID), "signed session kid", KID_SIZE)
-    cose.as_map(arr[1], "signed session unprotected")
-    header = cose.as_bytes(arr[2], "signed session payload")
-    signature = cose.as_bytes(arr[3], "signed session signature")
+    kid, protected, header, signature = cose.parse_sign1_ml_dsa_65(data, "signed session",
+                                                                   KID_SIZE)
     if not keyring.verify(kid, cose.sig_structure(protected, header, SESSION_SIGNATURE_AAD),
                           signature):
         raise SignatureError("session header: ML-DSA-65 signature does not verify")
