@@ -216,17 +216,23 @@ class Upstream:
         self.proc.wait(5)
 
 
-def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: bool,
-                 rate: float, seconds: float) -> dict[str, Any]:
-    """Latency device -> gateway -> upstream for one gateway configuration."""
+def _gateway_config(up: Upstream, intelligence: dict[str, Any] | None) -> dict[str, Any]:
+    """Forward everything to ``up`` (QoS 1); ``[intelligence]`` as given, or none."""
     cfg: dict[str, Any] = {
         "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up.port}"]}],
         "forward": [{"filter": "#", "upstream": "cloud", "qos": 1}],
         "mqtt": {"sys_interval": 1.0},
         "gateway": {"log_level": "warning"},
     }
-    if intelligence:
-        cfg["intelligence"] = {"enabled": True}
+    if intelligence is not None:
+        cfg["intelligence"] = intelligence
+    return cfg
+
+
+def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: bool,
+                 rate: float, seconds: float) -> dict[str, Any]:
+    """Latency device -> gateway -> upstream for one gateway configuration."""
+    cfg = _gateway_config(up, {"enabled": True} if intelligence else None)
     sub_dir = Path(tempfile.mkdtemp(dir=tmp))
     gw = GatewayProcess(sub_dir, cfg).start()
     sent: dict[bytes, float] = {}
@@ -309,16 +315,10 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
     import mqtt_throughput as mt
     from store_forward import _recv, start_subscriber
 
-    cfg: dict[str, Any] = {
-        "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up.port}"]}],
-        "forward": [{"filter": "#", "upstream": "cloud", "qos": 1}],
-        "mqtt": {"sys_interval": 1.0},
-        "gateway": {"log_level": "warning"},
-    }
-    if intelligence:
-        # one client at thousands of msg/s is a flood to the threat model (throttled to
-        # 2/s by default): exempt it, as an operator exempts a bridge or a PLC
-        cfg["intelligence"] = {"enabled": True, "threat_exempt_clients": ["ip-paced-*"]}
+    # one client at thousands of msg/s is a flood to the threat model (throttled to 2/s by
+    # default): exempt it, as an operator exempts a bridge or a PLC
+    cfg = _gateway_config(up, {"enabled": True, "threat_exempt_clients": ["ip-paced-*"]}
+                          if intelligence else None)
     gw = GatewayProcess(Path(tempfile.mkdtemp(dir=tmp)), cfg).start()
     n = int(rate * seconds)
     procs: list[Any] = []
