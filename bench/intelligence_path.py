@@ -25,8 +25,9 @@ Prints JSON with two parts, measured in one invocation:
 
   ``path.loadgen``: the same off/on comparison at ``--high-rates`` (2,000 and 5,000 msg/s),
   where paho in the bench process would be the bottleneck: bench/loadgen.py's paced QoS 1
-  publisher and latency subscriber in their own processes (64 B payloads on a sensor topic;
-  the publisher is on ``threat_exempt_clients``: a single client at that rate is a flood).
+  publisher and latency subscriber in their own processes (telemetry-like JSON payloads with
+  the send time as digits, one sensor topic; the publisher is on ``threat_exempt_clients``:
+  a single client at that rate is a flood).
 
     .venv/bin/python bench/intelligence_path.py [--rate 500] [--seconds 8] [--rounds 2]
         [--high-rates 2000,5000]
@@ -306,12 +307,12 @@ def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: boo
 
 
 def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, json_stamp: bool = True) -> dict[str, Any]:
     """Latency at a high rate, where the paho harness of :func:`path_latency` is the
     bottleneck itself: bench/loadgen.py's paced QoS 1 publisher and latency subscriber
-    (separate processes, ``monotonic_ns`` in the first 8 payload bytes, 64 B payloads on a
-    sensor topic: the priority model scores every message; the payload carries no reading,
-    so the anomaly model is not exercised here)."""
+    (separate processes) on one sensor topic. Payloads: telemetry-like JSON with the send
+    time as digits and a slowly varying ``"value"`` (``loadgen.JSON_STAMP``: both models
+    run), or with ``json_stamp=False`` 64 B with the time in binary (no reading)."""
     import mqtt_throughput as mt
     from store_forward import _recv, start_subscriber
 
@@ -323,13 +324,15 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
     n = int(rate * seconds)
     procs: list[Any] = []
     try:
-        sproc, spipe = start_subscriber(up.port, "edge/test-gw/#", n, latency=True,
+        sproc, spipe = start_subscriber(up.port, "edge/test-gw/plant/#", n, latency=True,
                                         start_timeout=15.0, idle_timeout=5.0,
-                                        max_seconds=seconds * 3 + 20, client_prefix="ip-sub")
+                                        max_seconds=seconds * 3 + 20, client_prefix="ip-sub",
+                                        json_stamp=json_stamp)
         procs.append(sproc)
         pproc, ppipe = mt._spawn("paced", {
             "host": "127.0.0.1", "port": gw.port, "topic": "plant/line1/dev7/temp", "qos": 1,
             "rate": rate, "seconds": seconds, "size": 64, "client_id": "ip-paced",
+            "json_stamp": json_stamp,
         }, None)
         procs.append(pproc)
         _recv(ppipe, seconds * 3 + 20, "paced publisher")

@@ -200,11 +200,14 @@ def _cpu_seconds() -> float:
 # --------------------------------------------------------------------------- parsing
 
 
-def scan(buf: bytes, acks: bytearray | None, lat: list[int] | None, now_ns: int) -> tuple[int, int]:
+def scan(buf: bytes, acks: bytearray | None, lat: list[int] | None, now_ns: int,
+         json_stamp: bool = False) -> tuple[int, int]:
     """Walk complete packets in ``buf``.
 
     Returns ``(publish_count, consumed_bytes)``.  Appends PUBACKs for QoS>0 publishes to
-    ``acks`` and ``now_ns - payload timestamp`` to ``lat`` when they are not None.
+    ``acks`` and ``now_ns - payload timestamp`` to ``lat`` when they are not None (the
+    timestamp: 8 bytes big-endian, or with ``json_stamp`` the 19 digits of
+    :data:`JSON_STAMP`'s ``"ts"``).
     """
     n = len(buf)
     pos = 0
@@ -238,7 +241,10 @@ def scan(buf: bytes, acks: bytearray | None, lat: list[int] | None, now_ns: int)
                         acks += b"\x40\x02"
                         acks += buf[p : p + 2]
                     p += 2
-                if lat is not None and end - p >= 8:
+                if lat is not None and json_stamp:
+                    if buf[p : p + 6] == b'{"ts":':  # other messages on the topic: no stamp
+                        lat.append(now_ns - int(buf[p + 6 : p + 25]))
+                elif lat is not None and end - p >= 8:
                     lat.append(now_ns - int.from_bytes(buf[p : p + 8], "big"))
         pos = end
     return count, pos
@@ -278,6 +284,7 @@ def run_subscriber(
     conns: int,
     expected_per_conn: int,
     latency: bool = False,
+    json_stamp: bool = False,
     start_timeout: float = 15.0,
     idle_timeout: float = 3.0,
     max_seconds: float = 120.0,
@@ -366,7 +373,8 @@ def run_subscriber(
                 got += len(data)
                 buf = rems[i] + data if rems[i] else data
                 acks = bytearray() if qos else None
-                cnt, used = scan(buf, acks, lat, time.monotonic_ns() if lat is not None else 0)
+                cnt, used = scan(buf, acks, lat, time.monotonic_ns() if lat is not None else 0,
+                                 json_stamp)
                 rems[i] = buf[used:]
                 if acks:
                     if single:
@@ -513,8 +521,12 @@ def run_paced_publisher(
     seconds: float,
     size: int = 64,
     client_id: str = "lg-paced",
+    json_stamp: bool = False,
 ) -> dict[str, Any]:
-    """Publish at a fixed ``rate`` for ``seconds``; payload starts with monotonic_ns."""
+    """Publish at a fixed ``rate`` for ``seconds``; payload starts with monotonic_ns (with
+    ``json_stamp``: a telemetry-like JSON object, :data:`JSON_STAMP`, ``size`` ignored)."""
+    if json_stamp:
+        return _run_json_paced(host, port, topic, qos, rate, seconds, client_id)
     sock = open_client(host, port, f"{client_id}-{os.getpid()}")
     total = int(rate * seconds)
     pad = b"\0" * max(0, size - 8)
@@ -567,6 +579,57 @@ def run_paced_publisher(
         "seconds": round(t1 - t0, 4),
         "cpu_seconds": round(cpu, 3),
     }
+
+
+#: ``"ts"`` = monotonic_ns as 19 digits at payload offset 6, ``"value"`` a slow sine (5 chars)
+JSON_STAMP = b'{"ts":%019d,"value":%5.2f,"unit":"C"}'
+
+
+def _run_json_paced(host: str, port: int, topic: str, qos: int, rate: float, seconds: float,
+                    client_id: str) -> dict[str, Any]:
+    """:func:`run_paced_publisher` with :data:`JSON_STAMP` payloads (one size for all)."""
+    import math
+
+    sock = open_client(host, port, f"{client_id}-{os.getpid()}")
+    total = int(rate * seconds)
+    head = bytes([0x30 | (qos << 1)])
+    tb = encode_str(topic)
+    plen = len(JSON_STAMP % (0, 0.0))
+    prefix = head + encode_varint(len(tb) + (2 if qos else 0) + plen) + tb
+    sent = acked = pid = 0
+    rem = b""
+    t0 = time.monotonic()
+    deadline = t0 + seconds * 3 + 10
+    try:
+        set_kernel_timeouts(sock, 1.0, 10.0)
+        while sent < total:
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError("paced publisher fell too far behind")
+            due = min(total, int((now - t0) * rate) + 1)
+            if due > sent:
+                out = bytearray()
+                for i in range(sent, due):
+                    out += prefix
+                    if qos:
+                        pid = pid % 65535 + 1
+                        out += pid.to_bytes(2, "big")
+                    out += JSON_STAMP % (time.monotonic_ns(), 21.5 + 0.5 * math.sin(i / 200))
+                sock.sendall(out)
+                sent = due
+            if qos:
+                acked, rem = _drain_acks(sock, acked, rem)
+            wait = t0 + sent / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        end = time.monotonic() + 5.0
+        while qos and acked < sent and time.monotonic() < end:
+            time.sleep(0.01)
+            acked, rem = _drain_acks(sock, acked, rem)
+    finally:
+        close_quietly(sock)
+    return {"sent": sent, "acked": acked, "t_start": t0,
+            "seconds": round(time.monotonic() - t0, 4)}
 
 
 def _drain_acks(sock: socket.socket, acked: int, rem: bytes) -> tuple[int, bytes]:

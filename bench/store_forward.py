@@ -287,13 +287,14 @@ def _recv(parent: Any, timeout: float, what: str) -> dict[str, Any]:
 def start_subscriber(
     port: int, topic: str, expected: int, *, latency: bool = False, start_timeout: float,
     idle_timeout: float, max_seconds: float, client_prefix: str = "sf-sub",
+    json_stamp: bool = False,
 ) -> tuple[Any, Any]:
     """Spawn a loadgen subscriber on ``port`` and wait until it is subscribed."""
     proc, parent = mt._spawn("sub", {
         "host": HOST, "port": port, "topic": topic, "qos": 1, "conns": 1,
         "expected_per_conn": expected, "latency": latency, "start_timeout": start_timeout,
         "idle_timeout": idle_timeout, "max_seconds": max_seconds,
-        "client_prefix": client_prefix,
+        "client_prefix": client_prefix, "json_stamp": json_stamp,
     }, None)
     if not parent.poll(15):
         mt._reap([proc])
