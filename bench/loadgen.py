@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import selectors
 import socket
@@ -512,6 +513,10 @@ def run_publisher(
     }
 
 
+#: ``"ts"`` = monotonic_ns as 19 digits at payload offset 6, ``"value"`` a slow sine (5 chars)
+JSON_STAMP = b'{"ts":%019d,"value":%5.2f,"unit":"C"}'
+
+
 def run_paced_publisher(
     host: str,
     port: int,
@@ -526,14 +531,22 @@ def run_paced_publisher(
     """Publish at a fixed ``rate`` for ``seconds``; payload starts with monotonic_ns (with
     ``json_stamp``: a telemetry-like JSON object, :data:`JSON_STAMP`, ``size`` ignored)."""
     if json_stamp:
-        return _run_json_paced(host, port, topic, qos, rate, seconds, client_id)
+        plen = len(JSON_STAMP % (0, 0.0))
+
+        def payload(i: int) -> bytes:
+            return JSON_STAMP % (time.monotonic_ns(), 21.5 + 0.5 * math.sin(i / 200))
+    else:
+        pad = b"\0" * max(0, size - 8)
+        plen = 8 + len(pad)
+
+        def payload(i: int) -> bytes:
+            return time.monotonic_ns().to_bytes(8, "big") + pad
+
     sock = open_client(host, port, f"{client_id}-{os.getpid()}")
     total = int(rate * seconds)
-    pad = b"\0" * max(0, size - 8)
     head = bytes([0x30 | (qos << 1)])
     tb = encode_str(topic)
-    body_len = len(tb) + (2 if qos else 0) + 8 + len(pad)
-    prefix = head + encode_varint(body_len) + tb
+    prefix = head + encode_varint(len(tb) + (2 if qos else 0) + plen) + tb
     sent = 0
     acked = 0
     rem = b""
@@ -550,13 +563,12 @@ def run_paced_publisher(
             due = min(total, int((now - t0) * rate) + 1)
             if due > sent:
                 out = bytearray()
-                for _ in range(due - sent):
+                for i in range(sent, due):
                     out += prefix
                     if qos:
                         pid = pid % 65535 + 1
                         out += pid.to_bytes(2, "big")
-                    out += time.monotonic_ns().to_bytes(8, "big")
-                    out += pad
+                    out += payload(i)
                 sock.sendall(out)
                 sent = due
             if qos:
@@ -579,57 +591,6 @@ def run_paced_publisher(
         "seconds": round(t1 - t0, 4),
         "cpu_seconds": round(cpu, 3),
     }
-
-
-#: ``"ts"`` = monotonic_ns as 19 digits at payload offset 6, ``"value"`` a slow sine (5 chars)
-JSON_STAMP = b'{"ts":%019d,"value":%5.2f,"unit":"C"}'
-
-
-def _run_json_paced(host: str, port: int, topic: str, qos: int, rate: float, seconds: float,
-                    client_id: str) -> dict[str, Any]:
-    """:func:`run_paced_publisher` with :data:`JSON_STAMP` payloads (one size for all)."""
-    import math
-
-    sock = open_client(host, port, f"{client_id}-{os.getpid()}")
-    total = int(rate * seconds)
-    head = bytes([0x30 | (qos << 1)])
-    tb = encode_str(topic)
-    plen = len(JSON_STAMP % (0, 0.0))
-    prefix = head + encode_varint(len(tb) + (2 if qos else 0) + plen) + tb
-    sent = acked = pid = 0
-    rem = b""
-    t0 = time.monotonic()
-    deadline = t0 + seconds * 3 + 10
-    try:
-        set_kernel_timeouts(sock, 1.0, 10.0)
-        while sent < total:
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError("paced publisher fell too far behind")
-            due = min(total, int((now - t0) * rate) + 1)
-            if due > sent:
-                out = bytearray()
-                for i in range(sent, due):
-                    out += prefix
-                    if qos:
-                        pid = pid % 65535 + 1
-                        out += pid.to_bytes(2, "big")
-                    out += JSON_STAMP % (time.monotonic_ns(), 21.5 + 0.5 * math.sin(i / 200))
-                sock.sendall(out)
-                sent = due
-            if qos:
-                acked, rem = _drain_acks(sock, acked, rem)
-            wait = t0 + sent / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-        end = time.monotonic() + 5.0
-        while qos and acked < sent and time.monotonic() < end:
-            time.sleep(0.01)
-            acked, rem = _drain_acks(sock, acked, rem)
-    finally:
-        close_quietly(sock)
-    return {"sent": sent, "acked": acked, "t_start": t0,
-            "seconds": round(time.monotonic() - t0, 4)}
 
 
 def _drain_acks(sock: socket.socket, acked: int, rem: bytes) -> tuple[int, bytes]:
