@@ -21,33 +21,42 @@ from rapidmq_edge.uplink.forwarding import StoreAndForward
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_commit_within_only_brings_the_commit_forward(tmp_path: Path) -> None:
-    async def main() -> tuple[float, float, bool]:
+def test_commit_arrived_counts_from_arrival(tmp_path: Path) -> None:
+    """Rows put late commit as if put on arrival: ``commit_delay`` after it, or at once when
+    a commit ended since (they would have been written right after that one)."""
+    async def main() -> tuple[float, float, float, bool]:
         q = ForwardQueue(tmp_path / "q.db", "normal", commit_delay=0.6)
-        q.commit_within(0.0)  # nothing put: nothing armed, nothing to wait for
+        q.commit_arrived(time.monotonic())  # nothing put: nothing armed, nothing to wait
         nothing = q.commit_future() is None
-        t0 = time.monotonic()
-        q.put("u", 2, "t", b"a")
-        q.commit_within(0.05)
-        fut = q.commit_future()
-        assert fut is not None
-        await fut
-        sooner = time.monotonic() - t0
-        t0 = time.monotonic()
-        q.put("u", 2, "t", b"b")
-        q.commit_within(10.0)  # never later than commit_delay
-        fut = q.commit_future()
-        assert fut is not None
-        await fut
-        capped = time.monotonic() - t0
-        assert [m.payload for m in q.fetch("u", 10)] == [b"a", b"b"]
-        await q.close()
-        return sooner, capped, nothing
 
-    sooner, capped, nothing = asyncio.run(main())
+        async def put(payload: bytes, since: float) -> float:
+            t0 = time.monotonic()
+            q.put("u", 2, "t", payload)
+            q.commit_arrived(since)
+            fut = q.commit_future()
+            assert fut is not None
+            await fut
+            return time.monotonic() - t0
+
+        waited = await put(b"a", time.monotonic() - 0.55)  # arrived 0.55 s ago
+        fresh = await put(b"b", time.monotonic())  # never later than commit_delay
+        arrived = time.monotonic()
+        await asyncio.sleep(0.05)
+        q.put("u", 2, "t", b"c")  # another put's commit runs meanwhile
+        q.commit_arrived(time.monotonic() - 0.6)
+        fut = q.commit_future()
+        assert fut is not None
+        await fut
+        after_commit = await put(b"d", arrived)  # a commit ended since it arrived: at once
+        assert [m.payload for m in q.fetch("u", 10)] == [b"a", b"b", b"c", b"d"]
+        await q.close()
+        return waited, fresh, after_commit, nothing
+
+    waited, fresh, after_commit, nothing = asyncio.run(main())
     assert nothing
-    assert sooner < 0.4  # not the 0.6 s commit_delay
-    assert 0.55 <= capped < 2.0
+    assert waited < 0.4  # not the 0.6 s commit_delay again
+    assert 0.55 <= fresh < 2.0
+    assert after_commit < 0.3  # not the ~0.5 s left of its own commit_delay
 
 
 def test_batch_window_is_part_of_the_commit_delay(tmp_path: Path) -> None:

@@ -247,7 +247,7 @@ class IntelligenceRuntime:
                 failure = exc
         q = self.queue
         if since is not None and q is not None:
-            q.commit_within(q.commit_delay - (time.monotonic() - since))
+            q.commit_arrived(since)
         self._resolve(fut, failure)
         self._busy = False
         self.loop_seconds_max = max(self.loop_seconds_max, time.perf_counter() - t0)

@@ -127,6 +127,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._pending_fut: asyncio.Future[None] | None = None
         self._busy_fut: asyncio.Future[None] | None = None
         self._busy = False
+        self._written_at = 0.0  # time.monotonic() when the last commit ended
         self._timer: asyncio.Handle | None = None  # the armed flush (uvloop: call_later(0)
         self._timer_due = 0.0  # returns a plain Handle, so its due time is kept here)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,7 @@ class QueueWriter:
     _pending_fut: asyncio.Future[None] | None
     _busy_fut: asyncio.Future[None] | None
     _busy: bool
+    _written_at: float
     _timer: asyncio.Handle | None
     _timer_due: float
     _loop: asyncio.AbstractEventLoop | None
@@ -108,13 +110,20 @@ class QueueWriter:
         assert self._loop is not None
         self._timer = self._loop.call_later(delay, self._flush)
 
-    def commit_within(self, seconds: float) -> None:
-        """Commit the puts so far at most ``seconds`` from now (never later than
-        ``commit_delay``): for rows that already waited before their put (the intelligence
-        runtime's micro-batch), so their group commit does not start its wait again."""
+    def commit_arrived(self, since: float) -> None:
+        """Commit the puts so far as if they had been put at ``since`` (``time.monotonic()``
+        of the first one's arrival), for rows that waited before their put (the intelligence
+        runtime's micro-batch): had they been put on arrival, they would have joined the
+        group commit armed then (at most ``commit_delay`` after ``since``), or, if a commit
+        was in flight since then, the one right after it. Without this, a writer that went
+        idle during the wait would start the full ``commit_delay`` again at the put."""
         if self._busy or not self._ins:
             return  # _written writes what arrived meanwhile at once
-        delay = min(max(seconds, 0.0), self.commit_delay)
+        now = time.monotonic()
+        if self._written_at > since:
+            delay = 0.0  # they would have arrived during that commit: written right after it
+        else:
+            delay = min(max(self.commit_delay - (now - since), 0.0), self.commit_delay)
         if self._timer is not None:
             if self._timer_due <= self._time() + delay:
                 return
@@ -197,6 +206,7 @@ class QueueWriter:
 
     def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
         self._busy = False
+        self._written_at = time.monotonic()
         writing, self._writing = self._writing, {}
         waiters, self._busy_fut = self._busy_fut, None
         exc = f.exception()
