@@ -307,7 +307,8 @@ def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: boo
 
 
 def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
-                 seconds: float, json_stamp: bool = True) -> dict[str, Any]:
+                 seconds: float, json_stamp: bool = True, streams: int = 1,
+                 replay: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
     """Latency at a high rate, where the paho harness of :func:`path_latency` is the
     bottleneck itself: bench/loadgen.py's paced QoS 1 publisher and latency subscriber
     (separate processes) on one sensor topic. Payloads: telemetry-like JSON with the send
@@ -324,7 +325,7 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
     n = int(rate * seconds)
     procs: list[Any] = []
     try:
-        sproc, spipe = start_subscriber(up.port, "edge/test-gw/plant/#", n, latency=True,
+        sproc, spipe = start_subscriber(up.port, "edge/test-gw/#", n, latency=True,
                                         start_timeout=15.0, idle_timeout=5.0,
                                         max_seconds=seconds * 3 + 20, client_prefix="ip-sub",
                                         json_stamp=json_stamp)
@@ -332,7 +333,7 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
         pproc, ppipe = mt._spawn("paced", {
             "host": "127.0.0.1", "port": gw.port, "topic": "plant/line1/dev7/temp", "qos": 1,
             "rate": rate, "seconds": seconds, "size": 64, "client_id": "ip-paced",
-            "json_stamp": json_stamp,
+            "json_stamp": json_stamp, "streams": streams, "replay": replay,
         }, None)
         procs.append(pproc)
         _recv(ppipe, seconds * 3 + 20, "paced publisher")
@@ -343,6 +344,7 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
         lat = sub.get("latency_ms", {})
         return {"messages": n, "received": sub.get("received"),
                 **{k: lat[k] for k in ("p50", "p99", "max") if k in lat},
+                "queue_commits": (status.get("forwarding") or {}).get("commits"),
                 **({"mean_batch": intel.get("mean_batch"),
                     "score_us_per_message": intel.get("score_us_per_message")}
                    if intelligence else {})}

@@ -527,26 +527,47 @@ def run_paced_publisher(
     size: int = 64,
     client_id: str = "lg-paced",
     json_stamp: bool = False,
+    streams: int = 1,
+    replay: list[tuple[str, bytes]] | None = None,
 ) -> dict[str, Any]:
     """Publish at a fixed ``rate`` for ``seconds``; payload starts with monotonic_ns (with
-    ``json_stamp``: a telemetry-like JSON object, :data:`JSON_STAMP`, ``size`` ignored)."""
-    if json_stamp:
-        plen = len(JSON_STAMP % (0, 0.0))
+    ``json_stamp``: a telemetry-like JSON object, :data:`JSON_STAMP`, ``size`` ignored).
+    ``streams`` > 1: message ``i`` goes to ``{topic}/{i % streams}`` (a fleet of sensors,
+    each at ``rate / streams``; with ``json_stamp`` each has its own slow sine).
+    ``replay``: (topic, payload) pairs sent in turn instead (``topic``, ``size`` and
+    ``streams`` ignored), each stamped as ``json_stamp`` reads it (:func:`stamped`)."""
+    head = bytes([0x30 | (qos << 1)])
+    if replay:
+        frames = [(encode_str(t), stamped(p)) for t, p in replay]
 
-        def payload(i: int) -> bytes:
-            return JSON_STAMP % (time.monotonic_ns(), 21.5 + 0.5 * math.sin(i / 200))
+        def frame(i: int) -> tuple[bytes, bytes]:
+            tb, (before, after) = frames[i % len(frames)]
+            body = before + b"%019d" % time.monotonic_ns() + after
+            return head + encode_varint(len(tb) + (2 if qos else 0) + len(body)) + tb, body
     else:
-        pad = b"\0" * max(0, size - 8)
-        plen = 8 + len(pad)
+        if json_stamp:
+            plen = len(JSON_STAMP % (0, 0.0))
 
-        def payload(i: int) -> bytes:
-            return time.monotonic_ns().to_bytes(8, "big") + pad
+            def payload(i: int) -> bytes:
+                k, s = divmod(i, streams)
+                return JSON_STAMP % (time.monotonic_ns(), 21.5 + 0.5 * math.sin(k / 200 + s))
+        else:
+            pad = b"\0" * max(0, size - 8)
+            plen = 8 + len(pad)
+
+            def payload(i: int) -> bytes:
+                return time.monotonic_ns().to_bytes(8, "big") + pad
+
+        prefixes = []
+        for s in range(streams):
+            tb = encode_str(topic if streams == 1 else f"{topic}/{s}")
+            prefixes.append(head + encode_varint(len(tb) + (2 if qos else 0) + plen) + tb)
+
+        def frame(i: int) -> tuple[bytes, bytes]:
+            return prefixes[i % streams], payload(i)
 
     sock = open_client(host, port, f"{client_id}-{os.getpid()}")
     total = int(rate * seconds)
-    head = bytes([0x30 | (qos << 1)])
-    tb = encode_str(topic)
-    prefix = head + encode_varint(len(tb) + (2 if qos else 0) + plen) + tb
     sent = 0
     acked = 0
     rem = b""
@@ -564,11 +585,12 @@ def run_paced_publisher(
             if due > sent:
                 out = bytearray()
                 for i in range(sent, due):
-                    out += prefix
+                    pre, body = frame(i)
+                    out += pre
                     if qos:
                         pid = pid % 65535 + 1
                         out += pid.to_bytes(2, "big")
-                    out += payload(i)
+                    out += body
                 sock.sendall(out)
                 sent = due
             if qos:
@@ -591,6 +613,16 @@ def run_paced_publisher(
         "seconds": round(t1 - t0, 4),
         "cpu_seconds": round(cpu, 3),
     }
+
+
+def stamped(payload: bytes) -> tuple[bytes, bytes]:
+    """Split a recorded payload around a 19-digit ``"ts"`` stamp (the latency subscriber's
+    ``json_stamp`` format): a JSON object's own ``"ts"`` value is replaced, anything else
+    gets a ``{"ts":...} `` head."""
+    if payload.startswith(b'{"ts":'):
+        end = payload.find(b",", 6)
+        return b'{"ts":', payload[end:] if end > 0 else b"}"
+    return b'{"ts":', b"} " + payload
 
 
 def _drain_acks(sock: socket.socket, acked: int, rem: bytes) -> tuple[int, bytes]:
