@@ -5,9 +5,13 @@ real scorers)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from rapidmq_edge.broker.broker import Broker, BrokerLimits
@@ -17,6 +21,8 @@ from rapidmq_edge.config_intelligence import IntelligenceSettings
 from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
 from rapidmq_edge.store.forward_queue import ForwardQueue
 from rapidmq_edge.uplink.forwarding import StoreAndForward
+
+from .gateway_proc import GatewayProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,3 +97,78 @@ def test_batch_window_is_part_of_the_commit_delay(tmp_path: Path) -> None:
     assert got == [b"21.5", b"22.5"]  # committed, in arrival order
     assert commits == 1  # one group: the window did not split it
     assert 0.45 <= elapsed < 0.75
+
+
+class _Publisher:
+    """A paho client recording each PUBACK's reason code by message id."""
+
+    def __init__(self, port: int, name: str, protocol: int) -> None:
+        self.acks: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name,
+                             protocol=protocol)
+        self.c.on_publish = self._acked
+        ready = threading.Event()
+        self.c.on_connect = lambda *a: ready.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert ready.wait(10)
+
+    def _acked(self, c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+        with self.lock:
+            self.acks[mid] = rc.value if hasattr(rc, "value") else int(rc)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        return self.c.publish(topic, payload, qos=1).mid
+
+    def wait(self, mids: list[int], seconds: float = 10.0) -> dict[int, int]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(m in self.acks for m in mids):
+                    break
+            time.sleep(0.02)
+        with self.lock:
+            return {m: self.acks[m] for m in mids if m in self.acks}
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_refused_message_in_a_scored_batch_fails_only_its_own_publisher(
+        tmp_path: Path) -> None:
+    """One micro-batch (a 400 ms window) holds a message the queue refuses (its class is
+    full, ``refuse_new``) and messages it stores: only the refused one's publisher hears
+    0x97 (MQTT 5); the others are acknowledged, by a 5.0 and by a 3.1.1 client."""
+    gw = GatewayProcess(tmp_path, {
+        "upstream": [{"name": "cloud", "urls": ["mqtt://127.0.0.1:1"]}],  # down: all stays
+        "forward": [{"filter": "bulk/#", "upstream": "cloud", "priority": "bulk"},
+                    {"filter": "plant/#", "upstream": "cloud"}],
+        "queue": {"durability": "normal", "bulk": {"max_messages": 1,
+                                                   "policy": "refuse_new"}},
+        "intelligence": {"enabled": True, "priority": "rules", "anomaly": "off",
+                         "threat": "off", "batch_window_ms": 400.0},
+    }).start()
+    a = b = c = None
+    try:
+        a = _Publisher(gw.port, "dev-a", mqtt.MQTTv5)
+        b = _Publisher(gw.port, "dev-b", mqtt.MQTTv5)
+        c = _Publisher(gw.port, "dev-c", mqtt.MQTTv311)
+        first = a.publish("bulk/1", b"fills the bulk class")
+        assert a.wait([first]) == {first: 0x10}  # stored (no local subscriber)
+        refused = a.publish("bulk/2", b"over the bulk class limit")
+        ok5 = b.publish("plant/t1", b"21.5")
+        ok3 = c.publish("plant/t2", b"22.5")
+        assert b.wait([ok5]) == {ok5: 0x10}  # was 0x97: the batch's refusal was everyone's
+        assert c.wait([ok3]) == {ok3: 0}
+        assert a.wait([refused]) == {refused: 0x97}
+    finally:
+        for p in (a, b, c):
+            if p is not None:
+                p.close()
+        gw.stop()
+    with sqlite3.connect(gw.data_dir / "forward.db") as db:
+        topics = sorted(r[0] for r in db.execute("SELECT topic FROM messages"))
+    assert [t.rsplit("/", 2)[-2:] for t in topics] == [["bulk", "1"], ["plant", "t1"],
+                                                       ["plant", "t2"]]

@@ -277,14 +277,16 @@ class ClientConnection(ConnectHandshake, FlowControl):
             self._wait_for_subscribers(blocked)
         if p.qos:
             fut = broker.commit_future()
-            self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut)
+            self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut,
+                              msg)
 
-    def _ack_publish(self, p: Publish, reason: int, fut: asyncio.Future[None] | None) -> None:
+    def _ack_publish(self, p: Publish, reason: int, fut: asyncio.Future[None] | None,
+                     msg: Message | None = None) -> None:
         if not p.qos:
             return
         code = reason if self.v5 else 0
         if p.qos == 1:
-            self._queue_ack(Puback(p.packet_id, code), fut)
+            self._queue_ack(Puback(p.packet_id, code), fut, None, msg)
             return
         session = self.session
         assert session is not None
@@ -293,7 +295,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             if session.persistent and session.store is not None:
                 session.store.save_inbound_qos2(session.client_id, p.packet_id)
                 fut = self.broker.commit_future()  # every durable store, this one included
-        self._queue_ack(Pubrec(p.packet_id, code), fut)
+        self._queue_ack(Pubrec(p.packet_id, code), fut, None, msg)
 
     def _on_pubrel(self, p: Pubrel) -> None:
         session = self.session

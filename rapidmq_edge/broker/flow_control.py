@@ -22,6 +22,7 @@ from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
 from ..mqtt.errors import MqttError
 from ..mqtt.packets import PUBACK, PUBREC, Packet
+from .message import Message
 from .negotiation import ConnectionSettings
 from .session import Session
 
@@ -34,7 +35,9 @@ HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is drop
 PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
 
 #: an acknowledgement, the commit it waits for, what to do once it is sent
-Ack = tuple[Packet, asyncio.Future[None] | None, Callable[[], None] | None]
+#: an acknowledgement, the commit it waits for, what runs after it is written, and the
+#: message it acknowledges (for a refusal found after the publish: ``Message.refused``)
+Ack = tuple[Packet, asyncio.Future[None] | None, Callable[[], None] | None, Message | None]
 
 
 class FlowControl:
@@ -70,11 +73,11 @@ class FlowControl:
 
     def _queue_ack(
         self, ack: Packet, fut: asyncio.Future[None] | None,
-        then: Callable[[], None] | None = None,
+        then: Callable[[], None] | None = None, msg: Message | None = None,
     ) -> None:
         """Send acknowledgements in order, each only after its data is committed;
         ``then`` runs right after ``ack`` is written (not when it is withheld)."""
-        if fut is None and not self._acks:
+        if fut is None and not self._acks and (msg is None or msg.refused is None):
             self._write(encode(ack, self.version))
             if then is not None:
                 then()
@@ -86,12 +89,12 @@ class FlowControl:
         # drains them all, in order, when the commit is done.
         if fut is not None and not (acks and acks[-1][1] is fut):
             fut.add_done_callback(self._drain_acks)
-        acks.append((ack, fut, then))
+        acks.append((ack, fut, then, msg))
 
     def _drain_acks(self, _f: object = None) -> None:
         acks = self._acks
         while acks:
-            ack, fut, then = acks[0]
+            ack, fut, then, msg = acks[0]
             if fut is not None and not fut.done():
                 break
             acks.popleft()
@@ -99,10 +102,13 @@ class FlowControl:
                 self._inbound_unacked -= 1
             if self.closed:
                 continue
-            if fut is not None and (fut.cancelled() or fut.exception() is not None):
+            refused = msg.refused if msg is not None else None
+            if refused is not None or (
+                    fut is not None and (fut.cancelled() or fut.exception() is not None)):
                 # Not stored: never acknowledge. 5.0 says why; 3.1.1 withholds the ack.
                 if self.v5 and ack.type in (PUBACK, PUBREC):
-                    ack.reason_code = rc.QUOTA_EXCEEDED  # type: ignore[union-attr]
+                    ack.reason_code = (  # type: ignore[union-attr]
+                        refused.reason_code if refused is not None else rc.QUOTA_EXCEEDED)
                     session = self.session
                     if ack.type == PUBREC and session is not None:
                         pid = ack.packet_id  # type: ignore[union-attr]

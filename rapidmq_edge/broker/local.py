@@ -74,12 +74,21 @@ class LocalClient:
 
 
 def publish(broker: Broker, msg: Message) -> Any:
-    """Publish ``msg`` like a client would; returns the commit future to await (or None).
+    """Publish ``msg`` like a client would; returns what to await until it is stored (or
+    None: nothing to wait for).
 
-    Raises :class:`~rapidmq_edge.broker.message.PublishRefused` when a tap refuses it.
+    Raises :class:`~rapidmq_edge.broker.message.PublishRefused` when a tap refuses it; the
+    awaitable raises it when a tap refuses it later (a scored micro-batch), and the store's
+    error when the commit fails.
     """
     broker.publish(msg)
     fut = broker.commit_future()
+    return _stored(fut, msg) if fut is not None else None
+
+
+async def _stored(fut: asyncio.Future[Any], msg: Message) -> None:
     # the commit future is shared with every other publisher of the same group commit:
     # a caller that is cancelled while awaiting must not cancel it for all of them
-    return asyncio.shield(fut) if fut is not None else None
+    await asyncio.shield(fut)
+    if msg.refused is not None:  # refused after publish() returned (a scored micro-batch)
+        raise msg.refused

@@ -29,6 +29,10 @@ class Message:
     origin: str | None = None
     #: wire-format cache: (is MQTT 5, retain) -> encoded QoS 0 PUBLISH
     wire: dict[tuple[bool, bool], bytes] | None = None
+    #: set when a tap refused it after ``publish()`` returned (the intelligence runtime
+    #: queues a scored micro-batch later): its publisher must not be acknowledged even
+    #: though the commit future it waits for, shared with the batch, succeeds
+    refused: PublishRefused | None = None
 
     def expired(self, now: float) -> bool:
         """True when the message expiry interval has passed."""

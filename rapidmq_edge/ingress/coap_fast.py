@@ -151,8 +151,9 @@ class FastPublisher:
         ok = codec.CREATED if retain and topic not in self.broker.retained else codec.CHANGED
         qos = 1 if msg.mtype == codec.CON else 0
         broker = self.broker
+        pub = Message(topic, payload, qos, retain, props, None, client_id)
         try:
-            broker.publish(Message(topic, payload, qos, retain, props, None, client_id))
+            broker.publish(pub)
         except PublishRefused as exc:
             raise _Refusal(codec.SERVICE_UNAVAILABLE, str(exc) or "refused",
                            ((codec.MAX_AGE, self.max_age),)) from None
@@ -162,12 +163,13 @@ class FastPublisher:
             self._answer(msg, addr, ok)
             return
         self.pending += 1
-        fut.add_done_callback(lambda f: self._committed(f, msg, addr, ok, topic))
+        fut.add_done_callback(lambda f: self._committed(f, msg, addr, ok, pub))
 
     def _committed(self, fut: asyncio.Future[Any], msg: codec.Message, addr: Any, ok: int,
-                   topic: str) -> None:
+                   pub: Message) -> None:
         self.pending -= 1
-        exc = None if fut.cancelled() else fut.exception()
+        topic = pub.topic
+        exc = pub.refused or (None if fut.cancelled() else fut.exception())
         if fut.cancelled() or exc is not None:
             log.warning("CoAP publication to %s not stored: %s", topic, exc or "cancelled")
             self.refused += 1

@@ -310,6 +310,11 @@ class HttpApi:
                 log.warning("http publish to %s not stored: %s", topic, exc)
                 return _error(503, f"message not stored: {exc}",
                               {"Retry-After": str(RETRY_AFTER)})
+        if msg.refused is not None:  # refused after its micro-batch was scored
+            self.stats["refused"] += 1
+            log.info("http publish to %s refused: %s", topic, msg.refused)
+            return _error(503, f"message refused: {msg.refused}",
+                          {"Retry-After": str(RETRY_AFTER)})
         self.stats["published"] += 1
         return web.json_response({"ok": True, "receivers": receivers})
 

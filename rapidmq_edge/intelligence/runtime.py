@@ -242,9 +242,9 @@ class IntelligenceRuntime:
                     continue
             try:
                 fwd(msg, cls)
-            except PublishRefused as exc:
+            except PublishRefused as exc:  # this message only: the batch is queued
                 self.forward_refused += 1
-                failure = exc
+                msg.refused = exc
         q = self.queue
         if since is not None and q is not None:
             q.commit_arrived(since)
