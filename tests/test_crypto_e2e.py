@@ -229,3 +229,43 @@ def test_kill9_mid_batch_loses_no_acked_message(
     res = _audit(gw.data_dir, keys.trust)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "carried over" in gw.log()
+
+
+def test_summaries_of_a_protected_rule_are_sealed_and_signed(
+    tmp_path: Path, mosquitto: MosquittoBroker,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """Readings summarised under pressure leave as their rule's messages do: the summary of
+    an ``encrypt`` + ``sign`` rule is an envelope in the signed batch chain that the cloud
+    consumer verifies and opens (was: queued as plain JSON, bypassing the protection)."""
+    keys = make_keys(tmp_path)
+    cfg = gateway_config(mosquitto.port, keys, batch_size=4)
+    cfg["forward"][0]["priority"] = "normal"  # a routine class: summarised under pressure
+    cfg["intelligence"] = {"enabled": True, "priority": "rules", "anomaly": "off",
+                           "threat": "off", "summarise_disk_percent": 0.01,  # always over
+                           "summary_window_s": 0.5, "pressure_check_s": 0.05}
+    gw = gateway_factory(cfg)
+    values = [20.0 + i / 8 for i in range(12)]
+    out = tmp_path / "out.jsonl"
+
+    async def main() -> tuple[dict[str, int], list[Any]]:
+        ready = asyncio.Event()
+        cons = asyncio.create_task(consume(mosquitto.port, keys, out, ready=ready, idle=2.0))
+        await ready.wait()
+        wire_ready = asyncio.Event()
+        wire_task = asyncio.create_task(capture(
+            mosquitto.port, lambda got: any("/summary" in t for t, _, _ in got), timeout=10,
+            ready=wire_ready))
+        await asyncio.wait_for(wire_ready.wait(), 8)
+        await asyncio.sleep(0.5)  # the pressure check has switched summarising on
+        items = [("sensors/line1/temp", json.dumps({"value": v}).encode()) for v in values]
+        assert await asyncio.to_thread(publish_qos1, gw.port, items) == len(items)
+        wire = await wire_task
+        counts, _ = await cons
+        return counts, wire
+
+    counts, wire = asyncio.run(main())
+    summaries = [r for r in _lines(out) if r["topic"].endswith("/summary")]
+    assert [json.loads(r["payload"])["count"] for r in summaries] == [12]
+    assert summaries[0]["encrypted"] and counts["verified"] >= 1
+    assert not [p for t, p, _ in wire if b'"summary"' in p or b'"count"' in p]

@@ -172,3 +172,33 @@ def test_refused_message_in_a_scored_batch_fails_only_its_own_publisher(
         topics = sorted(r[0] for r in db.execute("SELECT topic FROM messages"))
     assert [t.rsplit("/", 2)[-2:] for t in topics] == [["bulk", "1"], ["plant", "t1"],
                                                        ["plant", "t2"]]
+
+
+def test_staged_state_commits_with_the_puts_and_survives_reopen(tmp_path: Path) -> None:
+    """``stage()`` alone makes a commit future (what waits for it is acknowledged only once
+    it is on disk); a key set and a put in one group land together; None deletes."""
+    async def main() -> tuple[bool, dict[str, bytes]]:
+        q = ForwardQueue(tmp_path / "q.db", "normal", commit_delay=0.01)
+        q.stage("summary:a", b"1")
+        fut = q.commit_future()
+        assert fut is not None
+        await fut
+        q.put("u", 2, "t", b"m")
+        q.stage("summary:a", None)
+        q.stage("summary:b", b"2")
+        q.stage("other", b"3")
+        fut = q.commit_future()
+        assert fut is not None
+        commits = q.commits
+        await fut
+        one_group = q.commits == commits + 1
+        await q.close()
+        q = ForwardQueue(tmp_path / "q.db", "normal")
+        state = q.load_state("summary:")
+        assert [m.payload for m in q.fetch("u", 10)] == [b"m"]
+        await q.close()
+        return one_group, state
+
+    one_group, state = asyncio.run(main())
+    assert one_group
+    assert state == {"summary:b": b"2"}

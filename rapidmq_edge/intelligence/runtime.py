@@ -9,9 +9,11 @@ model judges each numeric reading against its stream's incremental state and an 
 raises an **alert** (local ``$edge/alerts/<kind>/<topic>`` and upstream in the highest
 class); while the forward backlog or the disk is past a threshold, routine readings are
 **summarised** per stream (count / min / max / mean per window) instead of forwarded one
-by one. Back on the event loop the batch is queued in arrival order, and the publishers'
-acknowledgements wait for :meth:`IntelligenceRuntime.commit_future` (scored, queued, and
-committed).
+by one; an open window is stored in the forward queue's database in the same group commit
+that the acknowledgement of its readings waits for, so a crash loses no acknowledged reading
+(the restarted gateway queues the windows it finds). Back on the event loop the batch is
+queued in arrival order, and the publishers' acknowledgements wait for
+:meth:`IntelligenceRuntime.commit_future` (scored, queued, and committed).
 
 The **threat** watch (:mod:`.threat`) is fed by the connection hooks and scored on a timer.
 A model that cannot be verified is replaced by the rules (:mod:`.models`); the runtime says
@@ -27,6 +29,7 @@ import logging
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,7 @@ from ..store.forward_queue import QueueError
 from .features import ANOMALY_LABELS, PRIORITY_LABELS
 from .models import Scorer, load_scorer
 from .scoring import BatchScorer, Scored
-from .summarise import Summariser
+from .summarise import Summariser, Summary
 from .threat import ClientWatch
 
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ ORIGIN = "$edge"
 #: the backlog / disk criteria switch off again below this share of their threshold
 HYSTERESIS = 0.8
 _NONE = ANOMALY_LABELS.index("none")
+#: key prefix of open summary windows in the forward queue's ``state`` table
+SUMMARY_KEY = "summary:"
 
 
 class IntelligenceRuntime:
@@ -219,6 +224,8 @@ class IntelligenceRuntime:
         classes = self.settings.classes
         summarise = self.pressure and self.queue is not None
         sum_classes = self.settings.summarise_classes
+        summ = self.summariser
+        touched: set[str] = set()
         fwd = self.forwarder
         for i, (msg, targets, t) in enumerate(batch):
             cls = None
@@ -238,7 +245,11 @@ class IntelligenceRuntime:
                 eff = min(rule.priority if rule.priority_explicit or cls is None else cls
                           for rule, _ in targets)
                 if eff in sum_classes:
-                    self.summariser.add(msg.topic, t, value, eff, targets)
+                    stream = msg.topic
+                    summ.add(stream, t, value, eff, None if stream in summ.open else [
+                        [rule.upstream, up, min(rule.qos, 1), rule.ttl, rule.filter]
+                        for rule, up in targets])
+                    touched.add(stream)
                     continue
             try:
                 fwd(msg, cls)
@@ -246,6 +257,9 @@ class IntelligenceRuntime:
                 self.forward_refused += 1
                 msg.refused = exc
         q = self.queue
+        if touched and q is not None:  # durable with the batch: before its acknowledgements
+            for stream in touched:
+                q.stage(SUMMARY_KEY + stream, summ.open[stream].state())
         if since is not None and q is not None:
             q.commit_arrived(since)
         self._resolve(fut, failure)
@@ -360,15 +374,49 @@ class IntelligenceRuntime:
         suffix = self.settings.summary_suffix
         for summary in self.summariser.due(time.time(), everything):
             payload = summary.payload()
-            for rule, up_topic in summary.targets:
+            for upstream, up_topic, qos, ttl, filt in summary.targets:
                 try:
-                    self.queue.put(rule.upstream, summary.priority, up_topic + suffix, payload,
-                                   min(rule.qos, 1), None, rule.ttl or None)
+                    self._put_summary(summary.priority, upstream, filt, up_topic + suffix,
+                                      payload, qos, ttl)
                     n += 1
                 except QueueError as exc:
                     log.warning("intelligence: summary of %s not queued: %s", summary.stream,
                                 exc)
+            self.queue.stage(SUMMARY_KEY + summary.stream, None)  # in the same commit
         return n
+
+    def _put_summary(self, priority: int, upstream: str, filt: str, topic: str,
+                     payload: bytes, qos: int, ttl: float) -> None:
+        """Queue one summary as its ``[[forward]]`` rule queues messages: sealed and / or
+        signed when the rule says so (the rule found again by filter and upstream)."""
+        assert self.queue is not None
+        fwd = self.forwarder
+        rule = next((r for _, r, _ in fwd.rules if r.filter == filt and r.upstream == upstream),
+                    None) if fwd is not None else None
+        if rule is not None and fwd is not None and fwd.protect is not None and (
+                rule.encrypt or rule.sign):
+            if rule.priority != priority:
+                rule = replace(rule, priority=priority)
+            fwd.protect.put(rule, topic, payload, qos, None, ttl or None)
+        else:
+            self.queue.put(upstream, priority, topic, payload, qos, None, ttl or None)
+
+    def restore_summaries(self) -> int:
+        """Queue the summary windows a previous run left open (crash or kill)."""
+        if self.queue is None:
+            return 0
+        stored = self.queue.load_state(SUMMARY_KEY)
+        for key, data in stored.items():
+            try:
+                self.summariser.restore(Summary.from_state(data))
+            except ValueError as exc:
+                log.error("intelligence: stored summary window %s unreadable (%s): dropped",
+                          key, exc)
+                self.queue.stage(key, None)
+        if stored:
+            log.warning("intelligence: %d summary window(s) left open by the previous run: "
+                        "queued now", len(self.summariser.open))
+        return self.emit_summaries(everything=True)
 
     # -- background tasks ----------------------------------------------------------
 
@@ -377,6 +425,7 @@ class IntelligenceRuntime:
         loop = asyncio.get_running_loop()
         self._loop = loop
         s = self.settings
+        self.restore_summaries()
         if s.summarising and self.queue is not None:
             self._tasks.append(loop.create_task(self._every(s.pressure_check_s,
                                                             self.check_pressure)))

@@ -3,6 +3,8 @@
 Pure bookkeeping, no I/O: the runtime feeds readings it chose not to forward one by one
 (:meth:`Summariser.add`) and asks for the windows that are due (:meth:`Summariser.due`);
 each comes back as a :class:`Summary` whose :meth:`Summary.payload` is what goes upstream.
+An open window's :meth:`Summary.state` is what the runtime stores durably before the
+readings in it are acknowledged; :meth:`Summariser.restore` takes it back after a restart.
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ class Summary:
             "min": self.minimum, "max": self.maximum, "mean": self.mean,
         }, separators=(",", ":")).encode()
 
+    def state(self) -> bytes:
+        """The open window as JSON (floats round-trip exactly; ``targets`` must be JSON)."""
+        return json.dumps([self.stream, self.start, self.end, self.count, self.minimum,
+                           self.maximum, self.total, self.priority, self.targets,
+                           self.window], separators=(",", ":")).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes) -> Summary:
+        """The inverse of :meth:`state`; ValueError when ``data`` is not one."""
+        try:
+            (stream, start, end, count, lo, hi, total, priority, targets,
+             window) = json.loads(data)
+            return cls(str(stream), float(start), float(end), int(count), float(lo),
+                       float(hi), float(total), int(priority), targets, float(window))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a summary window: {exc}") from None
+
 
 @dataclass
 class Summariser:
@@ -67,6 +86,10 @@ class Summariser:
             if value > s.maximum:
                 s.maximum = value
         self.readings += 1
+
+    def restore(self, summary: Summary) -> None:
+        """Reopen a window stored by :meth:`Summary.state` (after a restart)."""
+        self.open[summary.stream] = summary
 
     def due(self, now: float, everything: bool = False) -> list[Summary]:
         """Windows that are complete at ``now`` (all of them when ``everything``)."""

@@ -120,6 +120,8 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._ins: dict[int, Row] = {}  # puts not yet handed to the writer
         self._dels: set[int] = set()  # deletes not yet handed to the writer
         self._writing: dict[int, Row] = {}  # rows of the batch being written
+        self._state: dict[str, bytes | None] = {}  # stage() not yet written
+        self._state_writing: dict[str, bytes | None] = {}
         self._cache: OrderedDict[int, Row] = OrderedDict()  # committed rows, newest last
         self._cached = 0
         self._pending_bytes = 0
@@ -498,7 +500,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if not self._ins and not self._dels and not self._busy:
+            if not self._ins and not self._dels and not self._state and not self._busy:
                 break
             self._flush()
             fut = self._busy_fut

@@ -1,13 +1,14 @@
 """The forward queue's writer: table layout and group commit (one writer thread).
 
 ``put()`` rows accumulate for at most ``commit_delay`` seconds and one writer thread writes
-them in one transaction. ``commit_future()`` resolves when everything put so far is
-committed; a failed commit fails that future and takes the failed rows out of the index
-(nothing that was not stored is counted or acknowledged). Deletes (acks, drops) ride along
-with the next group of puts, or wait at most ``DELETE_DELAY``; nothing waits for them, and
-one lost in a crash only means the same id is sent again. Each group is a few multi-row
-statements, so the writer thread needs the GIL (held by a busy event loop) only a few times
-per commit.
+them in one transaction, together with what ``stage()`` set in the small ``state`` table
+(durable state of the message path, such as open summary windows). ``commit_future()``
+resolves when everything put so far is committed; a failed commit fails that future and
+takes the failed rows out of the index (nothing that was not stored is counted or
+acknowledged). Deletes (acks, drops) ride along with the next group of puts, or wait at
+most ``DELETE_DELAY``; nothing waits for them, and one lost in a crash only means the same
+id is sent again. Each group is a few multi-row statements, so the writer thread needs the
+GIL (held by a busy event loop) only a few times per commit.
 
 :class:`QueueWriter` is mixed into :class:`~.forward_queue.ForwardQueue`.
 """
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, priority INTEGER NOT NULL,
     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
     created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
 INSERT = f"INSERT INTO messages ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -71,6 +73,8 @@ class QueueWriter:
     _ins: dict[int, Row]  # puts not yet handed to the writer
     _dels: set[int]  # deletes not yet handed to the writer
     _writing: dict[int, Row]  # rows of the batch being written
+    _state: dict[str, bytes | None]  # stage() not yet handed to the writer
+    _state_writing: dict[str, bytes | None]
     _cache: OrderedDict[int, Row]  # committed rows, newest last
     _cached: int
     _pending_bytes: int
@@ -117,7 +121,7 @@ class QueueWriter:
         group commit armed then (at most ``commit_delay`` after ``since``), or, if a commit
         was in flight since then, the one right after it. Without this, a writer that went
         idle during the wait would start the full ``commit_delay`` again at the put."""
-        if self._busy or not self._ins:
+        if self._busy or not (self._ins or self._state):
             return  # _written writes what arrived meanwhile at once
         now = time.monotonic()
         if self._written_at > since:
@@ -129,6 +133,19 @@ class QueueWriter:
                 return
             self._timer.cancel()
         self._arm(delay)
+
+    def stage(self, key: str, value: bytes | None) -> None:
+        """Set ``key`` in the ``state`` table (None: delete it) with the next group commit,
+        atomically with the puts made around it; :meth:`commit_future` covers it."""
+        self._state[key] = value
+        self._schedule()
+
+    def load_state(self, prefix: str) -> dict[str, bytes]:
+        """The committed ``state`` entries whose key starts with ``prefix``."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM state WHERE substr(key, 1, ?) = ?",
+                                    (len(prefix), prefix)).fetchall()
+        return {k: bytes(v) for k, v in rows}
 
     def _schedule_deletes(self) -> None:
         """Arm a commit for deletes alone (acks, drops): they wait up to ``DELETE_DELAY``
@@ -146,12 +163,12 @@ class QueueWriter:
         awaiting task may be cancelled. Deletes (acks, drops) are committed with the
         next batch and are not waited for.
         """
-        if self._ins:
+        if self._ins or self._state:
             fut = self._pending_fut
             if fut is None or fut.done():
                 fut = self._pending_fut = self._new_future()
             return fut
-        if self._busy and self._writing:
+        if self._busy and (self._writing or self._state_writing):
             return self._busy_fut
         return None
 
@@ -164,24 +181,26 @@ class QueueWriter:
         self._timer = None
         if self._busy:
             return
-        if not self._ins:
+        if not self._ins and not self._state:
             fut, self._pending_fut = self._pending_fut, None
             _resolve(fut, None)  # what it waited for was dropped before being written
             if not self._dels:
                 return
         rows = list(self._ins.values())
         dels = sorted(self._dels)
-        self._writing, self._ins, self._dels = self._ins, {}, set()
+        state = self._state_writing = self._state
+        self._writing, self._ins, self._dels, self._state = self._ins, {}, set(), {}
         fut = self._pending_fut
         self._busy_fut = fut if fut is not None and not fut.done() else self._new_future()
         self._pending_fut = None
         self._busy = True
         loop = self._loop
         assert loop is not None
-        done = loop.run_in_executor(self._writer, self._write, rows, dels)
-        done.add_done_callback(lambda f: self._written(f, rows, dels))
+        done = loop.run_in_executor(self._writer, self._write, rows, dels, state)
+        done.add_done_callback(lambda f: self._written(f, rows, dels, state))
 
-    def _write(self, rows: list[Row], dels: list[int]) -> None:
+    def _write(self, rows: list[Row], dels: list[int],
+               state: dict[str, bytes | None] | None = None) -> None:
         """One transaction (in the writer thread). Few statements, each doing much: the
         thread needs the GIL between statements, which a busy event loop holds."""
         db = self._db
@@ -198,14 +217,21 @@ class QueueWriter:
                     k += n
                 if rows and self.write_hook is not None:
                     self.write_hook(db, rows)
+                if state:
+                    db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                                   [(k, v) for k, v in state.items() if v is not None])
+                    db.executemany("DELETE FROM state WHERE key = ?",
+                                   [(k,) for k, v in state.items() if v is None])
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
 
-    def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int]) -> None:
+    def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int],
+                 state: dict[str, bytes | None] | None = None) -> None:
         self._busy = False
+        self._state_writing = {}
         self._written_at = time.monotonic()
         writing, self._writing = self._writing, {}
         waiters, self._busy_fut = self._busy_fut, None
@@ -228,15 +254,17 @@ class QueueWriter:
             self.commit_failures += 1
             self._unput(writing, rows)
             self._dels.update(dels)  # acks and drops are retried
+            for k, v in (state or {}).items():  # so is state not set again since
+                self._state.setdefault(k, v)
             log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
                       self.path, exc, len(writing))
             _resolve(waiters, QueueError(f"commit failed: {exc}"))
         if self._timer is not None or self._loop is None:
             return
         if exc is not None:
-            if self._ins or self._dels:  # pause before retrying
+            if self._ins or self._dels or self._state:  # pause before retrying
                 self._arm(self.commit_delay if self._ins else 0.5)
-        elif self._ins:
+        elif self._ins or self._state:
             # Adaptive group commit: what arrived during this commit has waited long
             # enough; write it at once.
             self._arm(0.0)
