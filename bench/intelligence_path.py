@@ -25,9 +25,11 @@ Prints JSON with two parts, measured in one invocation:
 
   ``path.loadgen``: the same off/on comparison at ``--high-rates`` (2,000 and 5,000 msg/s),
   where paho in the bench process would be the bottleneck: bench/loadgen.py's paced QoS 1
-  publisher and latency subscriber in their own processes (telemetry-like JSON payloads with
-  the send time as digits, one sensor topic; the publisher is on ``threat_exempt_clients``:
-  a single client at that rate is a flood).
+  publisher and latency subscriber in their own processes; ``fleet_replay``: the held-out
+  run's messages with their recorded spacing scaled to the rate (the send time as their
+  ``"ts"``); ``one_stream``: telemetry-like JSON on one sensor topic at the whole rate (the
+  anomaly gate's worst case: the stream's timing features are never steady). The publisher
+  is on ``threat_exempt_clients``: a single client at that rate is a flood.
 
     .venv/bin/python bench/intelligence_path.py [--rate 500] [--seconds 8] [--rounds 2]
         [--high-rates 2000,5000]
@@ -308,12 +310,14 @@ def path_latency(messages: list[Any], up: Upstream, tmp: Path, intelligence: boo
 
 def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
                  seconds: float, json_stamp: bool = True, streams: int = 1,
-                 replay: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
+                 replay: list[Any] | None = None) -> dict[str, Any]:
     """Latency at a high rate, where the paho harness of :func:`path_latency` is the
     bottleneck itself: bench/loadgen.py's paced QoS 1 publisher and latency subscriber
-    (separate processes) on one sensor topic. Payloads: telemetry-like JSON with the send
-    time as digits and a slowly varying ``"value"`` (``loadgen.JSON_STAMP``: both models
-    run), or with ``json_stamp=False`` 64 B with the time in binary (no reading)."""
+    (separate processes). ``replay``: simulator messages sent with their recorded spacing
+    scaled to ``rate`` on average (their topics and payloads, the ``"ts"`` replaced by the
+    send time); otherwise one sensor topic (or ``streams`` of them) of telemetry-like JSON
+    with the send time as digits and a slowly varying ``"value"`` (``loadgen.JSON_STAMP``),
+    or with ``json_stamp=False`` 64 B with the time in binary (no reading)."""
     import mqtt_throughput as mt
     from store_forward import _recv, start_subscriber
 
@@ -323,6 +327,12 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
                           if intelligence else None)
     gw = GatewayProcess(Path(tempfile.mkdtemp(dir=tmp)), cfg).start()
     n = int(rate * seconds)
+    pairs = times = None
+    if replay:
+        t0, scale = replay[0].t, len(replay) / (rate * (replay[-1].t - replay[0].t))
+        pairs = [(m.topic, m.payload) for m in replay]
+        times = [(m.t - t0) * scale for m in replay]
+        n = min(n, len(replay))
     procs: list[Any] = []
     try:
         sproc, spipe = start_subscriber(up.port, "edge/test-gw/#", n, latency=True,
@@ -333,7 +343,8 @@ def path_loadgen(up: Upstream, tmp: Path, intelligence: bool, rate: float,
         pproc, ppipe = mt._spawn("paced", {
             "host": "127.0.0.1", "port": gw.port, "topic": "plant/line1/dev7/temp", "qos": 1,
             "rate": rate, "seconds": seconds, "size": 64, "client_id": "ip-paced",
-            "json_stamp": json_stamp, "streams": streams, "replay": replay,
+            "json_stamp": json_stamp, "streams": streams, "replay": pairs,
+            "replay_times": times,
         }, None)
         procs.append(pproc)
         _recv(ppipe, seconds * 3 + 20, "paced publisher")
@@ -390,14 +401,23 @@ def main(argv: list[str] | None = None) -> int:
                                    "added_p99_ms": round(on["p99_ms"] - off["p99_ms"], 3),
                                    "added_p50_ms": round(on["p50_ms"] - off["p50_ms"], 3)})
                 high: dict[str, Any] = {}
+                fleet = [m for m in msgs if m.payload]
                 for rate in [float(r) for r in args.high_rates.split(",") if r]:
-                    runs = []
-                    for _ in range(args.rounds):
-                        off = path_loadgen(up, tmp, False, rate, args.seconds)
-                        on = path_loadgen(up, tmp, True, rate, args.seconds)
-                        runs.append({"off": off, "on": on, "added_p99_ms": round(
-                            on.get("p99", float("nan")) - off.get("p99", float("nan")), 3)})
-                    high[f"{rate:g}_msg_s"] = runs
+                    for load, replay in (("fleet_replay", fleet), ("one_stream", None)):
+                        runs = []
+                        for _ in range(args.rounds):
+                            off = path_loadgen(up, tmp, False, rate, args.seconds,
+                                               replay=replay)
+                            on = path_loadgen(up, tmp, True, rate, args.seconds,
+                                              replay=replay)
+                            runs.append({"off": off, "on": on, **{
+                                f"added_{q}_ms": round(on.get(q, float("nan"))
+                                                       - off.get(q, float("nan")), 3)
+                                for q in ("p50", "p99")}})
+                        high[f"{rate:g}_msg_s_{load}"] = {
+                            "median_added_p99_ms": float(np.median(
+                                [r["added_p99_ms"] for r in runs])),
+                            "rounds": runs}
             finally:
                 up.stop()
         result["path"] = {"rate_msg_s": args.rate, "seconds": args.seconds, "rounds": rounds,

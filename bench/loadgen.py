@@ -41,6 +41,7 @@ import socket
 import struct
 import sys
 import time
+from bisect import bisect_right
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -529,13 +530,16 @@ def run_paced_publisher(
     json_stamp: bool = False,
     streams: int = 1,
     replay: list[tuple[str, bytes]] | None = None,
+    replay_times: list[float] | None = None,
 ) -> dict[str, Any]:
     """Publish at a fixed ``rate`` for ``seconds``; payload starts with monotonic_ns (with
     ``json_stamp``: a telemetry-like JSON object, :data:`JSON_STAMP`, ``size`` ignored).
     ``streams`` > 1: message ``i`` goes to ``{topic}/{i % streams}`` (a fleet of sensors,
     each at ``rate / streams``; with ``json_stamp`` each has its own slow sine).
     ``replay``: (topic, payload) pairs sent in turn instead (``topic``, ``size`` and
-    ``streams`` ignored), each stamped as ``json_stamp`` reads it (:func:`stamped`)."""
+    ``streams`` ignored), each stamped as ``json_stamp`` reads it (:func:`stamped`);
+    ``replay_times`` (ascending seconds from the start, one per pair) keeps their recorded
+    spacing, scaled by the caller (``rate`` is then only their mean rate)."""
     head = bytes([0x30 | (qos << 1)])
     if replay:
         frames = [(encode_str(t), stamped(p)) for t, p in replay]
@@ -568,6 +572,22 @@ def run_paced_publisher(
 
     sock = open_client(host, port, f"{client_id}-{os.getpid()}")
     total = int(rate * seconds)
+    if replay_times is not None:
+        total = min(total, len(replay_times))
+
+        def due_by(elapsed: float) -> int:
+            return bisect_right(replay_times, elapsed, 0, total)
+
+        def due_at(k: int) -> float:
+            return replay_times[k] if k < total else seconds
+    else:
+
+        def due_by(elapsed: float) -> int:
+            return min(total, int(elapsed * rate) + 1)
+
+        def due_at(k: int) -> float:
+            return k / rate
+
     sent = 0
     acked = 0
     rem = b""
@@ -581,7 +601,7 @@ def run_paced_publisher(
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError("paced publisher fell too far behind")
-            due = min(total, int((now - t0) * rate) + 1)
+            due = due_by(now - t0)
             if due > sent:
                 out = bytearray()
                 for i in range(sent, due):
@@ -595,7 +615,7 @@ def run_paced_publisher(
                 sent = due
             if qos:
                 acked, rem = _drain_acks(sock, acked, rem)
-            wait = t0 + sent / rate - time.monotonic()
+            wait = t0 + due_at(sent) - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         end = time.monotonic() + 5.0
