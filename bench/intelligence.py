@@ -6,9 +6,12 @@ false-positive rate on benign clients, for the committed ONNX models and for the
 batch sizes 1/16/64/256 (onnxruntime, 1 intra-op thread, no spinning) next to the rules'
 cost; and the feature-extraction cost per message. With ``--routing`` it also runs
 ``bench/routing.py`` (real Mosquitto brokers behind a fault-injecting proxy) and reports the
-bandit's end-to-end tail latency against round-robin and fixed-order failover.
+bandit's end-to-end tail latency against round-robin and fixed-order failover; with
+``--path`` it runs ``bench/intelligence_path.py`` (a real gateway, intelligence off vs on,
+real Mosquitto upstream) and reports the runtime's µs per message as deployed and the added
+p99 latency in the path.
 
-    .venv/bin/python bench/intelligence.py [--quick] [--routing] [--out FILE]
+    .venv/bin/python bench/intelligence.py [--quick] [--routing] [--path] [--out FILE]
 """
 
 from __future__ import annotations
@@ -121,6 +124,26 @@ def _routing_tails(scenario: str = "flaky") -> dict[str, Any]:
         for policy, r in runs.items()}}
 
 
+def _path_latency() -> dict[str, Any]:
+    """Headline of one ``bench/intelligence_path.py`` run (2 rounds, ~8 min)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "path.json"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "intelligence_path.py"),
+                        "--rounds", "2", "--out", str(out)], check=True, timeout=1800,
+                       stdout=subprocess.DEVNULL)
+        data = json.loads(out.read_text())
+    path = data["path"]
+    return {
+        "runtime_us_per_msg_as_deployed": data["runtime_us_per_msg"]["model"],
+        "added_p99_ms_500_msg_s_heldout": [r["added_p99_ms"] for r in path["rounds"]],
+        **{f"added_p99_ms_{k}": [r["added_p99_ms"] for r in v["rounds"]]
+           for k, v in path["loadgen"].items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller held-out run (~10 s)")
@@ -128,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--routing", action="store_true",
                     help="also run bench/routing.py (flaky scenario, ~50 s) for the bandit's tail")
+    ap.add_argument("--path", action="store_true",
+                    help="also run bench/intelligence_path.py (~8 min) for the added latency")
     args = ap.parse_args(argv)
     sc = QUICK if args.quick else HELDOUT
     load0 = os.getloadavg()
@@ -185,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.routing:
         result["routing"] = _routing_tails()
+    if args.path:
+        result["path"] = _path_latency()
     result["loadavg_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
     text = json.dumps(result, indent=1)
     print(text)
