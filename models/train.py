@@ -240,6 +240,14 @@ def card(m: dict[str, Any], cost: dict[str, float], fit_s: float) -> str:
         "",
         "`bench/intelligence.py` re-measures all of this side by side with the rule fallback.",
         "",
+        "## In the message path",
+        "",
+        "The runtime scores micro-batches with this model inside the gateway; its cost per",
+        "message as deployed and the latency it adds end to end (device -> gateway -> upstream,",
+        "QoS 1, intelligence on vs off) are measured by `bench/intelligence_path.py`",
+        "(`bench/intelligence.py --path`); the current numbers are in `docs/benchmarks.md`,",
+        "\"Intelligence in the message path\".",
+        "",
     ]
     return "\n".join(lines)
 
