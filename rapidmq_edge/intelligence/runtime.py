@@ -29,7 +29,6 @@ import logging
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -387,18 +386,14 @@ class IntelligenceRuntime:
 
     def _put_summary(self, priority: int, upstream: str, filt: str, topic: str,
                      payload: bytes, qos: int, ttl: float) -> None:
-        """Queue one summary as its ``[[forward]]`` rule queues messages: sealed and / or
-        signed when the rule says so (the rule found again by filter and upstream)."""
+        """Queue one summary as its ``[[forward]]`` rule (found again by filter and
+        upstream) queues messages: sealed and / or signed when the rule says so."""
         assert self.queue is not None
         fwd = self.forwarder
-        rule = next((r for _, r, _ in fwd.rules if r.filter == filt and r.upstream == upstream),
-                    None) if fwd is not None else None
-        if rule is not None and fwd is not None and fwd.protect is not None and (
-                rule.encrypt or rule.sign):
-            if rule.priority != priority:
-                rule = replace(rule, priority=priority)
-            fwd.protect.put(rule, topic, payload, qos, None, ttl or None)
-        else:
+        rule = fwd.rule(filt, upstream) if fwd is not None else None
+        if fwd is not None and rule is not None:
+            fwd.put(rule, priority, topic, payload, None, ttl or None)
+        else:  # the rule is gone from the configuration since the window was opened
             self.queue.put(upstream, priority, topic, payload, qos, None, ttl or None)
 
     def restore_summaries(self) -> int:

@@ -77,6 +77,23 @@ class Forwarder:
         self._targets[topic] = found
         return found
 
+    def put(self, rule: ForwardRule, priority: int, up_topic: str, payload: bytes,
+            props: dict[str, Any] | None, ttl: float | None) -> None:
+        """Queue one message of ``rule`` in class ``priority``: sealed and / or signed when
+        the rule says so. Raises like ``ForwardQueue.put`` (QueueFull, QueueError)."""
+        if self.protect is not None and (rule.encrypt or rule.sign):
+            if priority != rule.priority:
+                rule = replace(rule, priority=priority)
+            self.protect.put(rule, up_topic, payload, min(rule.qos, 1), props, ttl)
+        else:
+            self.queue.put(rule.upstream, priority, up_topic, payload, min(rule.qos, 1), props,
+                           ttl)
+
+    def rule(self, filt: str, upstream: str) -> ForwardRule | None:
+        """The configured rule with this filter and upstream, if any."""
+        return next((r for _, r, _ in self.rules if r.filter == filt and r.upstream == upstream),
+                    None)
+
     def __call__(self, msg: Message, scored: int | None = None) -> None:
         """Queue ``msg`` for every upstream a rule sends it to; ``scored`` is the class the
         intelligence runtime chose (used for rules without an explicit ``priority``)."""
@@ -96,15 +113,7 @@ class Forwarder:
                 ttl = min(ttl, remaining) if ttl else remaining
             prio = rule.priority if scored is None or rule.priority_explicit else scored
             try:
-                if self.protect is not None and (rule.encrypt or rule.sign):
-                    if prio != rule.priority:
-                        rule = replace(rule, priority=prio)
-                    self.protect.put(rule, up_topic, msg.payload, min(rule.qos, 1), props, ttl)
-                else:
-                    self.queue.put(
-                        rule.upstream, prio, up_topic, msg.payload,
-                        min(rule.qos, 1), props, ttl,
-                    )
+                self.put(rule, prio, up_topic, msg.payload, props, ttl)
             except Exception as exc:  # QueueFull, QueueError: do not acknowledge
                 self.refused += 1
                 log.warning("not queued for %s (%s): %s", rule.upstream, msg.topic, exc)
