@@ -34,7 +34,6 @@ __all__ = ["Ack", "FlowControl", "HIGH_WATER", "PRESSURE_TIMEOUT"]
 HIGH_WATER = 8 * 1024 * 1024  # bytes buffered for a client before QoS 0 is dropped
 PRESSURE_TIMEOUT = 2.0  # longest a publisher waits for a slow subscriber before drops start
 
-#: an acknowledgement, the commit it waits for, what to do once it is sent
 #: an acknowledgement, the commit it waits for, what runs after it is written, and the
 #: message it acknowledges (for a refusal found after the publish: ``Message.refused``)
 Ack = tuple[Packet, asyncio.Future[None] | None, Callable[[], None] | None, Message | None]
