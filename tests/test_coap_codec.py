@@ -52,8 +52,8 @@ def test_aiocoap_decodes_what_we_encode(
 
 def test_we_decode_what_aiocoap_encodes() -> None:
     m = aiocoap.Message(code=Code.PUT, uri="coap://h/ps/data/a%2Fb/c", payload=b"x" * 300,
-                        content_format=50, mtype=aiocoap.CON)
-    m.mid, m.token = 0xBEEF, b"\x01\x02\x03"
+                        content_format=50)
+    m.mtype, m.mid, m.token = aiocoap.CON, 0xBEEF, b"\x01\x02\x03"
     m.opt.block1 = aiocoap.optiontypes.BlockOption.BlockwiseTuple(3, True, 6)
     ours = codec.parse(m.encode())
     assert (ours.mtype, ours.code, ours.mid, ours.token) == (codec.CON, codec.PUT, 0xBEEF,
