@@ -425,6 +425,7 @@ def _make_queue_file(path: Path, n: int) -> list[int]:
     async def main() -> list[int]:
         q = ForwardQueue(path, durability="normal", commit_delay=0)
         ids = [q.put("u", 2, f"t/{i}", b"%06d" % i * 30) for i in range(n)]
+        q.stage("summary:s/1", b"window")
         await committed(q)
         await q.close()
         return ids
@@ -454,6 +455,7 @@ def test_damaged_pages_are_salvaged(tmp_path: Path, caplog: pytest.LogCaptureFix
         q.ack("u", [m.id for m in got[:10]])
         new = q.put("u", 2, "t", b"after")
         assert new > max(ids)  # the sequence survived the salvage
+        assert q.load_state("summary:") == {"summary:s/1": b"window"}  # so did the state
         await committed(q)
         await q.close()
         q = ForwardQueue(path)  # the salvaged database is sound

@@ -194,10 +194,12 @@ class ForwardQueue(QueueBounds, QueueWriter):
     def _salvage(self, src: Path, db: sqlite3.Connection) -> None:
         """Copy every readable row of the damaged ``src`` into ``db`` (row by row)."""
         found = read_salvageable(src, COLUMNS, PRIORITIES)
-        if found.rows:
+        if found.rows or found.state:
             with self._lock:
                 db.execute("BEGIN")
                 db.executemany(INSERT, found.rows)
+                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                               found.state)
                 db.execute("COMMIT")
         copied, bad, seq, top = len(found.rows), found.bad, found.seq, found.top
         next_seq = max(seq, top) if seq is not None else top + _ID_GAP_UNKNOWN

@@ -26,6 +26,7 @@ class Salvaged:
     bad: int = 0
     seq: int | None = None  # sqlite_sequence of the table; None when unreadable
     top: int = 0
+    state: list[tuple[str, bytes]] = field(default_factory=list)  # the ``state`` table
 
 
 def read_salvageable(src: Path, columns: str, priorities: tuple[int, ...]) -> Salvaged:
@@ -43,6 +44,11 @@ def read_salvageable(src: Path, columns: str, priorities: tuple[int, ...]) -> Sa
             out.seq = int(row[0]) if row else 0
         except (sqlite3.Error, ValueError, TypeError):
             out.seq = None
+        try:  # small (open summary windows): all of it or nothing
+            out.state = [(k, v) for k, v in old.execute("SELECT key, value FROM state")
+                         if isinstance(k, str) and isinstance(v, bytes)]
+        except sqlite3.Error as exc:
+            log.error("forward queue: the state table of %s is unreadable (%s)", src, exc)
         last = resumed = 0
         while True:
             try:
