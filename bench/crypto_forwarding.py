@@ -28,8 +28,8 @@ from typing import Any, Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rapidmq_edge.cloud.verify import Ingest  # noqa: E402
-from rapidmq_edge.config_forward import ForwardRule, UpstreamSettings  # noqa: E402
-from rapidmq_edge.config_security import SecuritySettings  # noqa: E402
+from rapidmq_edge.config.forwarding import ForwardRule, UpstreamSettings  # noqa: E402
+from rapidmq_edge.config.security import SecuritySettings  # noqa: E402
 from rapidmq_edge.crypto.envelope import Sealer  # noqa: E402
 from rapidmq_edge.crypto.keystore import KeyStore  # noqa: E402
 from rapidmq_edge.pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, Protector  # noqa: E402

@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from firmware_sim.generator import generate  # noqa: E402
 from firmware_sim.scenario import Scenario  # noqa: E402
-from rapidmq_edge.config_intelligence import IntelligenceSettings  # noqa: E402
+from rapidmq_edge.config.intelligence import IntelligenceSettings  # noqa: E402
 from rapidmq_edge.intelligence import streams  # noqa: E402
 from rapidmq_edge.intelligence.features import message_features  # noqa: E402
 from rapidmq_edge.intelligence.models import load_scorer  # noqa: E402

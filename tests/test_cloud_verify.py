@@ -11,8 +11,8 @@ import pytest
 from rapidmq_edge.cloud.sinks import JsonlSink, SqliteSink
 from rapidmq_edge.cloud.verify import Ingest, Verified
 from rapidmq_edge.config import ConfigError, parse_config
-from rapidmq_edge.config_forward import ForwardRule, UpstreamSettings
-from rapidmq_edge.config_security import SecuritySettings
+from rapidmq_edge.config.forwarding import ForwardRule, UpstreamSettings
+from rapidmq_edge.config.security import SecuritySettings
 from rapidmq_edge.crypto.batch import BatchBuilder, message_leaf, verify_chain
 from rapidmq_edge.crypto.batchlog import read_chain
 from rapidmq_edge.crypto.envelope import Opener, Sealer, tstr

@@ -17,7 +17,7 @@ import pytest
 
 from bench.fault_proxy import FaultProxy, Faults
 from rapidmq_edge.config import ConfigError, parse_config
-from rapidmq_edge.config_forward import ENDPOINT_POLICIES
+from rapidmq_edge.config.forwarding import ENDPOINT_POLICIES
 from rapidmq_edge.ops.status import render
 from rapidmq_edge.uplink import Backoff, UplinkClient
 from rapidmq_edge.uplink.endpoint_policy import (

@@ -16,8 +16,8 @@ import pytest
 
 from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.broker.message import Message
-from rapidmq_edge.config_forward import parse_forwarding
-from rapidmq_edge.config_intelligence import IntelligenceSettings
+from rapidmq_edge.config.forwarding import parse_forwarding
+from rapidmq_edge.config.intelligence import IntelligenceSettings
 from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
 from rapidmq_edge.store.forward_queue import ForwardQueue
 from rapidmq_edge.uplink.forwarding import StoreAndForward

@@ -13,7 +13,7 @@ import pytest
 
 from rapidmq_edge.broker.message import Message
 from rapidmq_edge.config import ConfigError, parse_config
-from rapidmq_edge.config_forward import parse_forwarding
+from rapidmq_edge.config.forwarding import parse_forwarding
 from rapidmq_edge.intelligence.models import ModelRejected, load_scorer, verify_and_load
 from rapidmq_edge.intelligence.summarise import Summariser
 from rapidmq_edge.intelligence.threat import ClientWatch

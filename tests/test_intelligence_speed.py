@@ -19,7 +19,7 @@ from firmware_sim.datasets import anomaly_dataset
 from firmware_sim.generator import generate
 from firmware_sim.scenario import Scenario
 from rapidmq_edge.broker.broker import Broker, BrokerLimits
-from rapidmq_edge.config_intelligence import IntelligenceSettings
+from rapidmq_edge.config.intelligence import IntelligenceSettings
 from rapidmq_edge.intelligence import rules
 from rapidmq_edge.intelligence.features import (
     PAYLOAD_HEAD,

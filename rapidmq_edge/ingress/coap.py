@@ -52,7 +52,7 @@ import logging
 from typing import Any
 
 from ..broker.broker import Broker
-from ..config_ingress import CoapSettings
+from ..config.ingress import CoapSettings
 from ..security.gatekeeper import Gatekeeper
 from ..security.oscore import load_contexts, provision_device
 

@@ -38,7 +38,7 @@ from ..coap.pubsub import (
     parse_parameters,
     topic_configuration,
 )
-from ..config_ingress import CoapSettings
+from ..config.ingress import CoapSettings
 from ..mqtt.topics import is_wildcard, valid_topic_name
 from ..security.gatekeeper import Gatekeeper
 

@@ -32,7 +32,7 @@ from ..broker.message import Message, PublishRefused
 from ..coap import codec
 from ..coap.dedup import Deduplicator
 from ..coap.endpoint import UdpEndpoint
-from ..config_ingress import CoapSettings
+from ..config.ingress import CoapSettings
 from ..mqtt.topics import valid_topic_name
 from ..security.gatekeeper import Gatekeeper
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from ..broker.broker import Broker
 from ..broker.local import LocalClient
 from ..broker.message import Message, PublishRefused
-from ..config_ingress import HttpSettings
+from ..config.ingress import HttpSettings
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.gatekeeper import Gatekeeper
 from ..security.tokens import Token, TokenDB, TokensFileError

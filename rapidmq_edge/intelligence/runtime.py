@@ -42,7 +42,7 @@ from .threat import ClientWatch
 
 if TYPE_CHECKING:
     from ..broker.broker import Broker
-    from ..config_intelligence import IntelligenceSettings
+    from ..config.intelligence import IntelligenceSettings
     from ..uplink.forwarding import StoreAndForward
 
 log = logging.getLogger(__name__)
@@ -526,6 +526,6 @@ class IntelligenceRuntime:
 
 def default_models_dir() -> Path:
     """Where the committed models are in a checkout."""
-    from ..config_intelligence import DEFAULT_MODELS_DIR
+    from ..config.intelligence import DEFAULT_MODELS_DIR
 
     return DEFAULT_MODELS_DIR

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from ..broker.message import FORWARDED_PROPERTIES, Message, PublishRefused
-from ..config_forward import ForwardRule, UpstreamSettings
+from ..config.forwarding import ForwardRule, UpstreamSettings
 from ..mqtt import reasons as rc
 from ..mqtt.topics import topic_matches
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import cbor2
 
-from ..config_forward import ForwardRule, UpstreamSettings
-from ..config_security import SecuritySettings
+from ..config.forwarding import ForwardRule, UpstreamSettings
+from ..config.security import SecuritySettings
 from ..crypto import accel
 from ..crypto.batch import GENESIS_ROOT, BatchBuilder, SignedBatch, parse_signed_header
 from ..crypto.batchlog import _SCHEMA as CHAIN_SCHEMA

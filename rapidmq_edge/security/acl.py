@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rapidmq_edge.config import AclRule, Config
-from rapidmq_edge.mqtt.topics import parse_shared, valid_topic_filter
+from ..config import AclRule, Config
+from ..mqtt.topics import parse_shared, valid_topic_filter
 
 __all__ = ["Acl"]
 

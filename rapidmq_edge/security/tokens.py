@@ -20,14 +20,13 @@ import os
 import re
 import secrets
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rapidmq_edge.config import ConfigError
-
-from .users import _write_atomic, valid_username
+from ..config import ConfigError
+from ..config.files import read_toml, write_toml_atomic
+from .users import valid_username
 
 __all__ = [
     "TOKEN_PREFIX",
@@ -77,18 +76,7 @@ def hash_token(token: str) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError as exc:
-        raise TokensFileError(f"{path}: tokens file not found") from exc
-    except OSError as exc:
-        raise TokensFileError(f"{path}: cannot read tokens file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise TokensFileError(f"{path}: tokens file is not valid UTF-8") from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TokensFileError(f"{path}: invalid TOML: {exc}") from exc
+    return read_toml(path, "tokens file", TokensFileError)
 
 
 def _validate(path: Path, data: dict[str, Any]) -> dict[str, Token]:
@@ -134,7 +122,7 @@ def _dump(path: Path, tokens: dict[str, Token]) -> None:
         table[t.name] = {"user": t.user, "hash": t.hash}
         if t.created:
             table[t.name]["created"] = t.created
-    _write_atomic(path, {"tokens": table})
+    write_toml_atomic(path, {"tokens": table})
 
 
 class TokenDB:

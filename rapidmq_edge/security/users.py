@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import os
 import secrets
-import tempfile
-import tomllib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from rapidmq_edge.config import ConfigError
+from ..config import ConfigError
+from ..config.files import read_toml, write_toml_atomic
 
 __all__ = [
     "UsersFileError",
@@ -115,18 +113,7 @@ def _dummy() -> str:
 
 def _read_users(path: Path) -> dict[str, Any]:
     """Decoded TOML of the users file (raises UsersFileError)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError as exc:
-        raise UsersFileError(f"{path}: users file not found") from exc
-    except OSError as exc:
-        raise UsersFileError(f"{path}: cannot read users file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsersFileError(f"{path}: users file is not valid UTF-8") from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsersFileError(f"{path}: invalid TOML: {exc}") from exc
+    return read_toml(path, "users file", UsersFileError)
 
 
 def _validate(path: Path, data: dict[str, Any]) -> dict[str, str]:
@@ -218,34 +205,6 @@ class UserDB:
         return await asyncio.to_thread(self.authenticate, username, password)
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write TOML to ``path`` via a 0600 temp file + os.replace."""
-    import tomli_w  # only needed by the CLI, so imported lazily
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def add_user(path: Path, name: str, password: str) -> bool:
     """Add or replace ``name``; creates the file if needed. True when the user is new."""
     if not valid_username(name):
@@ -255,7 +214,7 @@ def add_user(path: Path, name: str, password: str) -> bool:
     users = _validate(path, _read_users(path)) if path.exists() else {}
     created = name not in users
     users[name] = hash_password(password)
-    _write_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    write_toml_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
     return created
 
 
@@ -264,5 +223,5 @@ def remove_user(path: Path, name: str) -> bool:
     users = _validate(path, _read_users(path))
     if users.pop(name, None) is None:
         return False
-    _write_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    write_toml_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
     return True

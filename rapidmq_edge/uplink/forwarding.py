@@ -15,7 +15,7 @@ from typing import Any
 
 from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
-from ..config_forward import PRIORITIES, DownstreamRule, ForwardingSettings, UpstreamSettings
+from ..config.forwarding import PRIORITIES, DownstreamRule, ForwardingSettings, UpstreamSettings
 from ..mqtt.topics import topic_matches
 from ..ops.forecast import CapacityForecaster, LaneBounds, disk_free
 from ..pipeline.forwarder import DOWNSTREAM_ORIGIN, Forwarder

@@ -11,17 +11,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_checks import _bool, _choice, _err, _float, _int, _path, _show, _str, _Table
-from .config_forward import PRIORITIES
+from .checks import (
+    Table,
+    boolean,
+    config_error,
+    float_range,
+    int_range,
+    one_of,
+    path_under,
+    show,
+    string,
+)
+from .forwarding import PRIORITIES
 
 #: what drives a decision: the ONNX model (rules when it cannot be loaded), the rules, nothing
 MODES = ("model", "rules", "off")
 #: the priority model's labels (``rapidmq_edge.intelligence.features.PRIORITY_LABELS``)
 PRIORITY_LABELS = ("critical", "high", "normal", "bulk")
 THREAT_ACTIONS = ("disconnect", "throttle", "log")
+
+
 def _default_models_dir() -> Path:
     """``models/`` of a checkout, else where the wheel installs them (``share/``)."""
-    checkout = Path(__file__).resolve().parent.parent / "models"
+    checkout = Path(__file__).resolve().parents[2] / "models"
     if (checkout / "priority.json").is_file():
         return checkout
     return Path(sys.prefix) / "share" / "rapidmq-edge" / "models"
@@ -80,44 +92,44 @@ class IntelligenceSettings:
 
 
 def _classes(data: object, key: str) -> dict[str, int]:
-    t = _Table(data, key, PRIORITY_LABELS)
+    t = Table(data, key, PRIORITY_LABELS)
     out = _default_classes()
     for label in PRIORITY_LABELS:
         if label in t.data:
             value = t.data[label]
             if not isinstance(value, str) or value not in PRIORITIES:
                 names = ", ".join(f'"{n}"' for n in PRIORITIES)
-                raise _err(t.sub(label), f"must be one of {names}, got {_show(value)}")
+                raise config_error(t.sub(label), f"must be one of {names}, got {show(value)}")
             out[label] = PRIORITIES[value]
     return out
 
 
 def _class_list(key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _err(key, f"must be an array of class names, got {_show(value)}")
+        raise config_error(key, f"must be an array of class names, got {show(value)}")
     for v in value:
         if v not in PRIORITIES:
             names = ", ".join(f'"{n}"' for n in PRIORITIES)
-            raise _err(key, f"must hold only {names}, got {_show(v)}")
+            raise config_error(key, f"must hold only {names}, got {show(v)}")
     return tuple(sorted({PRIORITIES[v] for v in value}))
 
 
 def _patterns(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _err(key, f"must be an array of non-empty glob patterns, got {_show(value)}")
+        raise config_error(key, f"must be an array of non-empty glob patterns, got {show(value)}")
     return tuple(value)
 
 
 def _topic_root(key: str, value: Any) -> str:
-    s = _str(key, value).strip("/")
+    s = string(key, value).strip("/")
     if not s or "+" in s or "#" in s or "\x00" in s:
-        raise _err(key, f"must be a topic without wildcards, got {_show(value)}")
+        raise config_error(key, f"must be a topic without wildcards, got {show(value)}")
     return s
 
 
 def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
     """Validate ``[intelligence]``."""
-    t = _Table(data, "intelligence", (
+    t = Table(data, "intelligence", (
         "enabled", "models_dir", "priority", "anomaly", "threat", "batch_window_ms",
         "max_batch", "worker_thread", "inline_max_batch", "classes", "alert_topic",
         "alert_upstream_topic",
@@ -127,38 +139,38 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         "threat_min_events", "threat_min_confidence", "throttle_rate",
         "throttle_min_confidence", "threat_exempt_users", "threat_exempt_clients",
     ))
-    suffix = t.get("summary_suffix", _str, "/summary")
+    suffix = t.get("summary_suffix", string, "/summary")
     if not suffix or "+" in suffix or "#" in suffix:
-        raise _err(t.sub("summary_suffix"), f"must be a topic suffix, got {_show(suffix)}")
+        raise config_error(t.sub("summary_suffix"), f"must be a topic suffix, got {show(suffix)}")
     return IntelligenceSettings(
-        enabled=t.get("enabled", _bool, False),
-        models_dir=t.get("models_dir", _path(base_dir), DEFAULT_MODELS_DIR),
-        priority=t.get("priority", _choice(*MODES), "model"),
-        anomaly=t.get("anomaly", _choice(*MODES), "model"),
-        threat=t.get("threat", _choice(*MODES), "model"),
-        batch_window_ms=t.get("batch_window_ms", _float(0.0, 1000.0), 1.0),
-        max_batch=t.get("max_batch", _int(1, 65536), 256),
-        worker_thread=t.get("worker_thread", _bool, True),
-        inline_max_batch=t.get("inline_max_batch", _int(0, 65536), 32),
+        enabled=t.get("enabled", boolean, False),
+        models_dir=t.get("models_dir", path_under(base_dir), DEFAULT_MODELS_DIR),
+        priority=t.get("priority", one_of(*MODES), "model"),
+        anomaly=t.get("anomaly", one_of(*MODES), "model"),
+        threat=t.get("threat", one_of(*MODES), "model"),
+        batch_window_ms=t.get("batch_window_ms", float_range(0.0, 1000.0), 1.0),
+        max_batch=t.get("max_batch", int_range(1, 65536), 256),
+        worker_thread=t.get("worker_thread", boolean, True),
+        inline_max_batch=t.get("inline_max_batch", int_range(0, 65536), 32),
         classes=_classes(t.data["classes"], t.sub("classes")) if "classes" in t.data
         else _default_classes(),
         alert_topic=t.get("alert_topic", _topic_root, "$edge/alerts"),
         alert_upstream_topic=t.get("alert_upstream_topic", _topic_root, "alerts"),
-        alert_cooldown_s=t.get("alert_cooldown_s", _float(0.0, 86400.0), 30.0),
+        alert_cooldown_s=t.get("alert_cooldown_s", float_range(0.0, 86400.0), 30.0),
         summarise_classes=t.get("summarise_classes", _class_list, (2, 3)),
-        summarise_backlog_messages=t.get("summarise_backlog_messages", _int(0, 10**12), 0),
-        summarise_backlog_bytes=t.get("summarise_backlog_bytes", _int(0, 10**15), 0),
-        summarise_disk_percent=t.get("summarise_disk_percent", _float(0.0, 100.0), 0.0),
-        summary_window_s=t.get("summary_window_s", _float(0.05, 86400.0), 60.0),
+        summarise_backlog_messages=t.get("summarise_backlog_messages", int_range(0, 10**12), 0),
+        summarise_backlog_bytes=t.get("summarise_backlog_bytes", int_range(0, 10**15), 0),
+        summarise_disk_percent=t.get("summarise_disk_percent", float_range(0.0, 100.0), 0.0),
+        summary_window_s=t.get("summary_window_s", float_range(0.05, 86400.0), 60.0),
         summary_suffix=suffix,
-        pressure_check_s=t.get("pressure_check_s", _float(0.05, 3600.0), 1.0),
-        threat_interval_s=t.get("threat_interval_s", _float(0.05, 3600.0), 1.0),
-        threat_action=t.get("threat_action", _choice(*THREAT_ACTIONS), "disconnect"),
-        ban_s=t.get("ban_s", _float(0.0, 7 * 86400.0), 60.0),
-        threat_min_events=t.get("threat_min_events", _int(1, 10**9), 10),
-        threat_min_confidence=t.get("threat_min_confidence", _float(0.0, 1.0), 0.7),
-        throttle_rate=t.get("throttle_rate", _float(0.0, 1_000_000.0), 2.0),
-        throttle_min_confidence=t.get("throttle_min_confidence", _float(0.0, 1.0), 0.5),
+        pressure_check_s=t.get("pressure_check_s", float_range(0.05, 3600.0), 1.0),
+        threat_interval_s=t.get("threat_interval_s", float_range(0.05, 3600.0), 1.0),
+        threat_action=t.get("threat_action", one_of(*THREAT_ACTIONS), "disconnect"),
+        ban_s=t.get("ban_s", float_range(0.0, 7 * 86400.0), 60.0),
+        threat_min_events=t.get("threat_min_events", int_range(1, 10**9), 10),
+        threat_min_confidence=t.get("threat_min_confidence", float_range(0.0, 1.0), 0.7),
+        throttle_rate=t.get("throttle_rate", float_range(0.0, 1_000_000.0), 2.0),
+        throttle_min_confidence=t.get("throttle_min_confidence", float_range(0.0, 1.0), 0.5),
         threat_exempt_users=t.get("threat_exempt_users", _patterns, ()),
         threat_exempt_clients=t.get("threat_exempt_clients", _patterns, ()),
     )

@@ -86,7 +86,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "data_dir", None) is not None:
         return Path(args.data_dir)
     if getattr(args, "config", None) is not None:
-        from rapidmq_edge.config import load_config
+        from ..config import load_config
 
         return Path(load_config(args.config).gateway.data_dir)
     return Path("./data")
@@ -114,7 +114,7 @@ def _fmt_time(t: float | None) -> str:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from rapidmq_edge.crypto.keystore import KeyStore
+    from ..crypto.keystore import KeyStore
 
     store = KeyStore(_keys_dir(args))
     cmd = args.keys_command
@@ -172,8 +172,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _export(store: object, args: argparse.Namespace) -> int:
-    from rapidmq_edge.crypto.keys import IdentityPublicKey, RecipientPublicKey
-    from rapidmq_edge.crypto.keystore import KeyStore
+    from ..crypto.keys import IdentityPublicKey, RecipientPublicKey
+    from ..crypto.keystore import KeyStore
 
     assert isinstance(store, KeyStore)
     data = store.public_cose(args.kind, args.kid)
@@ -205,10 +205,10 @@ def _export(store: object, args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from rapidmq_edge.crypto.batch import verify_chain
-    from rapidmq_edge.crypto.batchlog import read_chain
-    from rapidmq_edge.crypto.keys import IdentityPublicKey, VerifierKeyring
-    from rapidmq_edge.crypto.keystore import KeyStore
+    from ..crypto.batch import verify_chain
+    from ..crypto.batchlog import read_chain
+    from ..crypto.keys import IdentityPublicKey, VerifierKeyring
+    from ..crypto.keystore import KeyStore
 
     chain = Path(args.chain) if args.chain is not None else _data_dir(args) / CHAIN_FILE
     if args.public_key:
@@ -235,8 +235,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``keys`` / ``audit`` command."""
-    from rapidmq_edge.config import ConfigError
-    from rapidmq_edge.crypto.errors import CryptoError
+    from ..config import ConfigError
+    from ..crypto.errors import CryptoError
 
     try:
         return _cmd_keys(args) if args.command == "keys" else _cmd_audit(args)

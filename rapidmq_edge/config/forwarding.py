@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
-from .config_checks import (
-    _bool,
-    _choice,
-    _err,
-    _existing_file,
-    _float,
-    _int,
-    _show,
-    _str,
-    _Table,
+from ..mqtt.topics import valid_topic_filter
+from .checks import (
+    Table,
+    boolean,
+    config_error,
+    existing_file,
+    float_range,
+    int_range,
+    one_of,
+    show,
+    string,
 )
-from .config_security import SecuritySettings, check_protected_rules, parse_security
-from .mqtt.topics import valid_topic_filter
+from .security import SecuritySettings, check_protected_rules, parse_security
 
 #: priority class names and numbers (0 drains first)
 PRIORITIES: dict[str, int] = {"alarm": 0, "high": 1, "normal": 2, "bulk": 3}
@@ -126,13 +126,13 @@ def _priority(key: str, value: Any) -> int:
     if isinstance(value, str) and value in PRIORITIES:
         return PRIORITIES[value]
     names = ", ".join(f'"{n}"' for n in PRIORITIES)
-    raise _err(key, f"must be one of {names}, got {_show(value)}")
+    raise config_error(key, f"must be one of {names}, got {show(value)}")
 
 
 def _filter(key: str, value: Any) -> str:
-    f = _str(key, value)
+    f = string(key, value)
     if not valid_topic_filter(f.replace("{gateway_id}", "x")):
-        raise _err(key, f"must be a valid MQTT topic filter, got {_show(value)}")
+        raise config_error(key, f"must be a valid MQTT topic filter, got {show(value)}")
     return f
 
 
@@ -140,130 +140,131 @@ def _urls(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise _err(key, f"must be a non-empty array of URLs, got {_show(value)}")
+        raise config_error(key, f"must be a non-empty array of URLs, got {show(value)}")
     out = []
     for i, u in enumerate(value):
         k = f"{key}[{i}]"
-        url = _str(k, u)
+        url = string(k, u)
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise _err(k, f'must look like "mqtt://host:port" or "mqtts://host:port", got {url!r}')
+            raise config_error(
+                k, f'must look like "mqtt://host:port" or "mqtts://host:port", got {url!r}')
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError:
-            raise _err(k, f"invalid port in {url!r}") from None
+            raise config_error(k, f"invalid port in {url!r}") from None
         if url in out:
-            raise _err(k, f"duplicate URL {url!r}")
+            raise config_error(k, f"duplicate URL {url!r}")
         out.append(url)
     return tuple(out)
 
 
 def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
-    t = _Table(data, key, (
+    t = Table(data, key, (
         "name", "urls", "topic_prefix", "protocol", "client_id", "username", "password",
         "ca_file", "cert", "key", "keep_alive", "window", "rate_limit", "heartbeat_interval",
         "endpoint_policy", "endpoint_dwell", "reconnect_max_s",
     ))
     for name in ("name", "urls"):
         if name not in t.data:
-            raise _err(t.sub(name), "required")
-    files = _existing_file(base_dir)
+            raise config_error(t.sub(name), "required")
+    files = existing_file(base_dir)
     up = UpstreamSettings(
-        name=t.get("name", _str, ""),
+        name=t.get("name", string, ""),
         urls=t.get("urls", _urls, ()),
-        topic_prefix=t.get("topic_prefix", _str, "edge/{gateway_id}/"),
-        protocol=t.get("protocol", _int(4, 5), 5),
-        client_id=t.get("client_id", _str, "{gateway_id}"),
-        username=t.get("username", _str, None),
-        password=t.get("password", _str, None),
+        topic_prefix=t.get("topic_prefix", string, "edge/{gateway_id}/"),
+        protocol=t.get("protocol", int_range(4, 5), 5),
+        client_id=t.get("client_id", string, "{gateway_id}"),
+        username=t.get("username", string, None),
+        password=t.get("password", string, None),
         ca_file=t.get("ca_file", files, None),
         cert=t.get("cert", files, None),
         key=t.get("key", files, None),
-        keep_alive=t.get("keep_alive", _int(0, 65535), 30),
-        window=t.get("window", _int(1, 65535), 100),
-        rate_limit=t.get("rate_limit", _float(0.0, 10_000_000.0), 0.0),
-        heartbeat_interval=t.get("heartbeat_interval", _float(0.0, 86400.0), 30.0),
-        endpoint_policy=t.get("endpoint_policy", _choice(*ENDPOINT_POLICIES), "ordered"),
-        endpoint_dwell=t.get("endpoint_dwell", _float(0.1, 86400.0), 5.0),
-        reconnect_max_s=t.get("reconnect_max_s", _float(0.1, 86400.0), 30.0),
+        keep_alive=t.get("keep_alive", int_range(0, 65535), 30),
+        window=t.get("window", int_range(1, 65535), 100),
+        rate_limit=t.get("rate_limit", float_range(0.0, 10_000_000.0), 0.0),
+        heartbeat_interval=t.get("heartbeat_interval", float_range(0.0, 86400.0), 30.0),
+        endpoint_policy=t.get("endpoint_policy", one_of(*ENDPOINT_POLICIES), "ordered"),
+        endpoint_dwell=t.get("endpoint_dwell", float_range(0.1, 86400.0), 5.0),
+        reconnect_max_s=t.get("reconnect_max_s", float_range(0.1, 86400.0), 30.0),
     )
     if not up.name:
-        raise _err(t.sub("name"), "must not be empty")
+        raise config_error(t.sub("name"), "must not be empty")
     if (up.cert is None) != (up.key is None):
-        raise _err(t.sub("key" if up.key is None else "cert"), "cert and key go together")
+        raise config_error(t.sub("key" if up.key is None else "cert"), "cert and key go together")
     return up
 
 
 def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
-    t = _Table(data, key, (
+    t = Table(data, key, (
         "filter", "upstream", "qos", "priority", "ttl", "topic_prefix", "encrypt", "sign"))
     for name in ("filter", "upstream"):
         if name not in t.data:
-            raise _err(t.sub(name), "required")
+            raise config_error(t.sub(name), "required")
     rule = ForwardRule(
         filter=t.get("filter", _filter, "#"),
-        upstream=t.get("upstream", _str, ""),
-        qos=t.get("qos", _int(0, 1), 1),
+        upstream=t.get("upstream", string, ""),
+        qos=t.get("qos", int_range(0, 1), 1),
         priority=t.get("priority", _priority, 2),
-        ttl=t.get("ttl", _float(0.0, 10 * 365 * 86400.0), 0.0),
-        topic_prefix=t.get("topic_prefix", _str, None),
-        encrypt=t.get("encrypt", _bool, False),
+        ttl=t.get("ttl", float_range(0.0, 10 * 365 * 86400.0), 0.0),
+        topic_prefix=t.get("topic_prefix", string, None),
+        encrypt=t.get("encrypt", boolean, False),
     )
-    rule = replace(rule, sign=t.get("sign", _bool, rule.encrypt),
+    rule = replace(rule, sign=t.get("sign", boolean, rule.encrypt),
                    priority_explicit="priority" in t.data)
     if rule.upstream not in upstreams:
-        raise _err(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
+        raise config_error(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
     return rule
 
 
 def _downstream(data: object, key: str, upstreams: set[str]) -> DownstreamRule:
-    t = _Table(data, key, ("upstream", "filter", "qos", "strip_prefix", "local_prefix"))
+    t = Table(data, key, ("upstream", "filter", "qos", "strip_prefix", "local_prefix"))
     for name in ("upstream", "filter"):
         if name not in t.data:
-            raise _err(t.sub(name), "required")
+            raise config_error(t.sub(name), "required")
     rule = DownstreamRule(
-        upstream=t.get("upstream", _str, ""),
+        upstream=t.get("upstream", string, ""),
         filter=t.get("filter", _filter, "#"),
-        qos=t.get("qos", _int(0, 2), 1),
-        strip_prefix=t.get("strip_prefix", _str, ""),
-        local_prefix=t.get("local_prefix", _str, ""),
+        qos=t.get("qos", int_range(0, 2), 1),
+        strip_prefix=t.get("strip_prefix", string, ""),
+        local_prefix=t.get("local_prefix", string, ""),
     )
     if rule.upstream not in upstreams:
-        raise _err(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
+        raise config_error(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
     return rule
 
 
 def _class_limits(data: object, key: str, default: ClassLimitSettings) -> ClassLimitSettings:
-    t = _Table(data, key, ("max_messages", "max_bytes", "max_age", "policy"))
+    t = Table(data, key, ("max_messages", "max_bytes", "max_age", "policy"))
     return ClassLimitSettings(
-        max_messages=t.get("max_messages", _int(0, 10**10), 0),
-        max_bytes=t.get("max_bytes", _int(0, 10**15), 0),
-        max_age=t.get("max_age", _float(0.0, 10 * 365 * 86400.0), 0.0),
+        max_messages=t.get("max_messages", int_range(0, 10**10), 0),
+        max_bytes=t.get("max_bytes", int_range(0, 10**15), 0),
+        max_age=t.get("max_age", float_range(0.0, 10 * 365 * 86400.0), 0.0),
         policy=cast(
-            Policy, t.get("policy", _choice("drop_oldest", "refuse_new"), str(default.policy))
+            Policy, t.get("policy", one_of("drop_oldest", "refuse_new"), str(default.policy))
         ),
     )
 
 
 def _queue(data: object) -> QueueSettings:
-    t = _Table(data, "queue", ("durability", "commit_delay_ms", "max_bytes", *PRIORITIES))
+    t = Table(data, "queue", ("durability", "commit_delay_ms", "max_bytes", *PRIORITIES))
     classes = _default_classes()
     for name, number in PRIORITIES.items():
         if name in t.data:
             classes[number] = _class_limits(t.data[name], t.sub(name), classes[number])
     return QueueSettings(
         durability=cast(
-            Literal["fsync", "normal"], t.get("durability", _choice("fsync", "normal"), "fsync")
+            Literal["fsync", "normal"], t.get("durability", one_of("fsync", "normal"), "fsync")
         ),
-        commit_delay_ms=t.get("commit_delay_ms", _float(0.0, 1000.0), 5.0),
-        max_bytes=t.get("max_bytes", _int(0, 10**15), 0),
+        commit_delay_ms=t.get("commit_delay_ms", float_range(0.0, 1000.0), 5.0),
+        max_bytes=t.get("max_bytes", int_range(0, 10**15), 0),
         classes=classes,
     )
 
 
 def _array(value: object, key: str) -> list[Any]:
     if not isinstance(value, list):
-        raise _err(key, f"must be an array of tables ([[{key}]]), got {_show(value)}")
+        raise config_error(key, f"must be an array of tables ([[{key}]]), got {show(value)}")
     return value
 
 
@@ -276,7 +277,7 @@ def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings
     names = [u.name for u in ups]
     for i, n in enumerate(names):
         if n in names[:i]:
-            raise _err(f"upstream[{i}].name", f"duplicate upstream name {n!r}")
+            raise config_error(f"upstream[{i}].name", f"duplicate upstream name {n!r}")
     known = set(names)
     fwd = tuple(
         _forward(item, f"forward[{i}]", known)

@@ -56,8 +56,8 @@ def handles(command: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``cloud ingest``."""
-    from .cloud.ingest import IngestOptions, run_ingest
-    from .crypto.errors import CryptoError
+    from ..cloud.ingest import IngestOptions, run_ingest
+    from ..crypto.errors import CryptoError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     opts = IngestOptions(

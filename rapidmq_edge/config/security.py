@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from .config_checks import _choice, _err, _float, _int, _path, _Table
+from .checks import Table, config_error, float_range, int_range, one_of, path_under
 
 __all__ = ["MANIFESTS", "SecuritySettings", "parse_security"]
 
@@ -34,20 +34,20 @@ class SecuritySettings:
 
 def parse_security(data: object, base_dir: Path) -> SecuritySettings:
     """Validate the ``[security]`` table."""
-    t = _Table(data, "security", (
+    t = Table(data, "security", (
         "keys_dir", "passphrase_file", "batch_size", "batch_max_age", "session_max_messages",
         "session_max_age", "manifest",
     ))
-    path = _path(base_dir)
+    path = path_under(base_dir)
     return SecuritySettings(
         keys_dir=t.get("keys_dir", path, None),
         passphrase_file=t.get("passphrase_file", path, None),
-        batch_size=t.get("batch_size", _int(1, 1 << 20), 1024),
-        batch_max_age=t.get("batch_max_age", _float(0.01, 86400.0), 1.0),
-        session_max_messages=t.get("session_max_messages", _int(1, 1 << 40), 1 << 20),
-        session_max_age=t.get("session_max_age", _float(1.0, 30 * 86400.0), 3600.0),
+        batch_size=t.get("batch_size", int_range(1, 1 << 20), 1024),
+        batch_max_age=t.get("batch_max_age", float_range(0.01, 86400.0), 1.0),
+        session_max_messages=t.get("session_max_messages", int_range(1, 1 << 40), 1 << 20),
+        session_max_age=t.get("session_max_age", float_range(1.0, 30 * 86400.0), 3600.0),
         manifest=cast(Literal["auto", "leaves", "ids"],
-                      t.get("manifest", _choice(*MANIFESTS), "auto")),
+                      t.get("manifest", one_of(*MANIFESTS), "auto")),
     )
 
 
@@ -58,19 +58,19 @@ def check_protected_rules(rules: Any, upstreams: Any) -> None:
     signed: set[str] = set()
     for i, r in enumerate(rules):
         if r.encrypt and not r.sign:
-            raise _err(
+            raise config_error(
                 f"forward[{i}].sign",
                 "must be true when encrypt is true (sessions are not sender-authenticated; "
                 "the signed batches are what the cloud consumer verifies)",
             )
         if (r.encrypt or r.sign) and protocol.get(r.upstream) != 5:
-            raise _err(
+            raise config_error(
                 f"forward[{i}].upstream",
                 f"encrypt/sign need an MQTT 5 upstream (protocol = 5); {r.upstream!r} is not",
             )
         if r.sign:
             signed.add(r.upstream)
     if len(signed) > 1:
-        raise _err(
+        raise config_error(
             "forward", f"sign = true rules must all go to one upstream, got {sorted(signed)}"
         )

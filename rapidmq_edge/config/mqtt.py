@@ -1,7 +1,7 @@
 """MQTT listener configuration: ``[mqtt]``, its ``listen`` URLs and ``[mqtt.tls]``.
 
 Validated with the same rules and messages as :mod:`rapidmq_edge.config`;
-:func:`parse_tls` also checks the ``[http.tls]`` table (:mod:`rapidmq_edge.config_ingress`).
+:func:`parse_tls` also checks the ``[http.tls]`` table (:mod:`rapidmq_edge.ingress`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from .config_checks import ConfigError, _bool, _err, _existing_file, _float, _int, _show, _Table
+from .checks import (
+    ConfigError,
+    Table,
+    boolean,
+    config_error,
+    existing_file,
+    float_range,
+    int_range,
+    show,
+)
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -124,10 +133,10 @@ def parse_listener(url: str, key: str = "mqtt.listen") -> ListenerSettings:
     """Parse ``scheme://host[:port][/path]``; raises ConfigError naming ``key``."""
 
     def bad(problem: str) -> ConfigError:
-        return _err(key, f"{problem}, got {_show(url)}")
+        return config_error(key, f"{problem}, got {show(url)}")
 
     if not isinstance(url, str):
-        raise _err(key, f"must be a listener URL string, got {_show(url)}")
+        raise config_error(key, f"must be a listener URL string, got {show(url)}")
     scheme, sep, rest = url.strip().partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in DEFAULT_PORTS:
@@ -170,7 +179,7 @@ def parse_listener(url: str, key: str = "mqtt.listen") -> ListenerSettings:
     )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -182,14 +191,14 @@ def _is_loopback(host: str) -> bool:
 def _listeners(key: str, value: Any) -> tuple[ListenerSettings, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise _err(key, f"must be a non-empty array of listener URLs, got {_show(value)}")
+        raise config_error(key, f"must be a non-empty array of listener URLs, got {show(value)}")
     result: list[ListenerSettings] = []
     seen: set[tuple[str, int]] = set()
     for i, item in enumerate(items):
         listener = parse_listener(item, f"{key}[{i}]")
         addr = (listener.host, listener.port)
         if listener.port != 0 and addr in seen:
-            raise _err(f"{key}[{i}]", f"duplicate address {listener.url}")
+            raise config_error(f"{key}[{i}]", f"duplicate address {listener.url}")
         seen.add(addr)
         result.append(listener)
     return tuple(result)
@@ -222,35 +231,35 @@ _MQTT_KEYS = ("listen", "tls", *_INT_LIMITS, *_FLOAT_LIMITS, *_BOOL_KEYS)
 
 def parse_tls(data: object, base_dir: Path, key: str = "mqtt.tls") -> TlsSettings:
     """Validate a TLS table (``[mqtt.tls]``, ``[http.tls]``): files must exist."""
-    t = _Table(data, key, ("cert", "key", "client_ca", "require_client_cert"))
+    t = Table(data, key, ("cert", "key", "client_ca", "require_client_cert"))
     for name in ("cert", "key"):
         if name not in t.data:
-            raise _err(t.sub(name), "required")
-    files = _existing_file(base_dir)
+            raise config_error(t.sub(name), "required")
+    files = existing_file(base_dir)
     tls = TlsSettings(
         cert=t.get("cert", files, Path()),
         key=t.get("key", files, Path()),
         client_ca=t.get("client_ca", files, None),
-        require_client_cert=t.get("require_client_cert", _bool, False),
+        require_client_cert=t.get("require_client_cert", boolean, False),
     )
     if tls.require_client_cert and tls.client_ca is None:
-        raise _err(f"{key}.client_ca", "required when require_client_cert = true")
+        raise config_error(f"{key}.client_ca", "required when require_client_cert = true")
     return tls
 
 
 def parse_mqtt(data: object, base_dir: Path) -> MqttSettings:
     """Validate ``[mqtt]`` (and its ``[mqtt.tls]``)."""
-    t = _Table(data, "mqtt", _MQTT_KEYS)
+    t = Table(data, "mqtt", _MQTT_KEYS)
     kwargs: dict[str, Any] = {}
     for name, (lo, hi) in _INT_LIMITS.items():
         if name in t.data:
-            kwargs[name] = _int(lo, hi)(t.sub(name), t.data[name])
+            kwargs[name] = int_range(lo, hi)(t.sub(name), t.data[name])
     for name, (flo, fhi) in _FLOAT_LIMITS.items():
         if name in t.data:
-            kwargs[name] = _float(flo, fhi)(t.sub(name), t.data[name])
+            kwargs[name] = float_range(flo, fhi)(t.sub(name), t.data[name])
     for name in _BOOL_KEYS:
         if name in t.data:
-            kwargs[name] = _bool(t.sub(name), t.data[name])
+            kwargs[name] = boolean(t.sub(name), t.data[name])
     if "listen" in t.data:
         kwargs["listen"] = _listeners("mqtt.listen", t.data["listen"])
     if "tls" in t.data:
@@ -259,5 +268,6 @@ def parse_mqtt(data: object, base_dir: Path) -> MqttSettings:
     if settings.tls is None:
         for i, listener in enumerate(settings.listen):
             if listener.is_tls:
-                raise _err("mqtt.tls", f"required because mqtt.listen[{i}] is {listener.url}")
+                raise config_error(
+                    "mqtt.tls", f"required because mqtt.listen[{i}] is {listener.url}")
     return settings

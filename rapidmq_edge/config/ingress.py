@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config_checks import _bool, _err, _int, _path, _show, _str, _Table
-from .config_mqtt import TlsSettings, parse_tls
+from .checks import Table, boolean, config_error, int_range, path_under, show, string
+from .mqtt import TlsSettings, parse_tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,54 +55,55 @@ def _endpoints(key: str, value: Any, schemes: tuple[str, ...]) -> tuple[Endpoint
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise _err(key, f"must be an array of URLs, got {_show(value)}")
+        raise config_error(key, f"must be an array of URLs, got {show(value)}")
     out = []
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
-        url = _str(k, item)
+        url = string(k, item)
         parts = urlsplit(url)
         if parts.scheme not in schemes or not parts.hostname:
             want = " or ".join(f'"{s}://host:port"' for s in schemes)
-            raise _err(k, f"must look like {want}, got {url!r}")
+            raise config_error(k, f"must look like {want}, got {url!r}")
         try:
             port = parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
         except ValueError:
-            raise _err(k, f"invalid port in {url!r}") from None
+            raise config_error(k, f"invalid port in {url!r}") from None
         host = parts.hostname
         try:
             ipaddress.ip_address(host)
         except ValueError:
             if host != "localhost":
-                raise _err(k, f"host must be an IP address or localhost, got {host!r}") from None
+                raise config_error(
+                    k, f"host must be an IP address or localhost, got {host!r}") from None
         out.append(Endpoint(url, parts.scheme, host, port))
     return tuple(out)
 
 
 def parse_coap(data: object, base_dir: Path) -> CoapSettings:
     """Validate ``[coap]``."""
-    t = _Table(data, "coap", ("listen", "max_payload", "oscore_dir", "require_oscore",
+    t = Table(data, "coap", ("listen", "max_payload", "oscore_dir", "require_oscore",
                               "max_pending", "retry_after", "dedup_entries"))
     return CoapSettings(
         listen=t.get("listen", lambda k, v: _endpoints(k, v, ("udp",)), ()),
-        max_payload=t.get("max_payload", _int(16, 16 * 1024 * 1024), 65536),
-        oscore_dir=t.get("oscore_dir", _path(base_dir), None),
-        require_oscore=t.get("require_oscore", _bool, False),
-        max_pending=t.get("max_pending", _int(1, 1_000_000), 10000),
-        retry_after=t.get("retry_after", _int(1, 3600), 2),
-        dedup_entries=t.get("dedup_entries", _int(1000, 10_000_000), 100000),
+        max_payload=t.get("max_payload", int_range(16, 16 * 1024 * 1024), 65536),
+        oscore_dir=t.get("oscore_dir", path_under(base_dir), None),
+        require_oscore=t.get("require_oscore", boolean, False),
+        max_pending=t.get("max_pending", int_range(1, 1_000_000), 10000),
+        retry_after=t.get("retry_after", int_range(1, 3600), 2),
+        dedup_entries=t.get("dedup_entries", int_range(1000, 10_000_000), 100000),
     )
 
 
 def parse_http(data: object, base_dir: Path) -> HttpSettings:
     """Validate ``[http]``."""
-    t = _Table(data, "http", ("listen", "tokens_file", "max_body", "tls"))
+    t = Table(data, "http", ("listen", "tokens_file", "max_body", "tls"))
     settings = HttpSettings(
         listen=t.get("listen", lambda k, v: _endpoints(k, v, ("http", "https")), ()),
-        tokens_file=t.get("tokens_file", _path(base_dir), None),
-        max_body=t.get("max_body", _int(16, 64 * 1024 * 1024), 1048576),
+        tokens_file=t.get("tokens_file", path_under(base_dir), None),
+        max_body=t.get("max_body", int_range(16, 64 * 1024 * 1024), 1048576),
         tls=parse_tls(t.data["tls"], base_dir, "http.tls") if "tls" in t.data else None,
     )
     for i, ep in enumerate(settings.listen):
         if ep.scheme == "https" and settings.tls is None:
-            raise _err("http.tls", f"required because http.listen[{i}] is {ep.url}")
+            raise config_error("http.tls", f"required because http.listen[{i}] is {ep.url}")
     return settings

@@ -1,0 +1,73 @@
+"""Who may connect and what they may do: ``[auth]`` and ``[[acl]]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from ..mqtt.topics import valid_topic_filter
+from .checks import Table, boolean, config_error, one_of, path_under, show, string
+
+__all__ = ["AclRule", "AuthSettings", "parse_acl", "parse_auth"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """``[auth]``: anonymous access, users file and the ACL fallback decision."""
+
+    allow_anonymous: bool = True
+    users_file: Path | None = None
+    acl_default: Literal["allow", "deny"] = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One ``[[acl]]`` entry; ``topic`` may contain ``%u`` / ``%c`` placeholders."""
+
+    user: str
+    topic: str
+    action: Literal["publish", "subscribe", "all"]
+    access: Literal["allow", "deny"]
+
+
+
+def parse_auth(data: object, base_dir: Path) -> AuthSettings:
+    t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default"))
+    return AuthSettings(
+        allow_anonymous=t.get("allow_anonymous", boolean, True),
+        users_file=t.get("users_file", path_under(base_dir), None),
+        acl_default=cast(
+            Literal["allow", "deny"], t.get("acl_default", one_of("allow", "deny"), "allow")
+        ),
+    )
+
+
+def _acl_rule(data: object, key: str) -> AclRule:
+    t = Table(data, key, ("user", "topic", "action", "access"))
+    for name in ("user", "topic", "access"):
+        if name not in t.data:
+            raise config_error(t.sub(name), "required")
+    user = t.get("user", string, "")
+    if not user:
+        raise config_error(t.sub("user"), 'must be a user name or "*", got ""')
+    topic = t.get("topic", string, "")
+    if not valid_topic_filter(topic):
+        raise config_error(t.sub("topic"), f"must be a valid MQTT topic filter, got {show(topic)}")
+    if topic.startswith("$share/"):
+        raise config_error(t.sub("topic"), "must not use $share/ (rules apply to the inner filter)")
+    return AclRule(
+        user=user,
+        topic=topic,
+        action=cast(
+            Literal["publish", "subscribe", "all"],
+            t.get("action", one_of("publish", "subscribe", "all"), "all"),
+        ),
+        access=cast(Literal["allow", "deny"], t.get("access", one_of("allow", "deny"), "")),
+    )
+
+
+def parse_acl(value: object) -> tuple[AclRule, ...]:
+    if not isinstance(value, list):
+        raise config_error("acl", f"must be an array of tables ([[acl]]), got {show(value)}")
+    return tuple(_acl_rule(item, f"acl[{i}]") for i, item in enumerate(value))

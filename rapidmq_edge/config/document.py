@@ -1,0 +1,153 @@
+"""Gateway configuration: one TOML file, strictly validated at start-up.
+
+Every problem raises :class:`ConfigError` whose message starts with the dotted key,
+e.g. ``mqtt.max_packet_size: must be an integer from 16 to 268435455, got "big"``.
+
+This module holds :class:`Config`, ``[gateway]``, ``[persistence]`` and the loader; the
+other tables live beside it, one module per family: ``[auth]``/``[[acl]]`` in
+:mod:`.access`, ``[mqtt]`` in :mod:`.mqtt`, ``[[upstream]]``/``[[forward]]``/
+``[[downstream]]``/``[queue]`` in :mod:`.forwarding`, ``[security]`` in :mod:`.security`,
+``[coap]``/``[http]`` in :mod:`.ingress`, ``[intelligence]`` in :mod:`.intelligence`; the
+shared value checkers in :mod:`.checks`, the file reader in :mod:`.files`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from .access import AclRule, AuthSettings, parse_acl, parse_auth
+from .checks import Table, config_error, float_range, one_of, path_under, show, string
+from .files import read_toml
+from .forwarding import ForwardingSettings, parse_forwarding
+from .ingress import CoapSettings, HttpSettings, parse_coap, parse_http
+from .intelligence import IntelligenceSettings, parse_intelligence
+from .mqtt import MqttSettings, is_loopback, parse_mqtt
+
+__all__ = [
+    "Config", "GatewaySettings", "PersistenceSettings", "load_config", "parse_config",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """``[gateway]``: identity, data directory and log level."""
+
+    id: str = "edge-1"
+    data_dir: Path = Path("./data")
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class PersistenceSettings:
+    """``[persistence]``: durability of the session/message store."""
+
+    durability: Literal["fsync", "normal"] = "fsync"
+    commit_delay_ms: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration; ``warnings`` are for the runner to log."""
+
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    acl: tuple[AclRule, ...] = ()
+    persistence: PersistenceSettings = field(default_factory=PersistenceSettings)
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
+    #: ``[[upstream]]``, ``[[forward]]``, ``[[downstream]]``, ``[queue]`` (:mod:`.forwarding`)
+    forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
+    #: ``[coap]`` and ``[http]`` ingress (:mod:`.ingress`); no listeners = disabled
+    coap: CoapSettings = field(default_factory=CoapSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    #: ``[intelligence]`` (:mod:`.intelligence`); disabled unless enabled = true
+    intelligence: IntelligenceSettings = field(default_factory=IntelligenceSettings)
+
+
+# --------------------------------------------------------------------------- sections
+
+_TOP_KEYS = (
+    "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
+    "coap", "http", "security", "intelligence",
+)
+
+
+def _gateway(data: object, base_dir: Path) -> GatewaySettings:
+    t = Table(data, "gateway", ("id", "data_dir", "log_level"))
+    d = GatewaySettings()
+    gid = t.get("id", string, d.id)
+    if not _GATEWAY_ID_RE.fullmatch(gid):
+        raise config_error("gateway.id",
+                           f"must be 1-64 characters of A-Z a-z 0-9 _ . -, got {show(gid)}")
+    return GatewaySettings(
+        id=gid,
+        data_dir=t.get("data_dir", path_under(base_dir), d.data_dir),
+        log_level=t.get("log_level", one_of(*LOG_LEVELS), d.log_level),
+    )
+
+
+def _persistence(data: object) -> PersistenceSettings:
+    t = Table(data, "persistence", ("durability", "commit_delay_ms"))
+    return PersistenceSettings(
+        durability=cast(
+            Literal["fsync", "normal"], t.get("durability", one_of("fsync", "normal"), "fsync")
+        ),
+        commit_delay_ms=t.get("commit_delay_ms", float_range(0.0, 1000.0), 5.0),
+    )
+
+
+def _warnings(mqtt: MqttSettings, auth: AuthSettings) -> tuple[str, ...]:
+    out: list[str] = []
+    if auth.allow_anonymous:
+        exposed = [li.url for li in mqtt.listen if not is_loopback(li.host)]
+        if exposed:
+            out.append(
+                "auth.allow_anonymous is true and these listeners are reachable from the "
+                f"network: {', '.join(exposed)}; any client can connect without a password"
+            )
+    elif auth.users_file is None:
+        out.append(
+            "auth.allow_anonymous is false and auth.users_file is not set: "
+            "no username/password login can succeed"
+        )
+    if mqtt.tls is not None and not any(li.is_tls for li in mqtt.listen):
+        out.append("mqtt.tls is set but no listener uses tls:// or wss://")
+    return tuple(out)
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a decoded TOML document; relative paths resolve against ``base_dir``."""
+    top = Table(dict(data), "", _TOP_KEYS)
+    gateway = _gateway(top.data.get("gateway", {}), base_dir)
+    mqtt = parse_mqtt(top.data.get("mqtt", {}), base_dir)
+    auth = parse_auth(top.data.get("auth", {}), base_dir)
+    acl = parse_acl(top.data.get("acl", []))
+    persistence = _persistence(top.data.get("persistence", {}))
+    forwarding = parse_forwarding(top.data, base_dir)
+    coap = parse_coap(top.data.get("coap", {}), base_dir)
+    http = parse_http(top.data.get("http", {}), base_dir)
+    intelligence = parse_intelligence(top.data.get("intelligence", {}), base_dir)
+    return Config(
+        gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding,
+        coap, http, intelligence=intelligence,
+    )
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate ``path``; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    data = read_toml(path, "config file", say_missing=False)
+    source = path.resolve()
+    return parse_config(data, source.parent, source)
