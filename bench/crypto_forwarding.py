@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rapidmq_edge.cloud.verify import Ingest  # noqa: E402
 from rapidmq_edge.config.forwarding import ForwardRule, UpstreamSettings  # noqa: E402
 from rapidmq_edge.config.security import SecuritySettings  # noqa: E402
+from rapidmq_edge.crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX  # noqa: E402
 from rapidmq_edge.crypto.envelope import Sealer  # noqa: E402
 from rapidmq_edge.crypto.keystore import KeyStore  # noqa: E402
-from rapidmq_edge.pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, Protector  # noqa: E402
+from rapidmq_edge.pipeline.protect import Protector  # noqa: E402
 from rapidmq_edge.store.forward_queue import ForwardQueue  # noqa: E402
 
 GW = "bench-gw"
@@ -68,7 +69,7 @@ async def _run_queue(
     for start in range(0, n, CHUNK):
         for i in range(start, min(n, start + CHUNK)):
             if prot is not None:
-                prot.put(rule, topics[i & 63], payload, 1, None, None)
+                prot.put(rule, topics[i & 63], payload, 1, b"", None)
             else:
                 q.put("cloud", 2, topics[i & 63], payload, 1, None, None)
         fut = q.commit_future()
@@ -221,10 +222,10 @@ def put_glue(payload_size: int, keys_dir: Path, tmp: Path, n: int = 1024,
         for _ in range(rounds):
             t = time.thread_time()
             for i in range(n):
-                prot.put(rule, topics[i & 63], payload, 1, None, None)
+                prot.put(rule, topics[i & 63], payload, 1, b"", None)
             t1 = time.thread_time()
             for i in range(n):
-                qb.put("cloud", 2, topics[i & 63], payload, 1, None, None)
+                qb.put("cloud", 2, topics[i & 63], payload, 1, b"", None)
             t2 = time.thread_time()
             res["protected"].append(t1 - t)
             res["plain"].append(t2 - t1)
@@ -297,6 +298,7 @@ def envelope_before_after(payload_size: int, n: int = 20000) -> dict[str, float]
     import timeit
 
     from rapidmq_edge.crypto.batch import message_leaf
+    from rapidmq_edge.crypto.batch_message import fast_leaf
     from rapidmq_edge.crypto.envelope import (
         SealedMessage,
         _piv,
@@ -305,7 +307,6 @@ def envelope_before_after(payload_size: int, n: int = 20000) -> dict[str, float]
         tstr,
     )
     from rapidmq_edge.crypto.keys import RecipientKey
-    from rapidmq_edge.pipeline.protect import fast_leaf
 
     sealer = Sealer(RecipientKey.generate().public(), GW, max_messages=1 << 40)
     sealer.session_header  # noqa: B018 - start the session

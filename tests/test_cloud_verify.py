@@ -14,6 +14,12 @@ from rapidmq_edge.config import ConfigError, parse_config
 from rapidmq_edge.config.forwarding import ForwardRule, UpstreamSettings
 from rapidmq_edge.config.security import SecuritySettings
 from rapidmq_edge.crypto.batch import BatchBuilder, message_leaf, verify_chain
+from rapidmq_edge.crypto.batch_message import (
+    encode_batch_message,
+    fast_leaf,
+    id_runs,
+    runs_to_ids,
+)
 from rapidmq_edge.crypto.batchlog import read_chain
 from rapidmq_edge.crypto.envelope import Opener, Sealer, tstr
 from rapidmq_edge.crypto.keys import (
@@ -24,13 +30,7 @@ from rapidmq_edge.crypto.keys import (
 )
 from rapidmq_edge.crypto.keystore import KeyStore
 from rapidmq_edge.crypto.signed_session import open_signed_session, sign_session
-from rapidmq_edge.pipeline.protect import (
-    Protector,
-    encode_batch_message,
-    fast_leaf,
-    id_runs,
-    runs_to_ids,
-)
+from rapidmq_edge.pipeline.protect import Protector
 from rapidmq_edge.store.forward_queue import ForwardQueue
 
 GW = "gw-unit"
@@ -178,7 +178,7 @@ def test_auto_manifest_carries_leaves_only_for_unencrypted_messages(
 ) -> None:
     """``manifest = "auto"``: encrypted messages -> ids only (~32 B/msg less); a signed-only
     rule's messages need their leaves, so their batch carries them. Both verify."""
-    from rapidmq_edge.pipeline.protect import decode_batch_message
+    from rapidmq_edge.crypto.batch_message import decode_batch_message
 
     store = KeyStore(tmp_path / "keys")
     store.create_identity()
@@ -194,7 +194,7 @@ def test_auto_manifest_carries_leaves_only_for_unencrypted_messages(
         for i in range(4):
             rule = plain if sign_only and i == 2 else enc
             prot.put(rule, f"edge/gw/{'p' if rule is plain else 's'}/{i}", b"x%d" % i, 1,
-                     None, None)
+                     b"", None)
         fut = q.commit_future()
         if fut is not None:
             await fut
@@ -280,7 +280,7 @@ def test_protector_chain_survives_reopen_and_failed_batch_put(tmp_path: Path) ->
                          q, store.directory)
         carried = len(prot._open)
         for i in range(n):
-            prot.put(rule, f"edge/gw/s/{i}", b"x%d" % i, 1, None, None)
+            prot.put(rule, f"edge/gw/s/{i}", b"x%d" % i, 1, b"", None)
         if seal:
             prot.seal()
         fut = q.commit_future()
@@ -330,7 +330,7 @@ def test_protector_one_message_sessions_all_verify(tmp_path: Path, gw: str) -> N
         settings = SecuritySettings(batch_size=3, batch_max_age=3600, session_max_messages=1)
         prot = Protector(gw, settings, [rule], ups, q, store.directory)
         for i in range(5):
-            prot.put(rule, f"{prefix}s/{i}", b"x%d" % i, 1, None, None)
+            prot.put(rule, f"{prefix}s/{i}", b"x%d" % i, 1, b"", None)
         prot.seal()
         fut = q.commit_future()
         if fut is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rapidmq_edge.mqtt.properties import encode_properties
 from rapidmq_edge.store.forward_queue import (
     ClassLimits,
     ForwardQueue,
@@ -49,16 +50,15 @@ def test_round_trip(tmp_path: Path) -> None:
     async def main() -> None:
         q = ForwardQueue(path, commit_delay=0.001)
         assert q.commit_future() is None
-        mid = q.put("cloud", 2, "a/b", b"hello", qos=1,
-                    properties={"content_type": "text/plain", "user_property": [("k", "v")]})
+        props = encode_properties({"content_type": "text/plain", "user_property": [("k", "v")]})
+        mid = q.put("cloud", 2, "a/b", b"hello", qos=1, props=props)
         assert q.fetch("cloud", 10) == []  # not committed yet: never handed out
         await committed(q)
         assert q.commit_future() is None
         [m] = q.fetch("cloud", 10)
         assert (m.id, m.upstream, m.priority, m.topic, m.payload, m.qos) == (
             mid, "cloud", 2, "a/b", b"hello", 1)
-        assert m.properties["content_type"] == "text/plain"
-        assert m.properties["user_property"] == [("k", "v")]
+        assert m.props == props  # opaque bytes, handed back as they were put
         assert m.expires_at is None
         assert q.fetch("cloud", 10) == []  # in flight
         waiting = asyncio.ensure_future(q.wait_for_data("cloud"))
@@ -168,7 +168,7 @@ def test_drop_oldest_limits(tmp_path: Path) -> None:
     async def main() -> None:
         classes = {
             1: ClassLimits(max_messages=3),
-            2: ClassLimits(max_bytes=3 * (1 + 100 + 1)),  # topic + payload + props
+            2: ClassLimits(max_bytes=3 * (1 + 100)),  # topic + payload (+ props: none)
             3: ClassLimits(max_age=10),
         }
         q = ForwardQueue(tmp_path / "q.db", commit_delay=0, classes=classes, now=clock)
@@ -191,7 +191,7 @@ def test_refuse_new_limits(tmp_path: Path) -> None:
     async def main() -> None:
         q = ForwardQueue(tmp_path / "q.db", commit_delay=0, now=clock, classes={
             0: ClassLimits(max_messages=2, policy="refuse_new"),
-            1: ClassLimits(max_bytes=10, policy="refuse_new"),
+            1: ClassLimits(max_bytes=8, policy="refuse_new"),
             2: ClassLimits(max_age=5, policy="refuse_new"),
         })
         q.put("u", 0, "a", b"1")
@@ -199,7 +199,7 @@ def test_refuse_new_limits(tmp_path: Path) -> None:
         with pytest.raises(QueueFull, match="max_messages"):
             q.put("u", 0, "a", b"3")
         q.put("other", 0, "a", b"1")  # limits are per upstream
-        q.put("u", 1, "t", b"12345")  # 1 + 5 + 1 = 7 B
+        q.put("u", 1, "t", b"12345")  # 1 + 5 = 6 B (no props)
         with pytest.raises(QueueFull, match="max_bytes"):
             q.put("u", 1, "t", b"12")
         q.put("u", 2, "t", b"old")
@@ -223,7 +223,7 @@ def test_refuse_new_limits(tmp_path: Path) -> None:
 
 def test_global_byte_bound(tmp_path: Path) -> None:
     async def main() -> None:
-        size = 1 + 97 + 1  # 99 B per message
+        size = 1 + 97  # 98 B per message (topic + payload, no props)
         q = ForwardQueue(tmp_path / "q.db", commit_delay=0, max_bytes=10 * size)
         c0 = [q.put("u", 0, "a", b"!" * 97) for _ in range(3)]
         c2 = [q.put("u", 2, "t", b"n" * 97) for _ in range(3)]
@@ -441,8 +441,8 @@ def test_damaged_pages_are_salvaged(tmp_path: Path, caplog: pytest.LogCaptureFix
     path = tmp_path / "q.db"
     ids = _make_queue_file(path, 3000)
     original = path.read_bytes()
-    with open(path, "r+b") as f:  # garbage over some pages in the middle
-        f.seek(len(original) // 2)
+    with open(path, "r+b") as f:  # garbage over some whole pages in the middle (a cell cut
+        f.seek(len(original) // 2 // 4096 * 4096)  # in two would keep garbage SQLite can't see)
         f.write(os.urandom(3 * 4096))
 
     async def main() -> None:

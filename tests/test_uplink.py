@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from rapidmq_edge.mqtt.properties import encode_properties
 from rapidmq_edge.uplink import Backoff, Outgoing, UplinkClient
 
 from .conftest import LOOPBACK, MOSQUITTO_BIN, MosquittoBroker, free_port, wait_for_port
@@ -59,7 +60,7 @@ class MemorySource:
         i = self._next
         self._next += 1
         body = payload if payload is not None else b"%08d" % i + b"." * 56
-        self.msgs[i] = Outgoing(i, topic, body, qos, properties or {})
+        self.msgs[i] = Outgoing(i, topic, body, qos, encode_properties(properties))
         heapq.heappush(self._ready, i)
         self._event.set()
         return i

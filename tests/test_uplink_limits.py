@@ -20,7 +20,7 @@ from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.config import ConfigError, parse_config
 from rapidmq_edge.mqtt.codec import PacketReader
 from rapidmq_edge.mqtt.packets import MQTT_5, PUBLISH
-from rapidmq_edge.mqtt.properties import decode_properties
+from rapidmq_edge.mqtt.properties import decode_properties, encode_properties
 from rapidmq_edge.store.forward_queue import ForwardQueue
 from rapidmq_edge.uplink.ackscan import leading_pubacks
 from rapidmq_edge.uplink.client import UplinkClient, _v5_properties
@@ -78,7 +78,7 @@ def test_fast_path_matches_the_general_reader() -> None:
     {"user_property": [("k" * 60, "v" * 100)], "correlation_data": b"x" * 200},  # >127 B
 ])
 def test_v5_properties_append_rmq_id_after_own_user_properties(props: dict[str, Any]) -> None:
-    block = _v5_properties(props, b"gw:42")
+    block = _v5_properties(encode_properties(props), b"gw:42")
     decoded, end = decode_properties(block, 0, len(block), PUBLISH)
     assert end == len(block)
     want = dict(props)

@@ -1,7 +1,8 @@
 """The broker: sessions, routing, retained messages, Will messages, session expiry.
 
 Transport-agnostic: connections (see ``connection.py``) call into it; it never touches a
-socket. Durable state goes through :class:`~rapidmq_edge.store.session_store.SessionStore`.
+socket. Durable state goes to :class:`~rapidmq_edge.store.session_store.SessionStore` as
+the rows of :mod:`.persistence`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 from ..mqtt import reasons as rc
 from ..mqtt.packets import SubOptions
 from ..mqtt.topics import is_wildcard, parse_shared, topic_matches, valid_topic_filter
-from ..store.session_store import ONLINE, SessionStore
+from ..store.session_store import SessionStore
 from .message import Delivery, Message
+from .persistence import ONLINE, load, retained_row, subscription_row
 from .session import NEVER_EXPIRES, Link, Session
 from .subscriptions import SharedGroup, Subscription, SubscriptionIndex
 
@@ -80,7 +82,7 @@ class Broker:
     # -- start-up ------------------------------------------------------------------
 
     def _restore(self, store: SessionStore) -> None:
-        stored, retained = store.load()
+        stored, retained = load(store)
         now = time.time()
         for m in retained:
             if not m.expired(now):
@@ -173,7 +175,8 @@ class Broker:
         store = self.store
         assert store is not None
         for sub in session.subscriptions.values():
-            store.save_subscription(session.client_id, sub.filter, sub.options, sub.sub_id)
+            store.save_subscription(session.client_id, sub.filter,
+                                    subscription_row(sub.options, sub.sub_id))
 
     def _take_over(self, old: Session, ends: bool) -> None:
         link = old.link
@@ -335,7 +338,7 @@ class Broker:
             return
         self.retained[msg.topic] = msg
         if persist and self.store is not None and not msg.topic.startswith("$SYS"):
-            self.store.save_retained(msg)
+            self.store.save_retained(msg.topic, retained_row(msg))
 
     def route(self, msg: Message) -> int:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
@@ -432,7 +435,7 @@ class Broker:
         existed = self.index.add(sub)
         session.subscriptions[filt] = sub
         if self.store is not None and session.persistent:
-            self.store.save_subscription(session.client_id, filt, opts, sub_id)
+            self.store.save_subscription(session.client_id, filt, subscription_row(opts, sub_id))
         return qos, existed
 
     def unsubscribe(self, session: Session, filt: str) -> bool:

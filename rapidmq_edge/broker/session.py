@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..mqtt.packets import Will
 from .message import Delivery
+from .persistence import delivery_row
 from .subscriptions import Subscription
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class Session:
         if self.persistent and self.store is not None:
             self._seq += 1
             d.seq = self._seq
-            self.store.save_delivery(self.client_id, d)
+            self.store.save_delivery(self.client_id, d.seq, delivery_row(d))
         return True
 
     def _send(self, link: Link, d: Delivery) -> None:
@@ -121,7 +122,7 @@ class Session:
             if not d.seq:
                 self._seq += 1
                 d.seq = self._seq
-            store.save_delivery(self.client_id, d)
+            store.save_delivery(self.client_id, d.seq, delivery_row(d))
         if not link.send_delivery(d):
             self.complete(pid)
 
@@ -164,7 +165,7 @@ class Session:
         if not d.released:
             d.released = True
             if d.seq and self.store is not None and self.persistent:
-                self.store.save_delivery(self.client_id, d)
+                self.store.save_delivery(self.client_id, d.seq, delivery_row(d))
         return True
 
     def resend_inflight(self) -> None:

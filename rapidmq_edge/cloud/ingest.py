@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX
 from ..crypto.keys import IdentityPublicKey, RecipientKeyring, VerifierKeyring
 from ..crypto.keystore import KeyStore
-from ..pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX
 from .sinks import SqliteSink, open_sink
 from .subscriber import Subscriber
 from .verify import Ingest, Report

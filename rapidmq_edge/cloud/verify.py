@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..crypto.batch import BatchHeader, verify_batch
+from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX, decode_batch_message, fast_leaf
 from ..crypto.e2e import device_context, is_device_envelope, open_device_message
 from ..crypto.envelope import Opener, parse_envelope
 from ..crypto.errors import (
@@ -39,7 +40,6 @@ from ..crypto.errors import (
 from ..crypto.keys import RecipientKeyring, VerifierKeyring
 from ..crypto.merkle import MerkleTree
 from ..crypto.signed_session import is_signed_session, open_signed_session
-from ..pipeline.protect import BATCH_SUFFIX, SESSION_SUFFIX, decode_batch_message, fast_leaf
 
 __all__ = ["Ingest", "Report", "Verified"]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..broker.message import Message, PublishRefused
-from ..store.forward_queue import QueueError
+from ..store.errors import QueueError
 from .features import ANOMALY_LABELS, PRIORITY_LABELS
 from .models import Scorer, load_scorer
 from .scoring import BatchScorer, Scored
@@ -392,9 +392,9 @@ class IntelligenceRuntime:
         fwd = self.forwarder
         rule = fwd.rule(filt, upstream) if fwd is not None else None
         if fwd is not None and rule is not None:
-            fwd.put(rule, priority, topic, payload, None, ttl or None)
+            fwd.put(rule, priority, topic, payload, b"", ttl or None)
         else:  # the rule is gone from the configuration since the window was opened
-            self.queue.put(upstream, priority, topic, payload, qos, None, ttl or None)
+            self.queue.put(upstream, priority, topic, payload, qos, b"", ttl or None)
 
     def restore_summaries(self) -> int:
         """Queue the summary windows a previous run left open (crash or kill)."""

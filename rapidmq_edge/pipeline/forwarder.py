@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ..broker.message import FORWARDED_PROPERTIES, Message, PublishRefused
 from ..config.forwarding import ForwardRule, UpstreamSettings
 from ..mqtt import reasons as rc
+from ..mqtt.properties import encode_properties
 from ..mqtt.topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Queue(Protocol):
 
     def put(
         self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
-        properties: dict[str, Any] | None = None, ttl: float | None = None,
+        props: bytes = b"", ttl: float | None = None,
     ) -> int: ...
 
 
@@ -78,9 +79,10 @@ class Forwarder:
         return found
 
     def put(self, rule: ForwardRule, priority: int, up_topic: str, payload: bytes,
-            props: dict[str, Any] | None, ttl: float | None) -> None:
+            props: bytes, ttl: float | None) -> None:
         """Queue one message of ``rule`` in class ``priority``: sealed and / or signed when
-        the rule says so. Raises like ``ForwardQueue.put`` (QueueFull, QueueError)."""
+        the rule says so; ``props`` are its encoded MQTT properties. Raises like
+        ``ForwardQueue.put`` (QueueFull, QueueError)."""
         if self.protect is not None and (rule.encrypt or rule.sign):
             if priority != rule.priority:
                 rule = replace(rule, priority=priority)
@@ -103,7 +105,7 @@ class Forwarder:
         for rule, up_topic in self.targets(msg.topic):
             if origin == DOWNSTREAM_ORIGIN + rule.upstream:
                 continue  # came from this upstream: never echo it back
-            props = (
+            props = encode_properties(
                 {k: v for k, v in msg.properties.items() if k in FORWARDED_PROPERTIES}
                 if msg.properties else None
             )

@@ -37,87 +37,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
 from ..config.forwarding import ForwardRule, UpstreamSettings
 from ..config.security import SecuritySettings
 from ..crypto import accel
 from ..crypto.batch import GENESIS_ROOT, BatchBuilder, SignedBatch, parse_signed_header
+from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX, encode_batch_message
 from ..crypto.batchlog import _SCHEMA as CHAIN_SCHEMA
 from ..crypto.envelope import MAX_SEQ, Sealer, tstr
-from ..crypto.errors import BatchError, KeyFileError, MalformedError
+from ..crypto.errors import BatchError, KeyFileError
 from ..crypto.keys import GatewayIdentity, RecipientPublicKey
 from ..crypto.keystore import KeyStore
 from ..crypto.signed_session import sign_session
-from ..store.forward_queue import ForwardQueue, QueueFull
+from ..store.errors import QueueFull
+from ..store.forward_queue import ForwardQueue
 
-__all__ = [
-    "BATCH_SUFFIX",
-    "SESSION_SUFFIX",
-    "Protector",
-    "decode_batch_message",
-    "encode_batch_message",
-    "fast_leaf",
-    "id_runs",
-    "runs_to_ids",
-]
+__all__ = ["Protector", "make_protector"]
 
 log = logging.getLogger(__name__)
 
-SESSION_SUFFIX = "_session"
-BATCH_SUFFIX = "_batch"
 PASSPHRASE_ENV = "RAPIDMQ_KEY_PASSPHRASE"
-
-
-def fast_leaf(message_id: str, topic: str, payload: bytes) -> bytes:
-    """``crypto.batch.message_leaf`` without the generic CBOR encoder (same bytes; tested)."""
-    return accel.leaf(b"\x00\x83" + tstr(message_id) + tstr(topic) + b"\x58\x20", payload)
-
-
-def id_runs(seqs: Sequence[int]) -> list[int]:
-    """Increasing queue ids as flat ``[start, length, start, length, ...]``."""
-    if seqs and seqs[-1] - seqs[0] == len(seqs) - 1:
-        return [seqs[0], len(seqs)]  # one run (increasing ids): no per-id loop
-    out: list[int] = []
-    for s in seqs:
-        if out and out[-2] + out[-1] == s:
-            out[-1] += 1
-        else:
-            out += [s, 1]
-    return out
-
-
-def runs_to_ids(runs: Sequence[int]) -> list[int]:
-    """Inverse of :func:`id_runs`; MalformedError on a bad shape."""
-    if len(runs) % 2 or not all(isinstance(v, int) and v >= 0 for v in runs):
-        raise MalformedError("batch message: id runs must be pairs of unsigned integers")
-    out: list[int] = []
-    for i in range(0, len(runs), 2):
-        if runs[i + 1] > 1 << 24:
-            raise MalformedError("batch message: id run too long")
-        out.extend(range(runs[i], runs[i] + runs[i + 1]))
-    return out
-
-
-def encode_batch_message(batch: SignedBatch, seqs: Sequence[int], leaves: bool) -> bytes:
-    """Upstream payload of a batch: ``[COSE_Sign1, id runs, leaves (n*32 B) or null]``."""
-    return bytes(
-        cbor2.dumps([batch.signed, id_runs(seqs), b"".join(batch.leaves) if leaves else None])
-    )
-
-
-def decode_batch_message(data: bytes) -> tuple[bytes, list[int], bytes | None]:
-    """``(signed header, queue ids, leaves or None)``; MalformedError on any deviation."""
-    from ..crypto import cose
-
-    arr = cose.as_array(cose.decode_strict(data, "batch message"), 3, "batch message")
-    signed = cose.as_bytes(arr[0], "batch message header")
-    if not isinstance(arr[1], list):
-        raise MalformedError("batch message: id runs must be an array")
-    leaves = arr[2]
-    if leaves is not None and (not isinstance(leaves, bytes) or len(leaves) % 32):
-        raise MalformedError("batch message: leaves must be n * 32 bytes or null")
-    return signed, runs_to_ids(arr[1]), leaves
 
 
 #: leaves not yet in a signed batch: one row per commit group (ids as int64 array, n*32 B)
@@ -254,8 +192,8 @@ class Protector:
     # -- the forwarding tap ------------------------------------------------------------
 
     def put(
-        self, rule: ForwardRule, topic: str, payload: bytes, qos: int,
-        properties: dict[str, Any] | None, ttl: float | None,
+        self, rule: ForwardRule, topic: str, payload: bytes, qos: int, props: bytes,
+        ttl: float | None,
     ) -> int:
         """Queue one message of a protected rule (sealed if ``encrypt``, logged if ``sign``).
 
@@ -292,7 +230,7 @@ class Protector:
         elif prefix is not None:
             self._open_plain = True
             leaf = accel.leaf(prefix, payload)
-        got = queue.put(up, priority, topic, payload, qos, properties, ttl)
+        got = queue.put(up, priority, topic, payload, qos, props, ttl)
         if got != mid:  # pragma: no cover - the queue assigns ids in order
             raise RuntimeError(f"queue id {got} != expected {mid}")
         if sign:

@@ -24,16 +24,14 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..mqtt.errors import MqttError
-from ..mqtt.packets import PUBLISH
-from ..mqtt.properties import decode_properties, encode_properties
+from .errors import QueueError, QueueFull
 from .lanes import Entry, Lane
-from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds, QueueFull
-from .queue_writer import COLUMNS, DELETE_DELAY, INSERT, SCHEMA, QueueError, QueueWriter, Row
+from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds
+from .queue_writer import COLUMNS, DELETE_DELAY, INSERT, SCHEMA, QueueWriter, Row
 from .salvage import read_salvageable
 from .sqlite_files import is_corrupt, move_aside
 
@@ -62,19 +60,11 @@ class QueuedMessage:
     topic: str
     payload: bytes
     qos: int
-    properties: dict[str, Any] = field(default_factory=dict)
+    #: the message's properties as the pipeline encoded them (opaque here)
+    props: bytes = b""
     created: float = 0.0
     expires_at: float | None = None
     retain: bool = False  # never set upstream; for the uplink client's Outgoing shape
-
-
-def _props_from(blob: bytes) -> dict[str, Any]:
-    if blob == b"\x00":
-        return {}
-    try:
-        return decode_properties(blob, 0, len(blob), PUBLISH)[0]
-    except MqttError:
-        return {}
 
 
 # -- the queue -----------------------------------------------------------------------
@@ -240,12 +230,14 @@ class ForwardQueue(QueueBounds, QueueWriter):
 
     def put(
         self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
-        properties: dict[str, Any] | None = None, ttl: float | None = None,
+        props: bytes = b"", ttl: float | None = None,
     ) -> int:
-        """Queue a message for ``upstream``; return its id. Raises QueueFull when refused."""
+        """Queue a message for ``upstream``; return its id. Raises QueueFull when refused.
+
+        ``props`` are the message's encoded properties, stored and handed back as they are.
+        """
         if priority not in self.classes:
             raise ValueError(f"unknown priority class {priority}")
-        props = encode_properties(properties)
         size = len(topic.encode()) + len(payload) + len(props)
         now = self.now()
         lane = self._lane(upstream, priority)
@@ -347,7 +339,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
             else:
                 uncached += e[0]
                 out.append(QueuedMessage(
-                    mid, up, prio, row[3], row[4], row[5], _props_from(row[6]), e[1],
+                    mid, up, prio, row[3], row[4], row[5], row[6], e[1],
                     e[2] or None,
                 ))
         self._cached -= uncached
@@ -369,7 +361,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
                 log.error("forward queue %s: message %d is unreadable, dropped", self.path, mid)
                 continue
             out[i] = QueuedMessage(
-                mid, up, prio, row[1], row[2], row[3], _props_from(row[4]), e[1], e[2] or None,
+                mid, up, prio, row[1], row[2], row[3], row[4], e[1], e[2] or None,
             )
         return [m for m in out if m is not None]
 

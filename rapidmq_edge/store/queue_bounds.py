@@ -13,20 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .errors import QueueFull
 from .lanes import Lane
-from .queue_writer import QueueError
 
-__all__ = ["DEFAULT_CLASSES", "ClassLimits", "Policy", "QueueBounds", "QueueFull"]
+__all__ = ["DEFAULT_CLASSES", "ClassLimits", "Policy", "QueueBounds"]
 
 Policy = Literal["drop_oldest", "refuse_new"]
-
-
-class QueueFull(QueueError):
-    """A put was refused by a bound; ``reason`` says which."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,10 @@ from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
+from .errors import QueueError
 from .lanes import Lane
 
-__all__ = ["COLUMNS", "DELETE_DELAY", "INSERT", "QueueError", "QueueWriter", "Row", "SCHEMA"]
+__all__ = ["COLUMNS", "DELETE_DELAY", "INSERT", "QueueWriter", "Row", "SCHEMA"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ DELETE_DELAY = 0.1
 
 # row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
 Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
-
-
-class QueueError(Exception):
-    """The queue could not store something (for example: the disk is full)."""
 
 
 class QueueWriter:

@@ -1,5 +1,7 @@
 """Durable broker state in SQLite (WAL): persistent sessions, their messages, retained messages.
 
+The store keeps rows of plain values and opaque bytes; what they mean (sessions,
+subscriptions, deliveries, retained messages of MQTT) is :mod:`rapidmq_edge.broker.persistence`.
 Writes are group-committed: changes made on the event loop accumulate for at most
 ``commit_delay`` seconds and are written in one transaction by a single writer thread.
 ``commit_future()`` resolves once everything changed so far is on disk, which is when the
@@ -10,7 +12,6 @@ followed by a delete before its batch is written cancels out and never touches t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 import threading
@@ -20,10 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..broker.message import Delivery, Message
-from ..mqtt.errors import MqttError
-from ..mqtt.packets import PUBLISH, SubOptions
-from ..mqtt.properties import decode_properties, encode_properties
+from .errors import StoreError
 from .sqlite_files import is_corrupt, move_aside
 
 log = logging.getLogger(__name__)
@@ -50,33 +48,26 @@ CREATE TABLE IF NOT EXISTS retained (
 """
 
 
-#: ``updated_at`` of a session stored while its client is connected: its expiry countdown
-#: has not started (otherwise ``updated_at`` is when the client disconnected)
-ONLINE = 0.0
+#: a subscription row after its key (client id, filter): qos, no_local, retain_as_published,
+#: retain_handling, subscription identifier
+SubscriptionRow = tuple[int, int, int, int, int | None]
+#: a delivery row after its key (client id, seq): topic, payload, message qos, granted qos,
+#: retain, props, expires_at, sub_ids (JSON), share, packet_id, released, origin
+DeliveryRow = tuple[str, bytes, int, int, int, bytes, float | None, str, str | None, int, int,
+                    str | None]
+#: a retained-message row after its key (topic): payload, qos, props, expires_at
+RetainedRow = tuple[bytes, int, bytes, float | None]
 
 
 @dataclass(slots=True)
-class StoredSession:
-    """A persistent session as loaded at start-up."""
+class StoredRows:
+    """Everything in the store, as read at start-up (rows with their keys first)."""
 
-    client_id: str
-    version: int
-    expiry_interval: int
-    updated_at: float
-    subscriptions: list[tuple[str, SubOptions, int | None]] = field(default_factory=list)
-    deliveries: list[Delivery] = field(default_factory=list)
-    inbound_qos2: set[int] = field(default_factory=set)
-
-
-def _props_blob(props: dict[str, Any]) -> bytes:
-    return encode_properties(props)
-
-
-def _props_from(blob: bytes) -> dict[str, Any]:
-    try:
-        return decode_properties(blob, 0, len(blob), PUBLISH)[0]
-    except MqttError:
-        return {}
+    sessions: list[tuple[str, int, int, float]] = field(default_factory=list)
+    subscriptions: list[tuple[Any, ...]] = field(default_factory=list)
+    deliveries: list[tuple[Any, ...]] = field(default_factory=list)  # in (client, seq) order
+    inbound_qos2: list[tuple[str, int]] = field(default_factory=list)
+    retained: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 Op = tuple[str, tuple[Any, ...]]
@@ -149,14 +140,15 @@ class SessionStore:
             path, exc, target,
         )
 
-    def load(self) -> tuple[dict[str, StoredSession], list[Message]]:
-        """Read every persistent session and retained message (call before serving).
+    def load(self) -> StoredRows:
+        """Read every row (call before serving); the keys of stored deliveries are
+        remembered (a delete of one not yet written is dropped, see ``delete_delivery``).
 
         A database found damaged while reading is moved aside (see ``_quarantine``) and
         the gateway starts with an empty store.
         """
         try:
-            return self._load()
+            rows = self._load()
         except sqlite3.DatabaseError as exc:
             if not is_corrupt(exc):
                 raise
@@ -164,39 +156,21 @@ class SessionStore:
                 self._quarantine(exc)
                 self._db.close()  # after the move (see _open)
                 self._db = self._open()
-        self._on_disk.clear()
-        return {}, []
+            self._on_disk.clear()
+            return StoredRows()
+        self._on_disk.update((r[0], r[1]) for r in rows.deliveries)
+        return rows
 
-    def _load(self) -> tuple[dict[str, StoredSession], list[Message]]:
+    def _load(self) -> StoredRows:
         db = self._db
-        sessions = {
-            r[0]: StoredSession(r[0], r[1], r[2], r[3])
-            for r in db.execute(
-                "SELECT client_id, version, expiry_interval, updated_at FROM sessions")
-        }
-        for cid, filt, qos, nl, rap, rh, sid in db.execute("SELECT * FROM subscriptions"):
-            if cid in sessions:
-                opts = SubOptions(qos, bool(nl), bool(rap), rh)
-                sessions[cid].subscriptions.append((filt, opts, sid))
-        for row in db.execute("SELECT * FROM deliveries ORDER BY client_id, seq"):
-            (cid, seq, topic, payload, msg_qos, qos, retain, props, exp, sub_ids, share,
-             pid, released, origin) = row
-            if cid not in sessions:
-                continue
-            msg = Message(topic, bytes(payload), msg_qos, bool(retain), _props_from(props), exp,
-                          origin)
-            d = Delivery(msg, qos, bool(retain), tuple(json.loads(sub_ids)), share, pid,
-                         bool(released), seq)
-            sessions[cid].deliveries.append(d)
-            self._on_disk.add((cid, seq))
-        for cid, pid in db.execute("SELECT client_id, packet_id FROM inbound_qos2"):
-            if cid in sessions:
-                sessions[cid].inbound_qos2.add(pid)
-        retained = [
-            Message(t, bytes(p), q, True, _props_from(pr), exp)
-            for t, p, q, pr, exp in db.execute("SELECT * FROM retained")
-        ]
-        return sessions, retained
+        return StoredRows(
+            [tuple(r) for r in db.execute(
+                "SELECT client_id, version, expiry_interval, updated_at FROM sessions")],
+            [tuple(r) for r in db.execute("SELECT * FROM subscriptions")],
+            [tuple(r) for r in db.execute("SELECT * FROM deliveries ORDER BY client_id, seq")],
+            [tuple(r) for r in db.execute("SELECT client_id, packet_id FROM inbound_qos2")],
+            [tuple(r) for r in db.execute("SELECT * FROM retained")],
+        )
 
     # -- changes (event loop) ------------------------------------------------------
 
@@ -215,20 +189,14 @@ class SessionStore:
             del self._pending[key]
         self._put(("s", cid), ("delete_session", (cid,)))
 
-    def save_subscription(self, cid: str, filt: str, opts: SubOptions, sub_id: int | None) -> None:
-        row = (cid, filt, opts.qos, int(opts.no_local), int(opts.retain_as_published),
-               opts.retain_handling, sub_id)
-        self._put(("sub", cid, filt), ("save_sub", row))
+    def save_subscription(self, cid: str, filt: str, row: SubscriptionRow) -> None:
+        self._put(("sub", cid, filt), ("save_sub", (cid, filt, *row)))
 
     def delete_subscription(self, cid: str, filt: str) -> None:
         self._put(("sub", cid, filt), ("delete_sub", (cid, filt)))
 
-    def save_delivery(self, cid: str, d: Delivery) -> None:
-        m = d.message
-        row = (cid, d.seq, m.topic, m.payload, m.qos, d.qos, int(d.retain),
-               _props_blob(m.properties), m.expires_at, json.dumps(d.sub_ids), d.share,
-               d.packet_id, int(d.released), m.origin)
-        self._put(("d", cid, d.seq), ("save_delivery", row))
+    def save_delivery(self, cid: str, seq: int, row: DeliveryRow) -> None:
+        self._put(("d", cid, seq), ("save_delivery", (cid, seq, *row)))
 
     def delete_delivery(self, cid: str, seq: int) -> None:
         key = ("d", cid, seq)
@@ -244,9 +212,8 @@ class SessionStore:
     def delete_inbound_qos2(self, cid: str, pid: int) -> None:
         self._put(("q2", cid, pid), ("delete_q2", (cid, pid)))
 
-    def save_retained(self, m: Message) -> None:
-        row = (m.topic, m.payload, m.qos, _props_blob(m.properties), m.expires_at)
-        self._put(("r", m.topic), ("save_retained", row))
+    def save_retained(self, topic: str, row: RetainedRow) -> None:
+        self._put(("r", topic), ("save_retained", (topic, *row)))
 
     def delete_retained(self, topic: str) -> None:
         self._put(("r", topic), ("delete_retained", (topic,)))
@@ -355,10 +322,6 @@ class SessionStore:
         self._writer.shutdown(wait=True)
         with self._lock:
             self._db.close()
-
-
-class StoreError(Exception):
-    """A commit failed (for example: the disk is full)."""
 
 
 def _key_of(op: Op) -> tuple[Any, ...]:

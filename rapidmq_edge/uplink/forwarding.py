@@ -107,13 +107,6 @@ class StoreAndForward:
         )
         self.tasks: list[asyncio.Task[None]] = []
 
-    def put(
-        self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
-        properties: dict[str, Any] | None = None, ttl: float | None = None,
-    ) -> int:
-        """Queue durably for ``upstream`` (its uplink is woken when the batch commits)."""
-        return self.queue.put(upstream, priority, topic, payload, qos, properties, ttl)
-
     def _sub(self, text: str) -> str:
         return text.replace("{gateway_id}", self.gateway_id)
 

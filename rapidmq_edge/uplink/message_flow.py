@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..mqtt.codec import encode, encode_publish
+from ..mqtt.errors import MqttError
 from ..mqtt.packets import (
     DISCONNECT,
     MQTT_5,
@@ -37,7 +38,7 @@ from ..mqtt.packets import (
     Pubrel,
     Suback,
 )
-from ..mqtt.properties import encode_properties, encode_varint
+from ..mqtt.properties import decode_properties, encode_varint
 from .endpoint_policy import EndpointPolicy
 from .rate import TokenBucket
 from .source import OutgoingMessage, UplinkSource
@@ -52,16 +53,21 @@ _RMQ_ID = b"\x26\x00\x06rmq-id"  # User Property "rmq-id" (its value follows)
 MessageCallback = Callable[[str, bytes, int, dict[str, Any]], None]
 
 
-def v5_properties(properties: dict[str, Any], rmq_id: bytes) -> bytes:
-    """The message's property block with the ``rmq-id`` User Property appended (after any
-    User Properties of its own, so their order is kept)."""
+def v5_properties(block: bytes, rmq_id: bytes) -> bytes:
+    """The message's encoded property block (as queued: length prefix included, or empty)
+    with the ``rmq-id`` User Property appended (after any User Properties of its own, so
+    their order is kept). A block that does not decode is left out, the message still goes."""
     tail = _RMQ_ID + len(rmq_id).to_bytes(2, "big") + rmq_id
-    if properties:
-        block = encode_properties(properties)
-        n = 1
-        while block[n - 1] & 0x80:  # skip the block's own length prefix
-            n += 1
-        tail = block[n:] + tail
+    if len(block) > 1:
+        try:
+            _, n = decode_properties(block, 0, len(block), PUBLISH)
+        except MqttError:
+            n = 0
+        if n == len(block):
+            start = 1
+            while block[start - 1] & 0x80:  # skip the block's own length prefix
+                start += 1
+            tail = block[start:] + tail
     return encode_varint(len(tail)) + tail
 
 
@@ -214,7 +220,7 @@ class MessageFlow:
         rid = f"{self.gateway_id}:".encode()
         for msg in batch:
             qos = msg.qos if msg.qos < max_qos else max_qos
-            props = v5_properties(msg.properties, rid + str(msg.id).encode()) if v5 else None
+            props = v5_properties(msg.props, rid + str(msg.id).encode()) if v5 else None
             pid = self._next_pid() if qos else 0  # reserved below, once it is sent
             packet = encode_publish(
                 msg.topic.encode(), msg.payload, qos, msg.retain, False, pid, props,

@@ -19,8 +19,8 @@ Delivery contract with the :class:`UplinkSource` (the durable queue):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 __all__ = ["Outgoing", "OutgoingMessage", "UplinkSource"]
 
@@ -33,7 +33,7 @@ class Outgoing:
     topic: str
     payload: bytes
     qos: int = 1
-    properties: dict[str, Any] = field(default_factory=dict)
+    props: bytes = b""  # encoded MQTT 5 property block (length prefix included), or empty
     retain: bool = False
 
 
@@ -50,7 +50,7 @@ class OutgoingMessage(Protocol):
     @property
     def qos(self) -> int: ...
     @property
-    def properties(self) -> dict[str, Any]: ...
+    def props(self) -> bytes: ...
     @property
     def retain(self) -> bool: ...
 
