@@ -107,7 +107,7 @@ class Gateway:
                 config.mqtt.sys_interval)
             self.intelligence.install()
         self.http: Any = None  # ingress.http.HttpApi when [http] listen is set
-        self.coap: Any = None  # ingress.coap.CoapServer when [coap] listen is set
+        self.coap: Any = None  # ingress.coap_server.CoapServer when [coap] listen is set
 
     def _connection(self, transport: Any, peer: str) -> ClientConnection:
         return ClientConnection(self.broker, self.gate, self.settings, transport, peer)
@@ -146,7 +146,7 @@ class Gateway:
             self.http = HttpApi(self.broker, self.gate, self.config.http, self.snapshot)
             self.bound.extend(await self.http.start())
         if self.config.coap.listen:
-            from .ingress.coap import CoapServer  # aiocoap is only imported when enabled
+            from .ingress.coap_server import CoapServer  # aiocoap is only imported when enabled
 
             self.coap = CoapServer(self.broker, self.gate, self.config.coap)
             self.bound.extend(await self.coap.start())

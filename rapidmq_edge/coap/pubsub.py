@@ -1,6 +1,6 @@
 """The CoAP publish-subscribe vocabulary (draft-ietf-core-coap-pubsub), sans-I/O.
 
-Pure functions used by the CoAP ingress (:mod:`rapidmq_edge.ingress.coap`) and its fast
+Pure functions used by the CoAP ingress (:mod:`rapidmq_edge.ingress.coap_server`) and its fast
 path: the topic parameters (the draft's CBOR keys) and the validation of a topic
 configuration, the topic resource's representation and its ``conf-filter`` part, the
 link-format listings of the topic collection, the ETag of a topic's value and the
@@ -16,8 +16,6 @@ from typing import Any
 from urllib.parse import quote
 
 from aiocoap.numbers.contentformat import ContentFormat
-
-from ..broker.message import Message
 
 __all__ = [
     "CONF_CONTENT_FORMAT",
@@ -72,6 +70,18 @@ SETTABLE = frozenset({"topic-name", "resource-type", "topic-content-format", "to
                       "initialize"})
 DATA_PREFIX = ("ps", "data")
 CONF_PREFIX = ("ps", "conf")
+
+
+class Refusal(Exception):
+    """A request answered with an error ``code``, a diagnostic payload (``why``) and the
+    options telling the client when to retry (Max-Age, s) or how much fits (Size1, bytes)."""
+
+    def __init__(self, code: int, why: str, max_age: int | None = None,
+                 size1: int | None = None) -> None:
+        super().__init__(why)
+        self.code = code
+        self.max_age = max_age
+        self.size1 = size1
 
 
 class ParameterError(ValueError):
@@ -129,11 +139,11 @@ def links(topics: list[str], data: bool = False) -> bytes:
     return ",".join(out).encode()
 
 
-def etag_of(msg: Message) -> bytes:
+def etag_of(payload: bytes, content_type: str | None) -> bytes:
     """The ETag of a topic's current value (RFC 7252 §5.10.6): 8 bytes of a hash of its
     payload and content type, so equal representations have equal tags."""
-    h = hashlib.blake2b(msg.payload, digest_size=8)
-    h.update(b"\0" + str(msg.properties.get("content_type") or "").encode())
+    h = hashlib.blake2b(payload, digest_size=8)
+    h.update(b"\0" + str(content_type or "").encode())
     return h.digest()
 
 

@@ -2,13 +2,13 @@
 
 :class:`CoapBroker` holds the state of the CoAP ingress of one gateway (the OSCORE
 identities, the topics created through the collection, the observations) and implements
-the methods of the resources of :mod:`rapidmq_edge.ingress.coap` on the broker:
+the methods of the resources of :mod:`rapidmq_edge.ingress.coap_server` on the broker:
 identity (anonymous or OSCORE), publish and delete (answered after the durable commit,
 If-Match / If-None-Match against the retained value), read with ETag, the topic resources
 (their representation, creation, search by parameters) and Observe as an MQTT
 subscription through a :class:`~rapidmq_edge.broker.local.LocalClient`. A refused request
-raises :class:`_Refusal` (code, diagnostic payload, optional Max-Age); the pure pubsub
-vocabulary is in :mod:`rapidmq_edge.coap.pubsub`.
+raises :class:`~rapidmq_edge.coap.pubsub.Refusal` (code, diagnostic payload, optional
+Max-Age); the pure pubsub vocabulary is in :mod:`rapidmq_edge.coap.pubsub`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..broker.local import LocalClient, publish
 from ..broker.message import Message, PublishRefused
 from ..coap.pubsub import (
     PARAMS,
+    Refusal,
     conf_representation,
     content_format_for,
     content_type_for,
@@ -51,13 +52,8 @@ log = logging.getLogger(__name__)
 OBSERVE_QUEUE = 256
 
 
-class _Refusal(Exception):
-    """A request answered with an error code, a diagnostic payload and maybe Max-Age."""
-
-    def __init__(self, code: Any, why: str, max_age: int | None = None) -> None:
-        super().__init__(why)
-        self.code = code
-        self.max_age = max_age
+def _etag(msg: Message) -> bytes:
+    return etag_of(msg.payload, msg.properties.get("content_type"))
 
 
 def _answer(code: Any, why: str = "", max_age: int | None = None) -> Any:
@@ -84,22 +80,22 @@ class CoapBroker:
     # -- who is asking -------------------------------------------------------------
 
     def identity(self, request: Any) -> tuple[str | None, str]:
-        """(username, client id) of a request; raises _Refusal when OSCORE is required."""
+        """(username, client id) of a request; raises Refusal when OSCORE is required."""
         remote = request.remote
         ctx = getattr(remote, "security_context", None)
         name = self.oscore_names.get(id(ctx)) if ctx is not None else None
         if name is None:
             if ctx is not None or self.settings.require_oscore:
-                raise _Refusal(Code.UNAUTHORIZED, "OSCORE required")
+                raise Refusal(Code.UNAUTHORIZED, "OSCORE required")
             remote_id = getattr(remote, "hostinfo", "?")
             return None, f"coap:{remote_id}"
         return name, f"coap:{name}"
 
     def topic_of(self, path: tuple[str, ...]) -> str:
-        """The MQTT topic of a resource path below a prefix; raises _Refusal (4.00)."""
+        """The MQTT topic of a resource path below a prefix; raises Refusal (4.00)."""
         topic = "/".join(path)
         if not path or not valid_topic_name(topic):
-            raise _Refusal(Code.BAD_REQUEST, "invalid topic")
+            raise Refusal(Code.BAD_REQUEST, "invalid topic")
         return topic
 
     def next_observe(self) -> int:
@@ -129,7 +125,7 @@ class CoapBroker:
         username, client_id = self.identity(request)
         if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
             log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
-            raise _Refusal(Code.FORBIDDEN, "not authorised")
+            raise Refusal(Code.FORBIDDEN, "not authorised")
         too_large = self.check_size(request, assembled=True)
         if too_large is not None:
             return too_large
@@ -138,19 +134,19 @@ class CoapBroker:
         if cf is not None:
             content_type = content_type_for(int(cf))
             if content_type is None:
-                raise _Refusal(Code.UNSUPPORTED_CONTENT_FORMAT, f"content-format {int(cf)}")
+                raise Refusal(Code.UNSUPPORTED_CONTENT_FORMAT, f"content-format {int(cf)}")
             props["content_type"] = content_type
             if is_text(content_type):
                 try:
                     request.payload.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise _Refusal(Code.BAD_REQUEST, "payload is not UTF-8") from None
+                    raise Refusal(Code.BAD_REQUEST, "payload is not UTF-8") from None
                 props["payload_format_indicator"] = 1
         if retain:
             self.check_conditions(request, topic)
         if retain and not request.payload:
             # an empty retained message deletes the value: that is DELETE's job
-            raise _Refusal(Code.BAD_REQUEST, "empty payload (use DELETE to clear)")
+            raise Refusal(Code.BAD_REQUEST, "empty payload (use DELETE to clear)")
         qos = 1 if request.mtype == Type.CON else 0
         msg = Message(topic, request.payload, qos, retain, props, None, client_id)
         # the draft: the first publication to a topic (it had no data) is 2.01 Created
@@ -168,30 +164,30 @@ class CoapBroker:
         If-Match ETag matches the tag GET responses carry (:func:`etag_of`)."""
         current = self.current(topic)
         if request.opt.if_none_match and current is not None:
-            raise _Refusal(Code.PRECONDITION_FAILED, "topic has data")
+            raise Refusal(Code.PRECONDITION_FAILED, "topic has data")
         if_match = request.opt.if_match
         if if_match and (current is None or not any(
-                not tag or tag == etag_of(current) for tag in if_match)):
-            raise _Refusal(Code.PRECONDITION_FAILED, "no matching representation")
+                not tag or tag == _etag(current) for tag in if_match)):
+            raise Refusal(Code.PRECONDITION_FAILED, "no matching representation")
 
     async def _commit(self, msg: Message) -> None:
         retry = self.settings.retry_after
         try:
             fut = publish(self.broker, msg)
         except PublishRefused as exc:
-            raise _Refusal(Code.SERVICE_UNAVAILABLE, str(exc) or "refused", retry) from None
+            raise Refusal(Code.SERVICE_UNAVAILABLE, str(exc) or "refused", retry) from None
         if fut is not None:
             try:
                 await fut
             except Exception as exc:  # noqa: BLE001 - any store failure: not stored
                 log.warning("CoAP publication to %s not stored: %s", msg.topic, exc)
-                raise _Refusal(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}", retry) from None
+                raise Refusal(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}", retry) from None
 
     async def delete(self, request: Any, topic: str) -> Any:
         """DELETE: clear the retained value (observers see the topic go away)."""
         username, client_id = self.identity(request)
         if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
-            raise _Refusal(Code.FORBIDDEN, "not authorised")
+            raise Refusal(Code.FORBIDDEN, "not authorised")
         if topic in self.broker.retained:
             qos = 1 if request.mtype == Type.CON else 0
             await self._commit(Message(topic, b"", qos, True, {}, None, client_id))
@@ -211,19 +207,19 @@ class CoapBroker:
         cf = content_format_for(msg.properties.get("content_type"))
         if cf is not None:
             resp.opt.content_format = cf
-        resp.opt.etag = etag_of(msg)
+        resp.opt.etag = _etag(msg)
         return resp
 
     def get(self, request: Any, topic: str) -> Any:
         username, client_id = self.identity(request)
         if not self.may_read(username, client_id, topic):
-            raise _Refusal(Code.FORBIDDEN, "not authorised")
+            raise Refusal(Code.FORBIDDEN, "not authorised")
         msg = self.current(topic)
         if msg is None:
             if self.created.get(topic, {}).get(PARAMS["initialize"]) is True:
                 return aiocoap.Message(code=Code.CONTENT)  # created with "initialize"
-            raise _Refusal(Code.NOT_FOUND, "no data published")
-        tag = etag_of(msg)
+            raise Refusal(Code.NOT_FOUND, "no data published")
+        tag = _etag(msg)
         if tag in request.opt.etags:  # the client's cached copy is current (§5.10.6.2)
             resp = aiocoap.Message(code=Code.VALID)
             resp.opt.etag = tag
@@ -255,9 +251,9 @@ class CoapBroker:
             self.gate.can_publish(username, client_id, topic)
             or self.gate.can_subscribe(username, client_id, topic)
         ):
-            raise _Refusal(Code.FORBIDDEN, "not authorised")
+            raise Refusal(Code.FORBIDDEN, "not authorised")
         if topic in self.known_topics():
-            raise _Refusal(Code.BAD_REQUEST, "topic-name already in use")
+            raise Refusal(Code.BAD_REQUEST, "topic-name already in use")
         self.created[topic] = spec
         return topic, self.conf(topic)
 
@@ -279,7 +275,7 @@ class CoapBroker:
         request = pipe.request
         username, client_id = self.identity(request)
         if not self.may_read(username, client_id, topic):
-            raise _Refusal(Code.FORBIDDEN, "not authorised")
+            raise Refusal(Code.FORBIDDEN, "not authorised")
         queue: deque[Message] = deque(maxlen=OBSERVE_QUEUE)
         wake = asyncio.Event()
 
@@ -293,7 +289,7 @@ class CoapBroker:
         try:
             code = lc.subscribe(topic)
             if code >= 0x80:
-                raise _Refusal(Code.BAD_REQUEST, "cannot subscribe")
+                raise Refusal(Code.BAD_REQUEST, "cannot subscribe")
             if queue:
                 first = self._notification(request, cache, queue.popleft())
             else:  # no value yet: the observation waits for the first publication

@@ -1,6 +1,6 @@
 """The CoAP publish fast path: PUT/POST to ``/ps/data/<topic>`` without aiocoap.
 
-Taken here (see :mod:`rapidmq_edge.coap.endpoint` for why): CON or NON requests with code
+Taken here (see :mod:`.coap_udp` for why): CON or NON requests with code
 PUT or POST, a ``/ps/data/...`` Uri-Path and no options besides Uri-Host, Uri-Port,
 Uri-Path and Content-Format, when OSCORE is not required. Anything else (Block1, OSCORE,
 If-Match/If-None-Match, Size1, queries, unknown options) goes to aiocoap, whose resources
@@ -31,23 +31,17 @@ from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
 from ..coap import codec
 from ..coap.dedup import Deduplicator
-from ..coap.endpoint import UdpEndpoint
+from ..coap.pubsub import Refusal
 from ..config.ingress import CoapSettings
 from ..mqtt.topics import valid_topic_name
 from ..security.gatekeeper import Gatekeeper
+from .coap_udp import UdpEndpoint
 
 log = logging.getLogger(__name__)
 
 #: options the fast path understands; any other sends the request to aiocoap
 FAST_OPTIONS = frozenset({codec.URI_HOST, codec.URI_PORT, codec.URI_PATH, codec.CONTENT_FORMAT})
 _PS, _DATA = b"ps", b"data"
-
-
-class _Refusal(Exception):
-    def __init__(self, code: int, why: str, options: tuple[tuple[int, bytes], ...] = ()) -> None:
-        super().__init__(why)
-        self.code = code
-        self.options = options
 
 
 class FastPublisher:
@@ -105,9 +99,9 @@ class FastPublisher:
             return True
         try:
             self._publish(msg, addr, path, cf)
-        except _Refusal as exc:
+        except Refusal as exc:
             self.refused += 1
-            self._answer(msg, addr, exc.code, exc.options, str(exc).encode())
+            self._answer(msg, addr, exc.code, _options(exc), str(exc).encode())
         return True
 
     # -- publishing ------------------------------------------------------------------
@@ -116,38 +110,38 @@ class FastPublisher:
         try:
             topic = "/".join([seg.decode("utf-8") for seg in path[2:]])
         except UnicodeDecodeError:
-            raise _Refusal(codec.BAD_REQUEST, "invalid topic") from None
+            raise Refusal(codec.BAD_REQUEST, "invalid topic") from None
         if not valid_topic_name(topic):
-            raise _Refusal(codec.BAD_REQUEST, "invalid topic")
+            raise Refusal(codec.BAD_REQUEST, "invalid topic")
         client_id = self._client_id(addr)
         if topic.startswith("$") or not self.gate.can_publish(None, client_id, topic):
             log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
-            raise _Refusal(codec.FORBIDDEN, "not authorised")
+            raise Refusal(codec.FORBIDDEN, "not authorised")
         payload = msg.payload
         limit = self.settings.max_payload
         if len(payload) > limit:
-            raise _Refusal(codec.REQUEST_ENTITY_TOO_LARGE, f"payload over {limit} bytes",
-                           ((codec.SIZE1, codec.encode_uint(limit)),))
+            raise Refusal(codec.REQUEST_ENTITY_TOO_LARGE, f"payload over {limit} bytes",
+                          size1=limit)
         props: dict[str, Any] = {}
         if cf is not None:
             fmt = self._format(codec.decode_uint(cf))
             if fmt is None:
-                raise _Refusal(codec.UNSUPPORTED_CONTENT_FORMAT,
-                               f"content-format {codec.decode_uint(cf)}")
+                raise Refusal(codec.UNSUPPORTED_CONTENT_FORMAT,
+                              f"content-format {codec.decode_uint(cf)}")
             props["content_type"] = fmt[0]
             if fmt[1]:
                 try:
                     payload.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise _Refusal(codec.BAD_REQUEST, "payload is not UTF-8") from None
+                    raise Refusal(codec.BAD_REQUEST, "payload is not UTF-8") from None
                 props["payload_format_indicator"] = 1
         retain = msg.code == codec.PUT
         if retain and not payload:
-            raise _Refusal(codec.BAD_REQUEST, "empty payload (use DELETE to clear)")
+            raise Refusal(codec.BAD_REQUEST, "empty payload (use DELETE to clear)")
         if self.pending >= self.settings.max_pending:
             self.shed += 1
-            raise _Refusal(codec.TOO_MANY_REQUESTS, "too many publications in flight",
-                           ((codec.MAX_AGE, self.max_age),))
+            raise Refusal(codec.TOO_MANY_REQUESTS, "too many publications in flight",
+                          self.settings.retry_after)
         ok = codec.CREATED if retain and topic not in self.broker.retained else codec.CHANGED
         qos = 1 if msg.mtype == codec.CON else 0
         broker = self.broker
@@ -155,8 +149,8 @@ class FastPublisher:
         try:
             broker.publish(pub)
         except PublishRefused as exc:
-            raise _Refusal(codec.SERVICE_UNAVAILABLE, str(exc) or "refused",
-                           ((codec.MAX_AGE, self.max_age),)) from None
+            raise Refusal(codec.SERVICE_UNAVAILABLE, str(exc) or "refused",
+                          self.settings.retry_after) from None
         fut = broker.commit_future()
         if fut is None:
             self.published += 1
@@ -213,3 +207,13 @@ class FastPublisher:
                 self._hostinfo.clear()
             self._hostinfo[addr] = cid
         return cid
+
+
+def _options(refusal: Refusal) -> tuple[tuple[int, bytes], ...]:
+    """The CoAP options of a refusal's answer."""
+    out: list[tuple[int, bytes]] = []
+    if refusal.max_age is not None:
+        out.append((codec.MAX_AGE, codec.encode_uint(refusal.max_age)))
+    if refusal.size1 is not None:
+        out.append((codec.SIZE1, codec.encode_uint(refusal.size1)))
+    return tuple(out)

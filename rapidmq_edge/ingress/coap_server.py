@@ -27,7 +27,7 @@ Resources (every CoAP resource maps one-to-one onto an MQTT topic of the same br
   DELETE clears the retained value (2.02) and ends the observations with 4.04.
 
 Plain publications (PUT/POST without Block1, OSCORE or conditions) never reach aiocoap:
-the listener's socket is a :class:`~rapidmq_edge.coap.endpoint.UdpEndpoint` whose fast path
+the listener's socket is a :class:`~rapidmq_edge.ingress.coap_udp.UdpEndpoint` whose fast path
 (:mod:`.coap_fast`) publishes them with the same checks and answers, and sheds load with
 4.29 + Max-Age; everything else is served by the aiocoap resources below through the same
 socket.
@@ -69,6 +69,7 @@ try:  # optional dependency: the gateway runs without CoAP when it is missing
         RT_COLLECTION,
         RT_DATA,
         ParameterError,
+        Refusal,
         conf_part,
         content_format_for,
         content_type_for,
@@ -76,7 +77,7 @@ try:  # optional dependency: the gateway runs without CoAP when it is missing
         links,
         parse_parameters,
     )
-    from .coap_broker import CoapBroker, _answer, _Refusal
+    from .coap_broker import CoapBroker, _answer
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     aiocoap = None
 
@@ -89,12 +90,12 @@ HANDLED_OPTIONS = frozenset({1, 3, 5, 7, 11, 13, 15, 17, 23, 27})
 
 
 def _guard(fn: Any) -> Any:
-    """Turn _Refusal into its response, invalid topic parameters into 4.00."""
+    """Turn Refusal into its response, invalid topic parameters into 4.00."""
 
     async def wrapped(self: Any, request: Any) -> Any:
         try:
             return await fn(self, request)
-        except _Refusal as exc:
+        except Refusal as exc:
             return _answer(exc.code, str(exc), exc.max_age)
         except ParameterError as exc:
             return _answer(Code.BAD_REQUEST, str(exc))
@@ -123,7 +124,7 @@ if aiocoap is not None:
                     if too_large is not None:  # before assembling any more blocks
                         pipe.add_response(too_large, is_last=True)
                         return
-            except _Refusal as exc:
+            except Refusal as exc:
                 pipe.add_response(_answer(exc.code, str(exc), exc.max_age), is_last=True)
                 return
             await aiocoap.interfaces.Resource._render_to_pipe(self, pipe)
@@ -158,9 +159,9 @@ if aiocoap is not None:
             topic = core.topic_of(request.opt.uri_path)
             username, client_id = core.identity(request)
             if not core.may_read(username, client_id, topic):
-                raise _Refusal(Code.FORBIDDEN, "not authorised")
+                raise Refusal(Code.FORBIDDEN, "not authorised")
             if topic not in core.known_topics():
-                raise _Refusal(Code.NOT_FOUND, "no such topic")
+                raise Refusal(Code.NOT_FOUND, "no such topic")
             return topic
 
         @_guard
@@ -281,7 +282,7 @@ class CoapServer:
             for name in ("coap-server", "coap"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.contexts: list[Any] = []
-        self.endpoints: list[Any] = []  # coap.endpoint.UdpEndpoint, one per listen URL
+        self.endpoints: list[Any] = []  # coap_udp.UdpEndpoint, one per listen URL
         self.fast: list[Any] = []  # coap_fast.FastPublisher of each endpoint
         self.bound: list[str] = []
 
@@ -301,12 +302,12 @@ class CoapServer:
     async def start(self) -> list[str]:
         """Bind every endpoint (UDP only); return their URLs.
 
-        Each endpoint's socket is a :class:`~rapidmq_edge.coap.endpoint.UdpEndpoint`:
+        Each endpoint's socket is a :class:`~rapidmq_edge.ingress.coap_udp.UdpEndpoint`:
         plain publications take the fast path (:mod:`.coap_fast`, not when OSCORE is
         required), every other message goes to aiocoap serving :meth:`site`.
         """
-        from ..coap.endpoint import open_endpoint
         from .coap_fast import FastPublisher
+        from .coap_udp import open_endpoint
 
         site = self.site()
         for ep in self.settings.listen:

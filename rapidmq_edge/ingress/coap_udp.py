@@ -32,7 +32,7 @@ from typing import Any
 from aiocoap.transports.generic_udp import GenericMessageInterface
 from aiocoap.transports.simplesocketserver import _Address
 
-from . import codec
+from ..coap import codec
 
 log = logging.getLogger(__name__)
 
