@@ -71,7 +71,7 @@ async def _run_queue(
             if prot is not None:
                 prot.put(rule, topics[i & 63], payload, 1, b"", None)
             else:
-                q.put("cloud", 2, topics[i & 63], payload, 1, None, None)
+                q.put("cloud", 2, topics[i & 63], payload, 1, b"", None)
         fut = q.commit_future()
         if fut is not None:
             await fut

@@ -99,7 +99,7 @@ def _scorer(mode: str, reference: bool) -> BatchScorer:
     models = IntelligenceSettings().models_dir
     priority, anomaly = (load_scorer(models, name, mode) for name in ("priority", "anomaly"))
     if reference:
-        return _Ungated(priority, anomaly, True, gated=False)
+        return _Ungated(priority, anomaly, True, skip_healthy=False)
     return BatchScorer(priority, anomaly, True)
 
 
@@ -139,7 +139,7 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
                 if v == "model" and name == "20000_msg_s":
                     n = len(messages)
                     stats = {"priority_cache_hit_share": round(sc.cache_hits / n, 3),
-                             "anomaly_gated_share_of_messages": round(sc.gated / n, 3)}
+                             "anomaly_gated_share_of_messages": round(sc.skipped / n, 3)}
     out: dict[str, Any] = {}
     for v in variants:
         out[v] = {name: round(float(np.median(times[v][name])), 3) for name in sizes}

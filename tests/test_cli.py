@@ -155,9 +155,9 @@ def test_run_calls_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         seen.append(config)
         return 3
 
-    fake = types.ModuleType("rapidmq_edge.app")
+    fake = types.ModuleType("rapidmq_edge.gateway")
     fake.run_gateway = run_gateway  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rapidmq_edge.app", fake)
+    monkeypatch.setitem(sys.modules, "rapidmq_edge.gateway", fake)
     conf = tmp_path / "edge.toml"
     conf.write_text('[gateway]\nid = "gw"\nlog_level = "warning"\n')
     assert cli.main(["run", "--config", str(conf)]) == 3

@@ -18,9 +18,9 @@ from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.broker.message import Message
 from rapidmq_edge.config.forwarding import parse_forwarding
 from rapidmq_edge.config.intelligence import IntelligenceSettings
-from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
+from rapidmq_edge.gateway.forwarding import build_forward_path
+from rapidmq_edge.pipeline.intelligence_runtime import IntelligenceRuntime
 from rapidmq_edge.store.forward_queue import ForwardQueue
-from rapidmq_edge.uplink.forwarding import StoreAndForward
 
 from .gateway_proc import GatewayProcess
 
@@ -75,12 +75,12 @@ def test_batch_window_is_part_of_the_commit_delay(tmp_path: Path) -> None:
     }, tmp_path)
 
     async def main() -> tuple[float, int, list[bytes]]:
+        path = build_forward_path("gw", fw, tmp_path)
         broker = Broker(BrokerLimits())
-        saf = StoreAndForward("gw", fw, tmp_path, broker)
         rt = IntelligenceRuntime(
             IntelligenceSettings(enabled=True, priority="rules", anomaly="rules",
-                                 threat="off", batch_window_ms=300.0), broker, saf)
-        rt.install()
+                                 threat="off", batch_window_ms=300.0),
+            path.forwarder, path.queue, broker.publish, fw.upstreams, "gw", tmp_path)
         t0 = time.monotonic()
         rt.tap(Message("plant/t1", b"21.5", 1))
         rt.tap(Message("plant/t2", b"22.5", 1))
@@ -88,9 +88,9 @@ def test_batch_window_is_part_of_the_commit_delay(tmp_path: Path) -> None:
         assert fut is not None
         await fut  # scored, queued and committed
         elapsed = time.monotonic() - t0
-        commits = saf.queue.commits
-        got = [m.payload for m in saf.queue.fetch("cloud", 10)]
-        await saf.queue.close()
+        commits = path.queue.commits
+        got = [m.payload for m in path.queue.fetch("cloud", 10)]
+        await path.queue.close()
         return elapsed, commits, got
 
     elapsed, commits, got = asyncio.run(main())

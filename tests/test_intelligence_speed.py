@@ -27,16 +27,15 @@ from rapidmq_edge.intelligence.features import (
     message_features,
     reading_value,
 )
-from rapidmq_edge.intelligence.gate import (
+from rapidmq_edge.intelligence.healthy_region import (
     MODEL_BOX,
-    Gate,
-    gate_for,
+    HealthyRegion,
+    healthy_region_for,
     rules_box,
     tree_ensemble,
     verify_box,
 )
 from rapidmq_edge.intelligence.models import load_scorer
-from rapidmq_edge.intelligence.runtime import IntelligenceRuntime
 from rapidmq_edge.intelligence.scoring import BatchScorer
 from rapidmq_edge.intelligence.streams import (
     _ZERO,
@@ -48,6 +47,7 @@ from rapidmq_edge.intelligence.streams import (
     value_span,
 )
 from rapidmq_edge.ops.status import render
+from rapidmq_edge.pipeline.intelligence_runtime import IntelligenceRuntime
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 #: a small held-out run (not the training seed), with faults of every kind
@@ -68,7 +68,7 @@ def run() -> object:
 def _runtime(mode: str = "model", models: Path = MODELS) -> IntelligenceRuntime:
     rt = IntelligenceRuntime(IntelligenceSettings(enabled=True, models_dir=models,
                                                   priority=mode, anomaly=mode, threat="off"),
-                             Broker(BrokerLimits()), None)
+                             None, None, Broker(BrokerLimits()).publish)
     rt.priority = load_scorer(models, "priority", mode)  # no upstream turns it off
     rt.scorer = BatchScorer(rt.priority, rt.anomaly, True)
     return rt
@@ -86,7 +86,7 @@ def _reference_rows(keys: Sequence[str], ts: Sequence[float],
 
 def test_gate_box_is_proven_on_the_model_and_skips_most_healthy_readings(run: object) -> None:
     ens = tree_ensemble(onnx.load(str(MODELS / "anomaly.onnx")))
-    gate = gate_for(load_scorer(MODELS, "anomaly", "model"))
+    gate = healthy_region_for(load_scorer(MODELS, "anomaly", "model"))
     assert gate is not None and gate.source == "model"
     assert verify_box(ens, gate.lo, gate.hi)
     # the verifier can say no: a box reaching well into drift territory is refused
@@ -103,7 +103,7 @@ def test_gate_box_is_proven_on_the_model_and_skips_most_healthy_readings(run: ob
 
 
 def test_rules_box_is_none_for_the_rules() -> None:
-    gate = Gate(*np.asarray(rules_box(), np.float32).T.copy(), "rules")
+    gate = HealthyRegion(*np.asarray(rules_box(), np.float32).T.copy(), "rules")
     rng = np.random.default_rng(7)
     lo = np.maximum(gate.lo, -60)
     hi = np.minimum(gate.hi, 60)
@@ -151,7 +151,7 @@ def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int)
     assert got_a == want_a
     assert any(want_a) and len(set(want_p)) >= 3
     sc = rt.scorer
-    assert sc.cache_hits > len(msgs) // 2 and sc.gated > len(msgs) // 4
+    assert sc.cache_hits > len(msgs) // 2 and sc.skipped > len(msgs) // 4
 
 
 def test_steady_streams_equal_the_general_update() -> None:
@@ -162,7 +162,7 @@ def test_steady_streams_equal_the_general_update() -> None:
             if m.value is not None]
     keys, ts, xs = [m.topic for m in msgs], [m.t for m in msgs], [float(m.value) for m in msgs]
     table, boxed = StreamTable(), StreamTable()
-    gate = gate_for(load_scorer(MODELS, "anomaly", "model"))
+    gate = healthy_region_for(load_scorer(MODELS, "anomaly", "model"))
     assert gate is not None
     bounds = Box(gate.lo.tolist(), gate.hi.tolist())
     states: dict[str, list[float]] = {}

@@ -20,7 +20,7 @@ import pytest
 from firmware_sim.generator import generate
 from firmware_sim.scenario import Scenario
 from rapidmq_edge.intelligence import streams
-from rapidmq_edge.intelligence.gate import gate_for
+from rapidmq_edge.intelligence.healthy_region import healthy_region_for
 from rapidmq_edge.intelligence.models import load_scorer
 from rapidmq_edge.intelligence.streams import _STEADY, _ZERO, Box, StreamTable
 
@@ -75,7 +75,7 @@ def readings() -> tuple[list[str], list[float], list[float]]:
 
 @pytest.fixture(scope="module")
 def gate_box() -> Box:
-    gate = gate_for(load_scorer(MODELS, "anomaly", "model"))
+    gate = healthy_region_for(load_scorer(MODELS, "anomaly", "model"))
     assert gate is not None
     return Box(gate.lo.tolist(), gate.hi.tolist())
 

@@ -633,8 +633,8 @@ class InProcessGateway:
     store (here: to make the disk "full" with SQLite's max_page_count)."""
 
     def __init__(self, data_dir: Path, port: int) -> None:
-        from rapidmq_edge.app import Gateway
         from rapidmq_edge.config import parse_config
+        from rapidmq_edge.gateway import Gateway
 
         cfg = parse_config({"gateway": {"data_dir": str(data_dir)},
                             "mqtt": {"listen": [f"tcp://127.0.0.1:{port}"], "sys_interval": 0}},

@@ -16,15 +16,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.config import ConfigError, parse_config
+from rapidmq_edge.gateway.forwarding import build_forward_path, build_uplinks
 from rapidmq_edge.mqtt.codec import PacketReader
 from rapidmq_edge.mqtt.packets import MQTT_5, PUBLISH
 from rapidmq_edge.mqtt.properties import decode_properties, encode_properties
 from rapidmq_edge.store.forward_queue import ForwardQueue
 from rapidmq_edge.uplink.ackscan import leading_pubacks
 from rapidmq_edge.uplink.client import UplinkClient, _v5_properties
-from rapidmq_edge.uplink.forwarding import QueueSource, StoreAndForward
 
 from .conftest import LOOPBACK, MosquittoBroker
 from .gateway_proc import GatewayProcess
@@ -139,7 +138,7 @@ def test_message_above_max_packet_size_is_dropped_and_the_rest_flows(
         big = q.put("cloud", 2, "up/t", b"B" * 2000)
         small += [q.put("cloud", 2, "up/t", b"s%d" % i) for i in range(3, 6)]
         client = UplinkClient("cloud", [f"mqtt://{LOOPBACK}:{broker.port}"], "gw-big",
-                              QueueSource(q), version=5, gateway_id="gw")
+                              q, version=5, gateway_id="gw")
         task = asyncio.create_task(client.run())
         try:
             await _until(lambda: len(cloud.got()) == 6 and q.stats()["messages"] == 0, 15,
@@ -219,15 +218,14 @@ def test_reconnect_max_s_config_reaches_the_uplink(tmp_path: Path) -> None:
     assert cfg.forwarding.upstreams[0].reconnect_max_s == 2.5
 
     async def main() -> None:
-        saf = StoreAndForward("gw", cfg.forwarding, tmp_path, Broker(BrokerLimits()))
-        saf.start()
+        path = build_forward_path("gw", cfg.forwarding, tmp_path)
         try:
-            [client] = saf.uplinks
+            [client] = build_uplinks("gw", cfg.forwarding, path.queue, lambda name: ((), None))
             assert client.backoff.maximum == 2.5
             delays = [client.backoff.next() for _ in range(20)]
             assert max(delays) <= 2.5 and delays[-1] >= 1.25  # capped, and reached
         finally:
-            await saf.stop()
+            await path.queue.close()
 
     asyncio.run(main())
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,12 @@ class Stats:
 class Broker:
     """All MQTT state of one gateway."""
 
-    def __init__(self, limits: BrokerLimits, store: SessionStore | None = None) -> None:
+    def __init__(
+        self, limits: BrokerLimits, store: SessionStore | None = None,
+        taps: Sequence[Callable[[Message], None]] = (),
+        durable: Sequence[Callable[[], asyncio.Future[Any] | None]] = (),
+        read_check: Callable[[str | None, str, str], bool] | None = None,
+    ) -> None:
         self.limits = limits
         self.store = store
         self.sessions: dict[str, Session] = {}
@@ -66,14 +71,15 @@ class Broker:
         #: connections whose socket was full when routing wrote to them (backpressure)
         self.blocked_links: list[Any] = []
         #: the ACL's "read" check at delivery: (username, client id, topic) -> allowed
-        self.read_check: Callable[[str | None, str, str], bool] | None = None
-        #: commit futures of every durable store the acknowledgement of a PUBLISH waits for
-        self.durable: list[Callable[[], asyncio.Future[Any] | None]] = []
+        self.read_check = read_check
+        #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:
+        #: the session store's and those of the stages behind the taps
+        self.durable: tuple[Callable[[], asyncio.Future[Any] | None], ...] = (
+            *((store.commit_future,) if store is not None else ()), *durable)
         self._combined: tuple[tuple[asyncio.Future[Any], ...], asyncio.Future[Any]] | None = None
-        if store is not None:
-            self.durable.append(store.commit_future)
-        #: called with every message accepted for routing (the pipeline hooks in here)
-        self.taps: list[Callable[[Message], None]] = []
+        #: called in order with every message accepted for routing: the pipeline's stages
+        #: (each may raise PublishRefused: then nothing else happens)
+        self.taps = tuple(taps)
         #: restored sessions: the expiry time left (<= 0: expired while the gateway was down)
         self._expiry_left: dict[str, float] = {}
         if store is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
@@ -19,30 +19,18 @@ from ..mqtt.errors import MqttError
 from ..mqtt.packets import MQTT_5, Connack, Connect, Packet
 from .broker import Broker
 from .negotiation import ConnectionSettings, negotiate
+from .policy import AccessPolicy, BehaviourObserver
 from .session import Session
 
 if TYPE_CHECKING:
     from .connection import Transport
     from .session import Link
 
-__all__ = ["ConnectHandshake", "Gatekeeper", "REFUSED_CONNECT_WAIT"]
+__all__ = ["ConnectHandshake", "REFUSED_CONNECT_WAIT"]
 
 log = logging.getLogger(__name__)
 
 REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
-
-
-class Gatekeeper(Protocol):
-    """Authentication and authorisation, as configured."""
-
-    def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
-        """0 or a CONNACK reason code when known without hashing; None otherwise."""
-
-    async def authenticate(self, username: str | None, password: bytes | None) -> int:
-        """0 or a CONNACK reason code (may hash the password in a thread)."""
-
-    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
-    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
 
 
 class ConnectHandshake:
@@ -50,11 +38,11 @@ class ConnectHandshake:
     attributes declared here)."""
 
     broker: Broker
-    gate: Gatekeeper
+    access: AccessPolicy
     settings: ConnectionSettings
     transport: Transport
     peer: str
-    watch: Any
+    watch: BehaviourObserver | None
     loop: asyncio.AbstractEventLoop
     version: int
     v5: bool
@@ -119,11 +107,11 @@ class ConnectHandshake:
                 return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.assign_client_id()
             assigned = True
-        reason = self.gate.quick_authenticate(p.username, p.password)
+        reason = self.access.quick_authenticate(p.username, p.password)
         if reason is None:  # a password hash to check: off the event loop
             self._held = []
             self.transport.pause_reading()
-            task = self.loop.create_task(self.gate.authenticate(p.username, p.password))
+            task = self.loop.create_task(self.access.authenticate(p.username, p.password))
             task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned))
             return
         self._accept(p, client_id, assigned, reason)

@@ -52,10 +52,11 @@ from ..mqtt.packets import (
 from ..mqtt.properties import encode_properties
 from ..mqtt.topics import valid_subscription_filter
 from .broker import Broker
-from .connect_handshake import ConnectHandshake, Gatekeeper
+from .connect_handshake import ConnectHandshake
 from .flow_control import Ack, FlowControl
 from .message import Delivery, Message, PublishRefused
 from .negotiation import ConnectionSettings
+from .policy import AccessPolicy, BehaviourObserver
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -79,20 +80,21 @@ class ClientConnection(ConnectHandshake, FlowControl):
     def __init__(
         self,
         broker: Broker,
-        gate: Gatekeeper,
+        access: AccessPolicy,
         settings: ConnectionSettings,
         transport: Transport,
         peer: str,
         on_close: Callable[[ClientConnection], None] | None = None,
+        watch: BehaviourObserver | None = None,
     ) -> None:
         self.broker = broker
-        self.gate = gate
+        self.access = access
         self.settings = settings
         self.transport = transport
         self.peer = peer
         self.on_close = on_close
-        #: intelligence.threat.ClientWatch (client-behaviour hooks) or None
-        self.watch: Any = getattr(gate, "watch", None)
+        #: the client-behaviour hooks (the threat watch) or None
+        self.watch = watch
         self.loop = asyncio.get_running_loop()
         self.reader = PacketReader(settings.max_packet_size)
         self.version = 0
@@ -246,7 +248,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         if self.publish_rate:
             self._throttle()
         broker = self.broker
-        if topic.startswith("$SYS") or not self.gate.can_publish(
+        if topic.startswith("$SYS") or not self.access.can_publish(
             self.username, self.client_id, topic
         ):
             if self.watch is not None:
@@ -399,7 +401,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             if not valid_subscription_filter(filt):  # invalid before unauthorised
                 codes.append(rc.TOPIC_FILTER_INVALID if self.v5 else 0x80)
                 continue
-            allowed = self.gate.can_subscribe(self.username, self.client_id, filt)
+            allowed = self.access.can_subscribe(self.username, self.client_id, filt)
             if self.watch is not None:
                 self.watch.subscribed(self.client_id, filt, allowed)
             if not allowed:

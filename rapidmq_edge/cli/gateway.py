@@ -53,13 +53,8 @@ def _cmd_run(config_path: Path | None) -> int:
     logging.basicConfig(level=config.gateway.log_level.upper(), format=LOG_FORMAT)
     for warning in config.warnings:
         log.warning("config: %s", warning)
-    try:
-        from rapidmq_edge.app import run_gateway
-    except ModuleNotFoundError as exc:
-        if exc.name != "rapidmq_edge.app":
-            raise
-        return fail("gateway runtime (rapidmq_edge.app) is not available", 1)
     from ..crypto.errors import CryptoError
+    from ..gateway import run_gateway  # the whole gateway: only imported to run it
 
     try:
         return int(run_gateway(config))

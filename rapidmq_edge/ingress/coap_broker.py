@@ -27,6 +27,7 @@ from aiocoap.numbers.types import Type
 from ..broker.broker import Broker
 from ..broker.local import LocalClient, publish
 from ..broker.message import Message, PublishRefused
+from ..broker.policy import AccessPolicy
 from ..coap.pubsub import (
     PARAMS,
     Refusal,
@@ -41,7 +42,6 @@ from ..coap.pubsub import (
 )
 from ..config.ingress import CoapSettings
 from ..mqtt.topics import is_wildcard, valid_topic_name
-from ..security.gatekeeper import Gatekeeper
 
 __all__ = ["OBSERVE_QUEUE", "CoapBroker"]
 
@@ -66,9 +66,9 @@ def _answer(code: Any, why: str = "", max_age: int | None = None) -> Any:
 class CoapBroker:
     """The state and logic shared by the CoAP resources of one gateway."""
 
-    def __init__(self, broker: Broker, gate: Gatekeeper, settings: CoapSettings) -> None:
+    def __init__(self, broker: Broker, access: AccessPolicy, settings: CoapSettings) -> None:
         self.broker = broker
-        self.gate = gate
+        self.access = access
         self.settings = settings
         self.oscore_names: dict[int, str] = {}
         #: topics created through POST /ps -> their optional parameters, in memory
@@ -123,7 +123,7 @@ class CoapBroker:
     async def publish(self, request: Any, topic: str, retain: bool) -> Any:
         """PUT/POST: publish to ``topic``, answer after the commit."""
         username, client_id = self.identity(request)
-        if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
+        if topic.startswith("$") or not self.access.can_publish(username, client_id, topic):
             log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
             raise Refusal(Code.FORBIDDEN, "not authorised")
         too_large = self.check_size(request, assembled=True)
@@ -186,7 +186,7 @@ class CoapBroker:
     async def delete(self, request: Any, topic: str) -> Any:
         """DELETE: clear the retained value (observers see the topic go away)."""
         username, client_id = self.identity(request)
-        if topic.startswith("$") or not self.gate.can_publish(username, client_id, topic):
+        if topic.startswith("$") or not self.access.can_publish(username, client_id, topic):
             raise Refusal(Code.FORBIDDEN, "not authorised")
         if topic in self.broker.retained:
             qos = 1 if request.mtype == Type.CON else 0
@@ -196,7 +196,7 @@ class CoapBroker:
     # -- read --------------------------------------------------------------------
 
     def may_read(self, username: str | None, client_id: str, topic: str) -> bool:
-        if not self.gate.can_subscribe(username, client_id, topic):
+        if not self.access.can_subscribe(username, client_id, topic):
             return False
         check = self.broker.read_check
         return check is None or check(username, client_id, topic)
@@ -248,8 +248,8 @@ class CoapBroker:
         name, spec = topic_configuration(parse_parameters(request.payload))
         topic = self.topic_of(tuple(name.split("/")))
         if topic.startswith("$") or not (
-            self.gate.can_publish(username, client_id, topic)
-            or self.gate.can_subscribe(username, client_id, topic)
+            self.access.can_publish(username, client_id, topic)
+            or self.access.can_subscribe(username, client_id, topic)
         ):
             raise Refusal(Code.FORBIDDEN, "not authorised")
         if topic in self.known_topics():

@@ -29,12 +29,12 @@ from typing import Any
 
 from ..broker.broker import Broker
 from ..broker.message import Message, PublishRefused
+from ..broker.policy import AccessPolicy
 from ..coap import codec
 from ..coap.dedup import Deduplicator
 from ..coap.pubsub import Refusal
 from ..config.ingress import CoapSettings
 from ..mqtt.topics import valid_topic_name
-from ..security.gatekeeper import Gatekeeper
 from .coap_udp import UdpEndpoint
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ class FastPublisher:
     """The fast-path handler of a :class:`UdpEndpoint` (call it with each parsed message)."""
 
     def __init__(
-        self, broker: Broker, gate: Gatekeeper, settings: CoapSettings, endpoint: UdpEndpoint,
+        self, broker: Broker, access: AccessPolicy, settings: CoapSettings, endpoint: UdpEndpoint,
         content_type_for: Callable[[int], str | None], is_text: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
-        self.gate = gate
+        self.access = access
         self.settings = settings
         self.endpoint = endpoint
         self.clock = clock
@@ -114,7 +114,7 @@ class FastPublisher:
         if not valid_topic_name(topic):
             raise Refusal(codec.BAD_REQUEST, "invalid topic")
         client_id = self._client_id(addr)
-        if topic.startswith("$") or not self.gate.can_publish(None, client_id, topic):
+        if topic.startswith("$") or not self.access.can_publish(None, client_id, topic):
             log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
             raise Refusal(codec.FORBIDDEN, "not authorised")
         payload = msg.payload

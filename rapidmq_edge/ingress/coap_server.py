@@ -52,8 +52,8 @@ import logging
 from typing import Any
 
 from ..broker.broker import Broker
+from ..broker.policy import AccessPolicy
 from ..config.ingress import CoapSettings
-from ..security.gatekeeper import Gatekeeper
 from ..security.oscore import load_contexts, provision_device
 
 try:  # optional dependency: the gateway runs without CoAP when it is missing
@@ -266,11 +266,11 @@ if aiocoap is not None:
 class CoapServer:
     """The CoAP listeners of a gateway (one aiocoap context per ``coap.listen`` URL)."""
 
-    def __init__(self, broker: Broker, gate: Gatekeeper, settings: CoapSettings) -> None:
+    def __init__(self, broker: Broker, access: AccessPolicy, settings: CoapSettings) -> None:
         if aiocoap is None:
             raise RuntimeError("CoAP needs the aiocoap package (pip install 'rapidmq-edge[coap]')")
         self.settings = settings
-        self.core = CoapBroker(broker, gate, settings)
+        self.core = CoapBroker(broker, access, settings)
         # A response not ready within EMPTY_ACK_DELAY (aiocoap: 0.1 s) is sent as an empty
         # ACK plus a separate CON response: twice the datagrams, when a busy store makes
         # commits slow. 1 s still stays well below the client's ACK_TIMEOUT (2-3 s).
@@ -313,7 +313,7 @@ class CoapServer:
         for ep in self.settings.listen:
             endpoint, ctx = await open_endpoint(ep.host, ep.port, site)
             if not self.settings.require_oscore:
-                fast = FastPublisher(self.core.broker, self.core.gate, self.settings,
+                fast = FastPublisher(self.core.broker, self.core.access, self.settings,
                                      endpoint, content_type_for, is_text)
                 endpoint.fast = fast
                 self.fast.append(fast)

@@ -30,9 +30,9 @@ from aiohttp import web
 from ..broker.broker import Broker
 from ..broker.local import LocalClient
 from ..broker.message import Message, PublishRefused
+from ..broker.policy import AccessPolicy
 from ..config.ingress import HttpSettings
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
-from ..security.gatekeeper import Gatekeeper
 from ..security.tokens import Token, TokenDB, TokensFileError
 
 log = logging.getLogger(__name__)
@@ -168,10 +168,10 @@ class HttpApi:
     """The aiohttp application and its listeners."""
 
     def __init__(
-        self, broker: Broker, gate: Gatekeeper, settings: HttpSettings, snapshot: Snapshot
+        self, broker: Broker, access: AccessPolicy, settings: HttpSettings, snapshot: Snapshot
     ) -> None:
         self.broker = broker
-        self.gate = gate
+        self.access = access
         self.settings = settings
         self.snapshot = snapshot
         self.tokens = (
@@ -286,7 +286,7 @@ class HttpApi:
         if retain and not limits.retain_available:
             return _error(400, "retain: retained messages are disabled on this gateway")
         client_id = f"http-{auth.name}"
-        if topic.startswith("$SYS") or not self.gate.can_publish(auth.user, client_id, topic):
+        if topic.startswith("$SYS") or not self.access.can_publish(auth.user, client_id, topic):
             log.info("http token %s (user %s) not authorised to publish to %s",
                      auth.name, auth.user, topic)
             return _error(403, f"not authorised to publish to {topic!r}")
@@ -353,7 +353,7 @@ class HttpApi:
         if not valid_subscription_filter(filt):
             return _error(400, f"filter: not a valid MQTT topic filter: {filt!r}")
         client_id = f"http-{auth.name}-{uuid.uuid4().hex[:12]}"
-        if not self.gate.can_subscribe(auth.user, client_id, filt):
+        if not self.access.can_subscribe(auth.user, client_id, filt):
             log.info("http token %s (user %s) not authorised to subscribe to %s",
                      auth.name, auth.user, filt)
             return _error(403, f"not authorised to subscribe to {filt!r}")

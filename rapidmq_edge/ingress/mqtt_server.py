@@ -6,12 +6,13 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 from ..broker.connection import ClientConnection
+from ..config.mqtt import ListenerSettings, TlsSettings
 from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
 from ..mqtt.packets import MQTT_5, Disconnect
@@ -219,3 +220,35 @@ def make_ssl_context(cert: str, key: str, client_ca: str | None, require: bool) 
         ctx.load_verify_locations(client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     return ctx
+
+
+async def serve_mqtt(
+    listeners: Sequence[ListenerSettings], tls: TlsSettings | None, factory: ConnectionFactory,
+    registry: ConnectionRegistry,
+) -> tuple[list[Any], list[str]]:
+    """Bind every ``[mqtt] listen`` URL (TCP, TLS, WebSocket); return the servers and the
+    URLs they are bound to (a port 0 resolved)."""
+    loop = asyncio.get_running_loop()
+    servers: list[Any] = []
+    bound: list[str] = []
+    for lst in listeners:
+        ctx = None
+        if lst.is_tls:
+            assert tls is not None  # validated: a tls:// or wss:// listener needs [mqtt.tls]
+            ctx = make_ssl_context(str(tls.cert), str(tls.key),
+                                   str(tls.client_ca) if tls.client_ca else None,
+                                   tls.require_client_cert)
+        if lst.is_websocket:
+            server = await serve_websocket(lst.host, lst.port, lst.path, factory, registry, ctx)
+        else:
+            server = await loop.create_server(
+                lambda: MqttStreamProtocol(factory, registry),
+                lst.host, lst.port, ssl=ctx, reuse_address=True, backlog=1024,
+            )
+        servers.append(server)
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            url = f"{lst.scheme}://{host}:{port}{lst.path}"
+            bound.append(url)
+            log.info("listening on %s", url)
+    return servers, bound

@@ -11,7 +11,7 @@ answers allow, none of which changes an answer:
   so a known layout costs one slice instead of a regex scan;
 * stream state lives in plain floats (:class:`~.streams.StreamTable`), a warmed-up stream
   takes a fast path with the update's branches decided, and a reading inside the anomaly
-  gate's proven "none" box (:mod:`.gate`) is checked before any array exists and skips the
+  gate's proven "none" box (:mod:`.healthy_region`) is checked before any array exists and skips the
   model.
 
 Stream state is touched by one thread only (the runtime's worker), in batch order.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .features import PAYLOAD_HEAD, message_features
-from .gate import gate_for
+from .healthy_region import healthy_region_for
 from .models import Scorer
 from .streams import PARSE, TEMPLATE, Box, StreamTable, reading_value, value_span
 
@@ -51,18 +51,20 @@ class BatchScorer:
     """Features and models for micro-batches; counts what its shortcuts saved."""
 
     def __init__(self, priority: Scorer, anomaly: Scorer, values_needed: bool,
-                 gated: bool = True) -> None:
+                 skip_healthy: bool = True) -> None:
         self.priority = priority
         self.anomaly = anomaly
-        #: readings in this box are "none" without asking the anomaly scorer (:mod:`.gate`)
-        self.gate = gate_for(anomaly) if gated else None
-        self.box = Box(self.gate.lo.tolist(), self.gate.hi.tolist()) if self.gate else None
+        #: readings in this region are "none" without asking the anomaly scorer
+        #: (:mod:`.healthy_region`)
+        self.healthy = healthy_region_for(anomaly) if skip_healthy else None
+        self.box = (Box(self.healthy.lo.tolist(), self.healthy.hi.tolist()) if self.healthy
+                    else None)
         self.values_needed = values_needed or anomaly.source != "off"
         self.streams = StreamTable()
         self._labels: dict[tuple[str, bytes, int, int, bool], int] = {}
         self._spans: dict[bytes, tuple[int, int]] = {}
         self.cache_hits = 0
-        self.gated = 0
+        self.skipped = 0  # readings inside the healthy region: the model was not asked
 
     def score(self, topics: Sequence[str], payloads: Sequence[bytes], qos: Sequence[int],
               retain: Sequence[bool], times: Sequence[float], need: Sequence[int]) -> Scored:
@@ -167,10 +169,10 @@ class BatchScorer:
                  idx: list[int]) -> tuple[list[int] | None, list[float] | None]:
         """Anomaly labels and confidences of a batch of ``n`` messages whose readings
         ``xs`` (at times ``ts`` of streams ``keys``) are at ``idx`` (None when none was
-        outside the gate)."""
-        # plain float rows; the gate's box is checked before any array exists
+        outside the healthy region)."""
+        # plain float rows; the region's box is checked before any array exists
         pos, rows = self.streams.update_outside(keys, ts, xs, self.box)  # type: ignore[arg-type]
-        self.gated += len(idx) - len(pos)
+        self.skipped += len(idx) - len(pos)
         if not pos:
             return None, None
         if len(pos) < len(idx):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..broker.broker import Broker
@@ -36,13 +36,14 @@ def sys_values(broker: Broker) -> dict[str, str]:
 
 
 async def publish_sys(
-    broker: Broker, interval: float, extra: Callable[[], dict[str, str]] | None = None
+    broker: Broker, interval: float, extra: Sequence[Callable[[], dict[str, str]]] = ()
 ) -> None:
-    """Publish ``$SYS/broker/...`` (plus ``extra()`` values) every ``interval`` seconds."""
+    """Publish ``$SYS/broker/...`` (plus the values of each ``extra()``: the forwarding's,
+    the intelligence's) every ``interval`` seconds."""
     while True:
         values = sys_values(broker)
-        if extra is not None:
-            values.update(extra())
+        for more in extra:
+            values.update(more())
         for name, value in values.items():
             broker.publish_internal(f"$SYS/broker/{name}", value.encode())
         await asyncio.sleep(interval)

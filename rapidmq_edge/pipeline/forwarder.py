@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..broker.message import FORWARDED_PROPERTIES, Message, PublishRefused
 from ..config.forwarding import ForwardRule, UpstreamSettings
@@ -37,15 +37,24 @@ class Queue(Protocol):
     ) -> int: ...
 
 
+class Protection(Protocol):
+    """The protection of ``encrypt``/``sign`` rules (:class:`~.protect.Protector`)."""
+
+    def put(self, rule: ForwardRule, topic: str, payload: bytes, qos: int, props: bytes,
+            ttl: float | None) -> int: ...
+
+
 class Forwarder:
     """Applies ``[[forward]]`` rules to every local message."""
 
     def __init__(
         self, gateway_id: str, rules: Sequence[ForwardRule],
-        upstreams: Sequence[UpstreamSettings], queue: Queue,
+        upstreams: Sequence[UpstreamSettings], queue: Queue, protect: Protection | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.queue = queue
+        #: seals / signs the messages of ``encrypt`` / ``sign`` rules (None: no such rule)
+        self.protect = protect
         prefixes = {u.name: u.topic_prefix for u in upstreams}
         self.rules = [
             (
@@ -58,8 +67,6 @@ class Forwarder:
         ]
         self.forwarded = 0
         self.refused = 0
-        #: pipeline.protect.Protector for encrypt/sign rules (set by StoreAndForward)
-        self.protect: Any = None
         #: topic -> targets; devices publish to the same topics over and over
         self._targets: dict[str, list[tuple[ForwardRule, str]]] = {}
 

@@ -1,23 +1,29 @@
 """The edge-intelligence runtime in the message path (``[intelligence]``).
 
-It takes the forwarder's place as the broker tap. Messages are collected into micro-batches
-(at most ``batch_window_ms``, or ``max_batch`` messages) and scored together
-(:mod:`.scoring`) in one worker thread (onnxruntime releases the GIL; stream state is
-touched by that thread only, in order): the **priority** model picks the store class of
-every message whose ``[[forward]]`` rule has no explicit ``priority``; the **anomaly**
-model judges each numeric reading against its stream's incremental state and an anomaly
-raises an **alert** (local ``$edge/alerts/<kind>/<topic>`` and upstream in the highest
-class); while the forward backlog or the disk is past a threshold, routine readings are
-**summarised** per stream (count / min / max / mean per window) instead of forwarded one
-by one; an open window is stored in the forward queue's database in the same group commit
-that the acknowledgement of its readings waits for, so a crash loses no acknowledged reading
-(the restarted gateway queues the windows it finds). Back on the event loop the batch is
-queued in arrival order, and the publishers' acknowledgements wait for
-:meth:`IntelligenceRuntime.commit_future` (scored, queued, and committed).
+It is the broker's tap in the forwarder's place (the gateway's assembly chooses one or the
+other) and drives the forwarder with the classes it scores. Messages are collected into
+micro-batches (at most ``batch_window_ms``, or ``max_batch`` messages) and scored together
+(:mod:`~rapidmq_edge.intelligence.scoring`) in one worker thread (onnxruntime releases
+the GIL; stream state is touched by that thread only, in order): the **priority** model
+picks the store class of every message whose ``[[forward]]`` rule has no explicit
+``priority``; the **anomaly** model judges each numeric reading against its stream's
+incremental state and an anomaly raises an **alert** (local ``$edge/alerts/<kind>/<topic>``
+and upstream in the highest class); while the forward backlog or the disk is past a
+threshold, routine readings are **summarised** per stream (count / min / max / mean per
+window) instead of forwarded one by one; an open window is stored in the forward queue's
+database in the same group commit that the acknowledgement of its readings waits for, so a
+crash loses no acknowledged reading (the restarted gateway queues the windows it finds).
+Back on the event loop the batch is queued in arrival order, and the publishers'
+acknowledgements wait for :meth:`IntelligenceRuntime.commit_future` (scored, queued, and
+committed).
 
-The **threat** watch (:mod:`.threat`) is fed by the connection hooks and scored on a timer.
-A model that cannot be verified is replaced by the rules (:mod:`.models`); the runtime says
-so in the log and in ``$SYS/broker/intelligence/...``.
+The **threat** watch (:mod:`~rapidmq_edge.intelligence.threat`) is fed by the connection
+hooks (the assembly hands :attr:`IntelligenceRuntime.watch` to each connection) and scored
+on a timer. A model that cannot be verified is replaced by the rules
+(:mod:`~rapidmq_edge.intelligence.models`); the runtime says so in the log and in
+``$SYS/broker/intelligence/...`` (:meth:`IntelligenceRuntime.sys_values`). The models,
+features and detectors are :mod:`rapidmq_edge.intelligence`'s; this module puts them in
+the path.
 """
 
 from __future__ import annotations
@@ -28,22 +34,22 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..broker.message import Message, PublishRefused
+from ..config.forwarding import UpstreamSettings
+from ..config.intelligence import IntelligenceSettings
+from ..intelligence.features import ANOMALY_LABELS, PRIORITY_LABELS
+from ..intelligence.models import Scorer, load_scorer
+from ..intelligence.scoring import BatchScorer, Scored
+from ..intelligence.summarise import Summariser, Summary
+from ..intelligence.threat import ClientWatch
 from ..store.errors import QueueError
-from .features import ANOMALY_LABELS, PRIORITY_LABELS
-from .models import Scorer, load_scorer
-from .scoring import BatchScorer, Scored
-from .summarise import Summariser, Summary
-from .threat import ClientWatch
-
-if TYPE_CHECKING:
-    from ..broker.broker import Broker
-    from ..config.intelligence import IntelligenceSettings
-    from ..uplink.forwarding import StoreAndForward
+from ..store.forward_queue import ForwardQueue
+from .forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +65,22 @@ SUMMARY_KEY = "summary:"
 class IntelligenceRuntime:
     """Micro-batched scoring between the broker and the durable forward queue."""
 
-    def __init__(self, settings: IntelligenceSettings, broker: Broker,
-                 forwarding: StoreAndForward | None, gate: Any = None,
-                 gateway_id: str = "", sys_interval: float = 0.0) -> None:
+    def __init__(self, settings: IntelligenceSettings, forwarder: Forwarder | None,
+                 queue: ForwardQueue | None, publish: Callable[[Message], object],
+                 upstreams: Sequence[UpstreamSettings] = (), gateway_id: str = "",
+                 data_dir: Path | None = None) -> None:
+        """``forwarder`` and ``queue``: the forwarding path (None without ``[[upstream]]``);
+        ``publish``: local publishing (alerts); ``upstreams``: where alerts of unforwarded
+        streams go; ``data_dir``: the disk whose usage turns summarising on."""
         self.settings = s = settings
-        self.broker = broker
-        self.forwarding = forwarding
-        self.forwarder = forwarding.forwarder if forwarding is not None else None
-        self.queue = forwarding.queue if forwarding is not None else None
-        self.sys_interval = sys_interval
-        if forwarding is None and s.priority != "off":
+        self.forwarder = forwarder
+        self.queue = queue
+        self.publish = publish
+        self.data_dir = data_dir
+        if forwarder is None and s.priority != "off":
             log.info("intelligence: no [[upstream]]: priority scoring has nothing to drive")
         self.priority = load_scorer(s.models_dir, "priority",
-                                    s.priority if forwarding is not None else "off")
+                                    s.priority if forwarder is not None else "off")
         self.anomaly = load_scorer(s.models_dir, "anomaly", s.anomaly)
         self.threat = load_scorer(s.models_dir, "threat", s.threat)
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
@@ -80,12 +89,9 @@ class IntelligenceRuntime:
                                   exempt_users=s.threat_exempt_users,
                                   exempt_clients=s.threat_exempt_clients)
                       if s.threat != "off" else None)
-        self.gate = gate
-        prefixes = []
-        if forwarding is not None:
-            for u in forwarding.settings.upstreams:
-                prefixes.append((u.name, u.topic_prefix.replace("{gateway_id}", gateway_id)))
-        self._all_upstreams = prefixes
+        self._all_upstreams = [
+            (u.name, u.topic_prefix.replace("{gateway_id}", gateway_id)) for u in upstreams
+        ] if forwarder is not None else []
         self._values_needed = s.anomaly != "off" or s.summarising
         #: features + models of a batch (the worker's side, :mod:`.scoring`)
         self.scorer = BatchScorer(self.priority, self.anomaly, self._values_needed)
@@ -116,19 +122,6 @@ class IntelligenceRuntime:
         self.forward_refused = 0
         self.by_class = [0, 0, 0, 0]
         self._rate: tuple[float, int] = (time.monotonic(), 0)
-
-    # -- wiring --------------------------------------------------------------------
-
-    def install(self) -> None:
-        """Take the forwarder's place as broker tap; hook the ack path and the threat watch."""
-        taps = self.broker.taps
-        if self.forwarder is not None and self.forwarder in taps:
-            taps[taps.index(self.forwarder)] = self.tap
-        else:
-            taps.append(self.tap)
-        self.broker.durable.append(self.commit_future)
-        if self.gate is not None and self.watch is not None:
-            self.gate.watch = self.watch
 
     @property
     def fallback(self) -> list[str]:
@@ -315,8 +308,8 @@ class IntelligenceRuntime:
         s = self.settings
         log.info("intelligence: %s on %s (reading %s, score %.2f)", kind, topic, value,
                  confidence)
-        self.broker.publish(Message(f"{s.alert_topic}/{kind}/{topic}", payload, 1, False, {},
-                                    None, ORIGIN))
+        self.publish(Message(f"{s.alert_topic}/{kind}/{topic}", payload, 1, False, {}, None,
+                             ORIGIN))
         if self.queue is None:
             return
         if targets:
@@ -336,14 +329,14 @@ class IntelligenceRuntime:
 
     def check_pressure(self) -> bool:
         """Look at the backlog and the disk; switch summarising on or off."""
-        if self.queue is None or self.forwarding is None:
+        if self.queue is None:
             return False
         s = self.settings
         st = self.queue.stats()
         disk = 0.0
-        if s.summarise_disk_percent:
+        if s.summarise_disk_percent and self.data_dir is not None:
             with contextlib.suppress(OSError):
-                du = shutil.disk_usage(self.forwarding.data_dir)
+                du = shutil.disk_usage(self.data_dir)
                 disk = 100.0 * du.used / du.total if du.total else 0.0
         checks = [
             ("backlog messages", st["messages"], s.summarise_backlog_messages),
@@ -429,9 +422,6 @@ class IntelligenceRuntime:
         if self.watch is not None:
             self._tasks.append(loop.create_task(self._every(s.threat_interval_s,
                                                             self.watch.tick)))
-        if self.sys_interval > 0:
-            self._tasks.append(loop.create_task(self._every(self.sys_interval,
-                                                            self.publish_sys)))
         log.info("intelligence: priority %s, anomaly %s, threat %s (batch %.1f ms / %d)",
                  self._describe(self.priority), self._describe(self.anomaly),
                  self._describe(self.threat), s.batch_window_ms, s.max_batch)
@@ -488,8 +478,9 @@ class IntelligenceRuntime:
             "score_us_per_message": round(per_msg, 2),
             "loop_ms_max": round(self.loop_seconds_max * 1000, 3),
             "priority_cache_hits": self.scorer.cache_hits,
-            "anomaly_gate": sc.gate.source if (sc := self.scorer).gate is not None else "off",
-            "anomaly_gated": sc.gated,
+            "anomaly_gate": sc.healthy.source if (sc := self.scorer).healthy is not None
+            else "off",
+            "anomaly_gated": sc.skipped,
             "classes": dict(zip(("alarm", "high", "normal", "bulk"), self.by_class,
                                 strict=True)),
             "alerts": self.alerts,
@@ -504,8 +495,8 @@ class IntelligenceRuntime:
             "threat": self.watch.status() if self.watch is not None else None,
         }
 
-    def publish_sys(self) -> None:
-        """``$SYS/broker/intelligence/...`` (retained, like the other ``$SYS`` topics)."""
+    def sys_values(self) -> dict[str, str]:
+        """The snapshot as ``$SYS/broker/intelligence/...`` topic suffixes and payloads."""
         out: dict[str, str] = {}
 
         def flat(prefix: str, value: Any) -> None:
@@ -520,12 +511,5 @@ class IntelligenceRuntime:
                 out[prefix] = "" if value is None else str(value)
 
         flat("intelligence", self.snapshot())
-        for name, value in out.items():
-            self.broker.publish_internal(f"$SYS/broker/{name}", value.encode())
+        return out
 
-
-def default_models_dir() -> Path:
-    """Where the committed models are in a checkout."""
-    from ..config.intelligence import DEFAULT_MODELS_DIR
-
-    return DEFAULT_MODELS_DIR

