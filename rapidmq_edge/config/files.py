@@ -11,12 +11,13 @@ import contextlib
 import os
 import tempfile
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
 
-__all__ = ["read_toml", "write_toml_atomic"]
+__all__ = ["named_tables", "read_toml", "write_toml_atomic"]
 
 
 def read_toml(
@@ -39,6 +40,31 @@ def read_toml(
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path}: invalid TOML: {exc}") from exc
+
+
+def named_tables(
+    path: Path, data: dict[str, Any], section: str, error: type[ConfigError],
+    valid_name: Callable[[str], bool], bad_name: str, keys: tuple[str, ...], shape: str,
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """The ``[section.NAME]`` tables of a decoded file (users, tokens): only ``section`` at
+    the top, a table of tables, names ``valid_name`` accepts (else ``bad_name``), only
+    ``keys`` in each (a non-table entry: ``shape``). Yields (name, dotted key, entry)."""
+    extra = [k for k in data if k != section]
+    if extra:
+        raise error(f'{path}: {extra[0]}: unknown key (expected only "[{section}.NAME]")')
+    tables = data.get(section, {})
+    if not isinstance(tables, dict):
+        raise error(f"{path}: {section}: must be a table of [{section}.NAME] tables")
+    for name, entry in tables.items():
+        key = f"{section}.{name}"
+        if not valid_name(name):
+            raise error(f"{path}: {key}: {bad_name}")
+        if not isinstance(entry, dict):
+            raise error(f"{path}: {key}: {shape}")
+        unknown = [k for k in entry if k not in keys]
+        if unknown:
+            raise error(f"{path}: {key}.{unknown[0]}: unknown key")
+        yield name, key, entry
 
 
 def write_toml_atomic(path: Path, data: dict[str, Any]) -> None:

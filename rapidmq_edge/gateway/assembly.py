@@ -27,7 +27,7 @@ from ..config import Config
 from ..ingress.mqtt_server import ConnectionRegistry, serve_mqtt
 from ..ops.forwarding_status import ForwardingStatus
 from ..ops.status import STATUS_FILE, keep_status
-from ..ops.sys_topics import publish_sys, sys_values
+from ..ops.sys_topics import flatten, publish_sys, sys_values
 from ..pipeline.downstream import Downstream
 from ..security.gatekeeper import Gatekeeper
 from ..store.session_store import SessionStore
@@ -133,6 +133,9 @@ class Gateway:
                            self.config.gateway.id)
         return rules.subscriptions, rules
 
+    def _intelligence_sys(self) -> dict[str, str]:
+        return flatten("intelligence", self.intelligence.snapshot(), typed=True)
+
     def _connection(self, transport: Any, peer: str) -> ClientConnection:
         return ClientConnection(self.broker, self.access, self.settings, transport, peer,
                                 watch=self.watch)
@@ -167,8 +170,11 @@ class Gateway:
             self.bound.extend(await self.coap.start())
         interval = c.mqtt.sys_interval
         if interval > 0:
-            extra = [part.sys_values for part in (self.forward_status, self.intelligence)
-                     if part is not None]
+            extra: list[Callable[[], dict[str, str]]] = []
+            if self.forward_status is not None:
+                extra.append(self.forward_status.sys_values)
+            if self.intelligence is not None:
+                extra.append(self._intelligence_sys)
             self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
         status_path = c.gateway.data_dir / STATUS_FILE
         self.tasks.append(

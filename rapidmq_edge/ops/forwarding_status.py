@@ -13,6 +13,7 @@ from ..pipeline.forwarder import Forwarder
 from ..store.forward_queue import ForwardQueue
 from ..uplink.client import UplinkClient
 from .forecast import CapacityForecaster, LaneBounds, disk_free
+from .sys_topics import flatten
 
 __all__ = ["ForwardingStatus"]
 
@@ -87,14 +88,4 @@ class ForwardingStatus:
 
     def sys_values(self) -> dict[str, str]:
         """The snapshot flattened to ``$SYS/broker/forward/...`` topic suffixes."""
-        out: dict[str, str] = {}
-
-        def flat(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    flat(f"{prefix}/{k}", v)
-            else:
-                out[prefix] = "" if value is None else str(value)
-
-        flat("forward", self.snapshot())
-        return out
+        return flatten("forward", self.snapshot())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import __version__
 from ..broker.broker import Broker
@@ -33,6 +35,29 @@ def sys_values(broker: Broker) -> dict[str, str]:
         "store/pending": str(broker.store.pending if broker.store else 0),
         "heap/maximum": str(rss_kb * 1024),
     }
+
+
+def flatten(prefix: str, value: Any, typed: bool = False) -> dict[str, str]:
+    """A status snapshot as ``$SYS/broker/...`` topic suffixes and payloads: nested tables
+    become topic levels, None an empty payload; ``typed`` writes booleans as ``true`` /
+    ``false`` and lists as JSON (else ``str()``)."""
+    out: dict[str, str] = {}
+
+    def walk(path: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, item in v.items():
+                walk(f"{path}/{k}", item)
+        elif v is None:
+            out[path] = ""
+        elif typed and isinstance(v, bool):
+            out[path] = "true" if v else "false"
+        elif typed and isinstance(v, list):
+            out[path] = json.dumps(v)
+        else:
+            out[path] = str(v)
+
+    walk(prefix, value)
+    return out
 
 
 async def publish_sys(

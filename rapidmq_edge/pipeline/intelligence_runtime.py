@@ -21,7 +21,7 @@ The **threat** watch (:mod:`~rapidmq_edge.intelligence.threat`) is fed by the co
 hooks (the assembly hands :attr:`IntelligenceRuntime.watch` to each connection) and scored
 on a timer. A model that cannot be verified is replaced by the rules
 (:mod:`~rapidmq_edge.intelligence.models`); the runtime says so in the log and in
-``$SYS/broker/intelligence/...`` (:meth:`IntelligenceRuntime.sys_values`). The models,
+``$SYS/broker/intelligence/...`` (its :meth:`IntelligenceRuntime.snapshot`). The models,
 features and detectors are :mod:`rapidmq_edge.intelligence`'s; this module puts them in
 the path.
 """
@@ -494,22 +494,3 @@ class IntelligenceRuntime:
             "summaries": self.summariser.emitted,
             "threat": self.watch.status() if self.watch is not None else None,
         }
-
-    def sys_values(self) -> dict[str, str]:
-        """The snapshot as ``$SYS/broker/intelligence/...`` topic suffixes and payloads."""
-        out: dict[str, str] = {}
-
-        def flat(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    flat(f"{prefix}/{k}", v)
-            elif isinstance(value, list):
-                out[prefix] = json.dumps(value)
-            elif isinstance(value, bool):
-                out[prefix] = "true" if value else "false"
-            else:
-                out[prefix] = "" if value is None else str(value)
-
-        flat("intelligence", self.snapshot())
-        return out
-

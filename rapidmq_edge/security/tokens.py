@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..config.files import read_toml, write_toml_atomic
+from ..config.files import named_tables, read_toml, write_toml_atomic
 from .users import valid_username
 
 __all__ = [
@@ -80,22 +80,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _validate(path: Path, data: dict[str, Any]) -> dict[str, Token]:
-    extra = [k for k in data if k != "tokens"]
-    if extra:
-        raise TokensFileError(f'{path}: {extra[0]}: unknown key (expected only "[tokens.NAME]")')
-    tokens = data.get("tokens", {})
-    if not isinstance(tokens, dict):
-        raise TokensFileError(f"{path}: tokens: must be a table of [tokens.NAME] tables")
     out: dict[str, Token] = {}
-    for name, entry in tokens.items():
-        key = f"tokens.{name}"
-        if not valid_token_name(name):
-            raise TokensFileError(f"{path}: {key}: invalid token name (use A-Z a-z 0-9 . _ -)")
-        if not isinstance(entry, dict):
-            raise TokensFileError(f"{path}: {key}: must be a table with user and hash keys")
-        unknown = [k for k in entry if k not in ("user", "hash", "created")]
-        if unknown:
-            raise TokensFileError(f"{path}: {key}.{unknown[0]}: unknown key")
+    for name, key, entry in named_tables(path, data, "tokens", TokensFileError, valid_token_name,
+                                         "invalid token name (use A-Z a-z 0-9 . _ -)",
+                                         ("user", "hash", "created"),
+                                         "must be a table with user and hash keys"):
         user = entry.get("user")
         if not isinstance(user, str) or not valid_username(user):
             raise TokensFileError(f"{path}: {key}.user: must be a user name")

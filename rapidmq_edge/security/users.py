@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..config.files import read_toml, write_toml_atomic
+from ..config.files import named_tables, read_toml, write_toml_atomic
 
 __all__ = [
     "UsersFileError",
@@ -118,22 +118,10 @@ def _read_users(path: Path) -> dict[str, Any]:
 
 def _validate(path: Path, data: dict[str, Any]) -> dict[str, str]:
     """name -> encoded hash, checking the whole document."""
-    extra = [k for k in data if k != "users"]
-    if extra:
-        raise UsersFileError(f'{path}: {extra[0]}: unknown key (expected only "[users.NAME]")')
-    users = data.get("users", {})
-    if not isinstance(users, dict):
-        raise UsersFileError(f"{path}: users: must be a table of [users.NAME] tables")
     out: dict[str, str] = {}
-    for name, entry in users.items():
-        key = f"users.{name}"
-        if not valid_username(name):
-            raise UsersFileError(f"{path}: {key}: invalid user name")
-        if not isinstance(entry, dict):
-            raise UsersFileError(f"{path}: {key}: must be a table with a password key")
-        unknown = [k for k in entry if k != "password"]
-        if unknown:
-            raise UsersFileError(f"{path}: {key}.{unknown[0]}: unknown key")
+    for name, key, entry in named_tables(path, data, "users", UsersFileError, valid_username,
+                                         "invalid user name", ("password",),
+                                         "must be a table with a password key"):
         pw = entry.get("password")
         if not isinstance(pw, str) or _parse(pw) is None:
             raise UsersFileError(

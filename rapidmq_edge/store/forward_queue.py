@@ -33,7 +33,7 @@ from .lanes import Entry, Lane
 from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds
 from .queue_writer import COLUMNS, DELETE_DELAY, INSERT, SCHEMA, QueueWriter, Row
 from .salvage import read_salvageable
-from .sqlite_files import is_corrupt, move_aside
+from .sqlite_files import connect, move_aside, open_or_move_aside, prepare
 
 __all__ = [
     "DEFAULT_CLASSES", "DELETE_DELAY", "PRIORITIES", "ClassLimits", "ForwardQueue", "Policy",
@@ -103,7 +103,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._total_bytes = 0
         self._lock = threading.Lock()
         self._db = self._open()
-        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._reader = connect(path)
         self._reader.execute("PRAGMA cache_size=-8000")  # KiB
         self._next_id, self._durable_id = self._load()
         # writing
@@ -136,40 +136,22 @@ class ForwardQueue(QueueBounds, QueueWriter):
 
     # -- opening, loading, salvage ---------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-
     def _prepare(self, db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "fsync" else "NORMAL"))
+        prepare(db, self.durability, SCHEMA)
         # multi-row INSERTs stage their rows in a temporary table: keep it off the disk
         db.execute("PRAGMA temp_store=MEMORY")
-        problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
-        db.executescript(SCHEMA)
         # the index is loaded from the table: make sure all of it can be read
         db.execute("SELECT count(*), max(id) FROM messages").fetchone()
 
     def _open(self) -> sqlite3.Connection:
         """Open (or create) the database; a damaged one is quarantined and salvaged."""
-        db = self._connect()
-        try:
-            self._prepare(db)
-            return db
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc):
+        db, damaged = open_or_move_aside(self.path, self._prepare, self._quarantine)
+        if damaged is not None:
+            try:
+                self._salvage(damaged, db)
+            except BaseException:
                 db.close()
                 raise
-            target = self._quarantine(exc)
-        db.close()  # only after the move: SQLite deletes a WAL it cannot use when closing
-        db = self._connect()
-        try:
-            self._prepare(db)
-            self._salvage(target, db)
-        except BaseException:
-            db.close()
-            raise
         return db
 
     def _quarantine(self, exc: BaseException) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
-from .sqlite_files import is_corrupt, move_aside
+from .sqlite_files import is_corrupt, move_aside, open_or_move_aside, prepare
 
 log = logging.getLogger(__name__)
 
@@ -100,36 +100,10 @@ class SessionStore:
 
     def _open(self) -> sqlite3.Connection:
         """Open the database; a damaged one is moved aside and an empty one created."""
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        try:
-            self._prepare(db)
-            return db
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc):
-                db.close()
-                raise
-            self._quarantine(exc)
-        # closed only after the move: SQLite deletes a WAL it cannot use when closing
-        db.close()
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        try:
-            self._prepare(db)
-        except BaseException:
-            db.close()
-            raise
-        return db
+        return open_or_move_aside(
+            self.path, lambda db: prepare(db, self.durability, SCHEMA), self._quarantine)[0]
 
-    def _prepare(self, db: sqlite3.Connection) -> None:
-        """Set WAL and the durability level, check the file (``PRAGMA quick_check``) and
-        create the tables; raises DatabaseError when the file is damaged."""
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "fsync" else "NORMAL"))
-        problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
-        db.executescript(SCHEMA)
-
-    def _quarantine(self, exc: BaseException) -> None:
+    def _quarantine(self, exc: BaseException) -> Path:
         """Move a damaged database (and its WAL/SHM files) aside; never delete it."""
         path = self.path
         target = move_aside(path)
@@ -139,6 +113,7 @@ class SessionStore:
             "store (persistent sessions, queued and retained messages in it are not restored)",
             path, exc, target,
         )
+        return target
 
     def load(self) -> StoredRows:
         """Read every row (call before serving); the keys of stored deliveries are

@@ -1,9 +1,11 @@
-"""Shared handling of damaged SQLite files: recognise the damage, move the file aside."""
+"""What both stores do with their SQLite files: open them in WAL mode at a durability level,
+check them, recognise damage and move a damaged file aside (never delete it)."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: primary SQLite result codes meaning "the file is damaged": SQLITE_CORRUPT, SQLITE_NOTADB
@@ -35,3 +37,45 @@ def move_aside(path: Path) -> Path:
         if side.exists():
             side.rename(target.with_name(target.name + suffix))
     return target
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection usable from the store's writer thread (transactions are explicit)."""
+    return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+
+
+def prepare(db: sqlite3.Connection, durability: str, schema: str) -> None:
+    """WAL, ``synchronous`` FULL (``fsync``) or NORMAL, ``PRAGMA quick_check`` and the
+    tables; raises DatabaseError when the file is damaged."""
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=" + ("FULL" if durability == "fsync" else "NORMAL"))
+    problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError("; ".join(map(str, problems)).replace("\n", "; "))
+    db.executescript(schema)
+
+
+def open_or_move_aside(
+    path: Path, prepare_db: Callable[[sqlite3.Connection], None],
+    moved: Callable[[BaseException], Path],
+) -> tuple[sqlite3.Connection, Path | None]:
+    """Open ``path`` and ``prepare_db`` it. A damaged file is moved aside by ``moved(exc)``
+    (which says where it went, and logs) and an empty database is prepared in its place.
+    Returns the connection and where the damaged file went (None: it was fine)."""
+    db = connect(path)
+    try:
+        prepare_db(db)
+        return db, None
+    except sqlite3.DatabaseError as exc:
+        if not is_corrupt(exc):
+            db.close()
+            raise
+        target = moved(exc)
+    db.close()  # only after the move: SQLite deletes a WAL it cannot use when closing
+    db = connect(path)
+    try:
+        prepare_db(db)
+    except BaseException:
+        db.close()
+        raise
+    return db, target
