@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from .access import AclRule, AuthSettings, parse_acl, parse_auth
-from .checks import Table, config_error, float_range, one_of, path_under, show, string
+from .checks import (
+    Table,
+    config_error,
+    float_range,
+    int_range,
+    one_of,
+    path_under,
+    show,
+    string,
+)
 from .files import read_toml
 from .forwarding import ForwardingSettings, parse_forwarding
 from .ingress import CoapSettings, HttpSettings, parse_coap, parse_http
@@ -40,11 +49,16 @@ _GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
-    """``[gateway]``: identity, data directory and log level."""
+    """``[gateway]``: identity, data directory, its disk headroom and the log level."""
 
     id: str = "edge-1"
     data_dir: Path = Path("./data")
     log_level: str = "info"
+    #: free bytes kept on the data directory's disk: below it new forwarded messages are
+    #: refused so that what is queued can always be delivered and deleted
+    disk_reserve: int = 8 << 20
+    #: a file of this many bytes in the data directory, deleted when the disk fills anyway
+    disk_ballast: int = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +98,7 @@ _TOP_KEYS = (
 
 
 def _gateway(data: object, base_dir: Path) -> GatewaySettings:
-    t = Table(data, "gateway", ("id", "data_dir", "log_level"))
+    t = Table(data, "gateway", ("id", "data_dir", "log_level", "disk_reserve", "disk_ballast"))
     d = GatewaySettings()
     gid = t.get("id", string, d.id)
     if not _GATEWAY_ID_RE.fullmatch(gid):
@@ -94,6 +108,8 @@ def _gateway(data: object, base_dir: Path) -> GatewaySettings:
         id=gid,
         data_dir=t.get("data_dir", path_under(base_dir), d.data_dir),
         log_level=t.get("log_level", one_of(*LOG_LEVELS), d.log_level),
+        disk_reserve=t.get("disk_reserve", int_range(0, 1 << 40), d.disk_reserve),
+        disk_ballast=t.get("disk_ballast", int_range(0, 1 << 40), d.disk_ballast),
     )
 
 

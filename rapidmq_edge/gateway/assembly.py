@@ -26,10 +26,12 @@ from ..broker.negotiation import ConnectionSettings
 from ..config import Config
 from ..ingress.mqtt_server import ConnectionRegistry, serve_mqtt
 from ..ops.forwarding_status import ForwardingStatus
+from ..ops.process_stats import LoopLag, process_values
 from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
 from ..pipeline.downstream import Downstream
 from ..security.gatekeeper import Gatekeeper
+from ..store.disk import DiskSpace
 from ..store.session_store import SessionStore
 from ..uplink.client import MessageCallback, UplinkClient
 from .datadir import lock_data_dir
@@ -75,10 +77,13 @@ class Gateway:
         data_dir = c.gateway.data_dir
         fw = c.forwarding
         self._lock = lock_data_dir(data_dir)
+        self.disk = DiskSpace(data_dir, c.gateway.disk_reserve, c.gateway.disk_ballast)
+        self.disk.restore_ballast()
         p = c.persistence
-        self.store = SessionStore(data_dir / "broker.db", p.durability, p.commit_delay_ms / 1000)
+        self.store = SessionStore(data_dir / "broker.db", p.durability, p.commit_delay_ms / 1000,
+                                  self.disk)
         # the pipeline side of store-and-forward: queue, protection, forwarder
-        self.forward: ForwardPath | None = (build_forward_path(gid, fw, data_dir)
+        self.forward: ForwardPath | None = (build_forward_path(gid, fw, data_dir, self.disk)
                                             if fw.upstreams else None)
         queue = self.forward.queue if self.forward is not None else None
         forwarder = self.forward.forwarder if self.forward is not None else None
@@ -120,6 +125,7 @@ class Gateway:
         self.coap: Any = None  # ingress.coap_server.CoapServer when [coap] listen is set
         self.bound: list[str] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.loop_lag = LoopLag()
         self._uplink_tasks: list[asyncio.Task[None]] = []
 
     # -- wiring the parts call back into -------------------------------------------------
@@ -168,6 +174,8 @@ class Gateway:
 
             self.coap = CoapServer(self.broker, self.access, c.coap)
             self.bound.extend(await self.coap.start())
+        self.tasks.append(loop.create_task(self.loop_lag.run()))
+        self.tasks.append(loop.create_task(self.disk.run()))
         interval = c.mqtt.sys_interval
         if interval > 0:
             extra: list[Callable[[], dict[str, str]]] = []
@@ -188,6 +196,9 @@ class Gateway:
             "pid": os.getpid(),
             "listeners": self.bound,
             "broker": sys_values(self.broker),
+            "process": {**process_values(self.config.gateway.data_dir),
+                        "loop_lag": self.loop_lag.snapshot()},
+            "disk": self.disk.snapshot(),
             "forwarding": (self.forward_status.snapshot() if self.forward_status is not None
                            else None),
             "intelligence": (self.intelligence.snapshot() if self.intelligence is not None

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config.forwarding import ForwardingSettings, UpstreamSettings
 from ..pipeline.forwarder import Forwarder
+from ..store.disk import DiskSpace
 from ..store.forward_queue import ClassLimits, ForwardQueue
 from ..uplink.backoff import Backoff
 from ..uplink.client import MessageCallback, UplinkClient
@@ -31,14 +32,15 @@ class ForwardPath:
     forwarder: Forwarder
 
 
-def build_forward_path(gateway_id: str, settings: ForwardingSettings,
-                       data_dir: Path) -> ForwardPath:
-    """Open ``data_dir/forward.db`` and build the protection and the forwarder on it."""
+def build_forward_path(gateway_id: str, settings: ForwardingSettings, data_dir: Path,
+                       disk: DiskSpace | None = None) -> ForwardPath:
+    """Open ``data_dir/forward.db`` (refusing new messages when ``disk`` is below its
+    reserve) and build the protection and the forwarder on it."""
     q = settings.queue
     classes = {n: ClassLimits(c.max_messages, c.max_bytes, c.max_age, c.policy)
                for n, c in q.classes.items()}
     queue = ForwardQueue(data_dir / "forward.db", q.durability, q.commit_delay_ms / 1000,
-                         classes, q.max_bytes)
+                         classes, q.max_bytes, disk=disk)
     protect = None
     if any(r.encrypt or r.sign for r in settings.forward):
         from ..pipeline.protect import make_protector  # the crypto stack: only when used

@@ -7,32 +7,66 @@ The gateway rewrites the file atomically every few seconds; the CLI only reads i
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import RepeatedLog
 from .status_intelligence import intelligence_lines
+
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 
 
+#: the status file is padded with spaces (valid JSON whitespace) to a multiple of this, so
+#: that a rewrite in place rarely needs a block the disk may not have
+_BLOCK = 4096
+
+
 def write_status(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temp file + rename)."""
+    """Write ``data`` as JSON to ``path`` atomically (temp file + rename).
+
+    On a full disk (no block for the temp file) the file is rewritten in place instead,
+    when the new text fits in the blocks it already has; otherwise OSError: the old file
+    stays, and ``rapidmq-edge status`` reports its age."""
+    text = json.dumps(data, indent=1, sort_keys=True, default=str).encode() + b"\n"
+    text += b" " * (-len(text) % _BLOCK)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+        return
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            old = path.stat().st_size
+        except FileNotFoundError:
+            raise exc from None
+        if len(text) > old:
+            raise
+    with open(path, "r+b") as fh:  # the same blocks: a reader may see it half-written once
+        fh.write(text.ljust(old))
 
 
 async def keep_status(path: Path, snapshot: Callable[[], dict[str, Any]], every: float) -> None:
-    """Rewrite the status file every ``every`` seconds, forever."""
+    """Rewrite the status file every ``every`` seconds, forever; a failure (a full disk)
+    is logged once with a count and never stops the gateway (the file is only a view)."""
+    repeats = RepeatedLog(log)
     while True:
-        # a full disk must not stop the gateway; the file is only a view
-        with contextlib.suppress(OSError):
+        try:
             write_status(path, {"written_at": time.time(), "interval": every, **snapshot()})
+        except OSError as exc:
+            repeats("write", logging.WARNING, "cannot write the status file %s: %s", path, exc)
+        else:
+            repeats.clear("write", "status file %s written again", path)
         await asyncio.sleep(every)
 
 
@@ -44,6 +78,16 @@ def _age(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - the loop returns
 
 
 def render(data: dict[str, Any], now: float | None = None) -> str:
@@ -62,6 +106,17 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
         f"{b.get('clients/total', '?')} sessions; messages in {b.get('messages/received', '?')}"
         f", out {b.get('messages/sent', '?')}, dropped {b.get('publish/messages/dropped', '?')}"
     )
+    proc = data.get("process")
+    if proc:
+        lag = proc.get("loop_lag", {})
+        free, total = proc.get("disk_free_bytes"), proc.get("disk_total_bytes")
+        disk = (f"disk {_size(free)} free of {_size(total)}" if free is not None and total
+                else "disk unknown")
+        lines.append(
+            f"  process {proc.get('pid', '?')}: RSS {_size(proc.get('rss_bytes', 0))}, "
+            f"{proc.get('open_fds', '?')} open files, {disk}; event loop lag p99 "
+            f"{lag.get('p99_ms', '?')} ms (max {lag.get('max_ms', '?')} ms)"
+        )
     lines += intelligence_lines(data.get("intelligence"))
     fwd = data.get("forwarding")
     if not fwd:

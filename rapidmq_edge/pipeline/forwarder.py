@@ -19,6 +19,7 @@ from ..config.forwarding import ForwardRule, UpstreamSettings
 from ..mqtt import reasons as rc
 from ..mqtt.properties import encode_properties
 from ..mqtt.topics import topic_matches
+from ..telemetry import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class Forwarder:
         ]
         self.forwarded = 0
         self.refused = 0
+        self._repeats = RepeatedLog(log)
+        self._refusing: set[str] = set()  # "upstream:error" keys being refused
         #: topic -> targets; devices publish to the same topics over and over
         self._targets: dict[str, list[tuple[ForwardRule, str]]] = {}
 
@@ -98,6 +101,11 @@ class Forwarder:
             self.queue.put(rule.upstream, priority, up_topic, payload, min(rule.qos, 1), props,
                            ttl)
 
+    def _accepting_again(self, upstream: str) -> None:
+        for key in [k for k in self._refusing if k.startswith(upstream + ":")]:
+            self._refusing.discard(key)
+            self._repeats.clear(key, "queueing for %s again", upstream)
+
     def rule(self, filt: str, upstream: str) -> ForwardRule | None:
         """The configured rule with this filter and upstream, if any."""
         return next((r for _, r, _ in self.rules if r.filter == filt and r.upstream == upstream),
@@ -125,6 +133,11 @@ class Forwarder:
                 self.put(rule, prio, up_topic, msg.payload, props, ttl)
             except Exception as exc:  # QueueFull, QueueError: do not acknowledge
                 self.refused += 1
-                log.warning("not queued for %s (%s): %s", rule.upstream, msg.topic, exc)
+                key = f"{rule.upstream}:{type(exc).__name__}"
+                self._refusing.add(key)
+                self._repeats(key, logging.WARNING, "not queued for %s (%s): %s", rule.upstream,
+                              msg.topic, exc)
                 raise PublishRefused(rc.QUOTA_EXCEEDED, str(exc)) from exc
             self.forwarded += 1
+            if self._refusing:
+                self._accepting_again(rule.upstream)

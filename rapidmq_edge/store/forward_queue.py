@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import RepeatedLog
+from .disk import DiskSpace
 from .errors import QueueError, QueueFull
 from .lanes import Entry, Lane
 from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds
@@ -82,6 +84,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         max_bytes: int = 0,
         now: Callable[[], float] = time.time,
         cache_bytes: int = 8 << 20,
+        disk: DiskSpace | None = None,
     ) -> None:
         if durability not in ("fsync", "normal"):
             raise ValueError(f"durability must be 'fsync' or 'normal', got {durability!r}")
@@ -96,7 +99,9 @@ class ForwardQueue(QueueBounds, QueueWriter):
         #: where a damaged database file was moved to (None: it was fine)
         self.quarantined: Path | None = None
         self.drops = {"dropped_oldest": 0, "refused": 0, "expired": 0, "corrupt": 0,
-                      "not_stored": 0, "too_large": 0}
+                      "not_stored": 0, "too_large": 0, "disk_full": 0}
+        #: the data directory's disk: below its reserve new messages are refused
+        self.disk = disk
         self.commits = 0
         self.commit_failures = 0
         self._lanes: dict[tuple[str, int], Lane] = {}
@@ -125,6 +130,8 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="forward-queue")
         self._data_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._full = False
+        self._repeats = RepeatedLog(log)
         #: called in the writer thread inside each commit's transaction with the rows being
         #: inserted (pipeline/protect.py logs batch-chain records atomically with them)
         self.write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None = None
@@ -221,6 +228,12 @@ class ForwardQueue(QueueBounds, QueueWriter):
         if priority not in self.classes:
             raise ValueError(f"unknown priority class {priority}")
         size = len(topic.encode()) + len(payload) + len(props)
+        disk = self.disk
+        if disk is not None and disk.low(self._pending_bytes + size) and (
+                priority or disk.low(self._pending_bytes + size - disk.reserve // 2)):
+            # alarms (class 0) may use half of the reserve; nothing else enters it
+            self.drops["disk_full"] += 1
+            raise QueueFull(disk.why())
         now = self.now()
         lane = self._lane(upstream, priority)
         limits = self.classes[priority]

@@ -27,6 +27,8 @@ from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
+from ..telemetry import RepeatedLog
+from .disk import DiskSpace, is_disk_full
 from .errors import QueueError
 from .lanes import Lane
 
@@ -46,6 +48,8 @@ INSERT = f"INSERT INTO messages ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 _INSERT_CHUNK = 1024  # rows per multi-row INSERT (10 variables each; SQLite allows 32766)
 #: longest wait of acks' and drops' deletes for a batch of puts to ride along with (s)
 DELETE_DELAY = 0.1
+#: ids per delete transaction while commits fail for lack of space (each needs WAL room)
+_SMALL_DELETE = 512
 
 # row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
 Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
@@ -62,6 +66,7 @@ class QueueWriter:
     commits: int
     commit_failures: int
     write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None
+    disk: DiskSpace | None
     _db: sqlite3.Connection
     _lock: threading.Lock
     _lanes: dict[tuple[str, int], Lane]
@@ -84,6 +89,8 @@ class QueueWriter:
     _loop: asyncio.AbstractEventLoop | None
     _writer: ThreadPoolExecutor
     _data_waiters: dict[str, list[asyncio.Future[None]]]
+    _full: bool  # the last commit failed for lack of space: deletes go in small transactions
+    _repeats: RepeatedLog
 
     def _wake(self, upstreams: Iterable[str]) -> None:
         """Resolve the ``wait_for_data`` futures of ``upstreams``."""
@@ -193,37 +200,70 @@ class QueueWriter:
         self._busy = True
         loop = self._loop
         assert loop is not None
-        done = loop.run_in_executor(self._writer, self._write, rows, dels, state)
+        # a drain that emptied the queue: give the WAL's space back (a checkpoint that
+        # truncates it; a few ms, only then)
+        checkpoint = bool(dels) and not self._total_bytes
+        done = loop.run_in_executor(self._writer, self._write, rows, dels, state, checkpoint)
         done.add_done_callback(lambda f: self._written(f, rows, dels, state))
 
     def _write(self, rows: list[Row], dels: list[int],
-               state: dict[str, bytes | None] | None = None) -> None:
+               state: dict[str, bytes | None] | None = None, checkpoint: bool = False) -> None:
         """One transaction (in the writer thread). Few statements, each doing much: the
-        thread needs the GIL between statements, which a busy event loop holds."""
+        thread needs the GIL between statements, which a busy event loop holds.
+
+        When it fails for lack of space, its deletes are committed alone, in transactions
+        of at most ``_SMALL_DELETE`` ids, so a drain makes progress while inserts cannot
+        (the error then carries ``deletes_done``). ``checkpoint``: then truncate the WAL."""
         db = self._db
         with self._lock:
+            try:
+                self._transaction(db, rows, dels, state)
+            except sqlite3.Error as exc:
+                if dels and is_disk_full(exc):
+                    self._delete_in_small_transactions(db, dels)
+                    exc.deletes_done = True  # type: ignore[attr-defined]
+                raise
+            if checkpoint:
+                _checkpoint(db, "TRUNCATE")
+
+    def _delete_in_small_transactions(self, db: sqlite3.Connection, dels: list[int]) -> None:
+        for k in range(0, len(dels), _SMALL_DELETE):
             db.execute("BEGIN")
             try:
-                if dels:  # acked ids come in runs: one range delete per run
-                    db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", _runs(dels))
-                k = 0
-                while k < len(rows):
-                    n = min(len(rows) - k, _INSERT_CHUNK)
-                    n = 1 << (n.bit_length() - 1)  # power of two: few distinct statements
-                    db.execute(_insert_sql(n), list(chain.from_iterable(rows[k:k + n])))
-                    k += n
-                if rows and self.write_hook is not None:
-                    self.write_hook(db, rows)
-                if state:
-                    db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
-                                   [(k, v) for k, v in state.items() if v is not None])
-                    db.executemany("DELETE FROM state WHERE key = ?",
-                                   [(k,) for k, v in state.items() if v is None])
+                db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?",
+                               _runs(dels[k:k + _SMALL_DELETE]))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        _checkpoint(db, "RESTART")  # the WAL starts over in the blocks it already has
+
+    def _transaction(self, db: sqlite3.Connection, rows: list[Row], dels: list[int],
+                     state: dict[str, bytes | None] | None) -> None:
+        """Deletes, inserts (and their write hook) and state changes: one transaction."""
+        db.execute("BEGIN")
+        try:
+            if dels:  # acked ids come in runs: one range delete per run
+                db.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", _runs(dels))
+            k = 0
+            while k < len(rows):
+                n = min(len(rows) - k, _INSERT_CHUNK)
+                n = 1 << (n.bit_length() - 1)  # power of two: few distinct statements
+                db.execute(_insert_sql(n), list(chain.from_iterable(rows[k:k + n])))
+                k += n
+            if rows and self.write_hook is not None:
+                self.write_hook(db, rows)
+            if state:
+                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                               [(k, v) for k, v in state.items() if v is not None])
+                db.executemany("DELETE FROM state WHERE key = ?",
+                               [(k,) for k, v in state.items() if v is None])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _written(self, f: asyncio.Future[None], rows: list[Row], dels: list[int],
                  state: dict[str, bytes | None] | None = None) -> None:
@@ -233,8 +273,15 @@ class QueueWriter:
         writing, self._writing = self._writing, {}
         waiters, self._busy_fut = self._busy_fut, None
         exc = f.exception()
+        disk = self.disk
+        if disk is not None:
+            disk.refresh()
         if exc is None:
             self.commits += 1
+            if self._full:
+                self._full = False
+                self._repeats.clear("commit", "forward queue %s: commits succeed again",
+                                    self.path)
             for mid, row in writing.items():
                 self._pending_bytes -= row[9]
                 if mid not in self._dels:  # not dropped while being written
@@ -250,11 +297,17 @@ class QueueWriter:
         else:
             self.commit_failures += 1
             self._unput(writing, rows)
-            self._dels.update(dels)  # acks and drops are retried
+            if not getattr(exc, "deletes_done", False):
+                self._dels.update(dels)  # acks and drops are retried
             for k, v in (state or {}).items():  # so is state not set again since
                 self._state.setdefault(k, v)
-            log.error("forward queue %s: commit failed (%s); %d message(s) not stored",
-                      self.path, exc, len(writing))
+            if is_disk_full(exc):
+                self._full = True
+                if disk is not None:
+                    disk.release_ballast()
+            self._repeats("commit", logging.ERROR,
+                          "forward queue %s: commit failed (%s); %d message(s) not stored",
+                          self.path, exc, len(writing))
             _resolve(waiters, QueueError(f"commit failed: {exc}"))
         if self._timer is not None or self._loop is None:
             return
@@ -280,6 +333,21 @@ class QueueWriter:
                 self.drops["not_stored"] += 1
 
 
+def _checkpoint(db: sqlite3.Connection, mode: str) -> None:
+    """Move the WAL into the database; ``TRUNCATE`` gives its blocks back to the
+    filesystem, ``RESTART`` reuses them from the start (best effort: a busy reader or a
+    full disk leaves it for the next time)."""
+    try:
+        db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+    except sqlite3.Error as exc:
+        log.debug("WAL checkpoint skipped: %s", exc)
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a failure nobody awaited is known here: asyncio need not warn
+
+
 def _resolve(
     waiters: list[asyncio.Future[None]] | asyncio.Future[None] | None, exc: BaseException | None
 ) -> None:
@@ -291,6 +359,7 @@ def _resolve(
                 w.set_result(None)
             else:
                 w.set_exception(exc)
+                w.add_done_callback(_retrieved)
 
 
 @lru_cache(maxsize=16)

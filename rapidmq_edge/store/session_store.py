@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import RepeatedLog
+from .disk import DiskSpace, is_disk_full
 from .errors import StoreError
 from .sqlite_files import is_corrupt, move_aside, open_or_move_aside, prepare
 
@@ -76,8 +78,12 @@ Op = tuple[str, tuple[Any, ...]]
 class SessionStore:
     """Group-committing SQLite store for broker state; methods are called on the loop."""
 
-    def __init__(self, path: Path, durability: str = "fsync", commit_delay: float = 0.005) -> None:
+    def __init__(self, path: Path, durability: str = "fsync", commit_delay: float = 0.005,
+                 disk: DiskSpace | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        #: the data directory's disk (its ballast is released when a commit finds it full)
+        self.disk = disk
+        self._repeats = RepeatedLog(log)
         self.path = path
         self.commit_delay = commit_delay
         self.durability = durability
@@ -241,6 +247,7 @@ class SessionStore:
         exc = f.exception()
         if exc is None:
             self.commits += 1
+            self._repeats.clear("commit", "session store %s: commits succeed again", self.path)
             if not self._pending:
                 # Futures taken while this batch was being written with nothing else
                 # pending waited for exactly this batch: it is committed now.
@@ -251,7 +258,10 @@ class SessionStore:
                     w.set_result(None)
         else:
             self.failures += 1
-            log.error("session store commit failed (%s); will retry", exc)
+            if self.disk is not None and is_disk_full(exc):
+                self.disk.release_ballast()
+            self._repeats("commit", logging.ERROR,
+                          "session store %s: commit failed (%s); will retry", self.path, exc)
             # Keep the failed changes (older than anything pending now) for the retry.
             merged: dict[tuple[Any, ...], Op] = {}
             for op in ops:
@@ -261,6 +271,7 @@ class SessionStore:
             for w in waiters:
                 if not w.done():
                     w.set_exception(StoreError(str(exc)))
+                    w.add_done_callback(_retrieved)
             if self.on_error is not None:
                 self.on_error(exc)
         if self._pending and self._timer is None and self._loop is not None:
@@ -297,6 +308,11 @@ class SessionStore:
         self._writer.shutdown(wait=True)
         with self._lock:
             self._db.close()
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a failure nobody awaited is known here: asyncio need not warn
 
 
 def _key_of(op: Op) -> tuple[Any, ...]:

@@ -37,6 +37,7 @@ from ..mqtt.packets import (
     SubOptions,
     Subscribe,
 )
+from ..telemetry import RepeatedLog
 from .backoff import Backoff
 from .endpoint_policy import EndpointPolicy, FailureKind, OrderedPolicy
 from .message_flow import Flight, MessageCallback, MessageFlow
@@ -91,6 +92,7 @@ class UplinkClient(MessageFlow):
         if not 1 <= window <= 65535:
             raise ValueError("window must be 1..65535")
         self.name = name
+        self._repeats = RepeatedLog(log)
         self.urls = [parse_url(u) for u in urls]
         self._by_raw = {u.raw: u for u in self.urls}
         self.policy = policy if policy is not None else OrderedPolicy(list(self._by_raw))
@@ -199,7 +201,8 @@ class UplinkClient(MessageFlow):
                     conn, connack = await self._open(url)
                 except (OSError, TimeoutError, ConnectRefused) as exc:
                     self.last_error = f"{url.raw}: {exc!r}"
-                    log.info("uplink %s: connect to %s failed: %r", self.name, url.raw, exc)
+                    self._repeats(url.raw, logging.WARNING, "uplink %s: connect to %s failed: %r",
+                                  self.name, url.raw, exc)
                     self.policy.observe_failure(url.raw, FailureKind.CONNECT)
                     failures += 1
                 else:
@@ -294,6 +297,7 @@ class UplinkClient(MessageFlow):
         self.connected = True
         self.current_url = url.raw
         self.last_error = None
+        self._repeats.clear(url.raw)
         log.info("uplink %s: connected to %s (session present: %s)",
                  self.name, url.raw, connack.session_present)
         self._resume(conn, connack.session_present)
