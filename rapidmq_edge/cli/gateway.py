@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, load_config
 from .common import LOG_FORMAT, fail
@@ -24,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path, metavar="FILE")
 
-    status = sub.add_parser("status", help="show the running gateway's state")
+    status = sub.add_parser(
+        "status", help="show the gateway's state (exit 0 running, 1 stale, 3 not running)")
     status_where = status.add_mutually_exclusive_group()
     status_where.add_argument("--config", type=Path, metavar="FILE", help="take data_dir from it")
     status_where.add_argument("--data-dir", type=Path, metavar="DIR", help="default: ./data")
@@ -74,22 +77,37 @@ def _cmd_check(path: Path) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ..ops.status import STATUS_FILE, render
+    """Running or not (from the data directory's lock), and the last status it wrote.
+    Exit 0 running, 1 running but its status is stale or unreadable, 3 not running."""
+    from ..ops.status import STATUS_FILE, assess, lock_holder, render
 
     data_dir: Path = args.data_dir or Path("./data")
     if args.config is not None:
         try:
             data_dir = load_config(args.config).gateway.data_dir
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return fail(str(exc))
     path = data_dir / STATUS_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"error: no gateway status at {path} ({exc})", file=sys.stderr)
-        return 1
-    print(json.dumps(data, indent=1, sort_keys=True) if args.json else render(data))
-    return 0
-
-
+    data: dict[str, Any] | None = None
+    problem = ""
+    for _ in range(3):  # a status rewritten in place on a full disk may be read half-done
+        try:
+            data = json.loads(path.read_text())
+            break
+        except FileNotFoundError:
+            problem = f"no status file at {path}"
+            break
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable status file {path} ({exc})"
+            time.sleep(0.2)
+    live = assess(lock_holder(data_dir), data, time.time())
+    if args.json:
+        print(json.dumps({**(data or {}), "check": {
+            "state": live.state, "pid": live.pid, "age_s": live.age, "why": live.why,
+            "data_dir": str(data_dir)}}, indent=1, sort_keys=True, default=str))
+    elif data is not None:
+        print(render(data, live=live))
+    else:
+        print(f"gateway: {live.state.upper()}" + (f" (pid {live.pid})" if live.pid else "")
+              + f": {problem}")
+    return live.exit_code

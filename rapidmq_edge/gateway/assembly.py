@@ -196,8 +196,7 @@ class Gateway:
             "pid": os.getpid(),
             "listeners": self.bound,
             "broker": sys_values(self.broker),
-            "process": {**process_values(self.config.gateway.data_dir),
-                        "loop_lag": self.loop_lag.snapshot()},
+            "process": {**process_values(), "loop_lag": self.loop_lag.snapshot()},
             "disk": self.disk.snapshot(),
             "forwarding": (self.forward_status.snapshot() if self.forward_status is not None
                            else None),

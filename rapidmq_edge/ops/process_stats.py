@@ -1,18 +1,17 @@
-"""The gateway process as an operator sees it: event-loop lag, memory, open files, disk.
+"""The gateway process as an operator sees it: event-loop lag, memory, open files.
 
 :class:`LoopLag` wakes every ``interval`` seconds and records how late it woke (the time
 the loop was busy elsewhere: the latency every message on the loop shares); the recent
 samples give p50 / p99 / max. :func:`process_values` reads RSS and open file descriptors
-from ``/proc`` (0 where there is none) and the data directory's disk.
+from ``/proc`` (0 where there is none).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
+import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 __all__ = ["LoopLag", "process_values"]
@@ -28,11 +27,10 @@ class LoopLag:
 
     async def run(self) -> None:
         """Sample forever (cancel to stop)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.interval
+        while True:  # perf_counter: the loop's clock may tick in whole milliseconds (uvloop)
+            due = time.perf_counter() + self.interval
             await asyncio.sleep(self.interval)
-            lag = max(0.0, loop.time() - due)
+            lag = max(0.0, time.perf_counter() - due)
             self.samples.append(lag)
             if lag > self.max_s:
                 self.max_s = lag
@@ -65,13 +63,6 @@ def _open_fds() -> int:
         return 0
 
 
-def process_values(data_dir: Path) -> dict[str, Any]:
-    """RSS, open file descriptors and the data directory's disk (total, free)."""
-    out: dict[str, Any] = {"pid": os.getpid(), "rss_bytes": _rss_bytes(),
-                           "open_fds": _open_fds()}
-    try:
-        du = shutil.disk_usage(data_dir)
-        out["disk_total_bytes"], out["disk_free_bytes"] = du.total, du.free
-    except OSError:
-        out["disk_total_bytes"] = out["disk_free_bytes"] = None
-    return out
+def process_values() -> dict[str, Any]:
+    """This process's pid, RSS and open file descriptors."""
+    return {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "open_fds": _open_fds()}

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,62 @@ from .status_intelligence import intelligence_lines
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+LOCK_FILE = "gateway.lock"
+#: ``rapidmq-edge status`` exit codes (LSB-like): running; running but its status is stale
+#: or unreadable; not running
+EXIT_RUNNING, EXIT_STALE, EXIT_NOT_RUNNING = 0, 1, 3
+
+
+def lock_holder(data_dir: Path, locks: Path = Path("/proc/locks")) -> int | None:
+    """The pid of the process holding ``data_dir/gateway.lock`` (the running gateway), read
+    from ``/proc/locks`` without touching the lock; None when nobody holds it."""
+    try:
+        st = (data_dir / LOCK_FILE).stat()
+        table = locks.read_text()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2148381 0 EOF" (blocked waiters: "->")
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want:
+            try:
+                return int(parts[4])
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """What ``status`` concludes: ``running``, ``stale`` (running, status not current) or
+    ``not running``; the gateway's pid and how old its status file is."""
+
+    state: str
+    pid: int | None
+    age: float | None
+    why: str
+
+    @property
+    def exit_code(self) -> int:
+        return {"running": EXIT_RUNNING, "stale": EXIT_STALE}.get(self.state, EXIT_NOT_RUNNING)
+
+
+def assess(holder: int | None, data: dict[str, Any] | None, now: float) -> Liveness:
+    """Running or not from the lock (never from the file's age alone); stale when the
+    status file is missing, from another process, or older than three intervals."""
+    age = now - float(data.get("written_at", 0)) if data else None
+    if holder is None:
+        return Liveness("not running", None, age, "no process holds the data directory lock")
+    if data is None:
+        return Liveness("stale", holder, None, "it has written no readable status yet")
+    if data.get("pid") not in (None, holder):
+        return Liveness("stale", holder, age, f"the status file is from pid {data.get('pid')}")
+    assert age is not None
+    if age > 3 * float(data.get("interval", 5)) + 5:
+        return Liveness("stale", holder, age,
+                        f"its status was last written {_age(age)} ago (disk full?)")
+    return Liveness("running", holder, age, "")
 
 
 #: the status file is padded with spaces (valid JSON whitespace) to a multiple of this, so
@@ -90,31 +147,42 @@ def _size(n: float | None) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover - the loop returns
 
 
-def render(data: dict[str, Any], now: float | None = None) -> str:
-    """A short human summary of a status document."""
+def render(data: dict[str, Any], now: float | None = None,
+           live: Liveness | None = None) -> str:
+    """A short human summary of a status document (``live``: what :func:`assess` found)."""
     now = time.time() if now is None else now
     lines = []
     age = now - float(data.get("written_at", 0))
-    stale = age > 3 * float(data.get("interval", 5)) + 5
-    lines.append(
-        f"gateway {data.get('gateway', '?')}: "
-        + (f"NOT RUNNING? (status is {_age(age)} old)" if stale else "running")
-    )
+    if live is None:
+        stale = age > 3 * float(data.get("interval", 5)) + 5
+        head = f"NOT RUNNING? (status is {_age(age)} old)" if stale else "running"
+    elif live.state == "running":
+        head = f"running (pid {live.pid})"
+    elif live.state == "stale":
+        head = f"RUNNING (pid {live.pid}), but {live.why}"
+    else:
+        head = f"NOT RUNNING ({live.why}); last status from {_age(age)} ago"
+    lines.append(f"gateway {data.get('gateway', '?')}: {head}")
     b = data.get("broker", {})
     lines.append(
         f"  clients {b.get('clients/connected', '?')} connected, "
         f"{b.get('clients/total', '?')} sessions; messages in {b.get('messages/received', '?')}"
         f", out {b.get('messages/sent', '?')}, dropped {b.get('publish/messages/dropped', '?')}"
     )
+    disk = data.get("disk")
+    if disk:
+        lines.append(
+            f"  disk: {_size(disk.get('free_bytes'))} free of {_size(disk.get('total_bytes'))}"
+            f", reserve {_size(disk.get('reserve_bytes'))}, ballast "
+            f"{_size(disk.get('ballast_bytes'))}"
+            + ("; REFUSING new messages (below the reserve)" if disk.get("below_reserve")
+               else ""))
     proc = data.get("process")
     if proc:
         lag = proc.get("loop_lag", {})
-        free, total = proc.get("disk_free_bytes"), proc.get("disk_total_bytes")
-        disk = (f"disk {_size(free)} free of {_size(total)}" if free is not None and total
-                else "disk unknown")
         lines.append(
             f"  process {proc.get('pid', '?')}: RSS {_size(proc.get('rss_bytes', 0))}, "
-            f"{proc.get('open_fds', '?')} open files, {disk}; event loop lag p99 "
+            f"{proc.get('open_fds', '?')} open files; event loop lag p99 "
             f"{lag.get('p99_ms', '?')} ms (max {lag.get('max_ms', '?')} ms)"
         )
     lines += intelligence_lines(data.get("intelligence"))
