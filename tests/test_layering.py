@@ -33,8 +33,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ingress": frozenset({"broker", "coap", "config", "mqtt", "security"}),
     "ops": frozenset({"broker", "config", "pipeline", "store", "uplink"}),
     # the one assembly place, and the command line on top of everything
-    "gateway": frozenset({"broker", "config", "ingress", "intelligence", "mqtt", "ops",
-                          "pipeline", "security", "store", "uplink"}),
+    "gateway": frozenset({"broker", "config", "crypto", "ingress", "intelligence", "mqtt",
+                          "ops", "pipeline", "security", "store", "uplink"}),
     "cli": frozenset({"cloud", "config", "crypto", "gateway", "ops", "security"}),
 }
 #: packages every package may import

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config
-from .common import LOG_FORMAT, fail
+from ..config import ConfigError, ConfigErrors, load_config
+from .common import fail, setup_logging
 
 __all__ = ["handles", "register", "run"]
 
@@ -48,14 +48,33 @@ def run(args: argparse.Namespace) -> int:
     return _cmd_status(args)
 
 
+def _problems(exc: ConfigError) -> list[str]:
+    return [str(p) for p in exc.problems] if isinstance(exc, ConfigErrors) else [str(exc)]
+
+
+def _fail_all(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
 def _cmd_run(config_path: Path | None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        return fail(str(exc))
-    logging.basicConfig(level=config.gateway.log_level.upper(), format=LOG_FORMAT)
+        return _fail_all(_problems(exc))
+    setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    from ..gateway.preflight import preflight
+
+    checked = preflight(config)
+    for warning in checked.warnings:
+        log.warning("config: %s", warning)
+    if checked.problems:
+        for problem in checked.problems:
+            log.error("config: %s", problem)
+        return _fail_all(checked.problems)
     from ..crypto.errors import CryptoError
     from ..gateway import run_gateway  # the whole gateway: only imported to run it
 
@@ -66,12 +85,18 @@ def _cmd_run(config_path: Path | None) -> int:
 
 
 def _cmd_check(path: Path) -> int:
+    """Validate the file and load everything it names; report every problem found."""
     try:
         config = load_config(path)
     except ConfigError as exc:
-        return fail(str(exc))
-    for warning in config.warnings:
+        return _fail_all(_problems(exc))
+    from ..gateway.preflight import preflight
+
+    checked = preflight(config)
+    for warning in [*config.warnings, *checked.warnings]:
         print(f"warning: {warning}", file=sys.stderr)
+    if checked.problems:
+        return _fail_all(checked.problems)
     print("ok")
     return 0
 

@@ -5,8 +5,15 @@ The names a caller needs are here; each table family has its module (:mod:`.acce
 """
 
 from .access import AclRule, AuthSettings
-from .checks import ConfigError
-from .document import Config, GatewaySettings, PersistenceSettings, load_config, parse_config
+from .checks import ConfigError, ConfigErrors
+from .document import (
+    Config,
+    GatewaySettings,
+    LogSettings,
+    PersistenceSettings,
+    load_config,
+    parse_config,
+)
 from .mqtt import DEFAULT_PORTS, ListenerSettings, MqttSettings, TlsSettings, parse_listener
 
 __all__ = [
@@ -15,8 +22,10 @@ __all__ = [
     "AuthSettings",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "GatewaySettings",
     "ListenerSettings",
+    "LogSettings",
     "MqttSettings",
     "PersistenceSettings",
     "TlsSettings",

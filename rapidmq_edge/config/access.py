@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from ..mqtt.topics import valid_topic_filter
-from .checks import Table, boolean, config_error, one_of, path_under, show, string
+from .checks import Table, boolean, config_error, items, one_of, path_under, show, string
 
 __all__ = ["AclRule", "AuthSettings", "parse_acl", "parse_auth"]
 
@@ -70,4 +70,4 @@ def _acl_rule(data: object, key: str) -> AclRule:
 def parse_acl(value: object) -> tuple[AclRule, ...]:
     if not isinstance(value, list):
         raise config_error("acl", f"must be an array of tables ([[acl]]), got {show(value)}")
-    return tuple(_acl_rule(item, f"acl[{i}]") for i, item in enumerate(value))
+    return tuple(items(value, _acl_rule, "acl"))

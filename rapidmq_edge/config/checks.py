@@ -4,14 +4,21 @@
 raise a ConfigError whose message starts with the dotted key (``mqtt.max_qos: must be an
 integer from 0 to 2, got 3``); :class:`Table` rejects unknown keys with a "did you mean"
 hint. Pure functions: no file is read except to check that one exists (:func:`existing_file`).
+
+Inside :func:`collecting`, problems are recorded instead of raised where the parse can go
+on (a bad value: its default is used; a bad table or array item: it is left out), so one
+run reports every problem; a problem raised after another one of the same table is taken
+for its consequence and left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -24,8 +31,77 @@ class ConfigError(Exception):
         self.key = key
 
 
+class ConfigErrors(ConfigError):
+    """Several problems (``problems``, table by table); the message is one line each."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        super().__init__("\n".join(str(p) for p in problems), problems[0].key)
+        self.problems = problems
+
+
 def config_error(key: str, problem: str) -> ConfigError:
     return ConfigError(f"{key}: {problem}", key)
+
+
+_problems: ContextVar[list[ConfigError] | None] = ContextVar("config_problems", default=None)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[ConfigError]]:
+    """Record problems (:func:`report`) instead of raising the first; the caller raises
+    :func:`raise_collected` at the end."""
+    token = _problems.set([])
+    try:
+        found = _problems.get()
+        assert found is not None
+        yield found
+    finally:
+        _problems.reset(token)
+
+
+def _table_of(key: str | None) -> str:
+    return (key or "").rsplit(".", 1)[0]
+
+
+def report(exc: ConfigError, consequence_possible: bool = True) -> None:
+    """Record ``exc`` while :func:`collecting` (else raise it). A problem raised after one of
+    the same table (``consequence_possible``: not a plain value check) is left out: it is
+    most likely the first one's consequence (a default used in its place)."""
+    found = _problems.get()
+    if found is None:
+        raise exc
+    if consequence_possible and any(_table_of(p.key) == _table_of(exc.key) for p in found):
+        return
+    found.append(exc)
+
+
+def raise_collected(found: list[ConfigError]) -> None:
+    """Raise what was collected: the one problem as it is, several as ConfigErrors."""
+    if len(found) == 1:
+        raise found[0]
+    if found:
+        raise ConfigErrors(found)
+
+
+def section(parse: Callable[[], T], default: T) -> T:
+    """``parse()``, or ``default`` when it raises a problem that is recorded (collecting)."""
+    try:
+        return parse()
+    except ConfigError as exc:
+        report(exc)
+        return default
+
+
+def items(values: list[Any], parse: Callable[[Any, str], T], key: str) -> list[T]:
+    """Each array item parsed (``parse(item, "key[i]")``); a bad one is reported and left
+    out while collecting."""
+    out: list[T] = []
+    for i, item in enumerate(values):
+        try:
+            out.append(parse(item, f"{key}[{i}]"))
+        except ConfigError as exc:
+            report(exc)
+    return out
 
 
 def show(value: object) -> str:
@@ -50,19 +126,24 @@ class Table:
     def __init__(self, data: object, key: str, allowed: tuple[str, ...]) -> None:
         if not isinstance(data, dict):
             raise config_error(key, f"must be a table, got {show(data)}")
-        self.data = cast(dict[str, Any], data)
         self.key = key
-        for name in self.data:
+        for name in data:
             if name not in allowed:
-                raise unknown_key(self.sub(name), name, allowed)
+                report(unknown_key(self.sub(name), name, allowed), consequence_possible=False)
+        self.data = {k: v for k, v in cast(dict[str, Any], data).items() if k in allowed}
 
     def sub(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
 
     def get(self, name: str, check: Callable[[str, Any], T], default: T) -> T:
+        """``check``ed value of ``name``, or ``default`` when absent (or bad, collecting)."""
         if name not in self.data:
             return default
-        return check(self.sub(name), self.data[name])
+        try:
+            return check(self.sub(name), self.data[name])
+        except ConfigError as exc:
+            report(exc, consequence_possible=False)
+            return default
 
 
 def unknown_key(key: str, name: str, allowed: tuple[str, ...]) -> ConfigError:

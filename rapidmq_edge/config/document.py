@@ -22,11 +22,14 @@ from typing import Any, Literal, cast
 from .access import AclRule, AuthSettings, parse_acl, parse_auth
 from .checks import (
     Table,
+    collecting,
     config_error,
     float_range,
     int_range,
     one_of,
     path_under,
+    raise_collected,
+    section,
     show,
     string,
 )
@@ -37,7 +40,8 @@ from .intelligence import IntelligenceSettings, parse_intelligence
 from .mqtt import MqttSettings, is_loopback, parse_mqtt
 
 __all__ = [
-    "Config", "GatewaySettings", "PersistenceSettings", "load_config", "parse_config",
+    "Config", "GatewaySettings", "LogSettings", "PersistenceSettings", "load_config",
+    "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -59,6 +63,18 @@ class GatewaySettings:
     disk_reserve: int = 8 << 20
     #: a file of this many bytes in the data directory, deleted when the disk fills anyway
     disk_ballast: int = 2 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """``[log]``: where the log goes and how much of it (``gateway.log_level`` is the level
+    when ``[log] level`` is not set)."""
+
+    level: str = "info"
+    #: a file to write instead of stderr, rotated at ``max_bytes`` keeping ``backups``
+    file: Path | None = None
+    max_bytes: int = 10 << 20
+    backups: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +103,15 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     #: ``[intelligence]`` (:mod:`.intelligence`); disabled unless enabled = true
     intelligence: IntelligenceSettings = field(default_factory=IntelligenceSettings)
+    #: ``[log]``
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 # --------------------------------------------------------------------------- sections
 
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
-    "coap", "http", "security", "intelligence",
+    "coap", "http", "security", "intelligence", "log",
 )
 
 
@@ -110,6 +128,16 @@ def _gateway(data: object, base_dir: Path) -> GatewaySettings:
         log_level=t.get("log_level", one_of(*LOG_LEVELS), d.log_level),
         disk_reserve=t.get("disk_reserve", int_range(0, 1 << 40), d.disk_reserve),
         disk_ballast=t.get("disk_ballast", int_range(0, 1 << 40), d.disk_ballast),
+    )
+
+
+def _log(data: object, base_dir: Path, level: str) -> LogSettings:
+    t = Table(data, "log", ("level", "file", "max_bytes", "backups"))
+    return LogSettings(
+        level=t.get("level", one_of(*LOG_LEVELS), level),
+        file=t.get("file", path_under(base_dir), None),
+        max_bytes=t.get("max_bytes", int_range(0, 1 << 40), 10 << 20),
+        backups=t.get("backups", int_range(0, 100), 3),
     )
 
 
@@ -143,20 +171,35 @@ def _warnings(mqtt: MqttSettings, auth: AuthSettings) -> tuple[str, ...]:
 
 
 def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
-    """Validate a decoded TOML document; relative paths resolve against ``base_dir``."""
-    top = Table(dict(data), "", _TOP_KEYS)
-    gateway = _gateway(top.data.get("gateway", {}), base_dir)
-    mqtt = parse_mqtt(top.data.get("mqtt", {}), base_dir)
-    auth = parse_auth(top.data.get("auth", {}), base_dir)
-    acl = parse_acl(top.data.get("acl", []))
-    persistence = _persistence(top.data.get("persistence", {}))
-    forwarding = parse_forwarding(top.data, base_dir)
-    coap = parse_coap(top.data.get("coap", {}), base_dir)
-    http = parse_http(top.data.get("http", {}), base_dir)
-    intelligence = parse_intelligence(top.data.get("intelligence", {}), base_dir)
+    """Validate a decoded TOML document; relative paths resolve against ``base_dir``.
+
+    Every problem found is reported: one raises a ConfigError, several a ConfigErrors (its
+    message one line per problem, table by table)."""
+    with collecting() as found:
+        config = _parse(data, base_dir, source)
+    raise_collected(found)
+    return config
+
+
+def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Config:
+    top = Table(dict(data), "", _TOP_KEYS).data
+    gateway = section(lambda: _gateway(top.get("gateway", {}), base_dir), GatewaySettings())
+    mqtt = section(lambda: parse_mqtt(top.get("mqtt", {}), base_dir), MqttSettings())
+    auth = section(lambda: parse_auth(top.get("auth", {}), base_dir), AuthSettings())
+    no_rules: tuple[AclRule, ...] = ()
+    acl = section(lambda: parse_acl(top.get("acl", [])), no_rules)
+    persistence = section(lambda: _persistence(top.get("persistence", {})),
+                          PersistenceSettings())
+    forwarding = section(lambda: parse_forwarding(top, base_dir), ForwardingSettings())
+    coap = section(lambda: parse_coap(top.get("coap", {}), base_dir), CoapSettings())
+    http = section(lambda: parse_http(top.get("http", {}), base_dir), HttpSettings())
+    intelligence = section(lambda: parse_intelligence(top.get("intelligence", {}), base_dir),
+                           IntelligenceSettings())
+    log = section(lambda: _log(top.get("log", {}), base_dir, gateway.log_level),
+                  LogSettings(gateway.log_level))
     return Config(
         gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding,
-        coap, http, intelligence=intelligence,
+        coap, http, intelligence=intelligence, log=log,
     )
 
 

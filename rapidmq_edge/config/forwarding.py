@@ -19,7 +19,9 @@ from .checks import (
     existing_file,
     float_range,
     int_range,
+    items,
     one_of,
+    section,
     show,
     string,
 )
@@ -270,26 +272,23 @@ def _array(value: object, key: str) -> list[Any]:
 
 def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings:
     """Validate the store-and-forward sections of a decoded config document."""
-    ups = tuple(
-        _upstream(item, f"upstream[{i}]", base_dir)
-        for i, item in enumerate(_array(data.get("upstream", []), "upstream"))
-    )
+    raw: list[Any] = section(lambda: _array(data.get("upstream", []), "upstream"), [])
+    ups = tuple(items(raw, lambda item, key: _upstream(item, key, base_dir), "upstream"))
     names = [u.name for u in ups]
     for i, n in enumerate(names):
         if n in names[:i]:
             raise config_error(f"upstream[{i}].name", f"duplicate upstream name {n!r}")
-    known = set(names)
-    fwd = tuple(
-        _forward(item, f"forward[{i}]", known)
-        for i, item in enumerate(_array(data.get("forward", []), "forward"))
-    )
-    down = tuple(
-        _downstream(item, f"downstream[{i}]", known)
-        for i, item in enumerate(_array(data.get("downstream", []), "downstream"))
-    )
-    queue = _queue(data.get("queue", {}))
-    check_protected_rules(fwd, ups)
-    security = parse_security(data.get("security", {}), base_dir)
+    # an upstream left out for a problem of its own is still "known" to the rules below
+    known = set(names) | {u["name"] for u in raw if isinstance(u, dict)
+                          and isinstance(u.get("name"), str)}
+    fwd = tuple(items(section(lambda: _array(data.get("forward", []), "forward"), []),
+                      lambda item, key: _forward(item, key, known), "forward"))
+    down = tuple(items(section(lambda: _array(data.get("downstream", []), "downstream"), []),
+                       lambda item, key: _downstream(item, key, known), "downstream"))
+    queue = section(lambda: _queue(data.get("queue", {})), QueueSettings())
+    section(lambda: check_protected_rules(fwd, ups), None)
+    security = section(lambda: parse_security(data.get("security", {}), base_dir),
+                       SecuritySettings())
     return ForwardingSettings(ups, fwd, down, queue, security)
 
 

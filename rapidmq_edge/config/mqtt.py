@@ -250,20 +250,18 @@ def parse_tls(data: object, base_dir: Path, key: str = "mqtt.tls") -> TlsSetting
 def parse_mqtt(data: object, base_dir: Path) -> MqttSettings:
     """Validate ``[mqtt]`` (and its ``[mqtt.tls]``)."""
     t = Table(data, "mqtt", _MQTT_KEYS)
+    checks: dict[str, Any] = {
+        **{name: int_range(lo, hi) for name, (lo, hi) in _INT_LIMITS.items()},
+        **{name: float_range(flo, fhi) for name, (flo, fhi) in _FLOAT_LIMITS.items()},
+        **{name: boolean for name in _BOOL_KEYS},
+        "listen": _listeners,
+        "tls": lambda _key, value: parse_tls(value, base_dir),
+    }
     kwargs: dict[str, Any] = {}
-    for name, (lo, hi) in _INT_LIMITS.items():
-        if name in t.data:
-            kwargs[name] = int_range(lo, hi)(t.sub(name), t.data[name])
-    for name, (flo, fhi) in _FLOAT_LIMITS.items():
-        if name in t.data:
-            kwargs[name] = float_range(flo, fhi)(t.sub(name), t.data[name])
-    for name in _BOOL_KEYS:
-        if name in t.data:
-            kwargs[name] = boolean(t.sub(name), t.data[name])
-    if "listen" in t.data:
-        kwargs["listen"] = _listeners("mqtt.listen", t.data["listen"])
-    if "tls" in t.data:
-        kwargs["tls"] = parse_tls(t.data["tls"], base_dir)
+    for name, check in checks.items():
+        value = t.get(name, check, None)
+        if value is not None:
+            kwargs[name] = value
     settings = MqttSettings(**kwargs)
     if settings.tls is None:
         for i, listener in enumerate(settings.listen):

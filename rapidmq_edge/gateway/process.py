@@ -22,7 +22,11 @@ log = logging.getLogger("rapidmq_edge")
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM."""
     gateway = Gateway(config)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:  # e.g. a listen address in use: close what was opened, cleanly
+        await gateway.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

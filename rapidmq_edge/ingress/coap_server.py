@@ -310,8 +310,11 @@ class CoapServer:
         from .coap_udp import open_endpoint
 
         site = self.site()
-        for ep in self.settings.listen:
-            endpoint, ctx = await open_endpoint(ep.host, ep.port, site)
+        for i, ep in enumerate(self.settings.listen):
+            try:
+                endpoint, ctx = await open_endpoint(ep.host, ep.port, site)
+            except OSError as exc:
+                raise OSError(f"coap.listen[{i}] {ep.url}: {exc.strerror or exc}") from exc
             if not self.settings.require_oscore:
                 fast = FastPublisher(self.core.broker, self.core.access, self.settings,
                                      endpoint, content_type_for, is_text)

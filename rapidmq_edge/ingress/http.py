@@ -207,7 +207,7 @@ class HttpApi:
         await self.runner.setup()
         tls = self.settings.tls
         urls = []
-        for ep in self.settings.listen:
+        for i, ep in enumerate(self.settings.listen):
             ctx = None
             if ep.scheme == "https" and tls is not None:
                 from .mqtt_server import make_ssl_context
@@ -218,7 +218,10 @@ class HttpApi:
             site = web.TCPSite(self.runner, ep.host, ep.port, reuse_address=True,
                                ssl_context=ctx)
             before = list(self.runner.addresses)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise OSError(f"http.listen[{i}] {ep.url}: {exc.strerror or exc}") from exc
             for addr in self.runner.addresses:  # the new ones: this site's (port 0 resolved)
                 if addr in before:
                     continue

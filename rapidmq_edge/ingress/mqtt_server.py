@@ -231,20 +231,26 @@ async def serve_mqtt(
     loop = asyncio.get_running_loop()
     servers: list[Any] = []
     bound: list[str] = []
-    for lst in listeners:
+    for i, lst in enumerate(listeners):
         ctx = None
         if lst.is_tls:
             assert tls is not None  # validated: a tls:// or wss:// listener needs [mqtt.tls]
             ctx = make_ssl_context(str(tls.cert), str(tls.key),
                                    str(tls.client_ca) if tls.client_ca else None,
                                    tls.require_client_cert)
-        if lst.is_websocket:
-            server = await serve_websocket(lst.host, lst.port, lst.path, factory, registry, ctx)
-        else:
-            server = await loop.create_server(
-                lambda: MqttStreamProtocol(factory, registry),
-                lst.host, lst.port, ssl=ctx, reuse_address=True, backlog=1024,
-            )
+        try:
+            if lst.is_websocket:
+                server = await serve_websocket(lst.host, lst.port, lst.path, factory, registry,
+                                               ctx)
+            else:
+                server = await loop.create_server(
+                    lambda: MqttStreamProtocol(factory, registry),
+                    lst.host, lst.port, ssl=ctx, reuse_address=True, backlog=1024,
+                )
+        except OSError as exc:
+            for started in servers:
+                started.close()
+            raise OSError(f"mqtt.listen[{i}] {lst.url}: {exc.strerror or exc}") from exc
         servers.append(server)
         for sock in server.sockets:
             host, port = sock.getsockname()[:2]

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["list_devices", "load_contexts", "provision_device"]
+__all__ = ["context_problems", "list_devices", "load_contexts", "provision_device"]
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +65,44 @@ def provision_device(oscore_dir: Path | str, name: str) -> dict[str, Any]:
     }
 
 
+def _contexts(oscore_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(device name, its security context, or the exception loading it raised)."""
+    from aiocoap.oscore import FilesystemSecurityContext
+
+    for sub in sorted(oscore_dir.iterdir()):
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        try:
+            yield sub.name, FilesystemSecurityContext(str(sub) + "/")
+        except Exception as exc:  # noqa: BLE001 - one bad context must not stop the rest
+            yield sub.name, exc
+
+
 def load_contexts(oscore_dir: Path) -> tuple[Any, dict[int, str]]:
     """CredentialsMap of every context under ``oscore_dir``, and context id -> name."""
     from aiocoap.credentials import CredentialsMap
-    from aiocoap.oscore import FilesystemSecurityContext
 
     creds = CredentialsMap()
     names: dict[int, str] = {}
     if not oscore_dir.is_dir():
         log.warning("coap.oscore_dir %s does not exist: no OSCORE devices", oscore_dir)
         return creds, names
-    for sub in sorted(oscore_dir.iterdir()):
-        if not sub.is_dir() or sub.name.startswith("."):
+    for name, ctx in _contexts(oscore_dir):
+        if isinstance(ctx, Exception):
+            log.error("OSCORE context %s not loaded: %s", oscore_dir / name, ctx)
             continue
-        try:
-            ctx = FilesystemSecurityContext(str(sub) + "/")
-        except Exception as exc:  # noqa: BLE001 - one bad context must not stop the rest
-            log.error("OSCORE context %s not loaded: %s", sub, exc)
-            continue
-        creds[":" + sub.name] = ctx
-        names[id(ctx)] = sub.name
+        creds[":" + name] = ctx
+        names[id(ctx)] = name
     log.info("loaded %d OSCORE security contexts from %s", len(names), oscore_dir)
     return creds, names
+
+
+def context_problems(oscore_dir: Path) -> list[str]:
+    """What :func:`load_contexts` would skip (``check-config``): one line per bad context."""
+    if not oscore_dir.is_dir():
+        return []
+    return [f"context {name}: {ctx}" for name, ctx in _contexts(oscore_dir)
+            if isinstance(ctx, Exception)]
 
 
 def list_devices(oscore_dir: Path | str) -> list[str]:
