@@ -41,6 +41,8 @@ def preflight(config: Config) -> Preflight:
     users = config.auth.users_file
     if users is not None:
         _load("auth.users_file", lambda: UserDB.load(users), out)
+        if not users.exists():
+            out.problems[-1] += f" (create it: rapidmq-edge user add --users-file {users} NAME)"
     tokens = config.http.tokens_file
     if tokens is not None:
         if tokens.exists() or tokens.is_symlink():
