@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ from rapidmq_edge.ops.forecast import (
 from rapidmq_edge.ops.status import render
 from rapidmq_edge.store.forward_queue import ForwardQueue
 
-from .conftest import free_port
+from .conftest import MosquittoBroker, free_port
 from .gateway_proc import GatewayProcess
 
 NORMAL = 2
@@ -256,3 +258,107 @@ def test_status_shows_forecast_with_upstream_down(
         for c in (dev, probe):
             c.disconnect()
             c.loop_stop()
+
+
+# =========================================================================== a step
+
+
+def test_eta_follows_an_outage_ending_within_25_percent_after_5_s() -> None:
+    """Inflow ~100 msg/s throughout; the upstream is down for 60 s, then drains with a
+    300 msg/s cap (net −200 msg/s). From 5 s after the step, the one ETA (net of the inflow)
+    is within ±25 % of the time the backlog really takes (was: "growing, full in 61 s" for
+    30 s, then the ack rate alone: −41 %)."""
+    rng = random.Random(7)
+    fc = CapacityForecaster({NORMAL: LaneBounds(max_messages=1_000_000)})
+    queued = acked = 0
+    t = 0.0
+    history: list[tuple[float, int, dict[str, Any]]] = []
+    step_at = 120.0
+    while True:
+        out = fc.observe(t, stats({"cloud": {NORMAL: (queued, queued * 100)}}),
+                         {"cloud": acked}, 10**12)
+        history.append((t, queued, out["upstreams"]["cloud"]))
+        if t > step_at and queued == 0:
+            drained_at = t
+            break
+        arrive = rng.randint(85, 115)  # ~100 msg/s, noisy
+        up = t < 60 or t >= step_at  # up for a minute, down for a minute, then capped
+        moved = min(queued + arrive, 300 if t >= step_at else 1000) if up else 0
+        queued += arrive - moved
+        acked += moved
+        t += 1.0
+    assert 5500 < max(q for _, q, _ in history) < 6500
+    checked = 0
+    for when, q, fc_out in history:
+        if step_at + 5 <= when and q > 500:
+            truth = drained_at - when
+            assert fc_out["state"] == "draining", (when, fc_out)
+            assert abs(fc_out["drains_in_s"] - truth) <= 0.25 * truth, (when, fc_out, truth)
+            assert "drains in" in fc_out["text"] and "acked" in fc_out["text"]
+            checked += 1
+    assert checked >= 15
+    # during the outage the growth is followed as quickly (queue full in ~ bound/100 s)
+    during = [o for w, _, o in history if 65 <= w < step_at]
+    assert all(o["state"] == "growing" for o in during)
+    assert all(abs(o["growth_msg_per_s"] - 100) < 25 for o in during)
+
+
+def test_drain_eta_through_a_real_gateway(
+    gateway_factory: Callable[..., GatewayProcess],
+    mosquitto_factory: Callable[..., MosquittoBroker],
+) -> None:
+    """A real outage and a capped drain: a device at ~100 msg/s, the upstream away for
+    ~30 s, then back with the uplink capped at 300 msg/s. From 5 s after the acks start,
+    the ETA in ``status`` is within ±25 % of when the backlog is really gone."""
+    up_port = free_port()
+    gw = gateway_factory({
+        "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up_port}"],
+                      "reconnect_max_s": 0.5, "rate_limit": 300.0}],
+        "forward": [{"filter": "sensors/#", "upstream": "cloud"}],
+    })
+    stop = threading.Event()
+
+    def publish() -> None:
+        dev = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-eta")
+        dev.connect("127.0.0.1", gw.port)
+        dev.loop_start()
+        due = time.monotonic()
+        while not stop.is_set():
+            dev.publish("sensors/t", b"x" * 64, qos=0)
+            due += 0.01
+            time.sleep(max(0.0, due - time.monotonic()))
+        dev.loop_stop()
+        dev.disconnect()
+
+    pub = threading.Thread(target=publish, daemon=True)
+    pub.start()
+    samples: list[tuple[float, int, int, float | None]] = []  # t, queued, acked, eta
+
+    def sample() -> None:
+        doc = json.loads((gw.data_dir / "status.json").read_text())
+        up = doc["forwarding"]["upstreams"]["cloud"]
+        samples.append((time.monotonic(), up["queued"], up["acked"], up["drain_eta_s"]))
+
+    try:
+        time.sleep(30)  # the upstream is away: ~3,000 queued
+        mosquitto_factory(f"listener {up_port} 127.0.0.1\n")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            sample()
+            if samples[-1][2] > 0 and samples[-1][1] < 100:
+                break
+    finally:
+        stop.set()
+        pub.join(5)
+    acks_start = next(t for t, _, acked, _ in samples if acked > 0)
+    drained = samples[-1][0]
+    assert samples[-1][1] < 100 and max(q for _, q, _, _ in samples) > 2000, samples[-3:]
+    checked = [(t, eta, drained - t) for t, q, _, eta in samples
+               if t >= acks_start + 5 and q > 300]
+    assert len(checked) >= 6, (acks_start, drained, samples)
+    for t, eta, truth in checked:
+        assert eta is not None and abs(eta - truth) <= 0.25 * truth + 1.0, (t, eta, truth)
+    text = subprocess.run([sys.executable, "-m", "rapidmq_edge", "status", "--data-dir",
+                           str(gw.data_dir)], capture_output=True, text=True, timeout=20).stdout
+    assert text.count("ETA") == 0 and text.count("drains in") <= 1, text

@@ -176,6 +176,8 @@ class Gateway:
             self.bound.extend(await self.coap.start())
         self.tasks.append(loop.create_task(self.loop_lag.run()))
         self.tasks.append(loop.create_task(self.disk.run()))
+        if self.forward_status is not None:
+            self.tasks.append(loop.create_task(self.forward_status.run()))
         interval = c.mqtt.sys_interval
         if interval > 0:
             extra: list[Callable[[], dict[str, str]]] = []

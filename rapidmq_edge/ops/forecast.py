@@ -1,12 +1,18 @@
 """Capacity forecast for the forward queue: when it fills, when the disk fills, when it drains.
 
 Pure: the caller passes the time, the queue's counters (:meth:`ForwardQueue.stats`), each
-uplink's cumulative ack count and the free disk space (:func:`disk_free`). Rates are
-exponentially weighted moving averages over irregular samples (time constant ``tau``):
+uplink's cumulative ack count and the free disk space (:func:`disk_free`), about once a
+second. Rates (:class:`Rate`) are a smooth long average (time constant ``tau``) that
+restarts from a short one (``short`` s) at a change point — when the two disagree by
+more than noise for two samples running — so an outage ending, a drain starting or a rate
+cap lifting is followed within a few seconds instead of a minute:
 
 * growth (msg/s, B/s) per upstream and class lane and for the whole queue,
 * drain (acks/s) per upstream; inflow = growth + drain (messages dropped by a bound are
   not counted, so inflow reads low once a bound is hit).
+
+The one ETA is the net rate's: a backlog drains in ``queued / -(inflow - acks)``, not in
+``queued / acks`` (which ignores what keeps arriving).
 
 From those, at current rates: the time until a lane reaches its class bound
 (``max_messages``/``max_bytes``) or the queue its ``max_bytes``; the time until the disk
@@ -27,6 +33,7 @@ __all__ = [
     "ROW_OVERHEAD",
     "CapacityForecaster",
     "Ewma",
+    "Rate",
     "LaneBounds",
     "disk_free",
     "format_duration",
@@ -74,6 +81,57 @@ class Ewma:
         return self.value
 
 
+class Rate:
+    """A rate from irregular samples. :attr:`value` is a long average (time constant
+    ``tau``); when a short one (``short`` s) disagrees with it by more than
+    ``max(floor, rel * scale)`` twice in a row — a step, not one noisy sample — the long one
+    starts over as the plain mean of the samples since the step (the two that showed it
+    included) until it spans ``tau`` again: smooth when nothing changes, right within a few
+    samples after a change."""
+
+    def __init__(self, tau: float, short: float = 3.0, rel: float = 0.3,
+                 floor: float = 1.0) -> None:
+        self.long = Ewma(tau)
+        self.short = Ewma(short)
+        self.rel = rel
+        self.floor = floor
+        self.resets = 0
+        self._apart = 0
+        self._recent: list[tuple[float, float]] = []  # the last two (rate, dt)
+        self._window: list[float] | None = None  # [sum of rate*dt, sum of dt] since a step
+
+    @property
+    def value(self) -> float | None:
+        return self.long.value
+
+    def add(self, rate: float, dt: float) -> float:
+        """Blend in ``rate`` observed over the last ``dt`` seconds."""
+        self._recent = [*self._recent[-1:], (rate, dt)]
+        s = self.short.add(rate, dt)
+        w = self._window
+        if w is not None:  # since a step: the plain mean, until it spans tau
+            w[0] += rate * dt
+            w[1] += dt
+            self.long.value = w[0] / w[1]
+            if w[1] >= self.long.tau:
+                self._window = None
+        else:
+            self.long.add(rate, dt)
+        v = self.long.value
+        assert v is not None
+        if abs(s - v) > max(self.floor, self.rel * max(abs(s), abs(v))):
+            self._apart += 1
+            if self._apart >= 2:
+                w = self._window = [sum(r * d for r, d in self._recent),
+                                    sum(d for _, d in self._recent)]
+                self.long.value = w[0] / w[1]
+                self._apart = 0
+                self.resets += 1
+        else:
+            self._apart = 0
+        return self.long.value  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class LaneBounds:
     """One priority class's bounds (0 = unbounded) and what happens when they are hit."""
@@ -87,9 +145,9 @@ class _Level:
     """Rates of change of one (messages, bytes) level, and an optional ack counter."""
 
     def __init__(self, tau: float) -> None:
-        self.msgs = Ewma(tau)
-        self.bytes = Ewma(tau)
-        self.drain = Ewma(tau)
+        self.msgs = Rate(tau)
+        self.bytes = Rate(tau, floor=256.0)
+        self.drain = Rate(tau)
         self.last: tuple[float, int, int, int] | None = None
 
     def update(self, now: float, msgs: int, nbytes: int, acked: int, min_dt: float) -> None:
@@ -187,7 +245,8 @@ class CapacityForecaster:
         elif growth < -eps and msgs > 0:
             out["state"] = "draining"
             out["drains_in_s"] = round(msgs / -growth, 1)
-            out["text"] = f"drains in {format_duration(msgs / -growth)}"
+            out["text"] = (f"drains in {format_duration(msgs / -growth)} (in {inflow:.0f} "
+                           f"msg/s, acked {drain:.0f} msg/s)")
         else:
             out["state"] = "stable"
             out["text"] = "stable" if msgs else "stable (empty)"

@@ -3,6 +3,7 @@ drain rate and ETA, the backlog and disk forecast (``rapidmq-edge status``, ``$S
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,8 @@ __all__ = ["ForwardingStatus"]
 
 
 class ForwardingStatus:
-    """Reads the queue, the forwarder, the protection and the uplinks; keeps the drain rates
-    and the forecaster between calls."""
+    """Reads the queue, the forwarder, the protection and the uplinks; keeps the forecaster
+    (fed once a second by :meth:`run`) between calls."""
 
     def __init__(self, queue: ForwardQueue, forwarder: Forwarder, protect: Any,
                  uplinks: Sequence[UplinkClient], settings: QueueSettings,
@@ -35,7 +36,13 @@ class ForwardingStatus:
              for n, c in settings.classes.items()},
             settings.max_bytes,
         )
-        self._rates: dict[str, tuple[float, int]] = {}
+
+    async def run(self, every: float = 1.0) -> None:
+        """Feed the forecaster a sample every ``every`` seconds (its rates follow a step
+        within a few samples)."""
+        while True:
+            self._forecast(self.queue.stats(), time.monotonic())
+            await asyncio.sleep(every)
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth per upstream and class, drops, link state, drain rate and ETA."""
@@ -47,21 +54,17 @@ class ForwardingStatus:
         for client in self.uplinks:
             lanes = stats["upstreams"].get(client.name, {})
             queued = sum(c["messages"] for c in lanes.values())
-            prev = self._rates.get(client.name)
-            rate = 0.0
-            if prev is not None and now > prev[0]:
-                rate = max(0.0, (client.acked - prev[1]) / (now - prev[0]))
-            if prev is None or now - prev[0] >= 5.0:
-                self._rates[client.name] = (now, client.acked)
+            fc = forecast["upstreams"].get(client.name) or {}
             upstreams[client.name] = {
                 **client.status(),
                 "queued": queued,
                 "queued_bytes": sum(c["bytes"] for c in lanes.values()),
                 "oldest_age": max((c["oldest_age"] for c in lanes.values()), default=0.0),
                 "classes": {names.get(p, str(p)): c for p, c in lanes.items()},
-                "drain_rate": round(rate, 1),
-                "drain_eta_s": round(queued / rate, 1) if rate > 0 else None,
-                "forecast": forecast["upstreams"].get(client.name),
+                # the forecast's: acks/s, and the one ETA (net of what keeps arriving)
+                "drain_rate": fc.get("drain_msg_per_s", 0.0),
+                "drain_eta_s": fc.get("drains_in_s"),
+                "forecast": fc or None,
             }
         return {
             "upstreams": upstreams,

@@ -210,15 +210,13 @@ def render(data: dict[str, Any], now: float | None = None,
             f"heartbeat {_age(now - hb)} ago ({up.get('heartbeat_rtt_ms')} ms)"
         )
         pub = up.get("last_puback")
-        eta = up.get("drain_eta_s")
         lines.append(
             f"  upstream {name}: {state}; {hb_text}; last PUBACK "
             f"{_age(now - pub) if pub else 'never'} ago"
         )
         lines.append(
             f"    queued {up['queued']} (oldest {_age(up['oldest_age'])}), in flight "
-            f"{up['inflight']}, acked {up['acked']}, drain {up['drain_rate']} msg/s"
-            + (f", ETA {_age(eta)}" if eta else "")
+            f"{up['inflight']}, acked {up['acked']}"
         )
         if up.get("forecast"):
             lines.append(f"    forecast: {up['forecast']['text']}")
