@@ -248,8 +248,22 @@ def card(m: dict[str, Any], cost: dict[str, float], fit_s: float) -> str:
         "(`bench/intelligence.py --path`); the current numbers are in `docs/benchmarks.md`,",
         "\"Intelligence in the message path\".",
         "",
+        *(_THREAT_IN_PATH if m["name"] == "threat" else []),
     ]
     return "\n".join(lines)
+
+
+#: what the threat watch does with this model's word (rapidmq_edge/intelligence/threat.py)
+_THREAT_IN_PATH = [
+    "The watch acts only on evidence a person can check: the model's label counts when its",
+    "window also shows it (refused logins; ACL refusals or many filters; a sustained rate",
+    "above what the client may send, learned per client). A healthy sensor at 10 msg/s on",
+    "one topic, which this model scores 0.51-0.57 `topic_scanning` (its training fleet has",
+    "no device above a few msg/s), is therefore never acted on: 0 of 200 healthy devices at",
+    "0.1-50 msg/s were touched beside 5 attackers of each kind, all caught",
+    "(`tests/test_threat_fleet.py`).",
+    "",
+]
 
 
 def _quality_table(name: str, q: dict[str, Any], rq: dict[str, Any],

@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import math
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -136,6 +139,29 @@ class FlowControl:
         self.publish_burst = max(1.0, float(math.ceil(rate)))
         self._tokens = min(self._tokens, self.publish_burst)
         self._token_time = self.loop.time()
+
+    def restore_rate(self) -> None:
+        """Lift a :meth:`limit_rate`: back to the configured rate (``[mqtt] publish_rate``,
+        0 = unlimited)."""
+        s = self.settings
+        self.publish_rate = s.publish_rate
+        self.publish_burst = float(s.publish_burst or max(1.0, s.publish_rate))
+        self._tokens = self.publish_burst
+        self._token_time = self.loop.time()
+
+    def pending_input(self) -> int:
+        """Bytes the client sent that wait to be read: in the socket's receive buffer and
+        in packets held behind the rate limit (what a throttled client keeps sending)."""
+        held = sum(len(getattr(p, "payload", b"")) + 4 for p in self._held or ())
+        sock = getattr(self.transport, "get_extra_info", lambda _n: None)("socket")
+        if sock is None:
+            return held
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        except (OSError, ValueError):
+            return held
+        return held + buf[0]
 
     def _throttle(self) -> None:
         rate = self.publish_rate

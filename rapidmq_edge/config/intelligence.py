@@ -79,6 +79,9 @@ class IntelligenceSettings:
     throttle_rate: float = 2.0  # PUBLISH/s of a throttled client (0 = no throttle step)
     throttle_min_confidence: float = 0.5  # probability from which a client is throttled
     ban_s: float = 60.0  # an abusive client id is refused (CONNACK 0x8A) this long
+    flood_rate: float = 200.0  # PUBLISH/s any client may sustain
+    flood_factor: float = 10.0  # ... or this many times its own normal rate
+    flood_burst: int = 1000  # messages above that before it is a flood
     #: glob patterns of usernames / client ids the threat watch never judges (bridges, PLCs,
     #: line controllers that legitimately publish thousands of messages a second)
     threat_exempt_users: tuple[str, ...] = ()
@@ -138,6 +141,7 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         "summary_suffix", "pressure_check_s", "threat_interval_s", "threat_action", "ban_s",
         "threat_min_events", "threat_min_confidence", "throttle_rate",
         "throttle_min_confidence", "threat_exempt_users", "threat_exempt_clients",
+        "flood_rate", "flood_factor", "flood_burst",
     ))
     suffix = t.get("summary_suffix", string, "/summary")
     if not suffix or "+" in suffix or "#" in suffix:
@@ -167,6 +171,9 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         threat_interval_s=t.get("threat_interval_s", float_range(0.05, 3600.0), 1.0),
         threat_action=t.get("threat_action", one_of(*THREAT_ACTIONS), "disconnect"),
         ban_s=t.get("ban_s", float_range(0.0, 7 * 86400.0), 60.0),
+        flood_rate=t.get("flood_rate", float_range(1.0, 10_000_000.0), 200.0),
+        flood_factor=t.get("flood_factor", float_range(1.0, 1000.0), 10.0),
+        flood_burst=t.get("flood_burst", int_range(1, 10**9), 1000),
         threat_min_events=t.get("threat_min_events", int_range(1, 10**9), 10),
         threat_min_confidence=t.get("threat_min_confidence", float_range(0.0, 1.0), 0.7),
         throttle_rate=t.get("throttle_rate", float_range(0.0, 1_000_000.0), 2.0),

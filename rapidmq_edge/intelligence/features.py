@@ -227,7 +227,9 @@ CLIENT_FEATURES: tuple[str, ...] = (
 
 
 @dataclass
-class _Acc:
+class WindowCounts:
+    """What one client did in one window (the counts behind its feature row)."""
+
     window: int
     first: float
     last: float = 0.0
@@ -282,16 +284,16 @@ class ClientWindows:
 
     def __init__(self, window: float = CLIENT_WINDOW) -> None:
         self.window = window
-        self._open: dict[str, _Acc] = {}
+        self._open: dict[str, WindowCounts] = {}
         self._done: list[tuple[str, int, list[float]]] = []
 
-    def _acc(self, client: str, t: float) -> _Acc:
+    def _acc(self, client: str, t: float) -> WindowCounts:
         k = int(t // self.window)
         acc = self._open.get(client)
         if acc is None or acc.window != k:
             if acc is not None:
                 self._done.append((client, acc.window, acc.row(self.window)))
-            acc = self._open[client] = _Acc(k, t)
+            acc = self._open[client] = WindowCounts(k, t)
         acc.last = t
         return acc
 
@@ -330,7 +332,7 @@ class ClientWindows:
     def restart(self, client: str, t: float) -> None:
         """Forget the client's open window so far: it is judged on what it does from ``t``."""
         if client in self._open:
-            self._open[client] = _Acc(int(t // self.window), t, t)
+            self._open[client] = WindowCounts(int(t // self.window), t, t)
 
     def events(self, client: str) -> int:
         """Events (connects, disconnects, publishes, subscribes) in the client's open window."""
@@ -338,6 +340,10 @@ class ClientWindows:
         if acc is None:
             return 0
         return acc.connects + acc.disconnects + acc.publishes + acc.subscribes
+
+    def counts(self, client: str) -> WindowCounts | None:
+        """What the client did in its open window so far (None when it has none)."""
+        return self._open.get(client)
 
     def current(self, client: str) -> np.ndarray | None:
         """Features of the client's open window so far (None when it has none)."""

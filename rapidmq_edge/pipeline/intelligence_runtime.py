@@ -46,7 +46,7 @@ from ..intelligence.features import ANOMALY_LABELS, PRIORITY_LABELS
 from ..intelligence.models import Scorer, load_scorer
 from ..intelligence.scoring import BatchScorer, Scored
 from ..intelligence.summarise import Summariser, Summary
-from ..intelligence.threat import ClientWatch
+from ..intelligence.threat import ClientWatch, Evidence, Verdict
 from ..store.errors import QueueError
 from ..store.forward_queue import ForwardQueue
 from .forwarder import Forwarder
@@ -87,7 +87,11 @@ class IntelligenceRuntime:
                                   s.threat_min_confidence, throttle_rate=s.throttle_rate,
                                   throttle_confidence=s.throttle_min_confidence,
                                   exempt_users=s.threat_exempt_users,
-                                  exempt_clients=s.threat_exempt_clients)
+                                  exempt_clients=s.threat_exempt_clients,
+                                  evidence=Evidence(flood_rate=s.flood_rate,
+                                                    flood_factor=s.flood_factor,
+                                                    burst=s.flood_burst),
+                                  on_verdict=self._threat_alert)
                       if s.threat != "off" else None)
         self._all_upstreams = [
             (u.name, u.topic_prefix.replace("{gateway_id}", gateway_id)) for u in upstreams
@@ -305,25 +309,35 @@ class IntelligenceRuntime:
             "kind": kind, "stream": topic, "reading": value, "score": round(confidence, 4),
             "model": self.anomaly.version, "source": self.anomaly.source, "at": round(t, 3),
         }, separators=(",", ":")).encode()
-        s = self.settings
         log.info("intelligence: %s on %s (reading %s, score %.2f)", kind, topic, value,
                  confidence)
-        self.publish(Message(f"{s.alert_topic}/{kind}/{topic}", payload, 1, False, {}, None,
-                             ORIGIN))
+        ups = ({rule.upstream: up[: len(up) - len(topic)] for rule, up in targets}
+               if targets else None)
+        self._emit(f"{kind}/{topic}", payload, ups)
+
+    def _emit(self, path: str, payload: bytes, upstreams: dict[str, str] | None) -> None:
+        """Publish an alert locally (``alert_topic/path``) and queue it in the highest class
+        for ``upstreams`` (name -> topic prefix; None: every upstream)."""
+        s = self.settings
+        self.publish(Message(f"{s.alert_topic}/{path}", payload, 1, False, {}, None, ORIGIN))
         if self.queue is None:
             return
-        if targets:
-            ups = {rule.upstream: up[: len(up) - len(topic)] for rule, up in targets}
-        else:
-            ups = dict(self._all_upstreams)
-        for name, prefix in ups.items():
+        for name, prefix in (upstreams or dict(self._all_upstreams)).items():
             try:
-                self.queue.put(name, 0, f"{prefix}{s.alert_upstream_topic}/{kind}/{topic}",
-                               payload, 1)
+                self.queue.put(name, 0, f"{prefix}{s.alert_upstream_topic}/{path}", payload, 1)
             except QueueError as exc:
                 self.alerts_not_queued += 1
-                log.warning("intelligence: alert for %s not queued for %s: %s", topic, name,
-                            exc)
+                log.warning("intelligence: alert %s not queued for %s: %s", path, name, exc)
+
+    def _threat_alert(self, v: Verdict) -> None:
+        """A threat verdict as an alert: ``alert_topic/threat/<label>/<client id>``."""
+        self.alerts += 1
+        payload = json.dumps({
+            "kind": v.label, "client": v.client, "action": v.action,
+            "score": v.confidence, "evidence": v.evidence, "model": self.threat.version,
+            "source": self.threat.source, "at": round(v.at, 3),
+        }, separators=(",", ":"), default=str).encode()
+        self._emit(f"threat/{v.label}/{v.client}", payload, None)
 
     # -- summaries and pressure ----------------------------------------------------
 
