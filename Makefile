@@ -24,7 +24,7 @@ LINT_PATHS := $(wildcard rapidmq_edge tests bench firmware_sim)
 # the optional C accelerator (rapidmq_edge/crypto/_fastpath.c: a compiler, OpenSSL headers).
 APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server gcc libssl-dev
 
-.PHONY: help venv system-deps run lint test bench models clean distclean
+.PHONY: help venv system-deps run lint test bench models clean distclean soak
 
 help:
 	@echo "targets: run [CONFIG=FILE], test, lint, bench, venv, system-deps, clean, distclean"
@@ -78,6 +78,8 @@ system-deps:
 
 # ------------------------------------------------------------------ run
 run: venv
+	@echo "make run: the commands are in $(VENV)/bin (. $(VENV)/bin/activate puts rapidmq-edge on PATH);"
+	@echo "          the log goes to this terminal ([log] file = ... in a config for a file); Ctrl-C stops."
 	$(VENV)/bin/rapidmq-edge run $(if $(CONFIG),--config $(CONFIG))
 
 # ------------------------------------------------------------------ checks
@@ -91,6 +93,18 @@ test: system-deps venv lint
 
 bench: venv
 	$(PY) bench/mqtt_throughput.py
+
+# ------------------------------------------------------------------ fuzzing
+# Each fuzzer of fuzz/ runs FUZZ_SECONDS (one after the other) from its committed corpus, in
+# a scratch copy; one JSON summary line per target (fuzz/README.md). CI only replays the
+# corpora (tests/test_fuzz_corpus.py). FUZZ_ARGS: e.g. "--skip-pending coap cose".
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS ?=
+
+.PHONY: fuzz
+fuzz: venv
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q atheris
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m fuzz.run $(FUZZ_ARGS)
 
 # ------------------------------------------------------------------ models
 # Reproducible training of the shipped ONNX models (models/*.onnx, *.json, *.md) from
@@ -107,3 +121,9 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# ------------------------------------------------------------------ soak
+# Issue 12: the gateway under 1,000 msg/s from 200 devices for SOAK_MINUTES (default 30),
+# upstream link cut 60 s every 5 min, kill -9 every 10 min; prints JSON (bench/soak.py).
+soak: venv
+	$(PY) bench/soak.py --minutes $(or $(SOAK_MINUTES),30) $(SOAK_ARGS)

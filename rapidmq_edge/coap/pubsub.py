@@ -88,6 +88,16 @@ class ParameterError(ValueError):
     """Invalid topic parameters in a request (answered 4.00 with this message)."""
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    """``repr`` of a client's value for a diagnostic, bounded (a CBOR integer can be too
+    large for ``repr``: Python's 4300-digit limit raises ValueError)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------- content formats
 
 
@@ -164,7 +174,7 @@ def parse_parameters(payload: bytes) -> dict[int, Any]:
     for key, value in spec.items():
         number = PARAMS.get(key) if isinstance(key, str) else key
         if not isinstance(number, int) or isinstance(number, bool) or number not in PARAM_NAMES:
-            raise ParameterError(f"unknown topic parameter {key!r}")
+            raise ParameterError(f"unknown topic parameter {_show(key)}")
         out[number] = value
     return out
 
@@ -212,6 +222,8 @@ def conf_part(conf: dict[int, Any], request: dict[int, Any]) -> dict[int, Any]:
     wanted = request.get(PARAMS["conf-filter"])
     if not isinstance(wanted, list):
         raise ParameterError("expected a conf-filter array")
+    if not all(isinstance(k, str | int) for k in wanted):
+        raise ParameterError("conf-filter: expected parameter names or keys")
     keys = {PARAMS.get(k, -1) if isinstance(k, str) else k for k in wanted}
     return {k: v for k, v in conf.items() if k in keys}
 

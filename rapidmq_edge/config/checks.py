@@ -197,7 +197,10 @@ def path_under(base_dir: Path) -> Callable[[str, Any], Path]:
     def check(key: str, value: Any) -> Path:
         if not isinstance(value, str) or not value or "\x00" in value:
             raise config_error(key, f"must be a non-empty path string, got {show(value)}")
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # "~someone/..." of an unknown user
+            raise config_error(key, f"names an unknown home directory: {value!r}") from None
         return p if p.is_absolute() else base_dir / p
 
     return check

@@ -147,7 +147,10 @@ def _urls(key: str, value: Any) -> tuple[str, ...]:
     for i, u in enumerate(value):
         k = f"{key}[{i}]"
         url = string(k, u)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. "mqtts://[:51]:8883": not an IPv6 address
+            raise config_error(k, f"is not a URL: {exc} in {url!r}") from None
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise config_error(
                 k, f'must look like "mqtt://host:port" or "mqtts://host:port", got {url!r}')

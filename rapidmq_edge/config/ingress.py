@@ -60,7 +60,10 @@ def _endpoints(key: str, value: Any, schemes: tuple[str, ...]) -> tuple[Endpoint
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
         url = string(k, item)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. "udp://[8:1]:5683": not an IPv6 address
+            raise config_error(k, f"is not a URL: {exc} in {url!r}") from None
         if parts.scheme not in schemes or not parts.hostname:
             want = " or ".join(f'"{s}://host:port"' for s in schemes)
             raise config_error(k, f"must look like {want}, got {url!r}")

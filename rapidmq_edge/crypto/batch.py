@@ -84,7 +84,8 @@ class BatchHeader:
         """Parse a batch header payload; MalformedError on any deviation."""
         arr = cose.as_array(cose.decode_strict(data, "batch header"), 9, "batch header")
         if arr[0] != BATCH_HEADER_TYPE:
-            raise MalformedError(f"batch header: type {arr[0]!r} is not {BATCH_HEADER_TYPE!r}")
+            raise MalformedError(
+                f"batch header: type {cose.show(arr[0])} is not {BATCH_HEADER_TYPE!r}")
         gw, seq, count, first, last, t = arr[1], arr[2], arr[4], arr[6], arr[7], arr[8]
         if not (isinstance(gw, str) and isinstance(first, str) and isinstance(last, str)):
             raise MalformedError("batch header: gateway id and message ids must be text")

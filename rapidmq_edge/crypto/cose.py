@@ -30,6 +30,7 @@ __all__ = [
     "dumps",
     "enc_structure",
     "parse_akp_public_key",
+    "show",
     "sig_structure",
 ]
 
@@ -72,6 +73,17 @@ def decode_strict(data: bytes, what: str) -> Any:
     if buf.tell() != len(data):
         raise MalformedError(f"{what}: {len(data) - buf.tell()} trailing bytes after the CBOR item")
     return obj
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, bounded: decoded CBOR may hold an integer too
+    large for ``repr`` (Python's 4300-digit limit raises ValueError) or a huge structure."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} of {value.bit_length()} bits>" if isinstance(
+            value, int) else f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def enc_structure(protected: bytes, external_aad: bytes) -> bytes:
@@ -152,7 +164,7 @@ def parse_sign1_ml_dsa_65(data: bytes, what: str,
     protected = as_bytes(arr[0], f"{what} protected")
     hdr = as_map(decode_strict(protected, f"{what} protected"), "protected")
     if hdr.get(HDR_ALG) != ALG_ML_DSA_65:
-        raise MalformedError(f"{what}: alg {hdr.get(HDR_ALG)!r} is not ML-DSA-65 (-49)")
+        raise MalformedError(f"{what}: alg {show(hdr.get(HDR_ALG))} is not ML-DSA-65 (-49)")
     kid = as_bytes(hdr.get(HDR_KID), f"{what} kid", kid_size)
     as_map(arr[1], f"{what} unprotected")
     return kid, protected, as_bytes(arr[2], f"{what} payload"), as_bytes(arr[3],

@@ -241,7 +241,8 @@ def parse_session_header(data: bytes) -> tuple[SessionInfo, bytes, bytes, bytes]
     hdr = cose.as_map(cose.decode_strict(protected, "session header protected"), "protected")
     unprot = cose.as_map(arr[1], "session header unprotected")
     if hdr.get(cose.HDR_ALG) != cose.ALG_HPKE_9:
-        raise MalformedError(f"session header: alg {hdr.get(cose.HDR_ALG)!r} is not HPKE-9")
+        raise MalformedError(
+            f"session header: alg {cose.show(hdr.get(cose.HDR_ALG))} is not HPKE-9")
     gw, iat = hdr.get("gw"), hdr.get("iat")
     if not isinstance(gw, str) or not isinstance(iat, int):
         raise MalformedError("session header: gw must be text and iat an integer")

@@ -92,6 +92,7 @@ def decode_seed_file(data: bytes, alg: str, passphrase: bytes | None = None) -> 
     if data.startswith((_PEM_ENCRYPTED, _PEM_PLAIN)):
         if alg != ALG_MLDSA65:
             raise KeyFileError(f"PKCS#8 file where an {alg} seed file was expected")
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization as ser
         from cryptography.hazmat.primitives.asymmetric import mldsa
 
@@ -101,6 +102,8 @@ def decode_seed_file(data: bytes, alg: str, passphrase: bytes | None = None) -> 
             key = ser.load_pem_private_key(
                 data, passphrase if data.startswith(_PEM_ENCRYPTED) else None
             )
+        except UnsupportedAlgorithm as exc:  # a PKCS#8 key of a type the library lacks
+            raise KeyFileError(f"PKCS#8 key of an unsupported type: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise KeyFileError(f"cannot load PKCS#8 key (wrong passphrase?): {exc}") from None
         if not isinstance(key, mldsa.MLDSA65PrivateKey):
@@ -111,7 +114,8 @@ def decode_seed_file(data: bytes, alg: str, passphrase: bytes | None = None) -> 
     except MalformedError as exc:
         raise KeyFileError(str(exc)) from None
     if obj.get("v") != 1 or obj.get("alg") != alg:
-        raise KeyFileError(f"seed file holds {obj.get('alg')!r} (v={obj.get('v')}), not {alg}")
+        raise KeyFileError(f"seed file holds {cose.show(obj.get('alg'))} "
+                           f"(v={cose.show(obj.get('v'))}), not {alg}")
     if "seed" in obj:
         seed = obj["seed"]
     else:

@@ -105,7 +105,10 @@ class IdentityPublicKey:
         """Parse a COSE_Key AKP with alg -49; the kid must match the key."""
         alg, kid, pub = cose.parse_akp_public_key(data)
         if alg != cose.ALG_ML_DSA_65:
-            raise MalformedError(f"COSE_Key: alg {alg} is not ML-DSA-65 (-49)")
+            raise MalformedError(f"COSE_Key: alg {cose.show(alg)} is not ML-DSA-65 (-49)")
+        if len(pub) != MLDSA65_PUBLIC_KEY_SIZE:
+            raise MalformedError(
+                f"COSE_Key: ML-DSA-65 public key must be {MLDSA65_PUBLIC_KEY_SIZE} bytes")
         key = cls(pub)
         if key.kid != kid:
             raise MalformedError("COSE_Key: kid does not match the public key")
@@ -222,7 +225,8 @@ class RecipientPublicKey:
         """Parse a COSE_Key AKP with alg HPKE-9; the kid must match the key."""
         alg, kid, pub = cose.parse_akp_public_key(data)
         if alg != cose.ALG_HPKE_9:
-            raise MalformedError(f"COSE_Key: alg {alg} is not HPKE-9 ({cose.ALG_HPKE_9})")
+            raise MalformedError(
+                f"COSE_Key: alg {cose.show(alg)} is not HPKE-9 ({cose.ALG_HPKE_9})")
         if len(pub) != XWING_PUBLIC_KEY_SIZE:
             raise MalformedError("COSE_Key: X-Wing public key must be 1216 bytes")
         key = cls(pub)

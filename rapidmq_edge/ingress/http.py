@@ -62,6 +62,20 @@ class _BadRequest(Exception):
     """A request body that is not a valid publish request; the message says why."""
 
 
+#: the longest MQTT UTF-8 string (a 2-byte length prefix), e.g. a content type
+_MAX_MQTT_STRING = 65535
+
+
+def _mqtt_string(text: str) -> bool:
+    """True when ``text`` is a valid MQTT UTF-8 string: encodable (JSON's ``\\ud800``
+    escapes give lone surrogates, which are not), no U+0000, at most 65,535 bytes."""
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return len(raw) <= _MAX_MQTT_STRING and b"\x00" not in raw
+
+
 def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
     """Validate a publish request body: (topic, payload, qos, retain, properties)."""
     if not isinstance(data, dict):
@@ -73,7 +87,7 @@ def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
     topic = data.get("topic")
     if not isinstance(topic, str):
         raise _BadRequest("topic: required, must be a string")
-    if not valid_topic_name(topic):
+    if not _mqtt_string(topic) or not valid_topic_name(topic):
         raise _BadRequest("topic: not a valid MQTT topic name (empty, wildcard or too long)")
     payload = data.get("payload")
     if not isinstance(payload, str):
@@ -92,7 +106,7 @@ def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
     else:
         raise _BadRequest('encoding: must be "utf-8" or "base64"')
     qos = data.get("qos", 1)
-    if isinstance(qos, bool) or qos not in (0, 1):
+    if type(qos) is not int or qos not in (0, 1):  # not a bool, nor 1.0
         raise _BadRequest("qos: must be 0 or 1")
     retain = data.get("retain", False)
     if not isinstance(retain, bool):
@@ -100,7 +114,7 @@ def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
     props: dict[str, Any] = {}
     ctype = data.get("content_type")
     if ctype is not None:
-        if not isinstance(ctype, str) or "\x00" in ctype:
+        if not isinstance(ctype, str) or not _mqtt_string(ctype):
             raise _BadRequest("content_type: must be a string")
         props["content_type"] = ctype
     ups = data.get("user_properties")
@@ -109,6 +123,9 @@ def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
             raise _BadRequest("user_properties: must be an object of string values")
         if any("\x00" in k or "\x00" in v for k, v in ups.items()):
             raise _BadRequest("user_properties: NUL characters are not allowed")
+        if not all(_mqtt_string(k) and _mqtt_string(v) for k, v in ups.items()):
+            raise _BadRequest("user_properties: names and values must be UTF-8 text of at "
+                              f"most {_MAX_MQTT_STRING} bytes")
         if ups:
             props["user_property"] = list(ups.items())
     return topic, raw, qos, retain, props
@@ -279,6 +296,8 @@ class HttpApi:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(400, f"invalid JSON: {exc}")
+        except RecursionError:
+            return _error(400, "invalid JSON: nested too deeply")
         try:
             topic, payload, qos, retain, props = _publish_fields(data)
         except _BadRequest as exc:
