@@ -33,7 +33,15 @@ from .disk import DiskSpace
 from .errors import QueueError, QueueFull
 from .lanes import Entry, Lane
 from .queue_bounds import DEFAULT_CLASSES, ClassLimits, Policy, QueueBounds
-from .queue_writer import COLUMNS, DELETE_DELAY, INSERT, SCHEMA, QueueWriter, Row
+from .queue_writer import (
+    COLUMNS,
+    DELETE_DELAY,
+    INSERT,
+    ROW_OVERHEAD,
+    SCHEMA,
+    QueueWriter,
+    Row,
+)
 from .salvage import read_salvageable
 from .sqlite_files import connect, move_aside, open_or_move_aside, prepare
 
@@ -132,6 +140,8 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._data_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._full = False
         self._repeats = RepeatedLog(log)
+        self._flush_started = 0.0
+        self._commit_max = 0.0
         #: called in the writer thread inside each commit's transaction with the rows being
         #: inserted (pipeline/protect.py logs batch-chain records atomically with them)
         self.write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None = None
@@ -260,7 +270,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
             self._pending_bytes -= size  # never written: nothing to delete
             return
         if self._cache.pop(mid, None) is not None:
-            self._cached -= size
+            self._cached -= size + ROW_OVERHEAD
         self._dels.add(mid)
         self._schedule_deletes()
 
@@ -332,7 +342,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
                 missing.append(len(out))
                 out.append(None)
             else:
-                uncached += e[0]
+                uncached += e[0] + ROW_OVERHEAD
                 out.append(QueuedMessage(
                     mid, up, prio, row[3], row[4], row[5], row[6], e[1],
                     e[2] or None,
@@ -400,7 +410,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
                         self._pending_bytes -= size
                     else:
                         if cache.pop(mid, None) is not None:
-                            uncached += size
+                            uncached += size + ROW_OVERHEAD
                         dels.add(mid)
                     break
         self._total_bytes -= freed

@@ -54,6 +54,11 @@ _SMALL_DELETE = 512
 # row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
 Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
 
+#: what a cached row costs in Python objects beyond its topic, payload and properties
+#: (the row tuple, its id and time, the OrderedDict slot: ~350 bytes measured with
+#: tracemalloc), so ``cache_bytes`` bounds the memory the cache really holds
+ROW_OVERHEAD = 360
+
 
 class QueueWriter:
     """Group commit of puts and deletes (mixed into ``ForwardQueue``, whose ``__init__``
@@ -91,6 +96,8 @@ class QueueWriter:
     _data_waiters: dict[str, list[asyncio.Future[None]]]
     _full: bool  # the last commit failed for lack of space: deletes go in small transactions
     _repeats: RepeatedLog
+    _flush_started: float  # time.monotonic() when the commit being written was handed over
+    _commit_max: float  # the longest commit since commit_latency() was last asked
 
     def _wake(self, upstreams: Iterable[str]) -> None:
         """Resolve the ``wait_for_data`` futures of ``upstreams``."""
@@ -198,6 +205,7 @@ class QueueWriter:
         self._busy_fut = fut if fut is not None and not fut.done() else self._new_future()
         self._pending_fut = None
         self._busy = True
+        self._flush_started = time.monotonic()
         loop = self._loop
         assert loop is not None
         # a drain that emptied the queue: give the WAL's space back (a checkpoint that
@@ -270,6 +278,7 @@ class QueueWriter:
         self._busy = False
         self._state_writing = {}
         self._written_at = time.monotonic()
+        self._commit_max = max(self._commit_max, self._written_at - self._flush_started)
         writing, self._writing = self._writing, {}
         waiters, self._busy_fut = self._busy_fut, None
         exc = f.exception()
@@ -286,9 +295,9 @@ class QueueWriter:
                 self._pending_bytes -= row[9]
                 if mid not in self._dels:  # not dropped while being written
                     self._cache[mid] = row
-                    self._cached += row[9]
+                    self._cached += row[9] + ROW_OVERHEAD
             while self._cached > self.cache_bytes and self._cache:
-                self._cached -= self._cache.popitem(last=False)[1][9]
+                self._cached -= self._cache.popitem(last=False)[1][9] + ROW_OVERHEAD
             if rows:
                 self._durable_id = max(self._durable_id, rows[-1][0])
             _resolve(waiters, None)
@@ -320,6 +329,15 @@ class QueueWriter:
             self._arm(0.0)
         elif self._dels:
             self._schedule_deletes()
+
+    def commit_latency(self) -> float:
+        """The longest commit (s) since the last call, a commit still being written
+        counted up to now (a stuck disk shows while it is stuck)."""
+        longest = self._commit_max
+        if self._busy:
+            longest = max(longest, time.monotonic() - self._flush_started)
+        self._commit_max = 0.0
+        return longest
 
     def _unput(self, writing: dict[int, Row], rows: list[Row]) -> None:
         """Take rows whose insert failed out of the index: they were never stored."""
