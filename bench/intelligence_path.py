@@ -5,16 +5,13 @@ Prints JSON with two parts, measured in one invocation:
 * ``runtime_us_per_msg``: features + inference per message, amortized, through the
   runtime's own batch scorer (:class:`~rapidmq_edge.intelligence.scoring.BatchScorer`:
   payload templates, priority label cache / ``message_features`` + priority model, reading
-  values + ``StreamTable`` + anomaly gate / model) on a held-out simulator run replayed in
-  time order, in the micro-batches the 1 ms window forms at a given message rate (batch =
+  values and device times + the per-stream detector) on a held-out simulator run replayed
+  in time order, in the micro-batches the 1 ms window forms at a given message rate (batch =
   rate x window, at least 1) and at ``max_batch`` (saturation): the first half of the run
-  warms the runtime up, the second half is timed; as shipped, "ungated" (no label cache,
-  no gate: features + both models for every message, the reference) and with the rules;
+  warms the runtime up, the second half is timed; as shipped, "ungated" (no label cache:
+  features + the priority model for every message, the reference) and with the rules;
   interleaved, median of 3. ``labels_heldout`` checks that the shipped scorer's priority
-  and anomaly labels equal the reference's for every message of the run.
-  ``stream_update_us_per_reading``: the stream table's update alone (batches of 20, the
-  gate's box) through its C kernel and its Python loop, and whether both give the same
-  bits (``RAPIDMQ_EDGE_PURE_PYTHON=1`` runs everything above on the Python loop).
+  labels and anomaly openings equal the reference's for every message of the run.
 * ``path``: device -> gateway -> upstream Mosquitto, QoS 1 at a fixed rate, simulator
   payloads; latency = upstream subscriber receipt - device publish (paho, same process),
   p50/p99/max ms, for the gateway with ``[intelligence]`` off and on (default settings,
@@ -30,8 +27,7 @@ Prints JSON with two parts, measured in one invocation:
   ``fleet_steady``: a long-running fleet's routine traffic (:data:`STEADY`: 100 devices,
   2 h, rare faults); ``fleet_heldout``: the held-out run (fault-dense, short streams: the
   anomaly model runs for most readings); ``one_stream``: telemetry-like JSON on one sensor
-  topic at the whole rate (the anomaly gate's worst case: the stream's timing is never
-  steady). The publisher
+  topic at the whole rate (one detector state for the whole rate). The publisher
   is on ``threat_exempt_clients``: a single client at that rate is a flood.
 
     .venv/bin/python bench/intelligence_path.py [--rate 500] [--seconds 8] [--rounds 2]
@@ -63,10 +59,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from firmware_sim.generator import generate  # noqa: E402
 from firmware_sim.scenario import Scenario  # noqa: E402
 from rapidmq_edge.config.intelligence import IntelligenceSettings  # noqa: E402
-from rapidmq_edge.intelligence import streams  # noqa: E402
 from rapidmq_edge.intelligence.features import message_features  # noqa: E402
 from rapidmq_edge.intelligence.models import load_scorer  # noqa: E402
 from rapidmq_edge.intelligence.scoring import BatchScorer  # noqa: E402
+from rapidmq_edge.intelligence.stream_detector import DetectorParams  # noqa: E402
 from tests.gateway_proc import GatewayProcess, _free_port  # noqa: E402
 
 V2 = mqtt.CallbackAPIVersion.VERSION2
@@ -81,8 +77,8 @@ RATES = (1000, 5000, 20000, 50000)
 
 
 class _Ungated(BatchScorer):
-    """The reference: every message through ``message_features`` + the priority model and
-    every reading through the anomaly model (no label cache, no gate)."""
+    """The reference: every message through ``message_features`` + the priority model (no
+    label cache); readings through the stream detector as shipped."""
 
     def _priority_labels(self, topics: Any, payloads: Any, templates: Any, qos: Any,
                          retain: Any, need: Any) -> list[int]:
@@ -95,12 +91,9 @@ class _Ungated(BatchScorer):
 
 
 def _scorer(mode: str, reference: bool) -> BatchScorer:
-    """The runtime's batch scorer as deployed (priority and anomaly models or rules)."""
-    models = IntelligenceSettings().models_dir
-    priority, anomaly = (load_scorer(models, name, mode) for name in ("priority", "anomaly"))
-    if reference:
-        return _Ungated(priority, anomaly, True, skip_healthy=False)
-    return BatchScorer(priority, anomaly, True)
+    """The runtime's batch scorer as deployed (priority model or rules, stream detector)."""
+    priority = load_scorer(IntelligenceSettings().models_dir, "priority", mode)
+    return (_Ungated if reference else BatchScorer)(priority, DetectorParams(), True)
 
 
 def _columns(messages: list[Any]) -> list[list[Any]]:
@@ -111,24 +104,21 @@ def _columns(messages: list[Any]) -> list[list[Any]]:
 def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 256,
                  reps: int = 3) -> dict[str, Any]:
     """µs per message of the runtime's batch scorer at each rate's batch size, for the
-    models as shipped (label cache + gate), the ungated reference and the rules; the run's
+    models as shipped (label cache), the uncached reference and the rules; the run's
     first half warms the scorer up (not timed), the second half is timed; variants are
-    interleaved, ``reps`` times each, median reported. ``model_python_streams``: the models
-    as shipped with the stream table's Python loop instead of its C kernel."""
+    interleaved, ``reps`` times each, median reported."""
     half = len(messages) // 2
     cols = _columns(messages)
     sizes = {f"{r}_msg_s": max(1, int(r * window_ms / 1000)) for r in RATES}
     sizes["saturated"] = max_batch
     variants = {"model": ("model", False), "model_ungated": ("model", True),
-                "rules": ("rules", False), "model_python_streams": ("model", False)}
-    kernel = streams._KERNEL
+                "rules": ("rules", False)}
     times: dict[str, dict[str, list[float]]] = {v: {s: [] for s in sizes} for v in variants}
     stats: dict[str, float] = {}
     for _ in range(reps):
         for name, b in sizes.items():
             for v, (mode, ref) in variants.items():
                 sc = _scorer(mode, ref)
-                streams._KERNEL = None if v == "model_python_streams" else kernel
                 for part, timed in ((range(0, half), False), (range(half, len(messages)), True)):
                     t0 = time.perf_counter()
                     for i in range(part.start, part.stop, b):
@@ -138,59 +128,19 @@ def runtime_cost(messages: list[Any], window_ms: float = 1.0, max_batch: int = 2
                         times[v][name].append((time.perf_counter() - t0) * 1e6 / len(part))
                 if v == "model" and name == "20000_msg_s":
                     n = len(messages)
-                    stats = {"priority_cache_hit_share": round(sc.cache_hits / n, 3),
-                             "anomaly_gated_share_of_messages": round(sc.skipped / n, 3)}
+                    stats = {"priority_cache_hit_share": round(sc.cache_hits / n, 3)}
     out: dict[str, Any] = {}
     for v in variants:
         out[v] = {name: round(float(np.median(times[v][name])), 3) for name in sizes}
     out["batch_sizes"] = sizes
     out["speedup_vs_ungated"] = {name: round(out["model_ungated"][name] / out["model"][name], 2)
                                  for name in sizes}
-    out["stream_kernel"] = kernel is not None
-    out["speedup_c_streams"] = {name: round(out["model_python_streams"][name]
-                                            / out["model"][name], 2) for name in sizes}
     out["model_stats_20000_msg_s"] = stats
-    streams._KERNEL = kernel
     return out
 
 
-def stream_kernel_cost(messages: list[Any], batch: int = 20, reps: int = 3) -> dict[str, Any]:
-    """µs per reading of ``StreamTable.update_outside`` (the shipped gate's box) through
-    the C kernel (``_streamstep.c``) and the Python loop, interleaved, median of ``reps``;
-    the first half of the run warms the streams up (not timed), the second half is timed;
-    ``identical``: the same positions, rows and states."""
-    vals = [(m.topic, m.t, v) for m in messages
-            if (v := streams.reading_value(m.payload)) is not None]
-    keys, ts, xs = ([r[j] for r in vals] for j in range(3))
-    box = _scorer("model", False).box
-    kernels = {"c": streams._KERNEL, "python": None}
-    times: dict[str, list[float]] = {k: [] for k in kernels}
-    outs: dict[str, Any] = {}
-    for _ in range(reps):
-        for name, kernel in kernels.items():
-            if name == "c" and kernel is None:
-                continue  # not built, or RAPIDMQ_EDGE_PURE_PYTHON set
-            saved, streams._KERNEL = streams._KERNEL, kernel
-            table, out, half = streams.StreamTable(), [], len(keys) // 2
-            for part in (range(0, half), range(half, len(keys))):
-                t0 = time.perf_counter()
-                for i in range(part.start, part.stop, batch):
-                    j = min(i + batch, part.stop)
-                    out.append(table.update_outside(keys[i:j], ts[i:j], xs[i:j], box))
-            times[name].append((time.perf_counter() - t0) * 1e6 / len(part))
-            streams._KERNEL = saved
-            outs[name] = (out, table._rows)
-    res: dict[str, Any] = {"readings_timed": len(keys) - len(keys) // 2, "batch": batch}
-    for name in kernels:
-        res[name] = round(float(np.median(times[name])), 3) if times[name] else None
-    if res["c"] is not None:
-        res["speedup"] = round(res["python"] / res["c"], 2)
-        res["identical"] = repr(outs["c"]) == repr(outs["python"])  # repr: every float's bits
-    return res
-
-
 def labels_check(messages: list[Any], batch: int = 20) -> dict[str, Any]:
-    """Priority and anomaly labels of the shipped scorer (label cache, value layouts, gate)
+    """Priority labels and anomaly openings of the shipped scorer (label cache, value layouts)
     against the reference (``message_features`` + model for every message, every reading
     through the anomaly model) for every message of the run: must be identical."""
     cols = _columns(messages)
@@ -202,7 +152,8 @@ def labels_check(messages: list[Any], batch: int = 20) -> dict[str, Any]:
             j = min(i + batch, len(messages))
             r = sc.score(*(c[i:j] for c in cols), range(j - i))
             acc["priority"] += r.priority or []
-            acc["anomaly"] += r.anomaly if r.anomaly is not None else [0] * (j - i)
+            acc["anomaly"] += [int(v is not None and v.opens) for v in
+                               (r.verdicts or [None] * (j - i))]
     for k in got:
         out[f"{k}_identical"] = got[k] == want[k]
         out[f"{k}_differing"] = sum(a != b for a, b in zip(got[k], want[k], strict=True))
@@ -392,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"us_per_message": 5.0, "added_p99_ms": 2.0},
         "labels_heldout": labels_check(msgs),
         "runtime_us_per_msg": runtime_cost(msgs),
-        "stream_update_us_per_reading": stream_kernel_cost(msgs),
     }
     rc = result["runtime_us_per_msg"]["model"]
     result["targets_met"] = {f"us_per_message_at_{k}": rc[k] <= 5.0

@@ -37,6 +37,7 @@ from rapidmq_edge.intelligence.healthy_region import (
 )
 from rapidmq_edge.intelligence.models import load_scorer
 from rapidmq_edge.intelligence.scoring import BatchScorer
+from rapidmq_edge.intelligence.stream_detector import StreamDetector
 from rapidmq_edge.intelligence.streams import (
     _ZERO,
     NO_VALUE,
@@ -70,7 +71,7 @@ def _runtime(mode: str = "model", models: Path = MODELS) -> IntelligenceRuntime:
                                                   priority=mode, anomaly=mode, threat="off"),
                              None, None, Broker(BrokerLimits()).publish)
     rt.priority = load_scorer(models, "priority", mode)  # no upstream turns it off
-    rt.scorer = BatchScorer(rt.priority, rt.anomaly, True)
+    rt.scorer = BatchScorer(rt.priority, rt.detector, True)
     return rt
 
 
@@ -121,12 +122,12 @@ def test_rules_box_is_none_for_the_rules() -> None:
 @pytest.mark.parametrize("mode", ["model", "rules"])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int) -> None:
-    """Label cache + value layouts + steady streams + gate give every message the labels
-    that the plain path gives it: ``message_features`` + scorer for every message,
-    ``reading_value`` + the general stream update + scorer for every reading."""
+    """Label cache + value layouts give every message the labels that the plain path gives
+    it (``message_features`` + scorer for every message), and the batched detectors the
+    verdicts one plain :class:`StreamDetector` per stream gives, reading by reading."""
     msgs = sorted(run.messages, key=lambda m: m.t)[:3000]  # type: ignore[attr-defined]
     rt = _runtime(mode)
-    states: dict[str, list[float]] = {}
+    plain: dict[str, StreamDetector] = {}
     got_p, got_a, want_p, want_a = [], [], [], []
     for i in range(0, len(msgs), batch):
         c = msgs[i:i + batch]
@@ -134,24 +135,17 @@ def test_runtime_labels_equal_the_plain_path(run: object, mode: str, batch: int)
         qos, retain, times = [m.qos for m in c], [m.retain for m in c], [m.t for m in c]
         r = rt._score(topics, payloads, qos, retain, times, list(range(len(c))))
         got_p += list(r.priority or [])
-        got_a += (r.anomaly if r.anomaly is not None else [0] * len(c))
+        got_a += r.verdicts if r.verdicts is not None else [None] * len(c)
         want_p += rt.priority.predict(message_features(topics, payloads, qos, retain))[0].tolist()
         vals = [reading_value(p) for p in payloads]
         assert r.values == vals
-        idx = [j for j, v in enumerate(vals) if v is not None]
-        a = [0] * len(c)
-        if idx:
-            rows = _reference_rows([topics[j] for j in idx], [times[j] for j in idx],
-                                   [vals[j] for j in idx], states)  # type: ignore[misc]
-            F = np.array(rows, dtype=np.float32)
-            for j, lab in zip(idx, rt.anomaly.predict(F)[0].tolist(), strict=True):
-                a[j] = lab
-        want_a += a
+        for topic, t, v in zip(topics, times, vals, strict=True):
+            want_a.append(None if v is None else plain.setdefault(
+                topic, StreamDetector(rt.detector)).update(t, v))
     assert got_p == want_p
     assert got_a == want_a
-    assert any(want_a) and len(set(want_p)) >= 3
-    sc = rt.scorer
-    assert sc.cache_hits > len(msgs) // 2 and sc.skipped > len(msgs) // 4
+    assert any(v is not None for v in want_a) and len(set(want_p)) >= 3
+    assert rt.scorer.cache_hits > len(msgs) // 2
 
 
 def test_steady_streams_equal_the_general_update() -> None:
@@ -226,15 +220,15 @@ def test_status_shows_the_intelligence_section(tmp_path: Path) -> None:
     rt.scored, rt.batches, rt.alerts = 1, 1, 2
     text = render({"written_at": time.time(), "interval": 5, "gateway": "gw",
                    "broker": {}, "forwarding": None, "intelligence": rt.snapshot()})
-    assert "  intelligence: priority 1." in text and "anomaly 1." in text
-    assert "anomaly gate model" in text and "alerts 2" in text
+    assert "  intelligence: priority 1." in text and "anomaly detector" in text
+    assert "1 streams watched" in text and "alerts 2" in text
     assert "summaries off" in text and "FALLBACK" not in text
     # a missing model: the rules stand in, and status says so
     fb = _runtime(models=tmp_path)
     text = render({"written_at": time.time(), "interval": 5, "gateway": "gw",
                    "broker": {}, "forwarding": None, "intelligence": fb.snapshot()})
     assert "priority RULES (fallback)" in text and "FALLBACK ACTIVE: priority: no manifest" in text
-    assert "anomaly gate rules" in text
+    assert "anomaly detector" in text  # needs no model file
     # no [intelligence]: no section
     assert "intelligence" not in render({"written_at": time.time(), "broker": {},
                                          "forwarding": None, "intelligence": None})

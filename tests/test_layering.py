@@ -31,7 +31,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cloud": frozenset({"crypto", "mqtt"}),
     "pipeline": frozenset({"broker", "config", "crypto", "intelligence", "mqtt", "store"}),
     "ingress": frozenset({"broker", "coap", "config", "mqtt", "security"}),
-    "ops": frozenset({"broker", "config", "pipeline", "store", "uplink"}),
+    "ops": frozenset({"broker", "config", "intelligence", "pipeline", "store", "uplink"}),
     # the one assembly place, and the command line on top of everything
     "gateway": frozenset({"broker", "config", "crypto", "ingress", "intelligence", "mqtt",
                           "ops", "pipeline", "security", "store", "uplink"}),

@@ -197,8 +197,12 @@ def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Conf
                            IntelligenceSettings())
     log = section(lambda: _log(top.get("log", {}), base_dir, gateway.log_level),
                   LogSettings(gateway.log_level))
+    warnings = _warnings(mqtt, auth)
+    if isinstance(top.get("intelligence"), dict) and "alert_cooldown_s" in top["intelligence"]:
+        warnings += ("intelligence.alert_cooldown_s is no longer used: an anomaly incident "
+                     "closes after intelligence.episode_close_readings normal readings",)
     return Config(
-        gateway, mqtt, auth, acl, persistence, source, _warnings(mqtt, auth), forwarding,
+        gateway, mqtt, auth, acl, persistence, source, warnings, forwarding,
         coap, http, intelligence=intelligence, log=log,
     )
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..mqtt.topics import valid_topic_filter
 from .checks import (
     Table,
     boolean,
@@ -26,6 +27,11 @@ from .forwarding import PRIORITIES
 
 #: what drives a decision: the ONNX model (rules when it cannot be loaded), the rules, nothing
 MODES = ("model", "rules", "off")
+#: the anomaly detection: the per-stream detector (``model`` and ``rules``, the earlier
+#: per-reading classifier and its rules, now mean the detector too), or nothing
+ANOMALY_MODES = ("detector", "model", "rules", "off")
+#: ``[[intelligence.streams]] sensitivity`` values
+SENSITIVITIES = ("normal", "low", "very_low", "off")
 #: the priority model's labels (``rapidmq_edge.intelligence.features.PRIORITY_LABELS``)
 PRIORITY_LABELS = ("critical", "high", "normal", "bulk")
 THREAT_ACTIONS = ("disconnect", "throttle", "log")
@@ -54,7 +60,7 @@ class IntelligenceSettings:
     enabled: bool = False
     models_dir: Path = DEFAULT_MODELS_DIR
     priority: str = "model"
-    anomaly: str = "model"
+    anomaly: str = "detector"
     threat: str = "model"
     batch_window_ms: float = 1.0  # longest wait of a message for its micro-batch
     max_batch: int = 256  # a batch this large is scored at once
@@ -64,7 +70,16 @@ class IntelligenceSettings:
     classes: dict[str, int] = field(default_factory=_default_classes)
     alert_topic: str = "$edge/alerts"  # local: <alert_topic>/<kind>/<stream topic>
     alert_upstream_topic: str = "alerts"  # upstream: <prefix><this>/<kind>/<stream topic>
-    alert_cooldown_s: float = 30.0  # one alert per stream and kind in this time
+    alert_cooldown_s: float = 0.0  # no longer used: incidents close after normal readings
+    #: an anomaly incident closes after this many normal readings of its stream
+    episode_close_readings: int = 144
+    #: incidents announced per stream and hour of its own time; more are counted
+    alerts_per_stream_hour: int = 6
+    #: (topic filter, sensitivity) rules, first match wins ([[intelligence.streams]])
+    streams: tuple[tuple[str, str], ...] = ()
+    #: the gateway watches its own metrics with the same detector, every this many seconds
+    health: bool = True
+    health_interval_s: float = 10.0
     summarise_classes: tuple[int, ...] = (2, 3)
     summarise_backlog_messages: int = 0  # 0 = not on this criterion
     summarise_backlog_bytes: int = 0
@@ -130,13 +145,28 @@ def _topic_root(key: str, value: Any) -> str:
     return s
 
 
+def _stream_rules(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list):
+        raise config_error(key, f"must be an array of tables ([[{key}]]), got {show(value)}")
+    out = []
+    for i, item in enumerate(value):
+        t = Table(item, f"{key}[{i}]", ("filter", "sensitivity"))
+        filt = t.get("filter", string, "")
+        if not valid_topic_filter(filt):
+            raise config_error(t.sub("filter"), f"must be a topic filter, got {show(filt)}")
+        out.append((filt, t.get("sensitivity", one_of(*SENSITIVITIES), "normal")))
+    return tuple(out)
+
+
 def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
     """Validate ``[intelligence]``."""
     t = Table(data, "intelligence", (
         "enabled", "models_dir", "priority", "anomaly", "threat", "batch_window_ms",
         "max_batch", "worker_thread", "inline_max_batch", "classes", "alert_topic",
         "alert_upstream_topic",
-        "alert_cooldown_s", "summarise_classes", "summarise_backlog_messages",
+        "alert_cooldown_s", "episode_close_readings", "alerts_per_stream_hour", "streams",
+        "health", "health_interval_s",
+        "summarise_classes", "summarise_backlog_messages",
         "summarise_backlog_bytes", "summarise_disk_percent", "summary_window_s",
         "summary_suffix", "pressure_check_s", "threat_interval_s", "threat_action", "ban_s",
         "threat_min_events", "threat_min_confidence", "throttle_rate",
@@ -150,7 +180,8 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         enabled=t.get("enabled", boolean, False),
         models_dir=t.get("models_dir", path_under(base_dir), DEFAULT_MODELS_DIR),
         priority=t.get("priority", one_of(*MODES), "model"),
-        anomaly=t.get("anomaly", one_of(*MODES), "model"),
+        anomaly="off" if t.get("anomaly", one_of(*ANOMALY_MODES), "detector") == "off"
+        else "detector",
         threat=t.get("threat", one_of(*MODES), "model"),
         batch_window_ms=t.get("batch_window_ms", float_range(0.0, 1000.0), 1.0),
         max_batch=t.get("max_batch", int_range(1, 65536), 256),
@@ -160,7 +191,12 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         else _default_classes(),
         alert_topic=t.get("alert_topic", _topic_root, "$edge/alerts"),
         alert_upstream_topic=t.get("alert_upstream_topic", _topic_root, "alerts"),
-        alert_cooldown_s=t.get("alert_cooldown_s", float_range(0.0, 86400.0), 30.0),
+        alert_cooldown_s=t.get("alert_cooldown_s", float_range(0.0, 86400.0), 0.0),
+        episode_close_readings=t.get("episode_close_readings", int_range(1, 10**7), 144),
+        alerts_per_stream_hour=t.get("alerts_per_stream_hour", int_range(1, 10**6), 6),
+        streams=t.get("streams", _stream_rules, ()),
+        health=t.get("health", boolean, True),
+        health_interval_s=t.get("health_interval_s", float_range(0.01, 3600.0), 10.0),
         summarise_classes=t.get("summarise_classes", _class_list, (2, 3)),
         summarise_backlog_messages=t.get("summarise_backlog_messages", int_range(0, 10**12), 0),
         summarise_backlog_bytes=t.get("summarise_backlog_bytes", int_range(0, 10**15), 0),
@@ -183,4 +219,5 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
     )
 
 
-__all__ = ["IntelligenceSettings", "parse_intelligence", "MODES"]
+__all__ = ["ANOMALY_MODES", "MODES", "SENSITIVITIES", "IntelligenceSettings",
+           "parse_intelligence"]

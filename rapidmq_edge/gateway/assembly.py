@@ -26,6 +26,7 @@ from ..broker.negotiation import ConnectionSettings
 from ..config import Config
 from ..ingress.mqtt_server import ConnectionRegistry, serve_mqtt
 from ..ops.forwarding_status import ForwardingStatus
+from ..ops.health_watch import HealthWatch
 from ..ops.process_stats import LoopLag, process_values
 from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
@@ -126,6 +127,11 @@ class Gateway:
         self.bound: list[str] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.loop_lag = LoopLag()
+        intel = c.intelligence
+        self.health = (HealthWatch(self._publish_alert, self.loop_lag,
+                                   self.forward.queue if self.forward is not None else None,
+                                   self.uplinks, self.disk, intel.health_interval_s)
+                       if intel.enabled and intel.health else None)
         self._uplink_tasks: list[asyncio.Task[None]] = []
 
     # -- wiring the parts call back into -------------------------------------------------
@@ -133,6 +139,10 @@ class Gateway:
     def _publish_local(self, msg: Message) -> None:
         """Publish a message of the gateway's own (an intelligence alert) to local clients."""
         self.broker.publish(msg)
+
+    def _publish_alert(self, topic: str, payload: bytes) -> None:
+        """Publish one of the gateway's own alerts (QoS 1) to local subscribers."""
+        self.broker.publish(Message(topic, payload, 1, False, {}, None, "$edge"))
 
     def _downstream(self, upstream: str) -> tuple[Sequence[tuple[str, int]], MessageCallback]:
         rules = Downstream(self.broker, upstream, self.config.forwarding.downstream,
@@ -178,6 +188,8 @@ class Gateway:
         self.tasks.append(loop.create_task(self.disk.run()))
         if self.forward_status is not None:
             self.tasks.append(loop.create_task(self.forward_status.run()))
+        if self.health is not None:
+            self.tasks.append(loop.create_task(self.health.run()))
         interval = c.mqtt.sys_interval
         if interval > 0:
             extra: list[Callable[[], dict[str, str]]] = []
@@ -185,6 +197,8 @@ class Gateway:
                 extra.append(self.forward_status.sys_values)
             if self.intelligence is not None:
                 extra.append(self._intelligence_sys)
+            if self.health is not None:
+                extra.append(self.health.sys_values)
             self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
         status_path = c.gateway.data_dir / STATUS_FILE
         self.tasks.append(
@@ -200,6 +214,7 @@ class Gateway:
             "broker": sys_values(self.broker),
             "process": {**process_values(), "loop_lag": self.loop_lag.snapshot()},
             "disk": self.disk.snapshot(),
+            "health": self.health.snapshot() if self.health is not None else None,
             "forwarding": (self.forward_status.snapshot() if self.forward_status is not None
                            else None),
             "intelligence": (self.intelligence.snapshot() if self.intelligence is not None

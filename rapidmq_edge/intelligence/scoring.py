@@ -1,20 +1,19 @@
 """One micro-batch through the features and the models (the runtime's worker side).
 
 :class:`BatchScorer` turns a batch of messages into a priority label per message that needs
-one and an anomaly label per numeric reading, with as little Python per message as the
-answers allow, none of which changes an answer:
+one and, per numeric reading, the verdict of its stream's anomaly detector
+(:mod:`.stream_detector`), with as little Python per message as the answers allow:
 
 * each payload's *template* (its head with every digit replaced by "0") is computed once
-  and serves both models: the priority label is remembered per (topic, template, length,
-  QoS, retain), which is exactly what :func:`~.features.message_features` builds a row
-  from, and the template tells where the reading's number is (:func:`~.streams.value_span`),
-  so a known layout costs one slice instead of a regex scan;
-* stream state lives in plain floats (:class:`~.streams.StreamTable`), a warmed-up stream
-  takes a fast path with the update's branches decided, and a reading inside the anomaly
-  gate's proven "none" box (:mod:`.healthy_region`) is checked before any array exists and skips the
-  model.
+  and serves both: the priority label is remembered per (topic, template, length, QoS,
+  retain), which is exactly what :func:`~.features.message_features` builds a row from,
+  and the template tells where the reading's number is (:func:`~.streams.value_span`), so a
+  known layout costs one slice instead of a regex scan;
+* a reading is judged on the device's own clock when it carries one (``"ts"``: epoch s or
+  ms, or RFC 3339; :func:`~.streams.reading_time`), so replayed or buffered data keeps its
+  timing; else on its arrival time.
 
-Stream state is touched by one thread only (the runtime's worker), in batch order.
+Detector state is touched by one thread only (the runtime's worker), in batch order.
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .features import PAYLOAD_HEAD, message_features
-from .healthy_region import healthy_region_for
 from .models import Scorer
-from .streams import PARSE, TEMPLATE, Box, StreamTable, reading_value, value_span
+from .stream_detector import DetectorParams, DetectorTable, Verdict
+from .streams import PARSE, TEMPLATE, reading_time, reading_value, value_span
 
 #: remembered priority labels, and JSON value layouts, before each cache starts over
 CACHE_MAX = 65_536
@@ -42,29 +39,24 @@ class Scored:
 
     priority: list[int] | None  # class label index per message needing one (else -1)
     values: list[float | None]
-    anomaly: list[int] | None  # label index per message with a value (else 0)
-    confidence: list[float] | None
+    verdicts: list[Verdict | None] | None  # the stream detector's, per reading
+    times: list[float] | None  # when each reading was taken (its "ts", else its arrival)
     seconds: float
 
 
 class BatchScorer:
     """Features and models for micro-batches; counts what its shortcuts saved."""
 
-    def __init__(self, priority: Scorer, anomaly: Scorer, values_needed: bool,
-                 skip_healthy: bool = True) -> None:
+    def __init__(self, priority: Scorer, detector: DetectorParams | None,
+                 values_needed: bool) -> None:
+        """``detector``: the anomaly detector's parameters (None: no anomaly detection)."""
         self.priority = priority
-        self.anomaly = anomaly
-        #: readings in this region are "none" without asking the anomaly scorer
-        #: (:mod:`.healthy_region`)
-        self.healthy = healthy_region_for(anomaly) if skip_healthy else None
-        self.box = (Box(self.healthy.lo.tolist(), self.healthy.hi.tolist()) if self.healthy
-                    else None)
-        self.values_needed = values_needed or anomaly.source != "off"
-        self.streams = StreamTable()
+        self.detectors = DetectorTable(detector) if detector is not None else None
+        self.values_needed = values_needed or detector is not None
+        self.device_times = 0  # readings judged on their own "ts"
         self._labels: dict[tuple[str, bytes, int, int, bool], int] = {}
         self._spans: dict[bytes, tuple[int, int]] = {}
         self.cache_hits = 0
-        self.skipped = 0  # readings inside the healthy region: the model was not asked
 
     def score(self, topics: Sequence[str], payloads: Sequence[bytes], qos: Sequence[int],
               retain: Sequence[bool], times: Sequence[float], need: Sequence[int]) -> Scored:
@@ -78,16 +70,35 @@ class BatchScorer:
         prio = None
         if need and self.priority.source != "off":
             prio = self._priority_labels(topics, payloads, templates, qos, retain, need)
-        anomaly = conf = None
+        verdicts: list[Verdict | None] | None = None
+        at: list[float] | None = None
         if self.values_needed:
             values, idx = self._values(payloads, templates)
-            if idx and self.anomaly.source != "off":
-                anomaly, conf = self._anomaly(n, list(map(topics.__getitem__, idx)),
-                                              list(map(times.__getitem__, idx)),
-                                              list(map(values.__getitem__, idx)), idx)
+            if idx and self.detectors is not None:
+                verdicts = [None] * n
+                at = list(times)
+                ts = self._times(payloads, times, idx)
+                found = self.detectors.update(list(map(topics.__getitem__, idx)), ts,
+                                              list(map(values.__getitem__, idx)))  # type: ignore[arg-type]
+                for i, v, t in zip(idx, found, ts, strict=True):
+                    verdicts[i] = v
+                    at[i] = t
         else:
             values = [None] * n
-        return Scored(prio, values, anomaly, conf, time.perf_counter() - t0)
+        return Scored(prio, values, verdicts, at, time.perf_counter() - t0)
+
+    def _times(self, payloads: Sequence[bytes], times: Sequence[float],
+               idx: list[int]) -> list[float]:
+        """The time of each reading at ``idx``: its own ``"ts"``, else its arrival."""
+        out = list(map(times.__getitem__, idx))
+        for j, i in enumerate(idx):
+            p = payloads[i]
+            if b"ts" in p:  # JSON "ts" or a CBOR map's ts: rare enough to look closer
+                t = reading_time(p)
+                if t is not None:
+                    out[j] = t
+                    self.device_times += 1
+        return out
 
     def _priority_labels(self, topics: Sequence[str], payloads: Sequence[bytes],
                          templates: list[bytes], qos: Sequence[int], retain: Sequence[bool],
@@ -164,23 +175,3 @@ class BatchScorer:
                 out[i] = f
                 keep(i)
         return out, idx
-
-    def _anomaly(self, n: int, keys: list[str], ts: list[float], xs: list[float | None],
-                 idx: list[int]) -> tuple[list[int] | None, list[float] | None]:
-        """Anomaly labels and confidences of a batch of ``n`` messages whose readings
-        ``xs`` (at times ``ts`` of streams ``keys``) are at ``idx`` (None when none was
-        outside the healthy region)."""
-        # plain float rows; the region's box is checked before any array exists
-        pos, rows = self.streams.update_outside(keys, ts, xs, self.box)  # type: ignore[arg-type]
-        self.skipped += len(idx) - len(pos)
-        if not pos:
-            return None, None
-        if len(pos) < len(idx):
-            idx = [idx[j] for j in pos]
-        lab, c = self.anomaly.predict(np.array(rows, dtype=np.float32))
-        anomaly = [0] * n
-        conf = [0.0] * n
-        for i, a, p in zip(idx, lab.tolist(), c.tolist(), strict=True):
-            anomaly[i] = a
-            conf[i] = p
-        return anomaly, conf

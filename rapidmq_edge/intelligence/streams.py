@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -360,6 +361,51 @@ def reading_value(payload: bytes) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     return float(v)
+
+
+_TS_RE = re.compile(rb'"ts"\s*:\s*(?:(-?[0-9][0-9.eE+-]*)|"([^"\\]{1,64})")')
+
+
+def reading_time(payload: bytes) -> float | None:
+    """The device's own time of a reading, in epoch seconds: a JSON ``"ts"`` (or a CBOR map's
+    ``ts``) as epoch seconds, epoch milliseconds (above 1e11), or an RFC 3339 string; None
+    when there is none or it does not parse."""
+    if not payload:
+        return None
+    v: Any
+    if payload[0] == 0x7B:  # "{"
+        if b'"ts"' not in payload:
+            return None
+        m = _TS_RE.search(payload)
+        if m is None:
+            return None
+        v = m.group(1).decode() if m.group(1) is not None else m.group(2).decode()
+        if m.group(1) is not None:
+            try:
+                v = float(v)
+            except ValueError:
+                return None
+    elif 0xA0 <= payload[0] <= 0xBF:  # CBOR map
+        try:
+            import cbor2
+
+            obj = cbor2.loads(payload)
+        except Exception:  # noqa: BLE001 - not a reading with a time
+            return None
+        v = obj.get("ts") if isinstance(obj, dict) else None
+    else:
+        return None
+    if isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v) / 1000.0 if abs(v) > 1e11 else float(v)
 
 
 def value_span(template: bytes) -> tuple[int, int]:

@@ -26,12 +26,14 @@ def intelligence_lines(intel: dict[str, Any] | None) -> list[str]:
     lines.append(
         f"    scored {intel.get('scored', 0)} ({intel.get('scores_per_s', 0)}/s, mean batch "
         f"{intel.get('mean_batch', 0)}, {intel.get('score_us_per_message', 0)} µs/msg); "
-        f"anomaly gate {intel.get('anomaly_gate', 'off')}, {intel.get('anomaly_gated', 0)}"
-        f" readings skipped the model; priority cache hits {intel.get('priority_cache_hits', 0)}"
+        f"{intel.get('streams', 0)} streams watched ({intel.get('device_times', 0)} readings "
+        f"on their own clock); priority cache hits {intel.get('priority_cache_hits', 0)}"
     )
+    inc = intel.get("incidents") or {}
     lines.append(
-        f"    alerts {intel.get('alerts', 0)} (suppressed {intel.get('alerts_suppressed', 0)},"
-        f" not queued {intel.get('alerts_not_queued', 0)})"
+        f"    incidents open {inc.get('open', 0)} (opened {inc.get('opened', 0)}, closed "
+        f"{inc.get('closed', 0)}); alerts {intel.get('alerts', 0)} (suppressed "
+        f"{intel.get('alerts_suppressed', 0)}, not queued {intel.get('alerts_not_queued', 0)})"
     )
     if intel.get("summarising"):
         lines.append(f"    summaries ACTIVE ({intel.get('summarising_reason', '')}); "

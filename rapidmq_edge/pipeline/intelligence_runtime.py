@@ -6,13 +6,16 @@ micro-batches (at most ``batch_window_ms``, or ``max_batch`` messages) and score
 (:mod:`~rapidmq_edge.intelligence.scoring`) in one worker thread (onnxruntime releases
 the GIL; stream state is touched by that thread only, in order): the **priority** model
 picks the store class of every message whose ``[[forward]]`` rule has no explicit
-``priority``; the **anomaly** model judges each numeric reading against its stream's
-incremental state and an anomaly raises an **alert** (local ``$edge/alerts/<kind>/<topic>``
-and upstream in the highest class); while the forward backlog or the disk is past a
-threshold, routine readings are **summarised** per stream (count / min / max / mean per
-window) instead of forwarded one by one; an open window is stored in the forward queue's
-database in the same group commit that the acknowledgement of its readings waits for, so a
-crash loses no acknowledged reading (the restarted gateway queues the windows it finds).
+``priority``; the **anomaly** detector judges each numeric reading against what its stream
+learnt (:mod:`~rapidmq_edge.intelligence.stream_detector`, on the device's clock when the
+reading carries one) and an anomaly episode opens an **incident**, announced as an alert
+(local ``$edge/alerts/<kind>/<topic>`` and upstream in the highest class) when it opens
+and when it closes (:mod:`~rapidmq_edge.intelligence.incidents`); while the forward backlog
+or the disk is past a threshold, routine readings are **summarised** per stream (count /
+min / max / mean per window) instead of forwarded one by one; an open window is stored in
+the forward queue's database in the same group commit that the acknowledgement of its
+readings waits for, so a crash loses no acknowledged reading (the restarted gateway queues
+the windows it finds).
 Back on the event loop the batch is queued in arrival order, and the publishers'
 acknowledgements wait for :meth:`IntelligenceRuntime.commit_future` (scored, queued, and
 committed).
@@ -42,9 +45,11 @@ from typing import Any
 from ..broker.message import Message, PublishRefused
 from ..config.forwarding import UpstreamSettings
 from ..config.intelligence import IntelligenceSettings
-from ..intelligence.features import ANOMALY_LABELS, PRIORITY_LABELS
+from ..intelligence.features import PRIORITY_LABELS
+from ..intelligence.incidents import DETECTOR_VERSION, Incidents
 from ..intelligence.models import Scorer, load_scorer
 from ..intelligence.scoring import BatchScorer, Scored
+from ..intelligence.stream_detector import DetectorParams
 from ..intelligence.summarise import Summariser, Summary
 from ..intelligence.threat import ClientWatch, Evidence, Verdict
 from ..store.errors import QueueError
@@ -57,7 +62,6 @@ log = logging.getLogger(__name__)
 ORIGIN = "$edge"
 #: the backlog / disk criteria switch off again below this share of their threshold
 HYSTERESIS = 0.8
-_NONE = ANOMALY_LABELS.index("none")
 #: key prefix of open summary windows in the forward queue's ``state`` table
 SUMMARY_KEY = "summary:"
 
@@ -81,7 +85,11 @@ class IntelligenceRuntime:
             log.info("intelligence: no [[upstream]]: priority scoring has nothing to drive")
         self.priority = load_scorer(s.models_dir, "priority",
                                     s.priority if forwarder is not None else "off")
-        self.anomaly = load_scorer(s.models_dir, "anomaly", s.anomaly)
+        #: the anomaly detector's parameters (None: anomaly detection off)
+        self.detector = (DetectorParams(calm_readings=s.episode_close_readings)
+                         if s.anomaly != "off" else None)
+        self.incidents = Incidents(s.alerts_per_stream_hour, s.streams,
+                                   self.detector.p_open if self.detector else 0.0)
         self.threat = load_scorer(s.models_dir, "threat", s.threat)
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
                                   s.threat_min_confidence, throttle_rate=s.throttle_rate,
@@ -98,7 +106,7 @@ class IntelligenceRuntime:
         ] if forwarder is not None else []
         self._values_needed = s.anomaly != "off" or s.summarising
         #: features + models of a batch (the worker's side, :mod:`.scoring`)
-        self.scorer = BatchScorer(self.priority, self.anomaly, self._values_needed)
+        self.scorer = BatchScorer(self.priority, self.detector, self._values_needed)
         self.summariser = Summariser(s.summary_window_s)
         self.pressure = False
         self.pressure_reason = ""
@@ -113,7 +121,6 @@ class IntelligenceRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="rmqe-score")
                           if s.worker_thread else None)
-        self._alerted: dict[tuple[str, str], float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # counters
         self.scored = 0
@@ -121,7 +128,6 @@ class IntelligenceRuntime:
         self.worker_seconds = 0.0
         self.loop_seconds_max = 0.0
         self.alerts = 0
-        self.alerts_suppressed = 0
         self.alerts_not_queued = 0
         self.forward_refused = 0
         self.by_class = [0, 0, 0, 0]
@@ -130,7 +136,7 @@ class IntelligenceRuntime:
     @property
     def fallback(self) -> list[str]:
         """Models that were wanted but replaced by the rules."""
-        return [sc.name for sc in (self.priority, self.anomaly, self.threat) if sc.fallback]
+        return [sc.name for sc in (self.priority, self.threat) if sc.fallback]
 
     # -- the message path ----------------------------------------------------------
 
@@ -229,12 +235,14 @@ class IntelligenceRuntime:
                 cls = classes[PRIORITY_LABELS[r.priority[i]]]
                 self.by_class[cls] += 1
             value = r.values[i]
-            anomalous = False
-            if r.anomaly is not None and r.anomaly[i] != _NONE and value is not None:
-                anomalous = True
-                assert r.confidence is not None
-                self._alert(msg.topic, ANOMALY_LABELS[r.anomaly[i]], r.confidence[i], value,
-                            targets, t)
+            verdict = r.verdicts[i] if r.verdicts is not None else None
+            anomalous = False  # in an incident: forwarded one by one, never summarised
+            if verdict is not None and value is not None:
+                anomalous = verdict.in_episode or verdict.opens
+                if anomalous or msg.topic in self.incidents.open:
+                    at = r.times[i] if r.times is not None else t
+                    for event in self.incidents.update(msg.topic, at, value, verdict):
+                        self._alert(event.incident.kind, msg.topic, event.payload, targets)
             if not targets or fwd is None:
                 continue
             if summarise and value is not None and not anomalous:
@@ -293,27 +301,23 @@ class IntelligenceRuntime:
 
     # -- alerts --------------------------------------------------------------------
 
-    def _alert(self, topic: str, kind: str, confidence: float, value: float,
-               targets: list[Any], t: float) -> None:
-        now = time.monotonic()
-        key = (topic, kind)
-        last = self._alerted.get(key)
-        if last is not None and now - last < self.settings.alert_cooldown_s:
-            self.alerts_suppressed += 1
-            return
-        if len(self._alerted) > 100_000:
-            self._alerted.clear()
-        self._alerted[key] = now
+    def _alert(self, kind: str, topic: str, payload: dict[str, Any],
+               targets: list[Any]) -> None:
+        """Announce an incident's opening or closing on ``alert_topic/<kind>/<topic>``."""
         self.alerts += 1
-        payload = json.dumps({
-            "kind": kind, "stream": topic, "reading": value, "score": round(confidence, 4),
-            "model": self.anomaly.version, "source": self.anomaly.source, "at": round(t, 3),
-        }, separators=(",", ":")).encode()
-        log.info("intelligence: %s on %s (reading %s, score %.2f)", kind, topic, value,
-                 confidence)
+        state = payload.get("state")
+        if state == "open":
+            log.info("intelligence: %s on %s (incident %s, reading %s, expected %s, score "
+                     "%.4f)", kind, topic, payload["incident"], payload["reading"],
+                     payload["expected"], payload["score"])
+        else:
+            log.info("intelligence: %s on %s over (incident %s, %d readings)", kind, topic,
+                     payload["incident"], payload["readings"])
+        body = json.dumps({**payload, "model": DETECTOR_VERSION},
+                          separators=(",", ":")).encode()
         ups = ({rule.upstream: up[: len(up) - len(topic)] for rule, up in targets}
                if targets else None)
-        self._emit(f"{kind}/{topic}", payload, ups)
+        self._emit(f"{kind}/{topic}", body, ups)
 
     def _emit(self, path: str, payload: bytes, upstreams: dict[str, str] | None) -> None:
         """Publish an alert locally (``alert_topic/path``) and queue it in the highest class
@@ -437,7 +441,8 @@ class IntelligenceRuntime:
             self._tasks.append(loop.create_task(self._every(s.threat_interval_s,
                                                             self.watch.tick)))
         log.info("intelligence: priority %s, anomaly %s, threat %s (batch %.1f ms / %d)",
-                 self._describe(self.priority), self._describe(self.anomaly),
+                 self._describe(self.priority),
+                 f"detector {DETECTOR_VERSION}" if self.detector is not None else "off",
                  self._describe(self.threat), s.batch_window_ms, s.max_batch)
 
     @staticmethod
@@ -481,9 +486,12 @@ class IntelligenceRuntime:
             self._rate = (now, self.scored)
         per_msg = self.worker_seconds / self.scored * 1e6 if self.scored else 0.0
         return {
-            "models": {sc.name: {"source": sc.source, "version": sc.version,
-                                 "fallback": sc.fallback}
-                       for sc in (self.priority, self.anomaly, self.threat)},
+            "models": {
+                **{sc.name: {"source": sc.source, "version": sc.version,
+                             "fallback": sc.fallback} for sc in (self.priority, self.threat)},
+                "anomaly": {"source": "detector" if self.detector is not None else "off",
+                            "version": DETECTOR_VERSION, "fallback": False},
+            },
             "fallback_active": bool(self.fallback),
             "scored": self.scored,
             "scores_per_s": round(rate, 1),
@@ -492,13 +500,15 @@ class IntelligenceRuntime:
             "score_us_per_message": round(per_msg, 2),
             "loop_ms_max": round(self.loop_seconds_max * 1000, 3),
             "priority_cache_hits": self.scorer.cache_hits,
-            "anomaly_gate": sc.healthy.source if (sc := self.scorer).healthy is not None
-            else "off",
-            "anomaly_gated": sc.skipped,
+            "streams": len(self.scorer.detectors) if self.scorer.detectors is not None else 0,
+            "device_times": self.scorer.device_times,
+            "incidents": {"open": len(self.incidents.open), "opened": self.incidents.opened,
+                          "closed": self.incidents.closed,
+                          "suppressed": self.incidents.suppressed},
             "classes": dict(zip(("alarm", "high", "normal", "bulk"), self.by_class,
                                 strict=True)),
             "alerts": self.alerts,
-            "alerts_suppressed": self.alerts_suppressed,
+            "alerts_suppressed": self.incidents.suppressed,
             "alerts_not_queued": self.alerts_not_queued,
             "forward_refused": self.forward_refused,
             "summarising": self.pressure,

@@ -1,0 +1,361 @@
+"""Online, unsupervised anomaly detector for one telemetry stream (issue 13).
+
+:class:`StreamDetector` learns a stream as it runs (no labels, no training set) and turns
+each reading ``(t seconds, value)`` into a :class:`Verdict`: a calibrated anomaly
+likelihood in [0, 1], whether the reading *opens* an anomaly episode, a kind, and the value
+the stream was expected to have with its usual band. :class:`DetectorTable` keeps one
+detector per stream key for micro-batches of many streams.
+
+Method, per reading:
+
+1. **Expected value.** Three predictors run side by side: a level (EWMA) and two seasonal
+   profiles keyed by wall-clock phase, one per day and one per week (``knots`` of an
+   additive Holt-Winters model, linearly interpolated; the knot count follows the sampling
+   step, at most :attr:`DetectorParams.day_knots` / ``week_knots``, so irregular or coarse
+   sampling only changes which knots learn). A profile competes only after it has seen
+   1.25 periods; the predictor with the smallest mean absolute error is used, a seasonal
+   one only when it is clearly (``season_gain``) better. So a daily cycle is compared with
+   the same time of day, not read as drift.
+2. **Residual channels**, each a statistic on a robust scale (mean absolute residual with
+   clipped updates, floored at half the stream's learnt resolution, so coarse, quantised
+   metrics are judged in their own steps):
+   *spike* - the one-step change beyond the profile's change; *level_shift* - the smoothed
+   residual from the expected value; *noise_change* - short vs long noise scale (log
+   ratio); *spike_rate* - the short-term rate of large one-step changes vs its long-term
+   rate; *stuck* - a run of equal readings ``stuck_factor`` times longer than any normal
+   run (learnt), at least ``stuck_min``.
+3. **Calibration.** Every channel's statistic gets a tail probability from its own history
+   by peaks over threshold (as in SPOT): a tracked ``q`` quantile and a generalised Pareto
+   tail fitted by moments to the excesses over it (shape clamped to [0, ``xi_max``]), so
+   heavy-tailed streams raise their own bar. The reading's p-value is the smallest channel
+   p-value times the number of channels (Bonferroni); ``likelihood = 1 - p``.
+4. **Episodes.** A reading with ``p < p_open`` (after ``warmup`` readings) opens an
+   episode; the episode stays open until ``calm_readings`` readings in a row have
+   ``p >= p_calm`` and opens again inside only for a far stronger reading (``reopen``).
+   ``Verdict.score`` is NAB's convention: >= 0.5 only on the opening reading, else
+   ``0.49 * likelihood``.
+
+Every update is robust (clipped residuals) except that a profile knot is set outright on
+its first visit. State per stream: ~40 floats plus the two knot arrays (float64, at most
+288 + 336), all fixed size, so the update can move into C unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+DAY = 86400.0
+WEEK = 7 * DAY
+NAN = math.nan
+
+#: anomaly kinds, in channel order (``Verdict.kind`` is one of them or "none")
+KINDS: tuple[str, ...] = ("spike", "level_shift", "noise_change", "stuck", "spike_rate")
+_NCH = len(KINDS)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorParams:
+    """One parameter set for every stream (tuned on NAB's shared files, see
+    ``bench/anomaly_nab.py``)."""
+
+    warmup: int = 300            # readings before any episode may open
+    day_knots: int = 288         # knots of the daily profile, at most (5 min)
+    week_knots: int = 336        # knots of the weekly profile, at most (30 min)
+    a_level: float = 0.05        # EWMA weight of the non-seasonal level
+    a_offset: float = 0.02       # ... of the seasonal models' level offset
+    a_season: float = 0.2        # ... of a profile knot per visit
+    a_err: float = 0.01          # ... of each predictor's mean |error| (model choice)
+    season_gain: float = 0.8     # a seasonal predictor must have this x the error
+    a_scale: float = 0.01        # ... of the residual scales (mean |residual|)
+    a_smooth: float = 0.25       # ... of the smoothed level residual
+    a_short: float = 0.1         # ... of the short noise scale
+    clip: float = 5.0            # residuals clipped at clip x scale when learning
+    ev_z: float = 3.0            # a "large" one-step change, in scales (spike_rate)
+    a_rate: float = 0.1          # short / long rate of large changes
+    a_rate_long: float = 0.002
+    stuck_factor: float = 3.0
+    stuck_min: int = 6
+    q: float = 0.98              # tail threshold quantile (peaks over threshold)
+    eta_q: float = 0.05          # its tracking step
+    a_excess: float = 0.015      # EWMA weight of the excess moments
+    xi_max: float = 0.5          # largest generalised Pareto shape
+    p_open: float = 5e-3         # p-value that opens an episode
+    p_calm: float = 1e-3         # p-value a calm reading stays above
+    calm_readings: int = 144     # calm readings in a row that close an episode
+    reopen: float = 1e-3         # inside an episode, p < p_open * reopen (and below the
+    reopen_after: int = 12       # opening p * reopen, after this many readings) re-opens
+    gap: float = 10.0            # dt > gap x the usual step: no one-step residual
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What one reading means for its stream."""
+
+    score: float        # NAB-style: >= 0.5 only on an episode's opening reading
+    likelihood: float   # calibrated anomaly likelihood in [0, 1] (1 - p-value)
+    opens: bool         # this reading opens an anomaly episode
+    in_episode: bool    # an episode is open after this reading
+    kind: str           # one of KINDS, or "none" (likelihood < 0.5)
+    expected: float     # the predicted value
+    lo: float           # usual band around it
+    hi: float
+
+
+class _Tail:
+    """Peaks over threshold: the ``q`` quantile ``u`` of a statistic (stochastic
+    approximation) and the first two moments of its excesses over ``u``; ``p`` is the
+    generalised Pareto tail probability fitted to them by moments."""
+
+    __slots__ = ("u", "m1", "m2", "n")
+
+    def __init__(self) -> None:
+        self.u = self.m1 = self.m2 = 0.0
+        self.n = 0
+
+    def p(self, z: float, prm: DetectorParams) -> float:
+        u, m = self.u, self.m1
+        if z <= u:
+            return 1.0
+        if m <= 0.0:
+            return 1.0 - prm.q
+        v = self.m2 - m * m
+        xi = 0.5 * (1.0 - m * m / v) if v > 0.0 else 0.0
+        xi = 0.0 if xi < 0.0 else prm.xi_max if xi > prm.xi_max else xi
+        sig = m * (1.0 - xi)
+        if xi < 1e-6:
+            return (1.0 - prm.q) * math.exp(-(z - u) / sig)
+        return (1.0 - prm.q) * (1.0 + xi * (z - u) / sig) ** (-1.0 / xi)
+
+    def learn(self, z: float, prm: DetectorParams) -> None:
+        self.n += 1
+        step = prm.eta_q * 0.1 * (1.0 + self.u)
+        if z > self.u:
+            y = z - self.u
+            a = max(prm.a_excess, 1.0 / self.n)
+            self.m1 += a * (y - self.m1)
+            self.m2 += a * (y * y - self.m2)
+            self.u += step * prm.q
+        else:
+            self.u -= step * (1.0 - prm.q)
+
+
+class StreamDetector:
+    """The detector of one stream; feed readings in time order with :meth:`update`."""
+
+    def __init__(self, params: DetectorParams | None = None) -> None:
+        self.prm = params or DetectorParams()
+        self.n = 0                  # readings seen
+        self.t0 = self.last_t = self.last_x = 0.0
+        self.log_step = 0.0         # EWMA of log(interval)
+        self.res = math.inf         # smallest non-zero change seen (the resolution)
+        self.level = 0.0
+        self.err = [0.0, 0.0, 0.0]  # mean |error| of level, daily, weekly predictors
+        self.off = [0.0, 0.0]       # level offsets of the daily, weekly profiles
+        self.knots = (array("d"), array("d"))
+        self.model = 0
+        self.scale1 = self.scale2 = 0.0
+        self.g = 0.0                # smoothed level residual
+        self.short = 0.0            # short noise scale
+        self.run = 0                # equal readings in a row
+        self.run_max = 0.0          # longest normal run (slowly forgotten)
+        self.rate = self.rate_long = 0.0
+        self.tails = tuple(_Tail() for _ in range(4))
+        self.in_episode = False
+        self.calm = self.ep_len = 0
+        self.ep_p = 1.0
+
+    def _profile(self, k: int, t: float) -> tuple[float, int, int, float]:
+        """(value, knot, next knot, weight of the next) of profile ``k`` at time ``t``;
+        NaN when neither knot has been visited."""
+        kn = self.knots[k]
+        b = len(kn)
+        period = DAY if k == 0 else WEEK
+        f = (t % period) / period * b
+        i0 = int(f)
+        w = f - i0
+        i0 %= b
+        i1 = (i0 + 1) % b
+        k0, k1 = kn[i0], kn[i1]
+        if k0 != k0:
+            k0 = k1
+        elif k1 != k1:
+            k1 = k0
+        return (1.0 - w) * k0 + w * k1, i0, i1, w
+
+    def update_many(self, ts: Sequence[float], xs: Sequence[float]) -> list[Verdict]:
+        """:meth:`update` for each reading in order."""
+        return [self.update(t, x) for t, x in zip(ts, xs, strict=True)]
+
+    def update(self, t: float, x: float) -> Verdict:
+        """Score reading ``x`` at ``t`` (seconds, any epoch; the daily and weekly phases
+        are taken from it) against what was learnt so far, then learn it."""
+        prm = self.prm
+        n = self.n
+        if n == 0:
+            self.n = 1
+            self.t0 = self.last_t = t
+            self.last_x = self.level = x
+            return Verdict(0.0, 0.0, False, False, "none", x, x, x)
+        dt = t - self.last_t
+        if dt < 1e-6:
+            dt = 1e-6
+        if n == 1:
+            self.log_step = math.log(dt)
+        else:
+            e = math.log(dt) - self.log_step
+            self.log_step += 0.05 * (-0.5 if e < -0.5 else 0.5 if e > 0.5 else e)
+        gap = n >= 2 and dt > prm.gap * math.exp(self.log_step)
+        d = x - self.last_x
+        if d != 0.0 and abs(d) < self.res:
+            self.res = abs(d)
+        if n == 20:  # size the profiles once the sampling step is known
+            step = math.exp(self.log_step)
+            for k, (period, cap) in enumerate(((DAY, prm.day_knots), (WEEK, prm.week_knots))):
+                b = int(max(8, min(cap, round(period / step))))
+                self.knots[k].extend([NAN] * b)
+                self.off[k] = self.level
+        seasonal = len(self.knots[0]) > 0
+        preds = [self.level, self.level, self.level]
+        prof = [(NAN, 0, 0, 0.0), (NAN, 0, 0, 0.0)]
+        if seasonal:
+            for k in (0, 1):
+                prof[k] = pk = self._profile(k, t)
+                if pk[0] == pk[0]:
+                    preds[k + 1] = self.off[k] + pk[0]
+        m = self.model
+        xhat = preds[m]
+        # --- statistics, from the state before this reading
+        dprof = 0.0
+        if m > 0:
+            dprof = prof[m - 1][0] - self._profile(m - 1, self.last_t)[0]
+            if dprof != dprof:
+                dprof = 0.0
+        e1 = 0.0 if gap else d - dprof
+        floor = max(self.res * 0.5 if self.res < math.inf else 0.0, 1e-9 * abs(self.level),
+                    1e-12)
+        s1 = max(self.scale1, floor)
+        z1 = abs(e1) / s1
+        r = x - xhat
+        s2 = max(self.scale2, floor)
+        g = self.g + prm.a_smooth * (r - self.g)
+        z2 = abs(g) / s2
+        short = self.short + prm.a_short * (min(abs(e1), prm.clip * s1) - self.short)
+        z3 = abs(math.log((short + floor) / (s1 + floor)))
+        run = self.run + 1 if d == 0.0 and not gap else 0
+        big = 1.0 if abs(e1) > prm.ev_z * max(self.scale1, 1e-12 * abs(self.level)) else 0.0
+        rate = self.rate + prm.a_rate * (big - self.rate)
+        z5 = rate / (self.rate_long + 0.01)
+        tails = self.tails
+        ps = (tails[0].p(z1, prm), tails[1].p(z2, prm), tails[2].p(z3, prm),
+              1e-9 if run >= max(prm.stuck_min, prm.stuck_factor * self.run_max) else 1.0,
+              tails[3].p(z5, prm))
+        pmin = min(ps)
+        pval = min(1.0, pmin * _NCH)
+        opens = False
+        if n >= prm.warmup:
+            if self.in_episode:
+                self.ep_len += 1
+                if (pval < prm.p_open * prm.reopen and self.ep_len > prm.reopen_after
+                        and pval < self.ep_p * prm.reopen):
+                    opens = True
+                    self.calm = self.ep_len = 0
+                    self.ep_p = pval
+                elif pval < prm.p_calm:
+                    self.calm = 0
+                else:
+                    self.calm += 1
+                    if self.calm >= prm.calm_readings:
+                        self.in_episode = False
+            elif pval < prm.p_open:
+                opens = self.in_episode = True
+                self.calm = self.ep_len = 0
+                self.ep_p = pval
+        # --- learn
+        tails[0].learn(z1, prm)
+        tails[1].learn(z2, prm)
+        tails[2].learn(z3, prm)
+        tails[3].learn(z5, prm)
+        self.rate = rate
+        self.rate_long += max(prm.a_rate_long, 1.0 / n) * (big - self.rate_long)
+        if n == 1:
+            self.scale1, self.scale2 = abs(e1), abs(r)
+        else:
+            a = max(prm.a_scale, 1.0 / n)
+            if not gap:
+                self.scale1 += a * (min(abs(e1), prm.clip * s1) - self.scale1)
+            self.scale2 += a * (min(abs(r), prm.clip * s2) - self.scale2)
+        self.g = g
+        self.short = short
+        if run == 0 and self.run > 0:
+            self.run_max = max(self.run_max * 0.999, float(self.run))
+        self.run = run
+        lim = prm.clip * s2
+        age = t - self.t0
+        ae = prm.a_err if prm.a_err > 1.0 / n else 1.0 / n
+        err = self.err
+        for j in (0, 1, 2):
+            if j and age < 1.25 * (DAY if j == 1 else WEEK):
+                err[j] = err[0]  # not a full cycle seen yet: no better than the level
+            else:
+                err[j] += ae * (min(abs(x - preds[j]), lim) - err[j])
+        rl = x - self.level
+        self.level += max(prm.a_level, 1.0 / n) * (-lim if rl < -lim else lim if rl > lim
+                                                   else rl)
+        if seasonal:
+            for k in (0, 1):
+                pv, i0, i1, w = prof[k]
+                kn = self.knots[k]
+                near = i0 if w < 0.5 else i1
+                if kn[near] != kn[near]:
+                    kn[near] = x - self.off[k]  # first visit: set outright
+                if pv != pv:
+                    continue
+                klim = prm.clip * max(err[k + 1], floor)
+                rk = x - self.off[k] - pv
+                rk = -klim if rk < -klim else klim if rk > klim else rk
+                self.off[k] += prm.a_offset * rk
+                kn[i0] += prm.a_season * (1.0 - w) * rk
+                kn[i1] += prm.a_season * w * rk
+            best = 0
+            if err[1] < prm.season_gain * err[0]:
+                best = 1
+            if err[2] < prm.season_gain * err[best]:
+                best = 2
+            self.model = best
+        self.n = n + 1
+        self.last_t, self.last_x = t, x
+        lik = 1.0 - pval
+        band = 4.0 * s2
+        return Verdict(0.5 + 0.5 * lik if opens else 0.49 * lik, lik, opens,
+                       self.in_episode, KINDS[ps.index(pmin)] if pval < 0.5 else "none",
+                       xhat, xhat - band, xhat + band)
+
+
+class DetectorTable:
+    """One :class:`StreamDetector` per stream key (topic), for micro-batches."""
+
+    def __init__(self, params: DetectorParams | None = None) -> None:
+        self.prm = params or DetectorParams()
+        self._dets: dict[Hashable, StreamDetector] = {}
+
+    def __len__(self) -> int:
+        return len(self._dets)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop a stream's state (it is learnt again from its next reading)."""
+        self._dets.pop(key, None)
+
+    def update(self, keys: Sequence[Hashable], ts: Sequence[float],
+               xs: Sequence[float]) -> list[Verdict]:
+        """Verdicts of readings ``xs`` of streams ``keys`` at times ``ts``, in order."""
+        dets = self._dets
+        out = []
+        for k, t, x in zip(keys, ts, xs, strict=True):
+            d = dets.get(k)
+            if d is None:
+                d = dets[k] = StreamDetector(self.prm)
+            out.append(d.update(t, x))
+        return out
