@@ -242,15 +242,34 @@ def card(m: dict[str, Any], cost: dict[str, float], fit_s: float) -> str:
         "",
         "## In the message path",
         "",
-        "The runtime scores micro-batches with this model inside the gateway; its cost per",
-        "message as deployed and the latency it adds end to end (device -> gateway -> upstream,",
-        "QoS 1, intelligence on vs off) are measured by `bench/intelligence_path.py`",
-        "(`bench/intelligence.py --path`); the current numbers are in `docs/benchmarks.md`,",
-        "\"Intelligence in the message path\".",
-        "",
+        *(_ANOMALY_IN_PATH if m["name"] == "anomaly" else [
+            "The runtime scores micro-batches with this model inside the gateway; its cost per",
+            "message as deployed and the latency it adds end to end (device -> gateway -> "
+            "upstream,",
+            "QoS 1, intelligence on vs off) are measured by `bench/intelligence_path.py`",
+            "(`bench/intelligence.py --path`); the current numbers are in `docs/benchmarks.md`,",
+            "\"Intelligence in the message path\".",
+            "",
+        ]),
         *(_THREAT_IN_PATH if m["name"] == "threat" else []),
     ]
     return "\n".join(lines)
+
+
+#: why the anomaly model no longer runs in the gateway (issue 13)
+_ANOMALY_IN_PATH = [
+    "Not any more. On real telemetry this per-reading classifier failed: replayed through a",
+    "gateway, the Numenta Anomaly Benchmark scored -3,492 over its 58 files (flagging nothing",
+    "scores 0), 16-35 % of real readings flagged (daily cycles read as drift, coarse metrics",
+    "as stuck). The gateway now runs the per-stream online detector",
+    "(`rapidmq_edge/intelligence/stream_detector.py`, no training): NAB standard 67.2 over the",
+    "18 shared NAB files (64.3 on realKnownCause; 0.29 false positives per 1,000 points on",
+    "artificialNoAnomaly; NAB's numenta 58.1, ARTime 65.2 on the same files), the same",
+    "through a running gateway as offline (`bench/anomaly_nab.py`, `bench/nab_replay.py`,",
+    "`docs/benchmarks.md`). This model stays as the simulator's fault-kind baseline",
+    "(`bench/intelligence.py`).",
+    "",
+]
 
 
 #: what the threat watch does with this model's word (rapidmq_edge/intelligence/threat.py)
