@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import SplitResult, urlsplit
 
 
 class ConfigError(Exception):
@@ -191,6 +192,15 @@ def one_of(*options: str) -> Callable[[str, Any], str]:
         return cast(str, value)
 
     return check
+
+
+def url_parts(key: str, value: Any) -> SplitResult:
+    """``value`` as a URL string split into its parts, or a config error naming ``key``."""
+    url = string(key, value)
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # e.g. "mqtts://[:51]:8883": not an IPv6 address
+        raise config_error(key, f"is not a URL: {exc} in {url!r}") from None
 
 
 def path_under(base_dir: Path) -> Callable[[str, Any], Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
 
 from ..mqtt.topics import valid_topic_filter
 from .checks import (
@@ -24,6 +23,7 @@ from .checks import (
     section,
     show,
     string,
+    url_parts,
 )
 from .security import SecuritySettings, check_protected_rules, parse_security
 
@@ -147,10 +147,7 @@ def _urls(key: str, value: Any) -> tuple[str, ...]:
     for i, u in enumerate(value):
         k = f"{key}[{i}]"
         url = string(k, u)
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:  # e.g. "mqtts://[:51]:8883": not an IPv6 address
-            raise config_error(k, f"is not a URL: {exc} in {url!r}") from None
+        parts = url_parts(k, url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise config_error(
                 k, f'must look like "mqtt://host:port" or "mqtts://host:port", got {url!r}')

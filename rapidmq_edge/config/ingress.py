@@ -9,9 +9,17 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from .checks import Table, boolean, config_error, int_range, path_under, show, string
+from .checks import (
+    Table,
+    boolean,
+    config_error,
+    int_range,
+    path_under,
+    show,
+    string,
+    url_parts,
+)
 from .mqtt import TlsSettings, parse_tls
 
 
@@ -60,10 +68,7 @@ def _endpoints(key: str, value: Any, schemes: tuple[str, ...]) -> tuple[Endpoint
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
         url = string(k, item)
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:  # e.g. "udp://[8:1]:5683": not an IPv6 address
-            raise config_error(k, f"is not a URL: {exc} in {url!r}") from None
+        parts = url_parts(k, url)
         if parts.scheme not in schemes or not parts.hostname:
             want = " or ".join(f'"{s}://host:port"' for s in schemes)
             raise config_error(k, f"must look like {want}, got {url!r}")
