@@ -23,5 +23,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
             optional=True,
         ),
+        # the per-stream anomaly detector's update; the same exact arithmetic rules
+        Extension(
+            "rapidmq_edge.intelligence._detectorstep",
+            ["rapidmq_edge/intelligence/_detectorstep.c"],
+            libraries=["m"],
+            extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
+            optional=True,
+        ),
     ]
 )

@@ -22,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from rapidmq_edge.intelligence.stream_detector import KINDS
 from tests.gateway_proc import GatewayProcess
 
 NAB = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "nab"
@@ -96,15 +97,15 @@ def test_nab_series_through_gateway_opens_incidents_in_its_windows(
     assert opened, "no incident on a series with four labelled failures"
     for b in opened:  # every incident carries what an operator needs
         assert b["stream"] == TOPIC and b["model"] == "stream-detector/1"
-        assert b["kind"] in {"spike", "level_shift", "noise_change", "stuck", "spike_rate"}
+        assert b["kind"] in set(KINDS)
         assert 0.99 <= b["score"] <= 1.0 and b["incident"] and len(b["band"]) == 2
     inside = [t for t in opens if any(a <= t <= b for a, b in windows)]
     hit = [w for w in windows if any(w[0] <= t <= w[1] for t in opens)]
     probation_end = _epoch(rows[min(int(0.15 * len(rows)), 750)]["timestamp"])
     outside = [t for t in opens if t >= probation_end
                and not any(a <= t <= b for a, b in windows)]
-    assert len(hit) >= 3, (windows, opens)  # measured: all 4 (offline the same)
-    assert inside and len(outside) <= 22, outside  # < 1 per 1,000 readings (measured 13)
+    assert len(hit) >= 3, (windows, opens)  # measured: 3 of 4 (offline the same)
+    assert inside and len(outside) <= 22, outside  # < 1 per 1,000 readings (measured 10)
     # judged on the device's clock: every incident is at one of the series' own timestamps
     stamps = {_epoch(r["timestamp"]) for r in rows}
     assert all(t in stamps for t in opens)
