@@ -32,10 +32,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pipeline": frozenset({"broker", "config", "crypto", "intelligence", "mqtt", "store"}),
     "ingress": frozenset({"broker", "coap", "config", "mqtt", "security"}),
     "ops": frozenset({"broker", "config", "intelligence", "pipeline", "store", "uplink"}),
+    # model updates: manifests (crypto), the cluster link (uplink), slots and shadow scoring
+    "ota": frozenset({"config", "crypto", "intelligence", "mqtt", "pipeline", "uplink"}),
     # the one assembly place, and the command line on top of everything
     "gateway": frozenset({"broker", "config", "crypto", "ingress", "intelligence", "mqtt",
-                          "ops", "pipeline", "security", "store", "uplink"}),
-    "cli": frozenset({"cloud", "config", "crypto", "gateway", "ops", "security"}),
+                          "ops", "ota", "pipeline", "security", "store", "uplink"}),
+    "cli": frozenset({"cloud", "config", "crypto", "gateway", "ops", "ota", "security"}),
 }
 #: packages every package may import
 ANYONE = frozenset({"telemetry"})
