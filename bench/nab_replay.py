@@ -165,9 +165,40 @@ async def _replay(series: Series, port: int, rate: float, timeout: float,
             "gateway_cpu_s": round(_cpu_s(pid) - cpu0, 1)}
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Replay the shared NAB files through a gateway, score its incidents with NAB's
+    ``score.py`` beside the same detector offline; print JSON."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import anomaly_nab as nab
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--data", type=Path, default=nab.DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "nab_replay")
+    ap.add_argument("--rate", type=float, default=5000.0, help="messages per second")
+    a = ap.parse_args(argv)
+    series = nab.load_series(a.data)
+    load0 = os.getloadavg()[0]
+    run = replay(series, a.rate)
+    nab.write_results(a.out, series, run.pop("scores"))
+    offline = {n: nab.run_detector(ts, xs) for n, (_, ts, xs) in series.items()}
+    nab.write_results(a.out.with_name(a.out.name + "_offline"), series, offline)
+    doc = {"gateway": {**run, "nab": nab.score_results(a.data, a.out)},
+           "offline": {"nab": nab.score_results(a.data, a.out.with_name(a.out.name + "_offline"))},
+           "published": nab.PUBLISHED,
+           "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
 def _cpu_s(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

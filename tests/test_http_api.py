@@ -422,6 +422,14 @@ def test_acl_403(gateway_factory: GatewayFactory, tmp_path: Path, streams: list[
     streams.append(s)
     assert s.status == 200
     s.ready()
+    # a device retrying a refused publish: every refusal answered, one log line (with a count
+    # once a minute), not one per attempt
+    for _ in range(20):
+        status, _, body = api.publish(api.tokens["a"], topic="bob/y", payload="no")
+        assert status == 403, body
+    lines = [ln for ln in api.gw.log().splitlines()
+             if "http token" in ln and "not authorised to publish" in ln]
+    assert len(lines) == 2, lines  # tokens a and b once each (22 refusals from a)
 
 
 BAD_PUBLISH: list[tuple[Any, str]] = [

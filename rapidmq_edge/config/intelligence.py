@@ -72,7 +72,7 @@ class IntelligenceSettings:
     alert_upstream_topic: str = "alerts"  # upstream: <prefix><this>/<kind>/<stream topic>
     alert_cooldown_s: float = 0.0  # no longer used: incidents close after normal readings
     #: an anomaly incident closes after this many normal readings of its stream
-    episode_close_readings: int = 144
+    episode_close_readings: int = 216
     #: incidents announced per stream and hour of its own time; more are counted
     alerts_per_stream_hour: int = 6
     #: (topic filter, sensitivity) rules, first match wins ([[intelligence.streams]])
@@ -192,7 +192,7 @@ def parse_intelligence(data: object, base_dir: Path) -> IntelligenceSettings:
         alert_topic=t.get("alert_topic", _topic_root, "$edge/alerts"),
         alert_upstream_topic=t.get("alert_upstream_topic", _topic_root, "alerts"),
         alert_cooldown_s=t.get("alert_cooldown_s", float_range(0.0, 86400.0), 0.0),
-        episode_close_readings=t.get("episode_close_readings", int_range(1, 10**7), 144),
+        episode_close_readings=t.get("episode_close_readings", int_range(1, 10**7), 216),
         alerts_per_stream_hour=t.get("alerts_per_stream_hour", int_range(1, 10**6), 6),
         streams=t.get("streams", _stream_rules, ()),
         health=t.get("health", boolean, True),

@@ -34,6 +34,7 @@ from ..broker.policy import AccessPolicy
 from ..config.ingress import HttpSettings
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.tokens import Token, TokenDB, TokensFileError
+from ..telemetry import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ class HttpApi:
         self.closing = False
         self.runner: web.AppRunner | None = None
         self.stats = {"published": 0, "refused": 0, "streams": 0, "stream_dropped": 0}
+        #: refusals repeat (a device retrying): logged once, then once a minute with a count
+        self._repeats = RepeatedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -309,8 +312,9 @@ class HttpApi:
             return _error(400, "retain: retained messages are disabled on this gateway")
         client_id = f"http-{auth.name}"
         if topic.startswith("$SYS") or not self.access.can_publish(auth.user, client_id, topic):
-            log.info("http token %s (user %s) not authorised to publish to %s",
-                     auth.name, auth.user, topic)
+            self._repeats(f"deny-publish:{auth.name}", logging.INFO,
+                          "http token %s (user %s) not authorised to publish to %s",
+                          auth.name, auth.user, topic)
             return _error(403, f"not authorised to publish to {topic!r}")
         msg = Message(topic, payload, qos, retain, props, None, client_id)
         broker = self.broker
@@ -318,7 +322,7 @@ class HttpApi:
             receivers = broker.publish(msg)  # as broker.local.publish(), keeping the count
         except PublishRefused as exc:
             self.stats["refused"] += 1
-            log.info("http publish to %s refused: %s", topic, exc)
+            self._repeats("refused", logging.INFO, "http publish to %s refused: %s", topic, exc)
             return _error(503, f"message refused: {exc}", {"Retry-After": str(RETRY_AFTER)})
         fut = broker.commit_future()
         if fut is not None:
@@ -329,12 +333,14 @@ class HttpApi:
                 raise
             except Exception as exc:
                 self.stats["refused"] += 1
-                log.warning("http publish to %s not stored: %s", topic, exc)
+                self._repeats("not-stored", logging.WARNING,
+                              "http publish to %s not stored: %s", topic, exc)
                 return _error(503, f"message not stored: {exc}",
                               {"Retry-After": str(RETRY_AFTER)})
         if msg.refused is not None:  # refused after its micro-batch was scored
             self.stats["refused"] += 1
-            log.info("http publish to %s refused: %s", topic, msg.refused)
+            self._repeats("refused", logging.INFO, "http publish to %s refused: %s", topic,
+                          msg.refused)
             return _error(503, f"message refused: {msg.refused}",
                           {"Retry-After": str(RETRY_AFTER)})
         self.stats["published"] += 1
@@ -376,8 +382,9 @@ class HttpApi:
             return _error(400, f"filter: not a valid MQTT topic filter: {filt!r}")
         client_id = f"http-{auth.name}-{uuid.uuid4().hex[:12]}"
         if not self.access.can_subscribe(auth.user, client_id, filt):
-            log.info("http token %s (user %s) not authorised to subscribe to %s",
-                     auth.name, auth.user, filt)
+            self._repeats(f"deny-subscribe:{auth.name}", logging.INFO,
+                          "http token %s (user %s) not authorised to subscribe to %s",
+                          auth.name, auth.user, filt)
             return _error(403, f"not authorised to subscribe to {filt!r}")
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8",
