@@ -89,12 +89,19 @@ class Gateway:
         queue = self.forward.queue if self.forward is not None else None
         forwarder = self.forward.forwarder if self.forward is not None else None
         self.intelligence: Any = None  # pipeline.intelligence_runtime.IntelligenceRuntime
+        self.ota_models: Any = None  # ota.activate.ActiveModels: OTA slots used at this start
         if c.intelligence.enabled:
+            from ..ota.activate import load_active_models
             from ..pipeline.intelligence_runtime import IntelligenceRuntime  # numpy, onnxruntime
 
+            ota = getattr(c, "ota", None)  # the crash-loop guard's [ota] settings, if any
+            self.ota_models = load_active_models(
+                data_dir, [n for n in ("priority", "threat")
+                           if getattr(c.intelligence, n) == "model"],
+                getattr(ota, "crashloop_starts", 3), getattr(ota, "crashloop_window", 300.0))
             self.intelligence = IntelligenceRuntime(
                 c.intelligence, forwarder, queue, self._publish_local, fw.upstreams, gid,
-                data_dir)
+                data_dir, self.ota_models.scorers)
         # the broker's taps: the runtime (which drives the forwarder) or the forwarder alone;
         # a PUBLISH is acknowledged once every durable stage behind them has committed it
         taps: list[Callable[[Message], None]] = []
@@ -172,6 +179,7 @@ class Gateway:
                          ", ".join(u.raw for u in client.urls))
         if self.intelligence is not None:
             self.intelligence.start()
+            self.tasks.append(loop.create_task(self.ota_models.healthy_after()))
         self.servers, self.bound = await serve_mqtt(c.mqtt.listen, c.mqtt.tls, self._connection,
                                                     self.registry)
         if c.http.listen:

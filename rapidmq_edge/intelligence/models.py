@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -178,3 +179,88 @@ def load_scorer(models_dir: Path, name: str, mode: str) -> Scorer:
     log.info("intelligence: %s model %s loaded from %s", name, version, models_dir)
     return Scorer(name, "model", version, labels, len(features), session=sess,
                   path=models_dir / str(man.get("file", f"{name}.onnx")))
+
+
+class ShadowSink(Protocol):
+    """Where a :class:`Shadow` reports (``ota.shadow.ShadowEvaluator.feed``)."""
+
+    def feed(self, active_labels: np.ndarray, active_conf: np.ndarray,
+             cand_labels: np.ndarray | None, cand_conf: np.ndarray | None, *,
+             cand_seconds: float = 0.0, active_seconds: float = 0.0,
+             rows_run: int | None = None, exceptions: int = 0, error: str = "") -> None: ...
+
+
+class Shadow:
+    """A candidate scorer beside the active one: scores the rows the active one scored and
+    reports both answers to ``sink``; it never decides and never raises (a candidate that
+    raises counts an exception in the sink)."""
+
+    def __init__(self, candidate: Scorer, sink: ShadowSink) -> None:
+        self.candidate = candidate
+        self.sink = sink
+        #: per message key (priority): (active label, confidence, candidate label, confidence)
+        self.known: dict[Any, tuple[int, float, int, float]] = {}
+        self.errors = 0  # failures of the sink itself (logged once, counted)
+
+    def rows(self, X: np.ndarray, labels: np.ndarray, conf: np.ndarray,
+             active_seconds: float) -> None:
+        """The active scorer gave ``labels``/``conf`` for ``X`` in ``active_seconds``."""
+        try:
+            t0 = time.perf_counter()
+            try:
+                c_lab, c_conf = self.candidate.predict(X)
+            except Exception as exc:  # the candidate's failure, counted against it
+                self.sink.feed(labels, conf, None, None,
+                               cand_seconds=time.perf_counter() - t0,
+                               active_seconds=active_seconds, exceptions=1,
+                               error=f"{type(exc).__name__}: {exc}")
+                return
+            self.sink.feed(labels, conf, c_lab, c_conf, cand_seconds=time.perf_counter() - t0,
+                           active_seconds=active_seconds)
+        except Exception:
+            self._failed()
+
+    def keyed(self, active: Scorer, keys: list[Any],
+              rows: Callable[[list[int]], np.ndarray], limit: int = 65_536) -> None:
+        """Per message ``keys`` (equal key, equal feature row): rows of keys not seen yet
+        (``rows(positions)``) are scored by both ``active`` and the candidate, timed; then
+        every message is reported with its key's answers."""
+        try:
+            known = self.known
+            miss = [i for i, k in enumerate(keys) if k not in known]
+            if miss:
+                uniq = list({keys[i]: i for i in miss}.values())
+                X = rows(uniq)
+                t0 = time.perf_counter()
+                a_lab, a_conf = active.predict(X)
+                t1 = time.perf_counter()
+                try:
+                    c_lab, c_conf = self.candidate.predict(X)
+                except Exception as exc:
+                    self.sink.feed(a_lab, a_conf, None, None,
+                                   cand_seconds=time.perf_counter() - t1,
+                                   active_seconds=t1 - t0, rows_run=len(uniq), exceptions=1,
+                                   error=f"{type(exc).__name__}: {exc}")
+                    return
+                t2 = time.perf_counter()
+                if len(known) + len(uniq) > limit:
+                    known.clear()
+                for i, al, ac, cl, cc in zip(uniq, a_lab.tolist(), a_conf.tolist(),
+                                             c_lab.tolist(), c_conf.tolist(), strict=True):
+                    known[keys[i]] = (al, ac, cl, cc)
+                seconds = (t1 - t0, t2 - t1, len(uniq))
+            else:
+                seconds = (0.0, 0.0, 0)
+            ans = [known[k] for k in keys]
+            self.sink.feed(np.array([a[0] for a in ans]), np.array([a[1] for a in ans]),
+                           np.array([a[2] for a in ans]), np.array([a[3] for a in ans]),
+                           cand_seconds=seconds[1], active_seconds=seconds[0],
+                           rows_run=seconds[2])
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        self.errors += 1
+        if self.errors == 1 or self.errors % 1000 == 0:
+            log.exception("intelligence: shadow of %s failed (%d times)", self.candidate.name,
+                          self.errors)

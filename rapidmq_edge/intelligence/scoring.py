@@ -19,12 +19,16 @@ Detector state is touched by one thread only (the runtime's worker), in batch or
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
 
 from .features import PAYLOAD_HEAD, message_features
-from .models import Scorer
+from .models import Scorer, Shadow
 from .stream_detector import DetectorParams, DetectorTable, Verdict
 from .streams import PARSE, TEMPLATE, reading_time, reading_value, value_span
 
@@ -42,6 +46,8 @@ class Scored:
     verdicts: list[Verdict | None] | None  # the stream detector's, per reading
     times: list[float] | None  # when each reading was taken (its "ts", else its arrival)
     seconds: float
+    #: a shadow candidate's run on this batch's rows, for after the batch is acknowledged
+    shadow: Callable[[], None] | None = None
 
 
 class BatchScorer:
@@ -57,19 +63,39 @@ class BatchScorer:
         self._labels: dict[tuple[str, bytes, int, int, bool], int] = {}
         self._spans: dict[bytes, tuple[int, int]] = {}
         self.cache_hits = 0
+        #: a candidate priority model scoring beside the active one (OTA shadow)
+        self.shadow: Shadow | None = None
+        self._next: Scorer | None = None  # the priority scorer to use from the next batch
+        self._swap_lock = threading.Lock()
+
+    def use(self, priority: Scorer) -> None:
+        """Score with ``priority`` from the next batch on (a batch in progress finishes with
+        the scorer it started with; the label cache starts over with the new one)."""
+        with self._swap_lock:
+            self._next = priority
 
     def score(self, topics: Sequence[str], payloads: Sequence[bytes], qos: Sequence[int],
               retain: Sequence[bool], times: Sequence[float], need: Sequence[int]) -> Scored:
         """Priority labels for the messages ``need`` indexes (ascending), readings and
         anomaly labels for all (``times`` in seconds, only differences matter)."""
         t0 = time.perf_counter()
+        if self._next is not None:  # a swap: between batches, in the thread that scores
+            with self._swap_lock:
+                nxt, self._next = self._next, None
+            if nxt is not None:
+                self.priority = nxt
+                self._labels = {}
         n = len(topics)
         tpl = TEMPLATE
         head = PAYLOAD_HEAD
         templates = [p[:head].translate(tpl) for p in payloads]
         prio = None
+        shadow = None
         if need and self.priority.source != "off":
             prio = self._priority_labels(topics, payloads, templates, qos, retain, need)
+            if self.shadow is not None:
+                shadow = partial(_shadow_priority, self.shadow, self.priority, topics,
+                                 payloads, templates, qos, retain, need)
         verdicts: list[Verdict | None] | None = None
         at: list[float] | None = None
         if self.values_needed:
@@ -85,7 +111,7 @@ class BatchScorer:
                     at[i] = t
         else:
             values = [None] * n
-        return Scored(prio, values, verdicts, at, time.perf_counter() - t0)
+        return Scored(prio, values, verdicts, at, time.perf_counter() - t0, shadow)
 
     def _times(self, payloads: Sequence[bytes], times: Sequence[float],
                idx: list[int]) -> list[float]:
@@ -175,3 +201,17 @@ class BatchScorer:
                 out[i] = f
                 keep(i)
         return out, idx
+
+
+def _shadow_priority(shadow: Shadow, active: Scorer, topics: Sequence[str],
+                     payloads: Sequence[bytes], templates: list[bytes], qos: Sequence[int],
+                     retain: Sequence[bool], need: Sequence[int]) -> None:
+    """The shadow candidate on the priority rows of a batch (keyed like the label cache)."""
+    keys = [(topics[i], templates[i], len(payloads[i]), qos[i], retain[i]) for i in need]
+
+    def rows(pos: list[int]) -> np.ndarray:
+        idx = [need[j] for j in pos]
+        return message_features([topics[i] for i in idx], [payloads[i] for i in idx],
+                                [qos[i] for i in idx], [retain[i] for i in idx])
+
+    shadow.keyed(active, keys, rows)

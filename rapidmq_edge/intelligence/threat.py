@@ -51,7 +51,7 @@ import numpy as np
 
 from ..mqtt import reasons as rc
 from .features import THREAT_LABELS, ClientWindows
-from .models import Scorer
+from .models import Scorer, Shadow
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ class ClientWatch:
                  exempt_clients: Sequence[str] = (), evidence: Evidence | None = None,
                  on_verdict: Callable[[Verdict], None] | None = None,
                  escalate_after: int = 3, lift_after: int = 5) -> None:
-        self.scorer = scorer
+        self.scorer = scorer  # replaced whole by an OTA swap (between ticks, on the loop)
+        #: a candidate threat model scoring the same rows beside the active one (OTA shadow)
+        self.shadow: Shadow | None = None
         self.min_events = min_events
         self.min_confidence = min_confidence
         self.action = action
@@ -279,8 +281,12 @@ class ClientWatch:
                     rows.append(row)
         if not rows:
             return {}
-        labels, conf = self.scorer.predict(np.concatenate(rows))
+        X = np.concatenate(rows)
+        t0 = time.perf_counter()
+        labels, conf = self.scorer.predict(X)
         self.scored += len(clients)
+        if self.shadow is not None:
+            self.shadow.rows(X, labels, conf, time.perf_counter() - t0)
         return {c: (int(lab), float(p)) for c, lab, p in
                 zip(clients, labels.tolist(), conf.tolist(), strict=True)}
 

@@ -37,7 +37,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from ..config.forwarding import UpstreamSettings
 from ..config.intelligence import IntelligenceSettings
 from ..intelligence.features import PRIORITY_LABELS
 from ..intelligence.incidents import DETECTOR_VERSION, Incidents
-from ..intelligence.models import Scorer, load_scorer
+from ..intelligence.models import Scorer, Shadow, ShadowSink, load_scorer
 from ..intelligence.scoring import BatchScorer, Scored
 from ..intelligence.stream_detector import DetectorParams
 from ..intelligence.summarise import Summariser, Summary
@@ -72,10 +72,13 @@ class IntelligenceRuntime:
     def __init__(self, settings: IntelligenceSettings, forwarder: Forwarder | None,
                  queue: ForwardQueue | None, publish: Callable[[Message], object],
                  upstreams: Sequence[UpstreamSettings] = (), gateway_id: str = "",
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None,
+                 scorers: Mapping[str, Scorer] | None = None) -> None:
         """``forwarder`` and ``queue``: the forwarding path (None without ``[[upstream]]``);
         ``publish``: local publishing (alerts); ``upstreams``: where alerts of unforwarded
-        streams go; ``data_dir``: the disk whose usage turns summarising on."""
+        streams go; ``data_dir``: the disk whose usage turns summarising on; ``scorers``:
+        validated models used instead of the shipped ones where the mode is "model" (the
+        OTA slots' active models, :mod:`rapidmq_edge.ota.activate`)."""
         self.settings = s = settings
         self.forwarder = forwarder
         self.queue = queue
@@ -83,14 +86,17 @@ class IntelligenceRuntime:
         self.data_dir = data_dir
         if forwarder is None and s.priority != "off":
             log.info("intelligence: no [[upstream]]: priority scoring has nothing to drive")
-        self.priority = load_scorer(s.models_dir, "priority",
-                                    s.priority if forwarder is not None else "off")
+        ota = dict(scorers or {})
+        prio_mode = s.priority if forwarder is not None else "off"
+        self.priority = (ota["priority"] if prio_mode == "model" and "priority" in ota
+                         else load_scorer(s.models_dir, "priority", prio_mode))
         #: the anomaly detector's parameters (None: anomaly detection off)
         self.detector = (DetectorParams(calm_readings=s.episode_close_readings)
                          if s.anomaly != "off" else None)
         self.incidents = Incidents(s.alerts_per_stream_hour, s.streams,
                                    self.detector.p_open if self.detector else 0.0)
-        self.threat = load_scorer(s.models_dir, "threat", s.threat)
+        self.threat = (ota["threat"] if s.threat == "model" and "threat" in ota
+                       else load_scorer(s.models_dir, "threat", s.threat))
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
                                   s.threat_min_confidence, throttle_rate=s.throttle_rate,
                                   throttle_confidence=s.throttle_min_confidence,
@@ -107,6 +113,8 @@ class IntelligenceRuntime:
         self._values_needed = s.anomaly != "off" or s.summarising
         #: features + models of a batch (the worker's side, :mod:`.scoring`)
         self.scorer = BatchScorer(self.priority, self.detector, self._values_needed)
+        #: shadow candidates and atomic swaps of the priority and threat models (OTA)
+        self.models = ModelControl(self)
         self.summariser = Summariser(s.summary_window_s)
         self.pressure = False
         self.pressure_reason = ""
@@ -125,6 +133,10 @@ class IntelligenceRuntime:
         # counters
         self.scored = 0
         self.batches = 0
+        #: alerts by (kind, state: open / close / threat)
+        self.alerts_by_kind: dict[tuple[str, str], int] = {}
+        #: called on the loop with each batch's scoring seconds (the /metrics histogram)
+        self.inference_observer: Callable[[float], None] | None = None
         self.worker_seconds = 0.0
         self.loop_seconds_max = 0.0
         self.alerts = 0
@@ -223,6 +235,8 @@ class IntelligenceRuntime:
         self.batches += 1
         self.scored += len(batch)
         self.worker_seconds += r.seconds
+        if self.inference_observer is not None:
+            self.inference_observer(r.seconds)
         classes = self.settings.classes
         summarise = self.pressure and self.queue is not None
         sum_classes = self.settings.summarise_classes
@@ -267,6 +281,8 @@ class IntelligenceRuntime:
         if since is not None and q is not None:
             q.commit_arrived(since)
         self._resolve(fut, failure)
+        if r.shadow is not None:  # the candidate, after the batch's own path is done
+            self._run_shadow(r.shadow)
         self._busy = False
         self.loop_seconds_max = max(self.loop_seconds_max, time.perf_counter() - t0)
         if self._pending:
@@ -275,6 +291,15 @@ class IntelligenceRuntime:
             elif self._timer is None:
                 loop = self._loop or asyncio.get_running_loop()
                 self._timer = loop.call_later(self._window, self._flush)
+
+    def _run_shadow(self, job: Callable[[], None]) -> None:
+        """A shadow run in the worker thread (before the next batch there), else soon on the
+        loop; it reports its own failures and never raises into the path."""
+        if self._executor is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: the candidate skips it
+                self._executor.submit(job)
+            return
+        (self._loop or asyncio.get_running_loop()).call_soon(job)
 
     def _resolve(self, fut: asyncio.Future[None] | None, failure: BaseException | None) -> None:
         if fut is None or fut.done():
@@ -306,6 +331,8 @@ class IntelligenceRuntime:
         """Announce an incident's opening or closing on ``alert_topic/<kind>/<topic>``."""
         self.alerts += 1
         state = payload.get("state")
+        key = (kind, str(state))
+        self.alerts_by_kind[key] = self.alerts_by_kind.get(key, 0) + 1
         if state == "open":
             log.info("intelligence: %s on %s (incident %s, reading %s, expected %s, score "
                      "%.4f)", kind, topic, payload["incident"], payload["reading"],
@@ -336,6 +363,8 @@ class IntelligenceRuntime:
     def _threat_alert(self, v: Verdict) -> None:
         """A threat verdict as an alert: ``alert_topic/threat/<label>/<client id>``."""
         self.alerts += 1
+        key = (f"threat/{v.label}", "open")
+        self.alerts_by_kind[key] = self.alerts_by_kind.get(key, 0) + 1
         payload = json.dumps({
             "kind": v.label, "client": v.client, "action": v.action,
             "score": v.confidence, "evidence": v.evidence, "model": self.threat.version,
@@ -488,7 +517,8 @@ class IntelligenceRuntime:
         return {
             "models": {
                 **{sc.name: {"source": sc.source, "version": sc.version,
-                             "fallback": sc.fallback} for sc in (self.priority, self.threat)},
+                             "fallback": sc.fallback, **self.models.shadow_status(sc.name)}
+                   for sc in (self.priority, self.threat)},
                 "anomaly": {"source": "detector" if self.detector is not None else "off",
                             "version": DETECTOR_VERSION, "fallback": False},
             },
@@ -518,3 +548,92 @@ class IntelligenceRuntime:
             "summaries": self.summariser.emitted,
             "threat": self.watch.status() if self.watch is not None else None,
         }
+
+
+class ModelControl:
+    """The runtime's priority and threat scorers as OTA installs see them: attach a shadow
+    candidate (it scores the same rows after the active one, never decides), promote it or
+    use any scorer (an atomic swap: the batch scorer takes it between batches, the threat
+    watch between ticks), drop the shadow. Call on the event loop."""
+
+    COMPONENTS = ("priority", "threat")
+
+    def __init__(self, runtime: IntelligenceRuntime) -> None:
+        self._rt = runtime
+        self.swaps = 0
+
+    def active(self, component: str) -> Scorer:
+        """The scorer deciding for ``component`` now."""
+        self._holder(component)
+        return self._rt.priority if component == "priority" else self._rt.threat
+
+    def shadow(self, component: str, scorer: Scorer, evaluator: ShadowSink) -> None:
+        """Run ``scorer`` in shadow beside the active ``component`` model, fed to
+        ``evaluator`` (replaces a shadow already attached)."""
+        holder = self._holder(component)
+        active = self.active(component)
+        if scorer.width != active.width or scorer.labels != active.labels:
+            raise ValueError(f"{component}: candidate takes {scorer.width} features and "
+                             f"answers {scorer.labels}, not {active.width} / {active.labels}")
+        holder.shadow = Shadow(scorer, evaluator)
+        log.info("intelligence: %s candidate %s in shadow beside %s", component,
+                 scorer.version, active.version)
+
+    def shadowing(self, component: str) -> Shadow | None:
+        """The attached shadow, if any."""
+        return self._holder(component).shadow
+
+    def drop_shadow(self, component: str) -> Scorer | None:
+        """Detach the shadow candidate; returns it (None if there was none)."""
+        holder = self._holder(component)
+        sh, holder.shadow = holder.shadow, None
+        return sh.candidate if sh is not None else None
+
+    def promote(self, component: str) -> Scorer:
+        """The shadow candidate becomes the active model (detached from the shadow)."""
+        sh = self._holder(component).shadow
+        if sh is None:
+            raise ValueError(f"{component}: no candidate in shadow")
+        self.drop_shadow(component)
+        self.use(component, sh.candidate)
+        return sh.candidate
+
+    def use(self, component: str, scorer: Scorer) -> Scorer:
+        """Swap the active model for ``scorer`` (promotion, rollback); returns the old one."""
+        holder = self._holder(component)
+        old = self.active(component)
+        if scorer.width != old.width or scorer.labels != old.labels:
+            raise ValueError(f"{component}: {scorer.version} does not fit the contract")
+        rt = self._rt
+        if component == "priority":
+            rt.scorer.use(scorer)
+            rt.priority = scorer
+        else:
+            holder.scorer = scorer
+            rt.threat = scorer
+        self.swaps += 1
+        log.info("intelligence: %s model %s -> %s", component, old.version, scorer.version)
+        return old
+
+    def shadow_status(self, component: str) -> dict[str, Any]:
+        """``{"shadow": {...}}`` while a candidate is attached (for the snapshot), else {}."""
+        holder = self._rt.scorer if component == "priority" else self._rt.watch
+        sh = getattr(holder, "shadow", None)
+        if sh is None:
+            return {}
+        ev = getattr(sh.sink, "snapshot", None)
+        report = ev() if callable(ev) else {}
+        return {"shadow": {"version": sh.candidate.version,
+                           **{k: report[k] for k in ("decision", "messages", "agreement",
+                                                     "exceptions") if k in report}}}
+
+    def _holder(self, component: str) -> Any:
+        if component == "priority":
+            if self._rt.priority.source == "off":
+                raise ValueError("priority scoring is off (no [[upstream]] or priority off)")
+            return self._rt.scorer
+        if component == "threat":
+            if self._rt.watch is None:
+                raise ValueError("the threat watch is off")
+            return self._rt.watch
+        raise ValueError(f"no swappable model {component!r} (one of {self.COMPONENTS})")
