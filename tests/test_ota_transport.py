@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from rapidmq_edge.config.forwarding import UpstreamSettings
 from rapidmq_edge.ota.download import ChunkPlan, PartialDownload, plan_chunks
 from rapidmq_edge.ota.fetch import MqttChunkFetcher, chunk_topic, download
 from rapidmq_edge.ota.link import OtaLink, state_topic
@@ -438,3 +439,19 @@ def test_connection_errors_logged_once_with_a_count(caplog: pytest.LogCaptureFix
     lines = [r for r in caplog.records if "connect to" in r.getMessage()]
     assert link.connect_failures >= 5 and len(lines) == 1, (link.connect_failures, len(lines))
     assert link.subscriptions == {f"{PREFIX}/manifest/c/+": 1}
+
+
+def test_link_from_the_upstream_settings(brokers: Callable[..., MosquittoBroker]) -> None:
+    broker = brokers()
+    up = UpstreamSettings("cloud", (url(broker.port),), protocol=4, keep_alive=7)
+    link = OtaLink.from_upstream(up, "gw-9")
+    assert (link.client_id, link.version, link.keep_alive, link.tls) == ("gw-9-ota", 4, 7, None)
+
+    async def main() -> None:
+        task = await running(link)
+        assert link.online and link.current_url == url(broker.port)
+        await link.stop()
+        await task
+
+    asyncio.run(main())
+    assert not link.online

@@ -374,7 +374,6 @@ class OtaLink:
                                 self.client_id, url.raw)
         else:
             log.info("ota link %s: connected to %s", self.client_id, url.raw)
-        self._repeats.clear("lost")
         if self._subs:
             pid = self._next_pid()
             self._expect(pid)
