@@ -1,5 +1,5 @@
 """Command line: ``rapidmq-edge run | check-config | status | user | token | oscore | keys |
-audit | cloud``; one module per command family, each with ``register``, ``handles``, ``run``.
+audit | cloud | ota``; one module per command family, each with ``register``, ``handles``, ``run``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
 """
@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from .. import __version__
-from . import accounts, cloud, gateway, keys
+from . import accounts, cloud, gateway, keys, ota
 
 __all__ = ["build_parser", "main"]
 
 #: the command families, in the order ``--help`` lists them
-FAMILIES = (gateway, accounts, keys, cloud)
+FAMILIES = (gateway, accounts, keys, cloud, ota)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from .forwarding import ForwardingSettings, parse_forwarding
 from .ingress import CoapSettings, HttpSettings, parse_coap, parse_http
 from .intelligence import IntelligenceSettings, parse_intelligence
 from .mqtt import MqttSettings, is_loopback, parse_mqtt
+from .ota import OtaSettings, parse_ota
 
 __all__ = [
     "Config", "GatewaySettings", "LogSettings", "PersistenceSettings", "load_config",
@@ -105,13 +106,15 @@ class Config:
     intelligence: IntelligenceSettings = field(default_factory=IntelligenceSettings)
     #: ``[log]``
     log: LogSettings = field(default_factory=LogSettings)
+    #: ``[ota]`` (:mod:`.ota`); disabled unless enabled = true
+    ota: OtaSettings = field(default_factory=OtaSettings)
 
 
 # --------------------------------------------------------------------------- sections
 
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
-    "coap", "http", "security", "intelligence", "log",
+    "coap", "http", "security", "intelligence", "log", "ota",
 )
 
 
@@ -197,13 +200,15 @@ def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Conf
                            IntelligenceSettings())
     log = section(lambda: _log(top.get("log", {}), base_dir, gateway.log_level),
                   LogSettings(gateway.log_level))
+    ota = section(lambda: parse_ota(top.get("ota", {}), base_dir,
+                                    [u.name for u in forwarding.upstreams]), OtaSettings())
     warnings = _warnings(mqtt, auth)
     if isinstance(top.get("intelligence"), dict) and "alert_cooldown_s" in top["intelligence"]:
         warnings += ("intelligence.alert_cooldown_s is no longer used: an anomaly incident "
                      "closes after intelligence.episode_close_readings normal readings",)
     return Config(
         gateway, mqtt, auth, acl, persistence, source, warnings, forwarding,
-        coap, http, intelligence=intelligence, log=log,
+        coap, http, intelligence=intelligence, log=log, ota=ota,
     )
 
 

@@ -5,7 +5,8 @@ starting with the key at fault.
 Checked: the data directory is writable; the users file, tokens file and OSCORE contexts
 load; the TLS certificates and keys of the listeners and upstreams load; the post-quantum
 keys a protected ``[[forward]]`` rule needs are there (and a passphrase for an encrypted
-one). A missing tokens file or OSCORE directory is a warning (the gateway runs without).
+one); the ``[ota] trust`` files hold operator public keys. A missing tokens file or OSCORE
+directory is a warning (the gateway runs without).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def preflight(config: Config) -> Preflight:
     _oscore(config, out)
     _tls(config, out)
     _keys(config, out)
+    _ota_trust(config, out)
     return out
 
 
@@ -63,6 +65,20 @@ def _load(key: str, load: object, out: Preflight) -> None:
         out.problems.append(f"{key}: {exc}")
     except OSError as exc:
         out.problems.append(f"{key}: {exc.filename or ''}: {exc.strerror or exc}")
+
+
+def _ota_trust(config: Config, out: Preflight) -> None:
+    """Each ``[ota] trust`` file holds an operator public key (docs/ota.md)."""
+    from ..crypto.errors import MalformedError
+    from ..ota.operator_keys import parse_public_key
+
+    for i, path in enumerate(config.ota.trust):
+        try:
+            parse_public_key(path.read_bytes())
+        except OSError as exc:
+            out.problems.append(f"ota.trust[{i}]: {path}: {exc.strerror or exc}")
+        except MalformedError as exc:
+            out.problems.append(f"ota.trust[{i}]: {path}: not an operator public key: {exc}")
 
 
 def _data_dir(data_dir: Path, out: Preflight) -> None:
