@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -39,6 +40,7 @@ from .conftest import (
     wait_for_port,
 )
 from .ota_fetch_runner import dump_plan
+from .test_uplink import _make_ca_and_server_cert
 
 PREFIX = "rapidmq/ota"
 ROOT = Path(__file__).resolve().parent.parent
@@ -455,3 +457,115 @@ def test_link_from_the_upstream_settings(brokers: Callable[..., MosquittoBroker]
 
     asyncio.run(main())
     assert not link.online
+
+
+def test_chunk_missing_on_the_cluster_is_asked_for_again_until_it_is_there(
+        brokers: Callable[..., MosquittoBroker], tmp_path: Path) -> None:
+    broker = brokers()
+    data = payload_of(64 * 1024, seed=13)
+    plan = plan_chunks(data, 16 * 1024)
+    states: list[tuple[str, str]] = []
+
+    async def main() -> tuple[Path, int]:
+        op = OtaLink([url(broker.port)], "operator", will=False)
+        optask = await running(op)
+        for i in (0, 1, 3):  # chunk 2 is not there (yet)
+            await op.publish(chunk_topic(PREFIX, plan.payload_digest, i),
+                             data[i * 16384:(i + 1) * 16384], 1, True)
+        gw = OtaLink([url(broker.port)], "gw-t")
+        task = await running(gw)
+        fetcher = MqttChunkFetcher(gw, window=4, chunk_timeout=0.2, retry_max=0.3)
+        dl = asyncio.create_task(download(plan, fetcher, tmp_path / "p",
+                                          on_state=lambda s, r: states.append((s, r))))
+        deadline = time.monotonic() + 10
+        while sum("chunk 2 not received" in r for _, r in states) < 3:
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.02)
+        assert not dl.done()
+        await op.publish(chunk_topic(PREFIX, plan.payload_digest, 2),
+                         data[2 * 16384:3 * 16384], 1, True)
+        path = await asyncio.wait_for(dl, 10)
+        for link, t in ((gw, task), (op, optask)):
+            await link.stop()
+            await t
+        return path, fetcher.requests
+
+    path, requests = asyncio.run(main())
+    assert path.read_bytes() == data
+    assert requests >= 4 + 3  # four first asks, then chunk 2 again and again
+    assert any("attempt 3" in r for _, r in states)
+
+
+def test_download_over_tls_with_the_upstreams_ca(
+        tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
+    ca, cert, key = _make_ca_and_server_cert(tmp_path)
+    tls_port = free_port()
+    mosquitto_factory(f"listener {tls_port} {LOOPBACK}\ncertfile {cert}\nkeyfile {key}\n"
+                      f"cafile {ca}\n")
+    assert wait_for_port(LOOPBACK, tls_port, 5)
+    tls_url = f"mqtts://{LOOPBACK}:{tls_port}"
+    data = payload_of(50_000, seed=17)
+    plan = plan_chunks(data, 16 * 1024)
+    up = UpstreamSettings("cloud", (tls_url,), ca_file=ca)
+
+    async def main() -> Path:
+        await publish_update(tls_url, b"env", data, gateway_class="c", component="a",
+                             chunk_size=16 * 1024, tls=ssl.create_default_context(cafile=str(ca)))
+        gw = OtaLink.from_upstream(up, "gw-tls")
+        task = await running(gw)
+        path = await asyncio.wait_for(download(plan, MqttChunkFetcher(gw), tmp_path / "p"), 10)
+        await gw.stop()
+        await task
+        # without the upstream's CA the server is refused
+        bad = OtaLink([tls_url], "gw-bad", backoff=FAST)
+        btask = asyncio.create_task(bad.run())
+        deadline = time.monotonic() + 5
+        while bad.last_error is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await bad.stop()
+        await btask
+        assert "CERTIFICATE_VERIFY_FAILED" in (bad.last_error or "") and bad.connects == 0
+        return path
+
+    assert asyncio.run(main()).read_bytes() == data
+
+
+NATS_BIN = "/usr/sbin/nats-server"
+
+
+def test_publish_and_download_over_nats_mqtt_311(tmp_path: Path) -> None:
+    """NATS speaks MQTT 3.1.1 only (retained messages in JetStream): the same path works."""
+    _require_binary(NATS_BIN)
+    port, mqtt_port = free_port(), free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"server_name: ota\nlisten: {LOOPBACK}:{port}\n"
+                    f"jetstream {{ store_dir: '{tmp_path / 'js'}' }}\n"
+                    f"mqtt {{ listen: {LOOPBACK}:{mqtt_port} }}\n")
+    with open(tmp_path / "nats.log", "wb") as log_file:
+        proc = subprocess.Popen([NATS_BIN, "-c", str(conf)], stdout=log_file,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for_port(LOOPBACK, mqtt_port, 20), (tmp_path / "nats.log").read_text()
+        data = payload_of(120_000, seed=19)
+        plan = plan_chunks(data, 16 * 1024)
+
+        async def main() -> Path:
+            await publish_update(url(mqtt_port), b"env", data, gateway_class="c",
+                                 component="a", chunk_size=16 * 1024, version=4, timeout=20)
+            gw = OtaLink([url(mqtt_port)], "gw-nats", version=4)
+            task = await running(gw)
+            path = await asyncio.wait_for(
+                download(plan, MqttChunkFetcher(gw, window=4), tmp_path / "p"), 20)
+            await gw.stop()
+            await task
+            return path
+
+        assert asyncio.run(main()).read_bytes() == data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -125,6 +125,7 @@ class OtaLink:
         will: bool = True,
         on_message: MessageHandler | None = None,
         stable_after: float = 1.0,
+        max_packet_size: int = 17 << 20,
     ) -> None:
         if version not in (MQTT_311, MQTT_5):
             raise ValueError("version must be 4 (3.1.1) or 5")
@@ -145,6 +146,8 @@ class OtaLink:
         self.backoff = backoff or Backoff(initial=0.2, maximum=30.0)
         self.will = will
         self.stable_after = stable_after
+        #: larger packets are refused (MQTT 5: announced, so the server drops them for us)
+        self.max_packet_size = max_packet_size
         self._handlers: list[MessageHandler] = [on_message] if on_message else []
         self._repeats = RepeatedLog(log)
         # observability
@@ -345,12 +348,16 @@ class OtaLink:
                 _, conn = await loop.create_connection(
                     lambda: UplinkProtocol(owner), url.host, url.port, ssl=ctx,
                     server_hostname=url.host if ctx else None)
+                conn.reader.max_packet_size = self.max_packet_size
+                props: dict[str, Any] = {}
+                if self.version == MQTT_5:
+                    props["maximum_packet_size"] = self.max_packet_size
                 will = None
                 if self.will:
                     will = Will(state_topic(self.prefix, self.gateway_id), _OFFLINE, 1, True)
                 pw = self.password.encode() if self.password is not None else None
                 conn.write(encode(Connect(self.version, self.client_id, True, self.keep_alive,
-                                          will, self.username, pw, {}), self.version))
+                                          will, self.username, pw, props), self.version))
                 connack = await conn.connack
         except BaseException:
             if conn is not None:
