@@ -102,11 +102,14 @@ def _reassemble(body: bytes, auth: list[Any]) -> bytes:
 
 
 def test_a_signed_manifest_verifies_and_round_trips() -> None:
-    m = _manifest(gate=Gate(min_messages=100, min_agreement=0.9), uri="https://x.example/p")
-    got = verify_envelope(sign_envelope(m, [OP]), _trust(OP), **GW)
+    m = _manifest(gate=Gate(min_messages=100, min_agreement=0.9, min_seconds=60),
+                  uri="https://x.example/p", vectors=Vectors(((0,) * 82, (1,) * 82), (2, 0)))
+    data = sign_envelope(m, [OP])
+    got = verify_envelope(data, _trust(OP), **GW)
     assert got == m and got.status == "new" and got.signers == (OP.kid,)
     assert got.chunk_count == 3 and got.chunk_range(2) == (2048, 952)
-    assert got.gate == Gate(min_messages=100, min_agreement=0.9)
+    assert got.gate == Gate(min_messages=100, min_agreement=0.9, min_seconds=60.0)
+    assert got.manifest_sha256 == hashlib.sha256(parse_envelope(data)[0]).digest()
     assert encode_manifest(got) == encode_manifest(m)  # deterministic encoding
 
 
@@ -227,6 +230,8 @@ def _bad_corpus() -> dict[str, tuple[str, Callable[[], bytes], dict[str, Any]]]:
             cose.dumps({**cbor2.loads(body), 1: 2}), [OP]), {}),
         "unknown manifest element": ("malformed", lambda: sign_envelope(
             cose.dumps({**cbor2.loads(body), 99: 1}), [OP]), {}),
+        "same content, another encoding": ("malformed", lambda: sign_envelope(cbor2.dumps(
+            dict(reversed(list(cbor2.loads(body).items())))), [OP]), {}),
     }
 
 

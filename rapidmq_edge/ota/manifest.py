@@ -234,7 +234,8 @@ def _tensor(t: TensorSpec) -> list[Any]:
 
 
 def _gate(g: Gate) -> dict[str, Any]:
-    return {k: getattr(g, k) for k in GATE_KEYS if getattr(g, k) is not None}
+    values = {k: getattr(g, k) for k in GATE_KEYS if getattr(g, k) is not None}
+    return {k: int(v) if k == "min_messages" else float(v) for k, v in values.items()}
 
 
 def _encryption(e: Encryption) -> dict[int, Any]:
@@ -259,7 +260,8 @@ def encode_manifest(m: Manifest) -> bytes:
         K_FORMAT: m.model_format, K_INPUTS: [_tensor(t) for t in m.inputs],
         K_OUTPUTS: [_tensor(t) for t in m.outputs], K_CHUNK_SIZE: m.chunk_size,
         K_CHUNKS: list(m.chunk_digests),
-        K_VECTORS: {1: [list(r) for r in m.vectors.inputs], 2: list(m.vectors.labels)},
+        K_VECTORS: {1: [[float(x) for x in r] for r in m.vectors.inputs],
+                    2: [int(x) for x in m.vectors.labels]},
     }
     if m.gate is not None:
         model[K_GATE] = _gate(m.gate)
@@ -503,8 +505,8 @@ def build_manifest(*, component: str, sequence: int, version: str, payload: byte
         gateway_class=gateway_class, min_gateway_version=min_gateway_version,
         inputs=tuple(inputs), outputs=tuple(outputs), vectors=vectors, uri=uri,
         model_format=model_format, gate=gate, encryption=encryption)
-    decode_manifest(encode_manifest(m))  # what we build must parse (limits, types)
-    return m, shipped
+    decoded = decode_manifest(encode_manifest(m))  # what we build must parse (limits, types)
+    return decoded, shipped
 
 
 # ----------------------------------------------------------------------------- signing
@@ -634,6 +636,8 @@ def verify_envelope(data: bytes, trust: TrustAnchors, *, gateway_class: str,
     body, digest, blocks = parse_envelope(data, max_envelope_bytes)
     signers = trust.verify(blocks, digest)
     m = decode_manifest(body)
+    if encode_manifest(m) != body:  # one manifest, one encoding: its sha256 identifies it
+        raise _bad("manifest is not in this format's deterministic encoding")
     if m.component not in tuple(components):
         raise ManifestRefused("unknown-component",
                               f"{cose.show(m.component)} is not a model slot here")
