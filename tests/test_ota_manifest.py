@@ -345,3 +345,25 @@ def test_verification_cost() -> None:
     per = (time.perf_counter() - t0) / 20
     print(f"verify {len(data)} B envelope, 64 chunks: {per * 1e3:.2f} ms")
     assert per < 0.02
+
+
+def test_trust_files_are_checked(tmp_path: Path) -> None:
+    good = tmp_path / "op.pub"
+    good.write_bytes(OP.public().cose())
+    ed = tmp_path / "ed.pub"
+    ed.write_bytes(ED.public().cose())
+    anchors = TrustAnchors.from_files([good, ed])
+    assert OP.kid in anchors and ED.kid in anchors and len(anchors) == 2
+    private = tmp_path / "private.cose"  # an AKP key with its private part: refused
+    private.write_bytes(cose.dumps({1: 7, 2: OP.kid, 3: -49, -1: OP.public_key, -2: b"x" * 32}))
+    wrong_kid = tmp_path / "wrong-kid.pub"
+    wrong_kid.write_bytes(cose.akp_public_key(-49, NEW.kid, OP.public_key))
+    for path, says in ((private, "private key"), (wrong_kid, "kid does not match"),
+                       (tmp_path / "missing.pub", "No such file")):
+        with pytest.raises(ValueError, match=says) as info:
+            TrustAnchors.from_files([good, path])
+        assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="ML-DSA-65 trust anchors; there are 0"):
+        TrustAnchors.from_files([ed])
+    with pytest.raises(ValueError, match="threshold 2"):
+        TrustAnchors.from_files([good, ed], threshold=2)
