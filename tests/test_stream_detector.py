@@ -213,8 +213,11 @@ def test_burst_of_readings() -> None:
 
 def test_young_stream_stuck() -> None:
     """Before ``warmup`` readings (tails not learnt yet) only evidence that needs no tail
-    opens an episode: a sensor stuck where the stream never repeats values; a huge spike
-    does not (a young heavy-tailed stream cannot be told from it)."""
+    opens an episode: a sensor stuck where the stream never repeats values, or a reading
+    far off what was expected (``young_z`` scales and ``young_k`` x the largest residual
+    seen so far) in a stream whose residuals have stayed light-tailed (so young heavy-tailed
+    healthy streams stay quiet: test_healthy_streams_stay_quiet covers their first
+    ``warmup`` readings too)."""
     prm = DetectorParams()
     at = prm.young_after + 60
     assert at + 20 < prm.warmup
@@ -227,7 +230,14 @@ def test_young_stream_stuck() -> None:
         assert opens[0][0] == at + 2 * prm.stuck_min, (seed, opens)
         opens, _ = _run(_with(_daily, at, lambda r, t, i, x: x + 40.0 if i == at else x),
                         at + 20, seed)
+        assert opens == [(at, "spike")], (seed, opens)
+        opens, _ = _run(_with(_daily, at, lambda r, t, i, x: x + 4.0 if i == at else x),
+                        at + 20, seed)
         assert opens == [], (seed, opens)
+    off = DetectorParams(young_z=0.0)
+    opens, _ = _run(_with(_daily, at, lambda r, t, i, x: x + 40.0 if i == at else x),
+                    at + 20, 0, params=off)
+    assert opens == []
 
 
 def test_non_finite_readings_are_not_learnt() -> None:
@@ -343,7 +353,8 @@ def _shifted(gen: Gen, at: int, by: float) -> Gen:
 @pytest.mark.skipif(KERNEL is None, reason="C kernel not built (test_kernel_is_built fails)")
 def test_kernel_equals_python_on_synthetic_streams() -> None:
     """Several interleaved streams (healthy kinds, a level shift, a stuck sensor, a
-    variance change, a burst of readings, quantised and irregular sampling) through one
+    variance change, a burst of readings, quantised and irregular sampling, young streams'
+    spike and drift) through one
     table in micro-batches of several sizes."""
     held: list[float] = []
     gens: list[tuple[str, Gen, bool]] = [
@@ -353,6 +364,10 @@ def test_kernel_equals_python_on_synthetic_streams() -> None:
         ("stuck", _with(_daily, 900, lambda r, t, i, x: _hold(r, t, i, x, held)), False),
         ("variance", _with(_coarse_daily, 900, lambda r, t, i, x: x + r.gauss(0.0, 5.0)),
          True),
+        # young streams: a spike and a drift before warmup
+        ("young spike", _with(_daily, 90, lambda r, t, i, x: x + 30.0 if i == 90 else x),
+         False),
+        ("young drift", _with(_daily, 120, lambda r, t, i, x: x + 0.3 * (i - 120)), False),
     ]
     rows: list[tuple[float, str, float]] = []
     for n, (name, gen, irregular) in enumerate(gens):
@@ -368,7 +383,7 @@ def test_kernel_equals_python_on_synthetic_streams() -> None:
     opened = 0
     for batch in (1, 7, 64):
         opened = _kernel_vs_python(keys, ts2, xs2, batch)
-    assert opened >= 4  # the anomalies were there to be seen
+    assert opened >= 6  # the anomalies were there to be seen
 
 
 @pytest.mark.skipif(KERNEL is None, reason="C kernel not built (test_kernel_is_built fails)")

@@ -31,6 +31,7 @@
 #define WEEK (7 * DAY)
 #define NCH 5 /* value channels (Bonferroni factor) */
 #define NKIND 6
+#define ZMAX_FROM 10 /* a young stream's largest residual is tracked from this reading on */
 
 /* DetectorParams' fields, in order: configure() refuses any other list */
 static const char *const PARAM_NAMES[] = {
@@ -39,7 +40,8 @@ static const char *const PARAM_NAMES[] = {
     "a_rate_long", "stuck_factor", "stuck_min", "q", "eta_q", "a_excess", "xi_max",
     "p_open", "p_calm", "calm_readings", "reopen", "reopen_after", "gap", "p_single",
     "ref_clip", "level_clip", "rate_window", "rate_floor", "young_after", "a_burst",
-    "burst_min", "burst_clip", "p_burst",
+    "burst_min", "burst_clip", "p_burst", "young_z", "young_k",
+    "young_light",
 };
 #define NPARAM ((int)(sizeof PARAM_NAMES / sizeof PARAM_NAMES[0]))
 
@@ -48,7 +50,8 @@ typedef struct {
         a_scale, a_smooth, a_short, clip, ev_z, a_rate, a_rate_long, stuck_factor,
         stuck_min, q, eta_q, a_excess, xi_max, p_open, p_calm, calm_readings, reopen,
         reopen_after, gap, p_single, ref_clip, level_clip, rate_window, rate_floor,
-        young_after, a_burst, burst_min, burst_clip, p_burst;
+        young_after, a_burst, burst_min, burst_clip, p_burst, young_z, young_k,
+        young_light;
     int window;         /* rate_window as an int, 1..64 */
     uint64_t wmask;     /* its bit mask */
 } params_t;
@@ -74,6 +77,7 @@ typedef struct {
     int in_episode;
     long long calm, ep_len;
     double ep_p, prev_p;
+    double zmax;
     Py_ssize_t nk[2];
     double *knots[2];
 } det_t;
@@ -331,7 +335,8 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double pval = py_min(1.0, pmin * NCH);
     const double pb = n > 2 && burst > p->burst_min ? tail_p(&tails[3], burst, p) : 1.0;
     const int is_burst = pb < p->p_burst;
-    int opens = 0;
+    const double zr = fabs(r) / s2;
+    int opens = 0, young = 0;
     if (nd >= p->young_after) {
         const int mature = nd >= p->warmup;
         if (s->in_episode) {
@@ -353,13 +358,18 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
         }
         else if (is_burst ||
                  (mature ? pval < p->p_open && (pval < p->p_single || s->prev_p < p->p_open)
-                         : stuck && (double)run >= 2 * p->stuck_min && s->run_max <= 2.0)) {
+                         : (stuck && (double)run >= 2 * p->stuck_min && s->run_max <= 2.0) ||
+                               (young = 0.0 < p->young_z && p->young_z < zr &&
+                                        zr > p->young_k * s->zmax &&
+                                        s->zmax <= p->young_light))) {
             opens = s->in_episode = 1;
             s->calm = s->ep_len = 0;
             s->ep_p = pval;
         }
     }
     /* --- learn */
+    if (n >= ZMAX_FROM && nd < p->warmup && !s->in_episode && zr > s->zmax)
+        s->zmax = zr;
     s->prev_p = pval;
     tail_learn(&tails[0], z1, p);
     tail_learn(&tails[1], z2, p);
@@ -427,7 +437,7 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double pv_all = py_min(pval, pb * (p->p_open / p->p_burst));
     const double lik = 1.0 - pv_all;
     int kind;
-    if (pv_all >= 0.5)
+    if (pv_all >= 0.5 && !young)
         kind = -1;
     else if (pv_all < pval)
         kind = 5;
@@ -467,6 +477,7 @@ det_init(det_t *s)
     s->in_episode = 0;
     s->calm = s->ep_len = 0;
     s->ep_p = s->prev_p = 1.0;
+    s->zmax = 0.0;
     s->nk[0] = s->nk[1] = 0;
     s->knots[0] = s->knots[1] = NULL;
 }
@@ -557,7 +568,8 @@ kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         &p->xi_max, &p->p_open, &p->p_calm, &p->calm_readings, &p->reopen,
         &p->reopen_after, &p->gap, &p->p_single, &p->ref_clip, &p->level_clip,
         &p->rate_window, &p->rate_floor, &p->young_after, &p->a_burst,
-        &p->burst_min, &p->burst_clip, &p->p_burst,
+        &p->burst_min, &p->burst_clip, &p->p_burst, &p->young_z, &p->young_k,
+        &p->young_light,
     };
     for (int i = 0; i < NPARAM; i++)
         *f[i] = v[i];

@@ -39,7 +39,11 @@ Method, per reading:
    ``p < p_single`` (one extreme reading). Between ``young_after`` and ``warmup`` readings,
    while the tails are still being learnt, only evidence that needs no tail opens one: a
    stuck run of ``2 * stuck_min`` readings in a stream that has never repeated a value more
-   than twice in a row, or a burst. The episode stays open until ``calm_readings``
+   than twice in a row, a burst, or a reading more than ``young_z`` scales off what was
+   expected and ``young_k`` times the largest such residual the stream has shown outside
+   episodes (from its 10th reading), in a stream whose largest one is at most
+   ``young_light`` scales (light tails: a young heavy-tailed stream cannot be told from a
+   spike, so it waits for its tails). The episode stays open until ``calm_readings``
    readings in a row have ``p >= p_calm`` and opens again inside only for a far stronger
    reading (``reopen``). Separately from the value channels, a *burst* (the sampling rate
    jumps: the smoothed log ratio of the usual interval to the current one, above
@@ -77,6 +81,7 @@ NAN = math.nan
 KINDS: tuple[str, ...] = ("spike", "level_shift", "noise_change", "stuck", "spike_rate",
                           "burst")
 _NCH = 5  # value channels (Bonferroni factor)
+_ZMAX_FROM = 10  # a young stream's largest residual is tracked from this reading on
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,9 @@ class DetectorParams:
     burst_min: float = 1.1       # ... that must exceed this (3x the usual rate) ...
     burst_clip: float = 3.9      # (each reading's ratio clipped at +-this) ...
     p_burst: float = 1e-4        # ... with a tail p-value below this to open an episode
+    young_z: float = 6.0         # a young stream also opens on |x - expected| / scale above
+    young_k: float = 3.5         # young_z and young_k x the largest seen so far (0: off),
+    young_light: float = 4.5     # when that largest is at most this (light tails)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate_window, int) and 1 <= self.rate_window <= 64):
@@ -221,6 +229,7 @@ class StreamDetector:
         self.calm = self.ep_len = 0
         self.ep_p = 1.0
         self.prev_p = 1.0           # the previous reading's p-value
+        self.zmax = 0.0             # largest |x - expected| / scale outside episodes, young
 
     def _profile(self, k: int, t: float) -> tuple[float, int, int, float]:
         """(value, knot, next knot, weight of the next) of profile ``k`` at time ``t``;
@@ -327,7 +336,8 @@ class StreamDetector:
         pval = min(1.0, pmin * _NCH)
         pb = tails[3].p(burst, prm) if n > 2 and burst > prm.burst_min else 1.0
         is_burst = pb < prm.p_burst
-        opens = False
+        zr = abs(r) / s2
+        opens = young = False
         if n >= prm.young_after:
             mature = n >= prm.warmup
             if self.in_episode:
@@ -345,12 +355,17 @@ class StreamDetector:
                         self.in_episode = False
             elif is_burst or (pval < prm.p_open and (pval < prm.p_single
                                                      or self.prev_p < prm.p_open)
-                              if mature else stuck and run >= 2 * prm.stuck_min
-                              and self.run_max <= 2.0):
+                              if mature else (stuck and run >= 2 * prm.stuck_min
+                                              and self.run_max <= 2.0) or (
+                                  young := 0.0 < prm.young_z < zr
+                                  and zr > prm.young_k * self.zmax
+                                  and self.zmax <= prm.young_light)):
                 opens = self.in_episode = True
                 self.calm = self.ep_len = 0
                 self.ep_p = pval
         # --- learn
+        if _ZMAX_FROM <= n < prm.warmup and not self.in_episode and zr > self.zmax:
+            self.zmax = zr
         self.prev_p = pval
         tails[0].learn(z1, prm)
         tails[1].learn(z2, prm)
@@ -413,7 +428,7 @@ class StreamDetector:
         # a burst reads on the likelihood scale as if p_burst were p_open
         pv_all = min(pval, pb * (prm.p_open / prm.p_burst))
         lik = 1.0 - pv_all
-        if pv_all >= 0.5:
+        if pv_all >= 0.5 and not young:
             kind = "none"
         elif pv_all < pval:
             kind = KINDS[5]
