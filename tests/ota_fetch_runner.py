@@ -26,7 +26,7 @@ def load_plan(path: Path) -> ChunkPlan:
 
 def dump_plan(plan: ChunkPlan, path: Path) -> None:
     path.write_text(json.dumps({
-        "payload_digest": plan.payload_digest.hex(), "size": plan.size,
+        "payload_digest": plan.payload_digest.hex(), "size": plan.payload_size,
         "chunk_size": plan.chunk_size, "chunk_digests": [h.hex() for h in plan.chunk_digests]}))
 
 

@@ -44,13 +44,13 @@ def payload_of(n: int, seed: int = 1) -> bytes:
 def test_plan_cuts_payload_and_bad_plans_name_their_fault() -> None:
     data = payload_of(100_000)
     plan = plan_chunks(data, CHUNK)
-    assert plan.size == 100_000 and len(plan.chunk_digests) == 7  # 6 full + 1 short
+    assert plan.payload_size == 100_000 and len(plan.chunk_digests) == 7  # 6 full + 1 short
     assert plan.payload_digest == hashlib.sha256(data).digest()
     assert plan.chunk_digests[6] == hashlib.sha256(data[6 * CHUNK:]).digest()
     check_plan(plan)
     for bad, reason in [
         (replace(plan, chunk_digests=plan.chunk_digests[:-1]), "6 chunk digests for 7"),
-        (replace(plan, size=0), "not positive"),
+        (replace(plan, payload_size=0), "not positive"),
         (replace(plan, chunk_size=0), "chunk size 0"),
         (replace(plan, payload_digest=b"x" * 31), "not 32 bytes"),
         (replace(plan, chunk_digests=(*plan.chunk_digests[:-1], b"y")), "chunk digest is not"),
@@ -260,8 +260,8 @@ def test_http_resumes_after_a_stop_and_fetches_only_what_is_missing(tmp_path: Pa
                 await task
             first = server.served
             with PartialDownload(tmp_path, plan) as part:
-                left = sum(min(CHUNK, plan.size - i * CHUNK) for i in part.missing())
-            assert 0 < left <= plan.size // 2
+                left = sum(min(CHUNK, plan.payload_size - i * CHUNK) for i in part.missing())
+            assert 0 < left <= plan.payload_size // 2
             path = await asyncio.wait_for(download(
                 plan, HttpRangeFetcher(server.url + "/model.onnx", window=2), tmp_path), 10)
             return first, server.served - first, path
@@ -336,7 +336,7 @@ class ManifestLike:
 
     component: str
     payload_digest: bytes
-    size: int
+    payload_size: int
     chunk_size: int
     chunk_digests: tuple[bytes, ...]
 
@@ -344,7 +344,20 @@ class ManifestLike:
 def test_any_object_with_the_plan_attributes_is_a_plan(tmp_path: Path) -> None:
     data = payload_of(20_000)
     p: ChunkPlan = plan_chunks(data, CHUNK)
-    m = ManifestLike("anomaly", p.payload_digest, p.size, p.chunk_size, p.chunk_digests)
+    m = ManifestLike("anomaly", p.payload_digest, p.payload_size, p.chunk_size, p.chunk_digests)
     with PartialDownload(tmp_path, m) as part:
         assert part.put(0, data[:CHUNK]) and part.put(1, data[CHUNK:])
+        assert part.finish().read_bytes() == data
+
+
+def test_the_signed_manifest_is_a_plan(tmp_path: Path) -> None:
+    from rapidmq_edge.ota.manifest import Manifest, Vectors
+
+    data = payload_of(40_000, seed=4)
+    p = plan_chunks(data, CHUNK)
+    m = Manifest("anomaly", 3, "3", p.payload_digest, p.payload_size, p.chunk_size,
+                 p.chunk_digests, "edge-x86", "0", (), (), Vectors((), ()))
+    with PartialDownload(tmp_path, m) as part:
+        for i in part.missing():
+            assert part.put(i, data[i * CHUNK:(i + 1) * CHUNK])
         assert part.finish().read_bytes() == data

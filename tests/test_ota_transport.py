@@ -334,8 +334,9 @@ def test_kill_9_mid_download_resumes_within_10_percent_extra_bytes(
                 b'{"online": false}':
             assert time.monotonic() < deadline, "no will after kill -9"
         with PartialDownload(part_dir, plan) as part:
-            held = plan.size - sum(min(plan.chunk_size, plan.size - i * plan.chunk_size)
-                                   for i in part.missing())
+            held = plan.payload_size - sum(
+                min(plan.chunk_size, plan.payload_size - i * plan.chunk_size)
+                for i in part.missing())
         assert held >= 20 * 8 * 1024 - 8 * 1024  # what it said it had stored is stored
 
         proc, lines = _runner(relay.port, plan_path, part_dir, 0)

@@ -47,7 +47,7 @@ class ChunkPlanLike(Protocol):
     @property
     def payload_digest(self) -> bytes: ...
     @property
-    def size(self) -> int: ...
+    def payload_size(self) -> int: ...
     @property
     def chunk_size(self) -> int: ...
     @property
@@ -59,7 +59,7 @@ class ChunkPlan:
     """A payload's SHA-256, its size, and the SHA-256 of each ``chunk_size`` slice."""
 
     payload_digest: bytes
-    size: int
+    payload_size: int
     chunk_size: int
     chunk_digests: tuple[bytes, ...]
 
@@ -85,11 +85,11 @@ def check_plan(plan: ChunkPlanLike) -> None:
     """Raise :class:`DownloadError` naming what is inconsistent in ``plan``."""
     if len(plan.payload_digest) != 32:
         raise DownloadError("payload digest is not 32 bytes (SHA-256)")
-    if plan.size <= 0:
-        raise DownloadError(f"payload size {plan.size} is not positive")
+    if plan.payload_size <= 0:
+        raise DownloadError(f"payload size {plan.payload_size} is not positive")
     if not 1 <= plan.chunk_size <= MAX_CHUNK_SIZE:
         raise DownloadError(f"chunk size {plan.chunk_size} outside 1..{MAX_CHUNK_SIZE}")
-    need = -(-plan.size // plan.chunk_size)
+    need = -(-plan.payload_size // plan.chunk_size)
     if len(plan.chunk_digests) != need:
         raise DownloadError(f"{len(plan.chunk_digests)} chunk digests for {need} chunks")
     if any(len(d) != 32 for d in plan.chunk_digests):
@@ -100,7 +100,7 @@ def chunk_length(plan: ChunkPlanLike, index: int) -> int:
     """Bytes in chunk ``index`` (the last one may be short)."""
     if not 0 <= index < len(plan.chunk_digests):
         raise ChunkRefused(f"chunk index {index} outside 0..{len(plan.chunk_digests) - 1}")
-    return min(plan.chunk_size, plan.size - index * plan.chunk_size)
+    return min(plan.chunk_size, plan.payload_size - index * plan.chunk_size)
 
 
 def check_chunk(plan: ChunkPlanLike, index: int, data: bytes) -> None:
@@ -115,7 +115,7 @@ def check_chunk(plan: ChunkPlanLike, index: int, data: bytes) -> None:
 def plan_fingerprint(plan: ChunkPlanLike) -> bytes:
     """SHA-256 over everything in the plan: a sidecar of another plan is never reused."""
     h = hashlib.sha256(b"rapidmq-ota-plan\0")
-    h.update(plan.payload_digest + struct.pack("!QQ", plan.size, plan.chunk_size))
+    h.update(plan.payload_digest + struct.pack("!QQ", plan.payload_size, plan.chunk_size))
     for d in plan.chunk_digests:
         h.update(d)
     return h.digest()
@@ -175,7 +175,7 @@ class PartialDownload:
             raw = self.bits_path.read_bytes()
             if (len(raw) == side_len and raw[:32] == self._fingerprint
                     and self.part_path.exists()
-                    and self.part_path.stat().st_size == self.plan.size):
+                    and self.part_path.stat().st_size == self.plan.payload_size):
                 self.received = _COUNTER.unpack_from(raw, 32)[0]
                 self._bits[:] = raw[_HEADER:]
                 resumed = True
@@ -188,11 +188,11 @@ class PartialDownload:
             os.ftruncate(self._part, 0)
             if hasattr(os, "posix_fallocate"):
                 try:
-                    os.posix_fallocate(self._part, 0, self.plan.size)
+                    os.posix_fallocate(self._part, 0, self.plan.payload_size)
                 except OSError:  # a filesystem without fallocate: a sparse file will do
-                    os.ftruncate(self._part, self.plan.size)
+                    os.ftruncate(self._part, self.plan.payload_size)
             else:  # pragma: no cover - macOS
-                os.ftruncate(self._part, self.plan.size)
+                os.ftruncate(self._part, self.plan.payload_size)
             os.fsync(self._part)
             tmp = self.bits_path.with_suffix(".bits.tmp")
             with open(tmp, "wb") as fh:
@@ -262,7 +262,7 @@ class PartialDownload:
     @property
     def progress(self) -> Progress:
         done = sum(chunk_length(self.plan, i) for i in range(self.total) if self.has(i))
-        return Progress(done, self.plan.size, sum(map(self.has, range(self.total))),
+        return Progress(done, self.plan.payload_size, sum(map(self.has, range(self.total))),
                         self.total, self.received, self.wasted, self.refused)
 
     # ------------------------------------------------------------------ the end
@@ -275,7 +275,7 @@ class PartialDownload:
         """
         if not self.complete():
             raise DownloadError(f"{len(self.missing())} of {self.total} chunks still missing")
-        if os.fstat(self._part).st_size != self.plan.size:
+        if os.fstat(self._part).st_size != self.plan.payload_size:
             raise DownloadError("partial file has the wrong size")
         h = hashlib.sha256()
         bad: list[int] = []

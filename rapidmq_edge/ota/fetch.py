@@ -269,8 +269,9 @@ class HttpRangeFetcher:
             want = f"bytes {start}-{end}/"
             content_range = resp.headers.get("Content-Range", "")
             if not content_range.startswith(want) or content_range[len(want):] not in (
-                    str(plan.size), "*"):
-                raise RangeRefused(f"Content-Range {content_range!r}, expected {want}{plan.size}")
+                    str(plan.payload_size), "*"):
+                raise RangeRefused(
+                    f"Content-Range {content_range!r}, expected {want}{plan.payload_size}")
             body = bytearray()
             async for piece in resp.content.iter_chunked(self.read_size):
                 body += piece
@@ -297,7 +298,8 @@ async def download(plan: ChunkPlanLike, fetcher: Fetcher, directory: Path | str,
                     raise  # every chunk checks out but the whole does not: a broken plan
                 on_state("retrying", str(exc))
                 continue
-            on_state("downloaded", f"{plan.size} bytes, SHA-256 {plan.payload_digest.hex()}")
+            on_state("downloaded",
+                     f"{plan.payload_size} bytes, SHA-256 {plan.payload_digest.hex()}")
             return path
     finally:
         partial.close()
