@@ -51,6 +51,17 @@ class Stats:
     connections_total: int = 0
     clients_connected: int = 0
     clients_maximum: int = 0
+    #: PUBLISHes in / deliveries out by QoS (0, 1, 2)
+    received_by_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    sent_by_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    #: messages that reached no local subscriber (they may still be forwarded upstream)
+    no_subscribers: int = 0
+    #: PUBLISHes refused by the ACL; packets over the maximum packet size; malformed packets
+    #: (connections closed on them); PUBLISHes held back by a publish rate limit
+    acl_denied: int = 0
+    too_large: int = 0
+    malformed: int = 0
+    rate_limited: int = 0
 
 
 class Broker:
@@ -301,12 +312,17 @@ class Broker:
 
     def publish(self, msg: Message) -> int:
         """Store a retained message if flagged, then route; return the number of receivers."""
-        self.stats.messages_received += 1
+        st = self.stats
+        st.messages_received += 1
+        st.received_by_qos[msg.qos] += 1
         for tap in self.taps:
             tap(msg)  # may raise PublishRefused: then nothing else happens
         if msg.retain:
             self._retain(msg)
-        return self.route(msg)
+        n = self.route(msg)
+        if not n:
+            st.no_subscribers += 1
+        return n
 
     def commit_future(self) -> asyncio.Future[Any] | None:
         """Resolved when every durable change made so far is committed (None: nothing to wait).

@@ -93,6 +93,8 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self.transport = transport
         self.peer = peer
         self.on_close = on_close
+        #: the configured listener URL the client came in through (set by the ingress)
+        self.listener = ""
         #: the client-behaviour hooks (the threat watch) or None
         self.watch = watch
         self.loop = asyncio.get_running_loop()
@@ -192,6 +194,11 @@ class ClientConnection(ConnectHandshake, FlowControl):
             self.disconnect(rc.PROTOCOL_ERROR, f"unexpected packet type {t}")
 
     def _protocol_failure(self, exc: MqttError) -> None:
+        st = self.broker.stats
+        if exc.reason_code == rc.PACKET_TOO_LARGE:
+            st.too_large += 1
+        else:
+            st.malformed += 1
         log.info("client %s (%s): %s, closing", self.client_id or "?", self.peer, exc)
         if self.session is None:
             if isinstance(exc, UnsupportedProtocolVersion):
@@ -253,6 +260,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         ):
             if self.watch is not None:
                 self.watch.published(self.client_id, topic, len(p.payload), False)
+            broker.stats.acl_denied += 1
             log.info("client %s not authorised to publish to %s", self.client_id, topic)
             return self._ack_publish(p, rc.NOT_AUTHORIZED, None)
         if self.watch is not None:
@@ -357,7 +365,9 @@ class ClientConnection(ConnectHandshake, FlowControl):
                       len(wire), self.client_id)
             return False
         d.sent = True
-        self.broker.stats.messages_sent += 1
+        st = self.broker.stats
+        st.messages_sent += 1
+        st.sent_by_qos[d.qos] += 1
         self._write(wire)
         if self.write_paused:
             self.broker.blocked_links.append(self)

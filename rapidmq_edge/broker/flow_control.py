@@ -30,6 +30,7 @@ from .negotiation import ConnectionSettings
 from .session import Session
 
 if TYPE_CHECKING:
+    from .broker import Broker
     from .connection import Transport
 
 __all__ = ["Ack", "FlowControl", "HIGH_WATER", "PRESSURE_TIMEOUT"]
@@ -47,6 +48,7 @@ class FlowControl:
     ``__init__`` sets the attributes declared here)."""
 
     settings: ConnectionSettings
+    broker: Broker
     transport: Transport
     loop: asyncio.AbstractEventLoop
     version: int
@@ -170,6 +172,7 @@ class FlowControl:
         self._token_time = now
         self._tokens -= 1
         if self._tokens < 0 and not self._paused:
+            self.broker.stats.rate_limited += 1
             self._paused = True
             self.transport.pause_reading()
             if self._held is None:  # the rest of the bytes already read waits as well

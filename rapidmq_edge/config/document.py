@@ -38,6 +38,14 @@ from .forwarding import ForwardingSettings, parse_forwarding
 from .ingress import CoapSettings, HttpSettings, parse_coap, parse_http
 from .intelligence import IntelligenceSettings, parse_intelligence
 from .mqtt import MqttSettings, is_loopback, parse_mqtt
+from .operations import (
+    FleetSettings,
+    HealthSettings,
+    MetricsSettings,
+    parse_fleet,
+    parse_health,
+    parse_metrics,
+)
 from .ota import OtaSettings, parse_ota
 
 __all__ = [
@@ -108,13 +116,17 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     #: ``[ota]`` (:mod:`.ota`); disabled unless enabled = true
     ota: OtaSettings = field(default_factory=OtaSettings)
+    #: ``[metrics]``, ``[health]``, ``[fleet]`` (:mod:`.operations`)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
 
 
 # --------------------------------------------------------------------------- sections
 
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
-    "coap", "http", "security", "intelligence", "log", "ota",
+    "coap", "http", "security", "intelligence", "log", "ota", "metrics", "health", "fleet",
 )
 
 
@@ -202,13 +214,18 @@ def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Conf
                   LogSettings(gateway.log_level))
     ota = section(lambda: parse_ota(top.get("ota", {}), base_dir,
                                     [u.name for u in forwarding.upstreams]), OtaSettings())
+    metrics = section(lambda: parse_metrics(top.get("metrics", {})), MetricsSettings())
+    health = section(lambda: parse_health(top.get("health", {})), HealthSettings())
+    fleet = section(lambda: parse_fleet(top.get("fleet", {}),
+                                        [u.name for u in forwarding.upstreams]), FleetSettings())
     warnings = _warnings(mqtt, auth)
     if isinstance(top.get("intelligence"), dict) and "alert_cooldown_s" in top["intelligence"]:
         warnings += ("intelligence.alert_cooldown_s is no longer used: an anomaly incident "
                      "closes after intelligence.episode_close_readings normal readings",)
     return Config(
         gateway, mqtt, auth, acl, persistence, source, warnings, forwarding,
-        coap, http, intelligence=intelligence, log=log, ota=ota,
+        coap, http, intelligence=intelligence, log=log, ota=ota, metrics=metrics,
+        health=health, fleet=fleet,
     )
 
 

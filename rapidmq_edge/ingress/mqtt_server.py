@@ -58,9 +58,11 @@ class ConnectionRegistry:
 class MqttStreamProtocol(asyncio.Protocol):
     """asyncio protocol for MQTT over TCP or TLS."""
 
-    def __init__(self, factory: ConnectionFactory, registry: ConnectionRegistry) -> None:
+    def __init__(self, factory: ConnectionFactory, registry: ConnectionRegistry,
+                 listener: str = "") -> None:
         self.factory = factory
         self.registry = registry
+        self.listener = listener
         self.conn: ClientConnection | None = None
 
     def connection_made(self, transport: Any) -> None:  # uvloop's is no asyncio.Transport
@@ -69,6 +71,7 @@ class MqttStreamProtocol(asyncio.Protocol):
         admitted = self.registry.admit(host)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         conn = self.factory(transport, f"{host}:{peer[1]}")
+        conn.listener = self.listener
         if not admitted:  # CONNACK 0x9F (3.1.1: 3, server unavailable), then closed
             log.warning("connection rate from %s exceeded; refusing", host)
             conn.refuse_connect(rc.CONNECTION_RATE_EXCEEDED)
@@ -144,7 +147,7 @@ class WebSocketTransport:
 
 async def serve_websocket(
     host: str, port: int, path: str, factory: ConnectionFactory, registry: ConnectionRegistry,
-    ssl_context: ssl.SSLContext | None,
+    ssl_context: ssl.SSLContext | None, listener: str = "",
 ) -> Any:
     """Start a WebSocket listener; MQTT packets travel in binary frames."""
     from websockets.asyncio.server import serve
@@ -158,6 +161,7 @@ async def serve_websocket(
         admitted = registry.admit(str(peer[0]))
         transport = WebSocketTransport(ws)
         conn = factory(transport, f"{peer[0]}:{peer[1]}")
+        conn.listener = listener
         if not admitted:  # refused with a CONNACK, as over TCP
             log.warning("connection rate from %s exceeded; refusing", peer[0])
             conn.refuse_connect(rc.CONNECTION_RATE_EXCEEDED)
@@ -241,10 +245,10 @@ async def serve_mqtt(
         try:
             if lst.is_websocket:
                 server = await serve_websocket(lst.host, lst.port, lst.path, factory, registry,
-                                               ctx)
+                                               ctx, lst.url)
             else:
                 server = await loop.create_server(
-                    lambda: MqttStreamProtocol(factory, registry),
+                    lambda lst=lst: MqttStreamProtocol(factory, registry, lst.url),
                     lst.host, lst.port, ssl=ctx, reuse_address=True, backlog=1024,
                 )
         except OSError as exc:

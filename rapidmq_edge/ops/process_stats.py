@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["LoopLag", "process_values"]
@@ -24,6 +25,10 @@ class LoopLag:
         self.interval = interval
         self.samples: deque[float] = deque(maxlen=window)
         self.max_s = 0.0  # since start
+        #: time.monotonic() of the last wake-up (0: never): a loop that stopped shows here
+        self.last_tick = 0.0
+        #: called with every sample (s): the /metrics histogram
+        self.on_sample: Callable[[float], None] | None = None
 
     async def run(self) -> None:
         """Sample forever (cancel to stop)."""
@@ -32,8 +37,11 @@ class LoopLag:
             await asyncio.sleep(self.interval)
             lag = max(0.0, time.perf_counter() - due)
             self.samples.append(lag)
+            self.last_tick = time.monotonic()
             if lag > self.max_s:
                 self.max_s = lag
+            if self.on_sample is not None:
+                self.on_sample(lag)
 
     def snapshot(self) -> dict[str, float]:
         """p50 / p99 / max of the recent window and the largest since start, in ms."""

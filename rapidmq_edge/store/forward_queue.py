@@ -58,6 +58,8 @@ _READ_CHUNK = 900  # ids per "WHERE id IN (...)"
 _READ_SQL = "SELECT id, topic, payload, qos, props FROM messages WHERE id"
 #: id jump after a salvage that could not read the id sequence (ids are never reused)
 _ID_GAP_UNKNOWN = 1 << 32
+#: ``drops`` reason -> its ``class_drops`` kind when the caller gives none
+_KINDS = {"dropped_oldest": "queue_full", "refused": "queue_full", "expired": "ttl_expired"}
 
 
 @dataclass(slots=True)
@@ -108,6 +110,10 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self.quarantined: Path | None = None
         self.drops = {"dropped_oldest": 0, "refused": 0, "expired": 0, "corrupt": 0,
                       "not_stored": 0, "too_large": 0, "disk_full": 0}
+        #: the same drops by (metric reason, priority class; -1 unknown): ``queue_full``,
+        #: ``expired_by_age``, ``too_large``, ``disk_full``, ``ttl_expired``, ``corrupt``,
+        #: ``not_stored`` (the ``/metrics`` series; counted off the hot path)
+        self.class_drops: dict[tuple[str, int], int] = {}
         #: the data directory's disk: below its reserve new messages are refused
         self.disk = disk
         self.commits = 0
@@ -145,6 +151,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         #: called in the writer thread inside each commit's transaction with the rows being
         #: inserted (pipeline/protect.py logs batch-chain records atomically with them)
         self.write_hook: Callable[[sqlite3.Connection, list[Row]], None] | None = None
+        self.commit_observer: Callable[[float], None] | None = None
 
     @property
     def next_id(self) -> int:
@@ -195,6 +202,8 @@ class ForwardQueue(QueueBounds, QueueWriter):
         db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
         db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (next_seq,))
         self.drops["corrupt"] += bad
+        if bad:
+            self.class_drops[("corrupt", -1)] = self.class_drops.get(("corrupt", -1), 0) + bad
         log.error(
             "forward queue: salvaged %d message(s) from %s into %s; %d unreadable row(s) "
             "dropped, rows in damaged pages are lost (count unknown)",
@@ -242,7 +251,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         if disk is not None and disk.low(self._pending_bytes + size) and (
                 priority or disk.low(self._pending_bytes + size - disk.reserve // 2)):
             # alarms (class 0) may use half of the reserve; nothing else enters it
-            self.drops["disk_full"] += 1
+            self._count_drop("disk_full", priority)
             raise QueueFull(disk.why())
         now = self.now()
         lane = self._lane(upstream, priority)
@@ -261,11 +270,19 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._schedule()
         return mid
 
-    def _forget(self, mid: int, size: int, reason: str) -> None:
+    def _count_drop(self, reason: str, prio: int, kind: str | None = None) -> None:
+        """Count a drop under ``reason`` (``drops``) and ``(kind or reason, prio)``."""
+        if reason in self.drops:
+            self.drops[reason] += 1
+        key = (kind or _KINDS.get(reason, reason), prio)
+        self.class_drops[key] = self.class_drops.get(key, 0) + 1
+
+    def _forget(self, mid: int, size: int, reason: str, prio: int = -1,
+                kind: str | None = None) -> None:
         """Delete a message that left the index (dropped or acked); count ``reason``."""
         self._total_bytes -= size
         if reason:
-            self.drops[reason] += 1
+            self._count_drop(reason, prio, kind)
         if self._ins.pop(mid, None) is not None:
             self._pending_bytes -= size  # never written: nothing to delete
             return
@@ -304,7 +321,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
             while i > lane.h and n > 0:
                 i -= 1
                 mid, e = lane.entry(i)
-                if self._expired(lane, mid, e, now):
+                if self._expired(lane, mid, e, now, prio):
                     continue
                 lane.inflight[mid] = e
                 out.append((mid, prio, e))
@@ -315,18 +332,18 @@ class ForwardQueue(QueueBounds, QueueWriter):
             while i < end and n > 0:
                 mid, e = lane.entry(i)
                 i += 1
-                if self._expired(lane, mid, e, now):
+                if self._expired(lane, mid, e, now, prio):
                     continue
                 lane.inflight[mid] = e
                 out.append((mid, prio, e))
                 n -= 1
             lane.cut(lane.h, i)
 
-    def _expired(self, lane: Lane, mid: int, e: Entry, now: float) -> bool:
+    def _expired(self, lane: Lane, mid: int, e: Entry, now: float, prio: int = -1) -> bool:
         if e[2] and e[2] <= now:
             lane.msgs -= 1
             lane.bytes -= e[0]
-            self._forget(mid, e[0], "expired")
+            self._forget(mid, e[0], "expired", prio)
             return True
         return False
 
@@ -362,7 +379,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
                 del lane.inflight[mid]
                 lane.msgs -= 1
                 lane.bytes -= e[0]
-                self._forget(mid, e[0], "corrupt")
+                self._forget(mid, e[0], "corrupt", prio)
                 log.error("forward queue %s: message %d is unreadable, dropped", self.path, mid)
                 continue
             out[i] = QueuedMessage(
@@ -432,7 +449,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
                 size = lane.inflight.pop(mid)[0]
                 lane.msgs -= 1
                 lane.bytes -= size
-                self._forget(mid, size, reason)
+                self._forget(mid, size, reason, prio)
 
     def requeue(self, upstream: str, ids: Iterable[int]) -> None:
         """Hand in-flight ``ids`` out again (the uplink dropped before their PUBACK)."""

@@ -51,19 +51,24 @@ class QueueBounds:
     _total_bytes: int
 
     if TYPE_CHECKING:  # provided by ForwardQueue
-        def _forget(self, mid: int, size: int, reason: str) -> None: ...
+        def _forget(self, mid: int, size: int, reason: str, prio: int = -1,
+                    kind: str | None = None) -> None: ...
 
-    def _refuse(self, reason: str) -> QueueFull:
-        self.drops["refused"] += 1
+        def _count_drop(self, reason: str, prio: int, kind: str | None = None) -> None: ...
+
+    def _refuse(self, reason: str, prio: int = -1, kind: str = "queue_full") -> QueueFull:
+        self._count_drop("refused", prio, kind)
         return QueueFull(reason)
 
     def _check_class(
         self, up: str, prio: int, lane: Lane, lim: ClassLimits, size: int, now: float,
     ) -> None:
         if lim.max_bytes and size > lim.max_bytes:
-            raise self._refuse(f"message of {size} B exceeds class {prio} max_bytes")
+            raise self._refuse(f"message of {size} B exceeds class {prio} max_bytes", prio,
+                               "too_large")
         if self.max_bytes and size > self.max_bytes:
-            raise self._refuse(f"message of {size} B exceeds queue max_bytes")
+            raise self._refuse(f"message of {size} B exceeds queue max_bytes", prio,
+                               "too_large")
         if lim.policy == "drop_oldest":
             if lim.max_age:
                 self._trim_age(up, prio, lane, now - lim.max_age)
@@ -74,13 +79,15 @@ class QueueBounds:
                 self._evict_oldest(up, prio, lane)
             return
         if lim.max_messages and lane.msgs >= lim.max_messages:
-            raise self._refuse(f"{up}: class {prio} holds max_messages={lim.max_messages}")
+            raise self._refuse(f"{up}: class {prio} holds max_messages={lim.max_messages}",
+                               prio)
         if lim.max_bytes and lane.bytes + size > lim.max_bytes:
-            raise self._refuse(f"{up}: class {prio} holds max_bytes={lim.max_bytes}")
+            raise self._refuse(f"{up}: class {prio} holds max_bytes={lim.max_bytes}", prio)
         if lim.max_age:
             oldest = lane.oldest_created()
             if oldest is not None and now - oldest > lim.max_age:
-                raise self._refuse(f"{up}: class {prio} has messages older than max_age")
+                raise self._refuse(f"{up}: class {prio} has messages older than max_age",
+                                   prio, "expired_by_age")
 
     def _make_room(self, priority: int, size: int) -> None:
         """Evict oldest messages of drop_oldest classes not above ``priority`` (least
@@ -91,7 +98,7 @@ class QueueBounds:
             if (p := key[1]) >= priority and self.classes[p].policy == "drop_oldest"
         ]
         if sum(lane.bytes for _, _, lane in evictable) < need:
-            raise self._refuse(f"queue holds max_bytes={self.max_bytes}")
+            raise self._refuse(f"queue holds max_bytes={self.max_bytes}", priority)
         for p in sorted({p for p, _, _ in evictable}, reverse=True):
             lanes = [(key, lane) for q, key, lane in evictable if q == p]
             while self._total_bytes + size > self.max_bytes:
@@ -112,7 +119,7 @@ class QueueBounds:
             lane.cut(lane.h, lane.h + 1)
         lane.msgs -= 1
         lane.bytes -= size
-        self._forget(mid, size, "dropped_oldest")
+        self._forget(mid, size, "dropped_oldest", prio)
 
     def _trim_age(self, up: str, prio: int, lane: Lane, cutoff: float) -> None:
         """Drop ready (not in-flight) messages created before ``cutoff``."""
@@ -121,4 +128,4 @@ class QueueBounds:
             lane.cut(lane.h, lane.h + 1)
             lane.msgs -= 1
             lane.bytes -= size
-            self._forget(mid, size, "dropped_oldest")
+            self._forget(mid, size, "dropped_oldest", prio, "expired_by_age")

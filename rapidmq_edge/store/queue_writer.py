@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..telemetry import RepeatedLog
 from .disk import DiskSpace, is_disk_full
@@ -98,6 +99,11 @@ class QueueWriter:
     _repeats: RepeatedLog
     _flush_started: float  # time.monotonic() when the commit being written was handed over
     _commit_max: float  # the longest commit since commit_latency() was last asked
+    #: called on the loop with each commit's duration (s): the /metrics histogram
+    commit_observer: Callable[[float], None] | None
+
+    if TYPE_CHECKING:  # provided by ForwardQueue
+        def _count_drop(self, reason: str, prio: int, kind: str | None = None) -> None: ...
 
     def _wake(self, upstreams: Iterable[str]) -> None:
         """Resolve the ``wait_for_data`` futures of ``upstreams``."""
@@ -278,7 +284,10 @@ class QueueWriter:
         self._busy = False
         self._state_writing = {}
         self._written_at = time.monotonic()
-        self._commit_max = max(self._commit_max, self._written_at - self._flush_started)
+        took = self._written_at - self._flush_started
+        self._commit_max = max(self._commit_max, took)
+        if self.commit_observer is not None:
+            self.commit_observer(took)
         writing, self._writing = self._writing, {}
         waiters, self._busy_fut = self._busy_fut, None
         exc = f.exception()
@@ -348,7 +357,7 @@ class QueueWriter:
         for lane in self._lanes.values():
             for mid in lane.remove_range(lo, hi):
                 self._total_bytes -= writing[mid][9]
-                self.drops["not_stored"] += 1
+                self._count_drop("not_stored", writing[mid][2])
 
 
 def _checkpoint(db: sqlite3.Connection, mode: str) -> None:

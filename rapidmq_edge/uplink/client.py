@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..mqtt.codec import encode
+from ..mqtt.codec import encode, encode_publish
 from ..mqtt.packets import (
     MQTT_5,
     MQTT_311,
@@ -36,6 +36,7 @@ from ..mqtt.packets import (
     Disconnect,
     SubOptions,
     Subscribe,
+    Will,
 )
 from ..telemetry import RepeatedLog
 from .backoff import Backoff
@@ -84,6 +85,7 @@ class UplinkClient(MessageFlow):
         policy: EndpointPolicy | None = None,
         ack_timeout: float = 10.0,
         steer_interval: float = 0.5,
+        will: Will | None = None,
     ) -> None:
         if version not in (MQTT_311, MQTT_5):
             raise ValueError("version must be 4 (3.1.1) or 5")
@@ -120,6 +122,10 @@ class UplinkClient(MessageFlow):
         self.bucket = TokenBucket(rate_limit)
         self.heartbeat_topic = heartbeat_topic
         self.heartbeat_interval = heartbeat_interval
+        #: the Will of every CONNECT (the fleet status's "offline"), None: no will
+        self.will = will
+        #: sessions begun (CONNACK accepted): a new one means retained state may be gone
+        self.sessions = 0
         #: wall-clock time the last heartbeat came back through the upstream, and its RTT
         self.last_heartbeat: float | None = None
         self.heartbeat_rtt_ms: float | None = None
@@ -182,6 +188,16 @@ class UplinkClient(MessageFlow):
             "last_heartbeat": self.last_heartbeat,
             "heartbeat_rtt_ms": self.heartbeat_rtt_ms,
         }
+
+    def publish_now(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """Publish at QoS 0 outside the queue (the fleet status, like the heartbeat);
+        False when not connected."""
+        conn = self._conn
+        if conn is None or not self.connected:
+            return False
+        conn.write(encode_publish(topic.encode(), payload, 0, retain, False, 0,
+                                  b"\x00" if self.version == MQTT_5 else None))
+        return True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,7 +288,7 @@ class UplinkClient(MessageFlow):
                     props["session_expiry_interval"] = self.session_expiry
                 pw = self.password.encode() if self.password is not None else None
                 conn.write(encode(Connect(
-                    self.version, self.client_id, False, self.keep_alive, None,
+                    self.version, self.client_id, False, self.keep_alive, self.will,
                     self.username, pw, props,
                 ), self.version))
                 connack = await conn.connack
@@ -295,6 +311,7 @@ class UplinkClient(MessageFlow):
         self._conn = conn
         self._switching = False
         self.connected = True
+        self.sessions += 1
         self.current_url = url.raw
         self.last_error = None
         self._repeats.clear(url.raw)

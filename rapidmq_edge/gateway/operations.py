@@ -1,0 +1,141 @@
+"""The operator's view of one gateway, wired from its parts: ``/metrics``
+(:mod:`rapidmq_edge.ops.metrics`), ``/livez`` and ``/readyz`` (:mod:`rapidmq_edge.ingress.
+ops_http`) and the fleet status on the upstream (:mod:`rapidmq_edge.ops.fleet`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ..config.operations import FleetSettings, HealthSettings, MetricsSettings
+from ..ingress.ops_http import OpsHooks, OpsServer
+from ..mqtt.packets import Will
+from ..ops.fleet import FleetPublisher, offline_payload
+from ..ops.metrics import GatewayMetrics, MetricSources
+from ..security.tokens import TokenDB
+
+if TYPE_CHECKING:
+    from .assembly import Gateway
+
+__all__ = ["OperatorView"]
+
+log = logging.getLogger("rapidmq_edge")
+
+#: /livez fails when the event loop's lag sampler has not run for this long (s)
+LOOP_STALL = 10.0
+
+
+class OperatorView:
+    """Metrics, probes and the fleet status of ``gateway`` (built after its parts)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gw = gateway
+        c = gw.config
+        self.metrics_settings: MetricsSettings = getattr(c, "metrics", MetricsSettings())
+        self.health: HealthSettings = getattr(c, "health", HealthSettings())
+        self.fleet_settings: FleetSettings = getattr(c, "fleet", FleetSettings())
+        self.serving = False  # set once start() has bound every listener
+        self.created = time.monotonic()
+        self.metrics: GatewayMetrics | None = None
+        if self.metrics_settings.enabled:
+            fwd = gw.forward
+            self.metrics = GatewayMetrics(MetricSources(
+                gateway_id=c.gateway.id, broker=gw.broker, loop_lag=gw.loop_lag, disk=gw.disk,
+                connections=self._connections, published_by=self._published_by,
+                queue=fwd.queue if fwd is not None else None, uplinks=gw.uplinks,
+                forward_status=gw.forward_status,
+                protect=fwd.protect if fwd is not None else None,
+                intelligence=gw.intelligence,
+            ))
+        self.fleet: FleetPublisher | None = None
+        fs = self.fleet_settings
+        if fs.enabled and gw.uplinks:
+            client = next((u for u in gw.uplinks if u.name == fs.upstream), gw.uplinks[0])
+            topic = fs.topic.replace("{gateway_id}", c.gateway.id)
+            client.will = Will(topic, offline_payload(c.gateway.id), 1, True)
+            self.fleet = FleetPublisher(client, topic, fs.interval_s, gw.snapshot)
+        self.server: OpsServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- what the endpoints read -------------------------------------------------------
+
+    def _connections(self) -> dict[tuple[str, str], int]:
+        gw = self.gw
+        out: Counter[tuple[str, str]] = Counter(
+            ("mqtt", conn.listener or "?") for conn in gw.registry.connections)
+        if gw.http is not None and gw.http.streams:
+            out[("http_sse", "http")] = len(gw.http.streams)
+        return dict(out)
+
+    def _published_by(self) -> dict[str, list[int]]:
+        http = self.gw.http
+        return {"http": list(http.published_by_qos)} if http is not None else {}
+
+    def alive(self) -> list[str]:
+        """Empty while the event loop runs (its lag sampler ticked recently)."""
+        tick = self.gw.loop_lag.last_tick or self.created
+        stalled = time.monotonic() - tick
+        return [f"event loop stalled for {stalled:.1f} s"] if stalled > LOOP_STALL else []
+
+    def ready(self) -> list[str]:
+        """Empty when the gateway serves: store recovered, listeners up and (with
+        ``[health] require_upstream``) an upstream link up; else the reasons."""
+        gw = self.gw
+        reasons = []
+        if not self.serving:
+            reasons.append("starting: store recovery or listeners not finished")
+        elif not gw.servers:
+            reasons.append("no MQTT listener is bound")
+        if self.health.require_upstream and gw.uplinks and not any(
+                u.connected for u in gw.uplinks):
+            reasons.append("no upstream link is up: " + ", ".join(
+                f"{u.name} ({u.last_error or 'connecting'})" for u in gw.uplinks))
+        return reasons
+
+    def hooks(self) -> OpsHooks:
+        """The callables ``/metrics``, ``/livez`` and ``/readyz`` answer from."""
+        m = self.metrics
+        return OpsHooks(m.render if m is not None else None, self.metrics_settings.auth,
+                        self.ready, self.alive)
+
+    def status_line(self) -> str:
+        """One line for systemd's ``STATUS=``."""
+        gw = self.gw
+        text = f"{gw.broker.stats.clients_connected} clients"
+        if gw.forward is not None:
+            ups = sum(u.connected for u in gw.uplinks)
+            text += (f", backlog {gw.forward.queue.stats()['messages']}, upstreams "
+                     f"{ups}/{len(gw.uplinks)} up")
+        reasons = self.ready()
+        return text + (f"; NOT READY: {'; '.join(reasons)}" if reasons else "")
+
+    # -- running -------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Bind ``[metrics] listen`` (if set), start the fleet status; the bound URLs."""
+        urls: list[str] = []
+        ms = self.metrics_settings
+        if ms.listen:
+            tf = self.gw.config.http.tokens_file
+            tokens = (TokenDB.load(tf) if tf is not None and tf.exists()
+                      else TokenDB(path=tf))
+            self.server = OpsServer(self.hooks(), ms.listen, tokens)
+            urls = await self.server.start()
+        if self.fleet is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.fleet.run()))
+        return urls
+
+    async def stop(self) -> None:
+        """Say "offline" on the fleet topic (a graceful stop sends no will), close."""
+        self.serving = False
+        for task in self._tasks:
+            task.cancel()
+        if self.fleet is not None:
+            with contextlib.suppress(Exception):
+                self.fleet.publish("offline")
+        if self.server is not None:
+            await self.server.stop()

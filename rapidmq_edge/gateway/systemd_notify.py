@@ -1,0 +1,73 @@
+"""systemd ``Type=notify``: ``READY=1`` once the gateway serves, ``WATCHDOG=1`` from the
+event loop, a ``STATUS=`` line, ``STOPPING=1`` on shutdown (via ``sdnotify``).
+
+Without ``NOTIFY_SOCKET`` (not started by systemd) every call does nothing. The watchdog
+pings come from a task on the event loop: a loop that is stuck stops pinging and systemd
+restarts the service after ``WatchdogSec=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+
+import sdnotify
+
+__all__ = ["ServiceNotifier", "watchdog_interval"]
+
+
+def watchdog_interval(env: Mapping[str, str], fraction: float = 0.5) -> float | None:
+    """Seconds between pings (``fraction`` of ``WATCHDOG_USEC``), None when systemd asks
+    for none or asks another process (``WATCHDOG_PID``)."""
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 * fraction
+
+
+class ServiceNotifier:
+    """The gateway's messages to systemd (no-ops outside systemd)."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.enabled = bool(env.get("NOTIFY_SOCKET"))
+        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._env = env
+        self.pings = 0
+
+    def _send(self, text: str) -> None:
+        if self._sd is not None:
+            self._sd.notify(text)
+
+    def ready(self, status: str) -> None:
+        """The store is recovered and the listeners are up."""
+        self._send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+
+    def status(self, status: str) -> None:
+        """Update the one-line status ``systemctl status`` shows."""
+        self._send(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        """Shutdown has begun."""
+        self._send("STOPPING=1\nSTATUS=shutting down")
+
+    async def watchdog(self, status: Callable[[], str], fraction: float = 0.5,
+                       status_every: float = 5.0) -> None:
+        """Ping ``WATCHDOG=1`` forever (cancel to stop), the status line every
+        ``status_every`` seconds; returns at once when no watchdog is asked for."""
+        loop = asyncio.get_running_loop()
+        interval = watchdog_interval(self._env, fraction) if self.enabled else None
+        every = interval if interval is not None else status_every
+        if not self.enabled:
+            return
+        next_status = loop.time()
+        while True:
+            if interval is not None:
+                self._send("WATCHDOG=1")
+                self.pings += 1
+            if loop.time() >= next_status:
+                self.status(status())
+                next_status = loop.time() + status_every
+            await asyncio.sleep(min(every, status_every))
