@@ -23,6 +23,9 @@ LINT_PATHS := $(wildcard rapidmq_edge tests bench firmware_sim)
 # Debian packages providing the external peers used by the interop tests, and what builds
 # the optional C accelerator (rapidmq_edge/crypto/_fastpath.c: a compiler, OpenSSL headers).
 APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server gcc libssl-dev
+# /metrics is checked by promtool and scraped by a real Prometheus; the systemd unit by
+# systemd-analyze verify (issue 15)
+APT_PACKAGES += prometheus systemd
 
 .PHONY: help venv system-deps run lint test bench models clean distclean soak
 
@@ -44,7 +47,8 @@ $(STAMP): pyproject.toml setup.py rapidmq_edge/crypto/_fastpath.c \
 system-deps:
 	@missing=""; \
 	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
-	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server gcc; do \
+	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server gcc prometheus promtool \
+	         systemd-analyze; do \
 	    command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
 	done; \
 	test -f /usr/include/openssl/evp.h || missing="$$missing libssl-dev"; \
@@ -63,16 +67,17 @@ system-deps:
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q || { sleep 5; apt-get update -q; }; \
 	apt-get install -y -q --no-install-recommends $(APT_PACKAGES) $$extra; \
-	for s in mosquitto nats-server; do \
+	for s in mosquitto nats-server prometheus; do \
 	    if command -v service >/dev/null 2>&1 && service $$s status >/dev/null 2>&1; then \
 	        echo "system-deps: stopping system $$s service"; \
 	        service $$s stop >/dev/null 2>&1 || true; \
 	    fi; \
 	done; \
 	if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then \
-	    systemctl disable --now mosquitto nats-server >/dev/null 2>&1 || true; \
+	    systemctl disable --now mosquitto nats-server prometheus >/dev/null 2>&1 || true; \
 	fi; \
-	for c in /usr/sbin/mosquitto mosquitto_pub mosquitto_sub coap-client-notls nats-server; do \
+	for c in /usr/sbin/mosquitto mosquitto_pub mosquitto_sub coap-client-notls nats-server \
+	         prometheus promtool systemd-analyze; do \
 	    command -v $$c >/dev/null 2>&1 || { echo "system-deps: $$c still missing" >&2; exit 1; }; \
 	done
 
