@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..config.operations import FleetSettings, HealthSettings, MetricsSettings
@@ -95,6 +96,13 @@ class OperatorView:
             reasons.append("no upstream link is up: " + ", ".join(
                 f"{u.name} ({u.last_error or 'connecting'})" for u in gw.uplinks))
         return reasons
+
+    def set_ota_components(self, source: Callable[[], Iterable[Mapping[str, str]]]) -> None:
+        """The OTA integration's hook: ``source()`` gives one dict of string labels per
+        component (e.g. ``{"component": "priority", "state": "shadow", "version": "3"}``),
+        exported as ``rapidmq_ota_component_info``."""
+        if self.metrics is not None:
+            self.metrics.sources.ota_components = source
 
     def hooks(self) -> OpsHooks:
         """The callables ``/metrics``, ``/livez`` and ``/readyz`` answer from."""
