@@ -6,6 +6,11 @@ File format (written by ``rapidmq-edge token add``; mode 0600, replaced atomical
     user = "alice"                        # the user name the ACL sees
     hash = "sha256:<64 hex digits>"       # SHA-256 of the token; the token itself is not kept
     created = "2024-05-01T12:00:00Z"      # informational
+    role = "read"                         # optional: "admin" (the default) or "read"
+
+A ``read`` token may look (the dashboard, ``/api/v1/subscribe``) but not publish; an
+``admin`` token may do everything the ACL lets its user do. Tokens written before roles
+existed have no ``role`` key and stay ``admin``.
 
 A token is ``rmq_`` followed by 32 random bytes (URL-safe base64), so a single unsalted
 SHA-256 is enough: there is nothing to brute-force. Lookups compare the presented token's
@@ -29,6 +34,7 @@ from ..config.files import named_tables, read_toml, write_toml_atomic
 from .users import valid_username
 
 __all__ = [
+    "ROLES",
     "TOKEN_PREFIX",
     "Token",
     "TokenDB",
@@ -44,6 +50,8 @@ TOKEN_PREFIX = "rmq_"
 _HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_TOKEN_LEN = 512
+#: what a token may do: look only, or everything its user's ACL allows
+ROLES = ("admin", "read")
 
 
 class TokensFileError(ConfigError):
@@ -58,6 +66,12 @@ class Token:
     user: str
     hash: str
     created: str = ""
+    role: str = "admin"
+
+    @property
+    def may_publish(self) -> bool:
+        """False for a read-only token."""
+        return self.role == "admin"
 
 
 def valid_token_name(name: str) -> bool:
@@ -83,7 +97,7 @@ def _validate(path: Path, data: dict[str, Any]) -> dict[str, Token]:
     out: dict[str, Token] = {}
     for name, key, entry in named_tables(path, data, "tokens", TokensFileError, valid_token_name,
                                          "invalid token name (use A-Z a-z 0-9 . _ -)",
-                                         ("user", "hash", "created"),
+                                         ("user", "hash", "created", "role"),
                                          "must be a table with user and hash keys"):
         user = entry.get("user")
         if not isinstance(user, str) or not valid_username(user):
@@ -97,7 +111,10 @@ def _validate(path: Path, data: dict[str, Any]) -> dict[str, Token]:
         created = entry.get("created", "")
         if not isinstance(created, str):
             raise TokensFileError(f"{path}: {key}.created: must be a string")
-        out[name] = Token(name, user, digest, created)
+        role = entry.get("role", "admin")
+        if role not in ROLES:
+            raise TokensFileError(f'{path}: {key}.role: must be "admin" or "read"')
+        out[name] = Token(name, user, digest, created, role)
     return out
 
 
@@ -111,6 +128,8 @@ def _dump(path: Path, tokens: dict[str, Token]) -> None:
         table[t.name] = {"user": t.user, "hash": t.hash}
         if t.created:
             table[t.name]["created"] = t.created
+        if t.role != "admin":
+            table[t.name]["role"] = t.role
     write_toml_atomic(path, {"tokens": table})
 
 
@@ -187,11 +206,16 @@ class TokenDB:
         return found
 
 
-def add_token(path: Path, name: str, user: str, replace: bool = False) -> str:
-    """Create token ``name`` acting as ``user``; return the token (it is not stored).
+def add_token(path: Path, name: str, user: str, replace: bool = False,
+              role: str = "admin") -> str:
+    """Create token ``name`` acting as ``user`` with ``role``; return the token (it is not
+    stored).
 
-    Raises ValueError for a bad name or user, or when the name exists and not ``replace``.
+    Raises ValueError for a bad name, user or role, or when the name exists and not
+    ``replace``.
     """
+    if role not in ROLES:
+        raise ValueError(f"invalid role: {role!r} (use admin or read)")
     if not valid_token_name(name):
         raise ValueError(f"invalid token name: {name!r} (use A-Z a-z 0-9 . _ -)")
     if not valid_username(user):
@@ -201,7 +225,7 @@ def add_token(path: Path, name: str, user: str, replace: bool = False) -> str:
         raise ValueError(f"token {name!r} already exists (remove it first, or use --replace)")
     token = generate_token()
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tokens[name] = Token(name, user, hash_token(token), created)
+    tokens[name] = Token(name, user, hash_token(token), created, role)
     _dump(path, tokens)
     return token
 
