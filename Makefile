@@ -26,6 +26,8 @@ APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server gcc libssl-
 # /metrics is checked by promtool and scraped by a real Prometheus; the systemd unit by
 # systemd-analyze verify (issue 15)
 APT_PACKAGES += prometheus systemd
+# the dashboard's browser test: headless Chromium driven through its chromedriver (issue 15)
+APT_PACKAGES += chromium chromium-driver
 
 .PHONY: help venv system-deps run lint test bench models clean distclean soak
 
@@ -48,7 +50,7 @@ system-deps:
 	@missing=""; \
 	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
 	for c in mosquitto_pub mosquitto_sub coap-client-notls nats-server gcc prometheus promtool \
-	         systemd-analyze; do \
+	         systemd-analyze chromium chromedriver; do \
 	    command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
 	done; \
 	test -f /usr/include/openssl/evp.h || missing="$$missing libssl-dev"; \
@@ -77,7 +79,7 @@ system-deps:
 	    systemctl disable --now mosquitto nats-server prometheus >/dev/null 2>&1 || true; \
 	fi; \
 	for c in /usr/sbin/mosquitto mosquitto_pub mosquitto_sub coap-client-notls nats-server \
-	         prometheus promtool systemd-analyze; do \
+	         prometheus promtool systemd-analyze chromium chromedriver; do \
 	    command -v $$c >/dev/null 2>&1 || { echo "system-deps: $$c still missing" >&2; exit 1; }; \
 	done
 
