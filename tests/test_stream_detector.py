@@ -240,6 +240,37 @@ def test_young_stream_stuck() -> None:
     assert opens == []
 
 
+def _flat(rng: random.Random, t: float, i: int) -> float:
+    return 20.0 + rng.gauss(0.0, 1.0)
+
+
+def test_young_light_tailed_stream() -> None:
+    """A young stream with light-tailed residuals (no daily cycle yet to learn) opens one
+    episode on a shift or a drift before ``warmup``, and a spike that comes inside that
+    episode opens one of its own; healthy, it opens nothing."""
+    prm = DetectorParams()
+    at = prm.young_after + 60
+    found = 0
+    for seed in range(4):
+        opens, _ = _run(_flat, prm.warmup, seed)
+        assert opens == [], (seed, opens)
+        opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0), at + 60, seed)
+        assert opens == [(opens[0][0], "level_shift")] and at <= opens[0][0] <= at + 3, (
+            seed, opens)
+        opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0 + (
+            30.0 if i == at + 40 else 0.0)), at + 60, seed)
+        assert [o for o in opens if o[0] > at + 3] == [(at + 40, "spike")], (seed, opens)
+        opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 0.5 * (i - at + 1)), at + 60,
+                        seed)
+        assert len(opens) <= 1, (seed, opens)
+        found += bool(opens) and at <= opens[0][0] <= at + WITHIN
+    assert found >= 3
+    off = DetectorParams(reopen_new=False)
+    opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0 + (
+        30.0 if i == at + 40 else 0.0)), at + 60, 0, params=off)
+    assert len(opens) == 1, opens
+
+
 def test_non_finite_readings_are_not_learnt() -> None:
     det, ref = StreamDetector(), StreamDetector()
     ts, xs = _stream(_daily, 400, 4)
@@ -368,6 +399,8 @@ def test_kernel_equals_python_on_synthetic_streams() -> None:
         ("young spike", _with(_daily, 90, lambda r, t, i, x: x + 30.0 if i == 90 else x),
          False),
         ("young drift", _with(_daily, 120, lambda r, t, i, x: x + 0.3 * (i - 120)), False),
+        ("young flat", _with(_flat, 100, lambda r, t, i, x: x + 8.0 + (
+            30.0 if i == 140 else 0.0) + (0.5 * (i - 200) if i > 200 else 0.0)), False),
     ]
     rows: list[tuple[float, str, float]] = []
     for n, (name, gen, irregular) in enumerate(gens):
@@ -378,12 +411,17 @@ def test_kernel_equals_python_on_synthetic_streams() -> None:
     rows += [(T0 + 600 * STEP + 30.0 * i, "burst", 20.0 + 0.1 * i) for i in range(40)]
     rows += [(t + (12 * STEP if t > T0 + 600 * STEP else 0.0), "burst", x)
              for t, x in zip(ts, xs, strict=True)]
+    # a young shift, then a burst inside its episode (a new incident)
+    ts, xs = _stream(_with(_flat, 100, lambda r, t, i, x: x + 8.0), 400, 78)
+    dt = [0.0] + [0.1 * STEP if 150 <= i < 170 else STEP for i in range(1, 400)]
+    tb = [T0 + sum(dt[:i + 1]) for i in range(400)]
+    rows += [(t, "young burst", x) for t, x in zip(tb, xs, strict=True)]
     rows.sort(key=lambda r: (r[0], r[1]))
     keys, ts2, xs2 = [r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows]
     opened = 0
     for batch in (1, 7, 64):
         opened = _kernel_vs_python(keys, ts2, xs2, batch)
-    assert opened >= 6  # the anomalies were there to be seen
+    assert opened >= 8  # the anomalies were there to be seen
 
 
 @pytest.mark.skipif(KERNEL is None, reason="C kernel not built (test_kernel_is_built fails)")

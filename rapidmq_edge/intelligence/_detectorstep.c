@@ -31,7 +31,6 @@
 #define WEEK (7 * DAY)
 #define NCH 5 /* value channels (Bonferroni factor) */
 #define NKIND 6
-#define ZMAX_FROM 10 /* a young stream's largest residual is tracked from this reading on */
 
 /* DetectorParams' fields, in order: configure() refuses any other list */
 static const char *const PARAM_NAMES[] = {
@@ -41,7 +40,7 @@ static const char *const PARAM_NAMES[] = {
     "p_open", "p_calm", "calm_readings", "reopen", "reopen_after", "gap", "p_single",
     "ref_clip", "level_clip", "rate_window", "rate_floor", "young_after", "a_burst",
     "burst_min", "burst_clip", "p_burst", "young_z", "young_k",
-    "young_light",
+    "young_light", "young_g", "young_from", "reopen_new",
 };
 #define NPARAM ((int)(sizeof PARAM_NAMES / sizeof PARAM_NAMES[0]))
 
@@ -51,7 +50,7 @@ typedef struct {
         stuck_min, q, eta_q, a_excess, xi_max, p_open, p_calm, calm_readings, reopen,
         reopen_after, gap, p_single, ref_clip, level_clip, rate_window, rate_floor,
         young_after, a_burst, burst_min, burst_clip, p_burst, young_z, young_k,
-        young_light;
+        young_light, young_g, young_from, reopen_new;
     int window;         /* rate_window as an int, 1..64 */
     uint64_t wmask;     /* its bit mask */
 } params_t;
@@ -78,6 +77,7 @@ typedef struct {
     long long calm, ep_len;
     double ep_p, prev_p;
     double zmax;
+    int was_burst, was_light, lvl_on;
     Py_ssize_t nk[2];
     double *knots[2];
 } det_t;
@@ -336,13 +336,26 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double pb = n > 2 && burst > p->burst_min ? tail_p(&tails[3], burst, p) : 1.0;
     const int is_burst = pb < p->p_burst;
     const double zr = fabs(r) / s2;
-    int opens = 0, young = 0;
+    int opens = 0;
+    int light = 0; /* 1: opened by the light-tail residual test, 2: by its level test */
     if (nd >= p->young_after) {
         const int mature = nd >= p->warmup;
+        const int young_stuck = !mature && stuck && (double)run >= 2 * p->stuck_min &&
+                                s->run_max <= 2.0;
+        if (!mature && s->zmax <= p->young_light) {
+            if (0.0 < p->young_z && p->young_z < zr && zr > p->young_k * s->zmax)
+                light = 1;
+            else if (0.0 < p->young_g && p->young_g < z2)
+                light = 2;
+        }
         if (s->in_episode) {
             s->ep_len += 1;
-            if (mature && pval < p->p_open * p->reopen && (double)s->ep_len > p->reopen_after &&
-                pval < s->ep_p * p->reopen) {
+            if ((double)s->ep_len > p->reopen_after &&
+                ((mature && pval < p->p_open * p->reopen && pval < s->ep_p * p->reopen) ||
+                 (p->reopen_new != 0.0 &&
+                  ((light == 1 && s->was_light != 1) || (light == 2 && !s->lvl_on) ||
+                   (is_burst && !s->was_burst) ||
+                   (young_stuck && (double)run == 2 * p->stuck_min))))) {
                 opens = 1;
                 s->calm = s->ep_len = 0;
                 s->ep_p = pval;
@@ -356,20 +369,21 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
                     s->in_episode = 0;
             }
         }
-        else if (is_burst ||
+        else if (is_burst || light ||
                  (mature ? pval < p->p_open && (pval < p->p_single || s->prev_p < p->p_open)
-                         : (stuck && (double)run >= 2 * p->stuck_min && s->run_max <= 2.0) ||
-                               (young = 0.0 < p->young_z && p->young_z < zr &&
-                                        zr > p->young_k * s->zmax &&
-                                        s->zmax <= p->young_light))) {
+                         : young_stuck)) {
             opens = s->in_episode = 1;
             s->calm = s->ep_len = 0;
             s->ep_p = pval;
         }
     }
     /* --- learn */
-    if (n >= ZMAX_FROM && nd < p->warmup && !s->in_episode && zr > s->zmax)
+    if (nd >= p->young_from && nd < p->warmup && !s->in_episode && s->zmax < zr &&
+        zr <= p->young_z)
         s->zmax = zr;
+    s->was_burst = is_burst;
+    s->was_light = light;
+    s->lvl_on = z2 > p->young_g * (s->lvl_on ? 0.5 : 1.0);
     s->prev_p = pval;
     tail_learn(&tails[0], z1, p);
     tail_learn(&tails[1], z2, p);
@@ -437,7 +451,9 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double pv_all = py_min(pval, pb * (p->p_open / p->p_burst));
     const double lik = 1.0 - pv_all;
     int kind;
-    if (pv_all >= 0.5 && !young)
+    if (opens && light && pv_all >= 0.5)
+        kind = light - 1; /* spike or level_shift */
+    else if (pv_all >= 0.5)
         kind = -1;
     else if (pv_all < pval)
         kind = 5;
@@ -478,6 +494,7 @@ det_init(det_t *s)
     s->calm = s->ep_len = 0;
     s->ep_p = s->prev_p = 1.0;
     s->zmax = 0.0;
+    s->was_burst = s->was_light = s->lvl_on = 0;
     s->nk[0] = s->nk[1] = 0;
     s->knots[0] = s->knots[1] = NULL;
 }
@@ -569,7 +586,7 @@ kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         &p->reopen_after, &p->gap, &p->p_single, &p->ref_clip, &p->level_clip,
         &p->rate_window, &p->rate_floor, &p->young_after, &p->a_burst,
         &p->burst_min, &p->burst_clip, &p->p_burst, &p->young_z, &p->young_k,
-        &p->young_light,
+        &p->young_light, &p->young_g, &p->young_from, &p->reopen_new,
     };
     for (int i = 0; i < NPARAM; i++)
         *f[i] = v[i];

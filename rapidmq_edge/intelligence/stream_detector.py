@@ -39,14 +39,20 @@ Method, per reading:
    ``p < p_single`` (one extreme reading). Between ``young_after`` and ``warmup`` readings,
    while the tails are still being learnt, only evidence that needs no tail opens one: a
    stuck run of ``2 * stuck_min`` readings in a stream that has never repeated a value more
-   than twice in a row, a burst, or a reading more than ``young_z`` scales off what was
-   expected and ``young_k`` times the largest such residual the stream has shown outside
-   episodes (from its 10th reading), in a stream whose largest one is at most
-   ``young_light`` scales (light tails: a young heavy-tailed stream cannot be told from a
-   spike, so it waits for its tails). The episode stays open until ``calm_readings``
+   than twice in a row, a burst, or, in a stream whose residuals have stayed light-tailed
+   (the largest ``|x - expected| / scale`` it has shown outside episodes since reading
+   ``young_from``, counting only those up to ``young_z``, is at most ``young_light``; a
+   young heavy-tailed stream cannot be told from a spike, so it waits for its tails), a
+   reading more than ``young_z`` scales and ``young_k`` times that largest off what was
+   expected (a spike) or a smoothed level residual above ``young_g`` scales (a shift or
+   drift). The episode stays open until ``calm_readings``
    readings in a row have ``p >= p_calm`` and opens again inside only for a far stronger
-   reading (``reopen``). Separately from the value channels, a *burst* (the sampling rate
-   jumps: the smoothed log ratio of the usual interval to the current one, above
+   reading (``reopen``) or, with ``reopen_new``, for new evidence of another fault (after
+   ``reopen_after`` readings): a burst starting, a young stream's stuck run reaching its
+   bar, its spike test firing, or its level test turning on (it turns off below half its
+   bar), so a fault that follows another within an episode is an incident of its own while
+   one long shift or drift stays one. Separately from the value channels, a *burst* (the
+   sampling rate jumps: the smoothed log ratio of the usual interval to the current one, above
    ``burst_min`` and calibrated by its own tail) opens an episode when its p-value is
    below ``p_burst`` (its p-value enters the likelihood scaled by ``p_open / p_burst``, and
    the kind is "burst" when it is the stronger evidence). ``Verdict.score`` is NAB's
@@ -81,7 +87,6 @@ NAN = math.nan
 KINDS: tuple[str, ...] = ("spike", "level_shift", "noise_change", "stuck", "spike_rate",
                           "burst")
 _NCH = 5  # value channels (Bonferroni factor)
-_ZMAX_FROM = 10  # a young stream's largest residual is tracked from this reading on
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,9 @@ class DetectorParams:
     young_z: float = 6.0         # a young stream also opens on |x - expected| / scale above
     young_k: float = 3.5         # young_z and young_k x the largest seen so far (0: off),
     young_light: float = 4.5     # when that largest is at most this (light tails)
+    young_g: float = 3.0         # ... or on a smoothed level residual above this x scale
+    young_from: int = 30         # the largest residual counts from this reading on
+    reopen_new: bool = True      # inside an episode, new evidence re-opens (see above)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate_window, int) and 1 <= self.rate_window <= 64):
@@ -230,6 +238,9 @@ class StreamDetector:
         self.ep_p = 1.0
         self.prev_p = 1.0           # the previous reading's p-value
         self.zmax = 0.0             # largest |x - expected| / scale outside episodes, young
+        self.was_burst = False      # the previous reading's burst test
+        self.was_light = 0          # the previous reading's light-tail test (1 or 2)
+        self.lvl_on = False         # the level test is on (off below half its bar)
 
     def _profile(self, k: int, t: float) -> tuple[float, int, int, float]:
         """(value, knot, next knot, weight of the next) of profile ``k`` at time ``t``;
@@ -337,13 +348,27 @@ class StreamDetector:
         pb = tails[3].p(burst, prm) if n > 2 and burst > prm.burst_min else 1.0
         is_burst = pb < prm.p_burst
         zr = abs(r) / s2
-        opens = young = False
+        opens = False
+        light = 0  # 1: opened by the light-tail residual test, 2: by its level test
         if n >= prm.young_after:
             mature = n >= prm.warmup
+            young_stuck = (not mature and stuck and run >= 2 * prm.stuck_min
+                           and self.run_max <= 2.0)
+            if not mature and self.zmax <= prm.young_light:
+                if 0.0 < prm.young_z < zr and zr > prm.young_k * self.zmax:
+                    light = 1
+                elif 0.0 < prm.young_g < z2:
+                    light = 2
             if self.in_episode:
                 self.ep_len += 1
-                if (mature and pval < prm.p_open * prm.reopen and self.ep_len > prm.reopen_after
-                        and pval < self.ep_p * prm.reopen):
+                if self.ep_len > prm.reopen_after and (
+                        (mature and pval < prm.p_open * prm.reopen
+                         and pval < self.ep_p * prm.reopen)
+                        or (prm.reopen_new and (
+                            (light == 1 and self.was_light != 1)
+                            or (light == 2 and not self.lvl_on)
+                            or (is_burst and not self.was_burst)
+                            or (young_stuck and run == 2 * prm.stuck_min)))):
                     opens = True
                     self.calm = self.ep_len = 0
                     self.ep_p = pval
@@ -353,19 +378,19 @@ class StreamDetector:
                     self.calm += 1
                     if self.calm >= prm.calm_readings:
                         self.in_episode = False
-            elif is_burst or (pval < prm.p_open and (pval < prm.p_single
-                                                     or self.prev_p < prm.p_open)
-                              if mature else (stuck and run >= 2 * prm.stuck_min
-                                              and self.run_max <= 2.0) or (
-                                  young := 0.0 < prm.young_z < zr
-                                  and zr > prm.young_k * self.zmax
-                                  and self.zmax <= prm.young_light)):
+            elif is_burst or light or (pval < prm.p_open and (pval < prm.p_single
+                                                              or self.prev_p < prm.p_open)
+                                       if mature else young_stuck):
                 opens = self.in_episode = True
                 self.calm = self.ep_len = 0
                 self.ep_p = pval
         # --- learn
-        if _ZMAX_FROM <= n < prm.warmup and not self.in_episode and zr > self.zmax:
+        if (prm.young_from <= n < prm.warmup and not self.in_episode
+                and self.zmax < zr <= prm.young_z):
             self.zmax = zr
+        self.was_burst = is_burst
+        self.was_light = light
+        self.lvl_on = z2 > prm.young_g * (0.5 if self.lvl_on else 1.0)
         self.prev_p = pval
         tails[0].learn(z1, prm)
         tails[1].learn(z2, prm)
@@ -428,7 +453,9 @@ class StreamDetector:
         # a burst reads on the likelihood scale as if p_burst were p_open
         pv_all = min(pval, pb * (prm.p_open / prm.p_burst))
         lik = 1.0 - pv_all
-        if pv_all >= 0.5 and not young:
+        if opens and light and pv_all >= 0.5:
+            kind = KINDS[light - 1]  # spike or level_shift
+        elif pv_all >= 0.5:
             kind = "none"
         elif pv_all < pval:
             kind = KINDS[5]
