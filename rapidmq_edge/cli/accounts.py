@@ -38,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tadd.add_argument("name", metavar="NAME")
     tadd.add_argument("--user", metavar="USER", help="user name the ACL sees (default: NAME)")
     tadd.add_argument("--replace", action="store_true", help="replace an existing token NAME")
+    tadd.add_argument("--role", choices=("admin", "read"), default="admin",
+                      help="read: the dashboard and subscriptions only, no publishing "
+                           "(default: admin)")
     tremove = tsub.add_parser("remove", parents=[tsource], help="remove a token")
     tremove.add_argument("name", metavar="NAME")
-    tsub.add_parser("list", parents=[tsource], help="list token names and their users")
+    tsub.add_parser("list", parents=[tsource], help="list token names, users and roles")
 
     osource = _file_source("coap.oscore_dir", "--oscore-dir", "DIR", "contexts directory")
     oscore = sub.add_parser("oscore", help="provision OSCORE security contexts of CoAP devices")
@@ -145,7 +148,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
         path = _tokens_file(args)
         if args.token_command == "list":
             for t in TokenDB.load(path).tokens():
-                print(f"{t.name}\t{t.user}\t{t.created}")
+                print(f"{t.name}\t{t.user}\t{t.created}\t{t.role}")
             return 0
         if args.token_command == "remove":
             if not remove_token(path, args.name):
@@ -153,14 +156,15 @@ def _cmd_token(args: argparse.Namespace) -> int:
             print(f"removed token {args.name} from {path}")
             return 0
         user = args.user if args.user is not None else args.name
-        token = add_token(path, args.name, user, replace=args.replace)
+        token = add_token(path, args.name, user, replace=args.replace, role=args.role)
     except ConfigError as exc:
         return fail(str(exc))
     except ValueError as exc:
         return fail(str(exc))
     except OSError as exc:
         return fail(f"{exc.filename or 'tokens file'}: {exc.strerror or exc}", 1)
-    print(f"added token {args.name} (user {user}) to {path}; it is shown only this once:",
+    print(f"added token {args.name} (user {user}, role {args.role}) to {path}; it is shown "
+          "only this once:",
           file=sys.stderr)
     print(token)
     return 0

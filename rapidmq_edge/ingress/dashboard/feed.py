@@ -89,7 +89,10 @@ class SnapshotFeed:
         t0 = time.perf_counter()
         snap = self.build()
         self.builds += 1
-        snap["feed"] = {"builds": self.builds, "viewers": len(self.viewers)}
+        snap["feed"] = {"builds": self.builds, "viewers": len(self.viewers),
+                        # build + serialise, mean over the previous builds (ms)
+                        "build_ms_mean": round(1000 * self.build_seconds
+                                               / max(1, self.builds - 1), 3)}
         data = json.dumps(snap, separators=(",", ":"), default=str)
         self.build_seconds += time.perf_counter() - t0
         return b"event: snapshot\ndata: " + data.encode() + b"\n\n"
