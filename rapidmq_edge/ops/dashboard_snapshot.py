@@ -22,9 +22,10 @@ from .. import __version__
 from ..broker.broker import Broker
 from ..broker.local import LocalClient
 from ..broker.message import Message
+from ..store.forward_queue import ForwardQueue
 from .traffic import ClientActivity, TrafficCounter
 
-__all__ = ["ALERTS_FILTER", "DashboardSource", "counter"]
+__all__ = ["ALERTS_FILTER", "BROKER_DROPS", "DashboardSource", "counter", "drops"]
 
 #: where the intelligence runtime and the health watch announce incidents
 ALERTS_FILTER = "$edge/alerts/#"
@@ -34,6 +35,15 @@ MAX_ROWS = 200
 RECENT_INCIDENTS = 50
 
 StatusSnapshot = Callable[[], dict[str, Any]]
+#: the broker's drop counters: ``Stats`` field -> (where, reason), the ``path`` and
+#: ``reason`` labels of ``rapidmq_messages_dropped_total`` (ops/metrics.py)
+BROKER_DROPS = {
+    "acl_denied": ("ingress", "acl_denied"),
+    "too_large": ("ingress", "too_large"),
+    "malformed": ("ingress", "malformed"),
+    "publish_dropped": ("local", "queue_full"),
+    "no_subscribers": ("local", "no_subscribers"),
+}
 
 
 def counter(status: dict[str, Any], name: str) -> int:
@@ -76,12 +86,14 @@ class DashboardSource:
 
     def __init__(self, status: StatusSnapshot, broker: Broker, traffic: TrafficCounter,
                  activity: ClientActivity, commit_ms: Callable[[], float | None],
+                 queue: ForwardQueue | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.status = status
         self.broker = broker
         self.traffic = traffic
         self.activity = activity
         self.commit_ms = commit_ms
+        self.queue = queue
         self.clock = clock
         self.incidents = _Incidents()
         self._alerts: LocalClient | None = None
@@ -152,7 +164,7 @@ class DashboardSource:
             "topics": self._topics(topics, p_topics, rate),
             "queue": _queue(fwd),
             "upstreams": _upstreams(fwd),
-            "drops": _drops(status, fwd),
+            "drops": drops(self.broker, self.queue),
             "commit_ms": _round(self.commit_ms()),
             "process": {"rss_bytes": proc.get("rss_bytes"), "open_fds": proc.get("open_fds"),
                         "loop_lag": proc.get("loop_lag"),
@@ -261,11 +273,15 @@ def _upstreams(fwd: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _drops(status: dict[str, Any], fwd: dict[str, Any]) -> dict[str, int]:
-    """Messages not delivered or not forwarded, by reason."""
-    out = {"session queue full": counter(status, "publish/messages/dropped")}
-    for reason, n in (fwd.get("drops") or {}).items():
-        out[f"forward queue: {reason}"] = int(n)
-    if fwd:
-        out["refused by the forward queue"] = int(fwd.get("refused", 0))
+def drops(broker: Broker, queue: ForwardQueue | None) -> dict[str, int]:
+    """Messages dropped or refused, as ``"<where>: <reason>"`` -> count: the broker's
+    counters and the forward queue's drops by reason summed over the classes (the series of
+    ``rapidmq_messages_dropped_total``, without the class label)."""
+    st = broker.stats
+    out = {f"{path}: {reason}": int(getattr(st, attr, 0))
+           for attr, (path, reason) in BROKER_DROPS.items()}
+    if queue is not None:
+        for (reason, _prio), n in sorted(queue.class_drops.items()):
+            key = f"forward: {reason}"
+            out[key] = out.get(key, 0) + n
     return out

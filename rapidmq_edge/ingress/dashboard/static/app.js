@@ -141,14 +141,17 @@
     const oldest = q ? Math.max(0, ...Object.values(q.classes).map((c) => c.oldest_age)) : null;
     text("v-oldest", q ? `oldest ${dur(oldest)}` : "no upstreams");
     const etas = ups.map(([, u]) => u.drain_eta_s).filter((x) => x !== null && x !== undefined);
-    text("v-eta", etas.length ? dur(Math.max(...etas)) : (q && q.messages ? "?" : "–"));
+    text("v-eta", etas.length ? dur(Math.max(...etas)) :
+      (!q ? "–" : (!q.messages || oldest <= 2 ? "now" : "?")));
     const down = ups.filter(([, u]) => !u.connected).length;
     text("v-up-state", ups.length ? (down ? `${down} of ${ups.length} DOWN` : `${ups.length} connected`) : "");
     $("v-up-state").className = down ? "bad" : "";
     text("v-commit", s.commit_ms === null ? "–" : rate(s.commit_ms));
     rows("t-protocols", Object.entries(s.rates.by_protocol), ([p, r]) => [p, rate(r)]);
     rows("t-classes", q ? Object.entries(q.classes) : [], ([c, v]) => [c, num(v.messages), dur(v.oldest_age)]);
-    rows("t-drops", Object.entries(s.drops), ([r, n]) => [r, { text: num(n), cls: n ? "bad" : "" }]);
+    // no_subscribers: no local subscriber (the message may still be forwarded upstream)
+    rows("t-drops", Object.entries(s.drops), ([r, n]) => [r, { text: num(n),
+      cls: n && !r.endsWith("no_subscribers") ? "bad" : "" }]);
     rows("t-upstates", ups, ([n, u]) => [n, { text: u.connected ? "connected" : "DOWN", cls: u.connected ? "good" : "bad" },
       u.rtt_ms === null ? "–" : `${rate(u.rtt_ms)} ms`]);
     // topics
