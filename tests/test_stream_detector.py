@@ -202,13 +202,19 @@ def test_burst_of_readings() -> None:
         det = StreamDetector()
         t = T0
         opens = []
+        flagged = []
         for i in range(START + 60):
             t += STEP / 10 if START <= i < START + 30 else STEP
             v = det.update(t, _daily(rng, t, i))
             if v.opens:
                 opens.append((i, v.kind))
+            if START <= i < START + 30:
+                flagged.append(v.likelihood > 1.0 - det.prm.p_open)
         assert opens and START <= opens[0][0] <= START + WITHIN, (seed, opens)
         assert opens[0][1] == "burst", (seed, opens)
+        # every reading of the burst from its 4th on reads as anomalous (a burst does not
+        # teach the burst tail, so a long one stays one)
+        assert all(flagged[3:]), (seed, flagged)
 
 
 def test_young_stream_stuck() -> None:
@@ -254,6 +260,14 @@ def test_young_light_tailed_stream() -> None:
     for seed in range(4):
         opens, _ = _run(_flat, prm.warmup, seed)
         assert opens == [], (seed, opens)
+        # judged by a Gaussian model while young: no healthy reading reads as anomalous,
+        # and the spike that opens an episode reads as anomalous (so it is announced)
+        det = StreamDetector()
+        ts, xs = _stream(_with(_flat, at, lambda r, t, i, x: x + 30.0 if i == at else x),
+                         at + 1, seed)
+        vs = det.update_many(ts, xs)
+        assert not any(v.likelihood > 1.0 - prm.p_open for v in vs[prm.young_after:at])
+        assert vs[at].opens and vs[at].kind == "spike" and vs[at].likelihood > 1.0 - prm.p_open
         opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0), at + 60, seed)
         assert opens == [(opens[0][0], "level_shift")] and at <= opens[0][0] <= at + 3, (
             seed, opens)

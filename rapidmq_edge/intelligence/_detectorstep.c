@@ -338,15 +338,35 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double zr = fabs(r) / s2;
     int opens = 0;
     int light = 0; /* 1: opened by the light-tail residual test, 2: by its level test */
+    int light_ok = 0; /* a young stream with light-tailed residuals so far */
+    double pl = 1.0;  /* their p-value under a Gaussian model, on the likelihood scale */
+    int lkind = 0;    /* which of the two gives it (1 or 2) */
     if (nd >= p->young_after) {
         const int mature = nd >= p->warmup;
         const int young_stuck = !mature && stuck && (double)run >= 2 * p->stuck_min &&
                                 s->run_max <= 2.0;
         if (!mature && s->zmax <= p->young_light) {
+            light_ok = 1;
             if (0.0 < p->young_z && p->young_z < zr && zr > p->young_k * s->zmax)
                 light = 1;
             else if (0.0 < p->young_g && p->young_g < z2)
                 light = 2;
+            if (p->young_z > 0.0) {
+                const double e = -(zr * zr - p->young_z * p->young_z) / M_PI;
+                pl = e > 50.0 ? 1.0 : py_min(1.0, p->p_open * exp(e));
+                lkind = 1;
+            }
+            if (p->young_g > 0.0) {
+                const double e = -(z2 * z2 - p->young_g * p->young_g) * (2.0 - p->a_smooth) /
+                                 (M_PI * p->a_smooth);
+                const double p2 = e > 50.0 ? 1.0 : py_min(1.0, p->p_open * exp(e));
+                if (p2 < pl) {
+                    pl = p2;
+                    lkind = 2;
+                }
+            }
+            if (light)
+                lkind = light; /* the test over its bar names the kind */
         }
         if (s->in_episode) {
             s->ep_len += 1;
@@ -388,7 +408,7 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     tail_learn(&tails[0], z1, p);
     tail_learn(&tails[1], z2, p);
     tail_learn(&tails[2], z3, p);
-    if (n > 2)
+    if (n > 2 && !is_burst) /* a burst does not teach the burst tail */
         tail_learn(&tails[3], burst, p);
     s->burst = burst;
     s->bits = bits;
@@ -448,17 +468,17 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     s->n = n + 1;
     s->last_t = t;
     s->last_x = x;
-    const double pv_all = py_min(pval, pb * (p->p_open / p->p_burst));
+    const double pbs = pb * (p->p_open / p->p_burst);
+    const double pv_like = light_ok ? (stuck ? 1e-9 * NCH : 1.0) : pval;
+    const double pv_all = py_min(py_min(pv_like, pbs), pl);
     const double lik = 1.0 - pv_all;
     int kind;
-    if (opens && light && pv_all >= 0.5)
-        kind = light - 1; /* spike or level_shift */
-    else if (pv_all >= 0.5)
-        kind = -1;
-    else if (pv_all < pval)
-        kind = 5;
+    if (pv_all >= 0.5)
+        kind = opens && light ? light - 1 : -1; /* spike or level_shift */
+    else if (pv_all < pv_like)
+        kind = pbs <= pl ? 5 : lkind - 1;
     else
-        kind = imin;
+        kind = light_ok ? 3 : imin;
     const double band = 4.0 * s2;
     o->score = opens ? 0.5 + 0.5 * lik : 0.49 * lik;
     o->lik = lik;

@@ -55,7 +55,11 @@ Method, per reading:
    sampling rate jumps: the smoothed log ratio of the usual interval to the current one, above
    ``burst_min`` and calibrated by its own tail) opens an episode when its p-value is
    below ``p_burst`` (its p-value enters the likelihood scaled by ``p_open / p_burst``, and
-   the kind is "burst" when it is the stronger evidence). ``Verdict.score`` is NAB's
+   the kind is "burst" when it is the stronger evidence; a reading of a burst does not
+   teach the burst tail, so a long burst keeps reading as one). A young stream with light
+   tails so far reads, on the likelihood scale, by a Gaussian model of its residuals (the
+   spike and level tests' p-values scaled so that their bars read as ``p_open``) and its
+   stuck test, not by its own tails, which are not learnt yet. ``Verdict.score`` is NAB's
    convention: >= 0.5 only on the opening reading, else ``0.49 * likelihood``.
 
 Healthy streams (daily cycles with noise, quantised values, Student-t / Laplace noise,
@@ -350,15 +354,34 @@ class StreamDetector:
         zr = abs(r) / s2
         opens = False
         light = 0  # 1: opened by the light-tail residual test, 2: by its level test
+        light_ok = False  # a young stream with light-tailed residuals so far
+        pl = 1.0  # their p-value under a Gaussian model, on the likelihood scale
+        lkind = 0  # which of the two gives it (1 or 2)
         if n >= prm.young_after:
             mature = n >= prm.warmup
             young_stuck = (not mature and stuck and run >= 2 * prm.stuck_min
                            and self.run_max <= 2.0)
             if not mature and self.zmax <= prm.young_light:
+                light_ok = True
                 if 0.0 < prm.young_z < zr and zr > prm.young_k * self.zmax:
                     light = 1
                 elif 0.0 < prm.young_g < z2:
                     light = 2
+                if prm.young_z > 0.0:
+                    # |x - expected| / mean |residual| of a Gaussian: sd units x sqrt(2/pi)
+                    e = -(zr * zr - prm.young_z * prm.young_z) / math.pi
+                    pl = 1.0 if e > 50.0 else min(1.0, prm.p_open * math.exp(e))
+                    lkind = 1
+                if prm.young_g > 0.0:
+                    # the smoothed residual's sd is a_smooth / (2 - a_smooth) of a reading's
+                    e = (-(z2 * z2 - prm.young_g * prm.young_g) * (2.0 - prm.a_smooth)
+                         / (math.pi * prm.a_smooth))
+                    p2 = 1.0 if e > 50.0 else min(1.0, prm.p_open * math.exp(e))
+                    if p2 < pl:
+                        pl = p2
+                        lkind = 2
+                if light:
+                    lkind = light  # the test over its bar names the kind
             if self.in_episode:
                 self.ep_len += 1
                 if self.ep_len > prm.reopen_after and (
@@ -395,7 +418,7 @@ class StreamDetector:
         tails[0].learn(z1, prm)
         tails[1].learn(z2, prm)
         tails[2].learn(z3, prm)
-        if n > 2:
+        if n > 2 and not is_burst:  # a burst does not teach the burst tail
             tails[3].learn(burst, prm)
         self.burst = burst
         self.bits = bits
@@ -450,17 +473,19 @@ class StreamDetector:
             self.model = best
         self.n = n + 1
         self.last_t, self.last_x = t, x
-        # a burst reads on the likelihood scale as if p_burst were p_open
-        pv_all = min(pval, pb * (prm.p_open / prm.p_burst))
+        # a burst reads on the likelihood scale as if p_burst were p_open; a young stream
+        # with light tails is judged by the Gaussian model (its own tails are not learnt
+        # yet) and its stuck test
+        pbs = pb * (prm.p_open / prm.p_burst)
+        pv_like = (1e-9 * _NCH if stuck else 1.0) if light_ok else pval
+        pv_all = min(pv_like, pbs, pl)
         lik = 1.0 - pv_all
-        if opens and light and pv_all >= 0.5:
-            kind = KINDS[light - 1]  # spike or level_shift
-        elif pv_all >= 0.5:
-            kind = "none"
-        elif pv_all < pval:
-            kind = KINDS[5]
+        if pv_all >= 0.5:
+            kind = KINDS[light - 1] if opens and light else "none"
+        elif pv_all < pv_like:
+            kind = KINDS[5] if pbs <= pl else KINDS[lkind - 1]
         else:
-            kind = KINDS[ps.index(pmin)]
+            kind = KINDS[3] if light_ok else KINDS[ps.index(pmin)]
         band = 4.0 * s2
         return Verdict(0.5 + 0.5 * lik if opens else 0.49 * lik, lik, opens,
                        self.in_episode, kind, xhat, xhat - band, xhat + band)
