@@ -90,6 +90,7 @@ class Gateway:
         forwarder = self.forward.forwarder if self.forward is not None else None
         self.intelligence: Any = None  # pipeline.intelligence_runtime.IntelligenceRuntime
         self.ota_models: Any = None  # ota.activate.ActiveModels: OTA slots used at this start
+        self.ota_host: Any = None
         if c.intelligence.enabled:
             from ..ota.activate import load_active_models
             from ..pipeline.intelligence_runtime import IntelligenceRuntime  # numpy, onnxruntime
@@ -102,6 +103,9 @@ class Gateway:
             self.intelligence = IntelligenceRuntime(
                 c.intelligence, forwarder, queue, self._publish_local, fw.upstreams, gid,
                 data_dir, self.ota_models.scorers)
+            # ota.activate.RuntimeModelHost: shadow, promotion and rollback in this process
+            self.ota_host = self.ota_models.host(self.intelligence.models,
+                                                 c.intelligence.models_dir)
         # the broker's taps: the runtime (which drives the forwarder) or the forwarder alone;
         # a PUBLISH is acknowledged once every durable stage behind them has committed it
         taps: list[Callable[[Message], None]] = []
@@ -179,7 +183,7 @@ class Gateway:
                          ", ".join(u.raw for u in client.urls))
         if self.intelligence is not None:
             self.intelligence.start()
-            self.tasks.append(loop.create_task(self.ota_models.healthy_after()))
+            self.tasks.append(loop.create_task(self.ota_models.run(self.ota_host)))
         self.servers, self.bound = await serve_mqtt(c.mqtt.listen, c.mqtt.tls, self._connection,
                                                     self.registry)
         if c.http.listen:

@@ -25,7 +25,8 @@ from ..broker.message import Message
 from ..store.forward_queue import ForwardQueue
 from .traffic import ClientActivity, TrafficCounter
 
-__all__ = ["ALERTS_FILTER", "BROKER_DROPS", "DashboardSource", "counter", "drops"]
+__all__ = ["ALERTS_FILTER", "BROKER_DROPS", "DashboardSource", "counter", "drops",
+           "shadow_runs"]
 
 #: where the intelligence runtime and the health watch announce incidents
 ALERTS_FILTER = "$edge/alerts/#"
@@ -130,7 +131,7 @@ class DashboardSource:
         def rate(value: int, before: dict[str, int], key: str) -> float:
             if prev is None or dt <= 0:
                 return 0.0
-            return round(max(0, value - before.get(key, value)) / dt, 2)
+            return round(max(0, value - before.get(key, 0)) / dt, 2)  # new since: from 0
 
         p_totals = prev[1] if prev else {}
         p_topics = prev[2] if prev else {}
@@ -169,7 +170,7 @@ class DashboardSource:
             "process": {"rss_bytes": proc.get("rss_bytes"), "open_fds": proc.get("open_fds"),
                         "loop_lag": proc.get("loop_lag"),
                         "disk_free_bytes": (status.get("disk") or {}).get("free_bytes")},
-            "intelligence": self._intelligence(intel),
+            "intelligence": self._intelligence(intel, status.get("ota")),
         }
 
     def _topics(self, topics: dict[str, int], before: dict[str, int],
@@ -202,7 +203,8 @@ class DashboardSource:
         rows.sort(key=lambda r: (-r["rate"], -r["messages"], r["client_id"]))
         return rows[:MAX_ROWS]
 
-    def _intelligence(self, intel: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _intelligence(self, intel: dict[str, Any] | None,
+                      ota: dict[str, Any] | None) -> dict[str, Any] | None:
         if not intel:
             return None
         inc = intel.get("incidents") or {}
@@ -220,9 +222,21 @@ class DashboardSource:
             "open": sorted(self.incidents.open.values(), key=lambda r: -float(r.get("at") or 0)),
             "closed": list(self.incidents.closed)[::-1],
             "threats_detected": threat.get("detected") or {},
-            # filled in by an OTA's shadow scoring once it reports here
-            "shadow": None,
+            "shadow": shadow_runs(ota),
         }
+
+
+def shadow_runs(ota: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The candidate models in shadow now (an OTA's ``components`` in state ``shadow``): the
+    share of messages where the candidate agrees with the active model, and over how many."""
+    out = []
+    for name, c in ((ota or {}).get("components") or {}).items():
+        sh = c.get("shadow") if isinstance(c, dict) else None
+        if c.get("state") == "shadow" and isinstance(sh, dict):
+            out.append({"component": name, "version": c.get("version"),
+                        "agreement": sh.get("agreement"), "compared": sh.get("compared", 0),
+                        "decision": sh.get("decision")})
+    return out
 
 
 def _uptime(status: dict[str, Any]) -> int:

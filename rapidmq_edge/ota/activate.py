@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: seconds a gateway must run after a start before its promoted models count as healthy
 HEALTHY_AFTER_S = 60.0
+#: how often the running gateway looks at the slots on disk (``model rollback`` while running)
+FOLLOW_S = 2.0
 
 
 def validate_slot(slots: SlotStore, component: str, slot: str) -> ValidatedModel:
@@ -57,12 +59,34 @@ class ActiveModels:
     loaded: dict[str, str] = field(default_factory=dict)
     rolled_back: dict[str, str] = field(default_factory=dict)
 
-    async def healthy_after(self, seconds: float = HEALTHY_AFTER_S) -> None:
-        """Mark promoted models healthy once the gateway has run ``seconds``."""
-        await asyncio.sleep(seconds)
-        done = self.slots.mark_healthy()
-        if done:
-            log.info("ota: %s healthy after %.0f s", ", ".join(done), seconds)
+    def host(self, models: Any, models_dir: Path, gate: ShadowGate | None = None
+             ) -> RuntimeModelHost:
+        """The model host over these slots and the runtime's ``models`` control."""
+        return RuntimeModelHost(self.slots, models, models_dir, gate, self)
+
+    async def run(self, host: RuntimeModelHost | None = None,
+                  healthy_after: float = HEALTHY_AFTER_S, every: float = FOLLOW_S) -> None:
+        """Mark promoted models healthy once the gateway has run ``healthy_after`` seconds;
+        every ``every`` seconds let ``host`` follow the slots on disk (a ``rapidmq-edge model
+        rollback`` while running takes effect here)."""
+        loop = asyncio.get_running_loop()
+        healthy_at = loop.time() + healthy_after
+        while True:
+            await asyncio.sleep(min(every, max(0.0, healthy_at - loop.time())) or every)
+            if healthy_at and loop.time() >= healthy_at:
+                healthy_at = 0.0
+                try:
+                    done = self.slots.mark_healthy()
+                except (OSError, SlotError) as exc:
+                    log.error("ota: cannot mark the models healthy: %s", exc)
+                    done = []
+                if done:
+                    log.info("ota: %s healthy after %.0f s", ", ".join(done), healthy_after)
+            if host is not None:
+                try:
+                    host.sync()
+                except Exception:  # following the disk must not stop
+                    log.exception("ota: following the slots failed")
 
 
 def load_active_models(data_dir: Path, components: Iterable[str] = ("priority", "threat"),

@@ -172,8 +172,9 @@
       text("v-scored", num(i.scored)); text("v-scores-s", `${rate(i.scores_per_s)}/s`);
       text("v-streams", num(i.streams)); text("v-inc-open", num(i.incidents_open));
       text("v-inc-total", `${num(i.incidents_opened)} opened, ${num(i.incidents_closed)} closed`);
-      text("v-shadow", i.shadow ? `${Math.round(i.shadow.agreement * 1000) / 10} %` : "–");
-      text("v-shadow-note", i.shadow ? `candidate ${i.shadow.version}` : "no OTA in progress");
+      const sh = (i.shadow || [])[0];  // a candidate model in shadow during an OTA
+      text("v-shadow", sh && sh.agreement !== null ? `${Math.round(sh.agreement * 1000) / 10} %` : "–");
+      text("v-shadow-note", sh ? `${sh.component} ${sh.version || ""} over ${num(sh.compared)}` : "no OTA in progress");
       rows("t-incidents", i.open, (r) => [r.stream, r.kind, r.reading ?? "–", band(r.band), r.score ?? "–",
         new Date((r.at || 0) * 1000).toLocaleTimeString()]);
       rows("t-closed", i.closed, (r) => [r.stream, r.kind, r.reading ?? "–", band(r.band), dur(r.duration_s)]);
