@@ -208,3 +208,22 @@ def test_threat_watch_shadow_scores_the_same_rows(tmp_path: Path) -> None:
         watch.published(f"dev{c}", f"s/{c}", 20, True)
     watch.tick()
     assert ev.messages == ev.compared == 3 and ev.decision().state == "pass"
+
+
+def test_small_and_large_batches_accumulate_the_same() -> None:
+    rng = np.random.default_rng(3)
+    a_lab, c_lab = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    a_conf, c_conf = rng.random(300), rng.random(300)
+    c_conf[[5, 17]] = [np.nan, 1.0]  # NaN and the top edge land in the end bins
+    one = ShadowEvaluator("priority")
+    one.feed(a_lab, a_conf, c_lab, c_conf)
+    many = ShadowEvaluator("priority")
+    for i in range(0, 300, 7):  # lists of up to 7: the plain-Python path
+        many.feed(a_lab[i:i + 7].tolist(), a_conf[i:i + 7].tolist(),
+                  c_lab[i:i + 7].tolist(), c_conf[i:i + 7].tolist())
+    assert one.agreed == many.agreed == int((a_lab == c_lab).sum())
+    assert one.hist_cand.tolist() == many.hist_cand.tolist()
+    assert one.hist_active.tolist() == many.hist_active.tolist()
+    assert one.labels_cand == many.labels_cand and one.shift == many.shift > 0
+    with pytest.raises(ValueError, match="candidate labels"):
+        one.feed([1, 2], [0.5, 0.5], [1], [0.5])

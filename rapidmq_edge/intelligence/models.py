@@ -225,6 +225,8 @@ class Shadow:
         """Per message ``keys`` (equal key, equal feature row): rows of keys not seen yet
         (``rows(positions)``) are scored by both ``active`` and the candidate, timed; then
         every message is reported with its key's answers."""
+        if not keys:
+            return
         try:
             known = self.known
             miss = [i for i, k in enumerate(keys) if k not in known]
@@ -251,9 +253,8 @@ class Shadow:
                 seconds = (t1 - t0, t2 - t1, len(uniq))
             else:
                 seconds = (0.0, 0.0, 0)
-            ans = [known[k] for k in keys]
-            self.sink.feed(np.array([a[0] for a in ans]), np.array([a[1] for a in ans]),
-                           np.array([a[2] for a in ans]), np.array([a[3] for a in ans]),
+            al, ac, cl, cc = zip(*map(known.__getitem__, keys), strict=True)
+            self.sink.feed(al, ac, cl, cc,  # type: ignore[arg-type]
                            cand_seconds=seconds[1], active_seconds=seconds[0],
                            rows_run=seconds[2])
         except Exception:

@@ -66,6 +66,7 @@ class BatchScorer:
         #: a candidate priority model scoring beside the active one (OTA shadow)
         self.shadow: Shadow | None = None
         self._next: Scorer | None = None  # the priority scorer to use from the next batch
+        self._need_keys: list[tuple[str, bytes, int, int, bool]] | None = None
         self._swap_lock = threading.Lock()
 
     def use(self, priority: Scorer) -> None:
@@ -92,10 +93,11 @@ class BatchScorer:
         prio = None
         shadow = None
         if need and self.priority.source != "off":
+            self._need_keys = None
             prio = self._priority_labels(topics, payloads, templates, qos, retain, need)
             if self.shadow is not None:
                 shadow = partial(_shadow_priority, self.shadow, self.priority, topics,
-                                 payloads, templates, qos, retain, need)
+                                 payloads, templates, qos, retain, need, self._need_keys)
         verdicts: list[Verdict | None] | None = None
         at: list[float] | None = None
         if self.values_needed:
@@ -136,6 +138,7 @@ class BatchScorer:
         n = len(topics)
         if len(need) == n:  # every message (ascending, distinct: need is range(n))
             keys = list(zip(topics, templates, map(len, payloads), qos, retain, strict=True))
+            self._need_keys = keys  # the shadow's keys too
             out: list[int] = list(map(cache.get, keys))  # type: ignore[arg-type]
             if None not in out:
                 self.cache_hits += n
@@ -205,9 +208,12 @@ class BatchScorer:
 
 def _shadow_priority(shadow: Shadow, active: Scorer, topics: Sequence[str],
                      payloads: Sequence[bytes], templates: list[bytes], qos: Sequence[int],
-                     retain: Sequence[bool], need: Sequence[int]) -> None:
-    """The shadow candidate on the priority rows of a batch (keyed like the label cache)."""
-    keys = [(topics[i], templates[i], len(payloads[i]), qos[i], retain[i]) for i in need]
+                     retain: Sequence[bool], need: Sequence[int],
+                     keys: list[tuple[str, bytes, int, int, bool]] | None) -> None:
+    """The shadow candidate on the priority rows of a batch (keyed like the label cache;
+    ``keys``: the batch's keys when the label cache already built them)."""
+    if keys is None:
+        keys = [(topics[i], templates[i], len(payloads[i]), qos[i], retain[i]) for i in need]
 
     def rows(pos: list[int]) -> np.ndarray:
         idx = [need[j] for j in pos]

@@ -35,6 +35,12 @@ __all__ = ["Decision", "ShadowEvaluator", "ShadowGate"]
 PENDING, PASS, FAIL = "pending", "pass", "fail"
 #: a bin's share is floored at this in the PSI (an empty bin would make it infinite)
 PSI_FLOOR = 1e-4
+#: batches up to this many messages are accumulated in plain Python
+SMALL_BATCH = 48
+
+
+def _as_list(values: Sequence[Any] | np.ndarray) -> list[Any]:
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 @dataclass(frozen=True)
@@ -131,11 +137,10 @@ class ShadowEvaluator:
         (None when the candidate raised: ``exceptions`` > 0, ``error`` says what).
         ``rows_run``: rows both models actually ran on in ``*_seconds`` (default: every
         message; less when answers came from a per-key cache)."""
-        a_lab = np.asarray(active_labels, dtype=np.int64)
-        a_conf = np.asarray(active_conf, dtype=np.float64)
-        n = len(a_lab)
-        if len(a_conf) != n:
-            raise ValueError(f"shadow feed: {n} active labels but {len(a_conf)} confidences")
+        n = len(active_labels)
+        if len(active_conf) != n:
+            raise ValueError(f"shadow feed: {n} active labels but {len(active_conf)} "
+                             "confidences")
         run = n if rows_run is None else rows_run
         self.messages += n
         self.exceptions += exceptions
@@ -147,25 +152,48 @@ class ShadowEvaluator:
         if cand_labels is None or cand_conf is None:
             self.cand_seconds += cand_seconds
             return
-        c_lab = np.asarray(cand_labels, dtype=np.int64)
-        c_conf = np.asarray(cand_conf, dtype=np.float64)
-        if len(c_lab) != n or len(c_conf) != n:
-            raise ValueError(f"shadow feed: {n} active answers but {len(c_lab)} candidate "
-                             f"labels and {len(c_conf)} confidences")
+        if len(cand_labels) != n or len(cand_conf) != n:
+            raise ValueError(f"shadow feed: {n} active answers but {len(cand_labels)} "
+                             f"candidate labels and {len(cand_conf)} confidences")
         self.cand_seconds += cand_seconds
         self.rows_run += run
         self.compared += n
+        if n <= SMALL_BATCH:  # a few messages: plain Python costs less than numpy's calls
+            self._feed_small(_as_list(active_labels), _as_list(active_conf),
+                             _as_list(cand_labels), _as_list(cand_conf))
+            return
+        a_lab = np.asarray(active_labels, dtype=np.int64)
+        c_lab = np.asarray(cand_labels, dtype=np.int64)
         self.agreed += int(np.count_nonzero(a_lab == c_lab))
-        self.hist_active += self._hist(a_conf)
-        self.hist_cand += self._hist(c_conf)
+        self.hist_active += self._hist(np.asarray(active_conf, dtype=np.float64))
+        self.hist_cand += self._hist(np.asarray(cand_conf, dtype=np.float64))
         for counts, labels in ((self.labels_active, a_lab), (self.labels_cand, c_lab)):
+            if len(labels) and int(labels.min()) >= 0:  # class indices: one bincount
+                for v, k in enumerate(np.bincount(labels).tolist()):
+                    if k:
+                        counts[v] = counts.get(v, 0) + k
+                continue
             values, times = np.unique(labels, return_counts=True)
             for v, k in zip(values.tolist(), times.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + k
 
+    def _feed_small(self, a_lab: list[Any], a_conf: list[Any], c_lab: list[Any],
+                    c_conf: list[Any]) -> None:
+        bins = self.bins
+        top = bins - 1
+        self.agreed += sum(1 for a, c in zip(a_lab, c_lab, strict=True) if a == c)
+        for hist, confs in ((self.hist_active, a_conf), (self.hist_cand, c_conf)):
+            for x in confs:
+                i = int(x * bins) if x == x else 0  # NaN -> bin 0
+                hist[0 if i < 0 else top if i > top else i] += 1
+        for counts, labels in ((self.labels_active, a_lab), (self.labels_cand, c_lab)):
+            for v in labels:
+                counts[v] = counts.get(v, 0) + 1
+
     def _hist(self, conf: np.ndarray) -> np.ndarray:
-        idx = np.clip((np.nan_to_num(conf) * self.bins).astype(np.int64), 0, self.bins - 1)
-        return np.bincount(idx, minlength=self.bins)
+        x = conf * self.bins
+        x[~(x >= 0)] = 0  # negative and NaN -> the first bin
+        return np.bincount(np.minimum(x, self.bins - 1).astype(np.int64), minlength=self.bins)
 
     # -- measures ------------------------------------------------------------------
 
