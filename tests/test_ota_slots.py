@@ -310,3 +310,29 @@ def test_gateway_rolls_back_a_slot_that_fails_validation_at_start(tmp_path: Path
         assert st.active is None and st.state == "rolled-back" and "digest" in st.reason
     finally:
         gw.stop()
+
+
+def test_model_cli_list_and_rollback_while_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{data}"\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rapidmq_edge", "model", *args,
+                               "--config", str(config)], capture_output=True, text=True,
+                              timeout=30, cwd=ROOT)
+
+    out = cli("rollback", "threat")
+    assert out.returncode == 1 and "shipped model is active" in out.stderr
+    store = _install_active(data, "7.0.0-ota")
+    rows = {r["component"]: r for r in json.loads(cli("list", "--json").stdout)}
+    assert rows["threat"]["source"] == "ota" and rows["threat"]["sequence"] == 7
+    assert rows["threat"]["version"].startswith("7.0.0-ota+") and \
+        rows["threat"]["previous"] == "shipped"
+    assert rows["priority"]["source"] == "shipped" and rows["priority"]["state"] == "shipped"
+    out = cli("rollback", "threat")
+    assert out.returncode == 0 and "not running" in out.stderr, out.stderr
+    st = store.state("threat")
+    assert st.active is None and st.reason.startswith("operator")
+    text = cli("list").stdout
+    assert "rolled-back" in text and "threat: rolled-back: operator" in text
