@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rapidmq_edge.config.ota import OtaSettings
 from rapidmq_edge.intelligence.features import message_features
 from rapidmq_edge.intelligence.models import Shadow, load_scorer
 from rapidmq_edge.intelligence.scoring import BatchScorer
 from rapidmq_edge.intelligence.threat import ClientWatch
+from rapidmq_edge.ota.activate import gate_from_settings
 from rapidmq_edge.ota.shadow import ShadowEvaluator, ShadowGate
 from rapidmq_edge.ota.validate import CandidateRejected, validate_candidate
 
@@ -75,6 +77,11 @@ def test_validation_accepts_a_good_model_and_names_each_rejection(tmp_path: Path
 def test_gate_from_a_manifest_or_config() -> None:
     g = ShadowGate.from_mapping({"min_messages": 50, "max_cost_us": 80.0, "max_shift": None})
     assert (g.min_messages, g.max_cost_us, g.max_shift, g.min_agreement) == (50, 80.0, None, 0.98)
+    # the configured gate ([ota] shadow_*), under which a manifest's gate is laid
+    conf = gate_from_settings(OtaSettings(shadow_min_messages=200, shadow_min_agreement=0.9))
+    assert (conf.min_messages, conf.min_agreement, conf.min_seconds) == (200, 0.9, 60.0)
+    assert gate_from_settings(None) == ShadowGate()
+    assert ShadowGate.from_mapping({"min_messages": 5}, conf).min_agreement == 0.9
     for bad, msg in [({"min_agreement": 1.5}, "at most 1"), ({"min_mesages": 1}, "unknown key"),
                      ({"min_messages": 1.5}, "integer"), ({"max_cost_us": -1}, ">= 0"),
                      ({"min_seconds": "1"}, "number")]:
