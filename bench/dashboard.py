@@ -7,12 +7,14 @@ one paho-mqtt publisher at ``--rate`` msg/s QoS 1 on 4 topics for the whole run.
 ``--rounds`` rounds of two phases of ``--seconds`` each, alternating which goes first: no
 dashboard open (the reference) and ``--viewers`` dashboards open (Server-Sent Events
 clients on ``/dashboard/events``, each reading every snapshot, as a browser tab's
-EventSource does). The gateway's CPU is read from ``/proc/<pid>/stat`` (utime + stime) at
-each phase's start and end. Prints one JSON document: CPU % of one core per phase, the
-medians side by side, the difference, the rate the gateway received, frames each viewer
-got, and the load average before and after.
+EventSource does; with ``--browsers``, real tabs of one headless Chromium logged in to the
+dashboard, the first one in front). The gateway's CPU is read from ``/proc/<pid>/stat``
+(utime + stime) at each phase's start and end. Prints one JSON document: CPU % of one
+core per phase, the medians side by side, the difference, the rate the gateway received,
+frames each viewer got, and the load average before and after.
 
     python3 bench/dashboard.py [--rate 1000] [--viewers 5] [--seconds 20] [--rounds 3]
+                               [--browsers]
 """
 
 from __future__ import annotations
@@ -83,13 +85,57 @@ class Viewer(threading.Thread):
         self.join(timeout=5)
 
 
-def phase(gw: DashboardGateway, viewers: int, seconds: float) -> dict[str, Any]:
+class Tabs:
+    """``n`` tabs of one headless Chromium on the dashboard (Debian's chromium and
+    chromedriver, as tests/test_dashboard_browser.py drives them)."""
+
+    def __init__(self, gw: DashboardGateway, profile: Path) -> None:
+        from tests.browser_helpers import log_in, start_browser
+
+        self.gw = gw
+        self.driver = start_browser(profile)
+        log_in(self.driver, gw, gw.read_token)
+        self.home = self.driver.current_window_handle
+        self.driver.get("about:blank")
+
+    def open(self, n: int) -> None:
+        for i in range(n):
+            if i:
+                self.driver.switch_to.new_window("tab")
+            self.driver.get(self.gw.base + "/dashboard")
+        self.driver.switch_to.window(self.home)  # the first tab in front, as a person has it
+
+    def frames(self) -> list[int]:
+        out = []
+        for h in self.driver.window_handles:
+            self.driver.switch_to.window(h)
+            out.append(int(self.driver.execute_script(
+                "return Number(document.body && document.body.dataset.frames || 0)")))
+        self.driver.switch_to.window(self.home)
+        return out
+
+    def close_all(self) -> None:
+        for h in self.driver.window_handles:
+            if h != self.home:
+                self.driver.switch_to.window(h)
+                self.driver.close()
+        self.driver.switch_to.window(self.home)
+        self.driver.get("about:blank")
+
+    def quit(self) -> None:
+        self.driver.quit()
+
+
+def phase(gw: DashboardGateway, viewers: int, seconds: float,
+          tabs: Tabs | None = None) -> dict[str, Any]:
     """CPU % of one core and messages/s over ``seconds`` with ``viewers`` dashboards open."""
-    open_ = [Viewer(gw.http_port, gw.read_token) for _ in range(viewers)]
+    open_ = [Viewer(gw.http_port, gw.read_token) for _ in range(viewers if tabs is None else 0)]
     for v in open_:
         v.start()
     for v in open_:
         v.ready.wait(5)
+    if tabs is not None and viewers:
+        tabs.open(viewers)
     time.sleep(1.5)  # the feed notices its viewers; the first frame is out
     received0 = gw.snapshot()["totals"]["in"] if not viewers else None
     c0, t0 = cpu_seconds(gw.pid), time.monotonic()
@@ -100,11 +146,15 @@ def phase(gw: DashboardGateway, viewers: int, seconds: float) -> dict[str, Any]:
     sent = sum(v.bytes for v in open_)
     for v in open_:
         v.close()
+    if tabs is not None and viewers:
+        frames = tabs.frames()  # since each tab opened (~1.5 s before the phase)
+        tabs.close_all()
     out: dict[str, Any] = {"viewers": viewers, "cpu_pct": round(100 * (c1 - c0) / (t1 - t0), 2),
                            "seconds": round(t1 - t0, 2)}
     if viewers:
         out["frames_per_viewer"] = frames
-        out["sse_bytes_total"] = sent
+        if tabs is None:
+            out["sse_bytes_total"] = sent
     if received0 is not None:
         out["received_per_s"] = round((gw.snapshot()["totals"]["in"] - received0)
                                       / (time.monotonic() - t0), 1)
@@ -118,6 +168,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=8.0)
+    ap.add_argument("--browsers", action="store_true",
+                    help="the dashboards are headless Chromium tabs, not SSE clients")
     args = ap.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp_dir:
@@ -128,15 +180,18 @@ def main() -> None:
         gw.start()
         pub = Publisher(gw.mqtt_port, args.rate, client_id="bench-publisher").start()
         phases: list[dict[str, Any]] = []
+        tabs = Tabs(gw, tmp / "chromium-profile") if args.browsers else None
         try:
             time.sleep(args.warmup)
             for r in range(args.rounds):
                 order = (0, args.viewers) if r % 2 == 0 else (args.viewers, 0)
                 for n in order:
-                    phases.append({"round": r, **phase(gw, n, args.seconds)})
+                    phases.append({"round": r, **phase(gw, n, args.seconds, tabs)})
                     print(json.dumps(phases[-1]), file=sys.stderr)
             snap = gw.snapshot()
         finally:
+            if tabs is not None:
+                tabs.quit()
             pub.stop()
             gw.stop()
             upstream.stop()
@@ -148,11 +203,12 @@ def main() -> None:
         "traffic": {"rate_target": args.rate, "received_per_s_median": statistics.median(rates),
                     "qos": 1, "topics": 4, "upstream": "mosquitto", "intelligence": True},
         "viewers": args.viewers,
+        "viewer_kind": "chromium tabs" if args.browsers else "SSE clients",
         "phase_seconds": args.seconds,
         "rounds": args.rounds,
         "cpu_pct_of_one_core": {
-            "reference_0_dashboards_median": statistics.median(ref),
-            f"with_{args.viewers}_dashboards_median": statistics.median(dash),
+            "reference_0_dashboards_median": round(statistics.median(ref), 2),
+            f"with_{args.viewers}_dashboards_median": round(statistics.median(dash), 2),
             "added_median": round(statistics.median(dash) - statistics.median(ref), 2),
             "reference_runs": ref,
             "dashboard_runs": dash,
