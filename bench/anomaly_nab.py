@@ -133,6 +133,12 @@ v3, the simulator's held-out target (P/R >= 0.95 there without losing NAB):
   young tests now reads as anomalous, so incidents.py announces it. Held out per reading
   P 0.78 -> 0.90, R 0.30 -> 0.57 (burst 0.19 -> 0.87, drift 0.18 -> 0.33, spike 0.94,
   stuck 0.66); per episode R 0.70 -> 0.73 (burst 0.89).
+* kept: young_hold: while a young light-tailed stream's level test is on, its level and
+  level scale hold (a drift taught them: its level scale grew 3-5x during a drift and
+  the level followed it), and its spike test reads the change from the previous reading
+  (the expected value holds the old level). Openings of healthy streams and on NAB
+  unchanged; held out per reading P 0.90, R 0.57 -> 0.74 (drift 0.33 -> 0.69); per
+  episode P 1.00, R 0.74.
 * tried, not kept: freezing the young level scale on residuals above 3-4 scales (drift
   teaches the scale 3-5x during a drift): healthy daily-irregular 0.55-1.75, NAB 66.7.
 * tried, not kept: no tail/scale learning from readings at p < p_open (per reading R

@@ -252,8 +252,9 @@ def _flat(rng: random.Random, t: float, i: int) -> float:
 
 def test_young_light_tailed_stream() -> None:
     """A young stream with light-tailed residuals (no daily cycle yet to learn) opens one
-    episode on a shift or a drift before ``warmup``, and a spike that comes inside that
-    episode opens one of its own; healthy, it opens nothing."""
+    episode on a shift or a drift before ``warmup`` (and its level holds, so the drift
+    keeps reading as anomalous), and a spike that comes inside that episode opens one of
+    its own; healthy, it opens nothing."""
     prm = DetectorParams()
     at = prm.young_after + 60
     found = 0
@@ -278,6 +279,11 @@ def test_young_light_tailed_stream() -> None:
                         seed)
         assert len(opens) <= 1, (seed, opens)
         found += bool(opens) and at <= opens[0][0] <= at + WITHIN
+        if opens:  # the level holds while its test is on: the drift keeps reading as one
+            ts, xs = _stream(_with(_flat, at, lambda r, t, i, x: x + 0.5 * (i - at + 1)),
+                             at + 60, seed)
+            vs = StreamDetector().update_many(ts, xs)
+            assert all(v.likelihood > 1.0 - prm.p_open for v in vs[opens[0][0]:]), seed
     assert found >= 3
     off = DetectorParams(reopen_new=False)
     opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0 + (

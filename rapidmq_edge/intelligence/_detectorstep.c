@@ -40,7 +40,7 @@ static const char *const PARAM_NAMES[] = {
     "p_open", "p_calm", "calm_readings", "reopen", "reopen_after", "gap", "p_single",
     "ref_clip", "level_clip", "rate_window", "rate_floor", "young_after", "a_burst",
     "burst_min", "burst_clip", "p_burst", "young_z", "young_k",
-    "young_light", "young_g", "young_from", "reopen_new",
+    "young_light", "young_g", "young_from", "reopen_new", "young_hold",
 };
 #define NPARAM ((int)(sizeof PARAM_NAMES / sizeof PARAM_NAMES[0]))
 
@@ -50,7 +50,7 @@ typedef struct {
         stuck_min, q, eta_q, a_excess, xi_max, p_open, p_calm, calm_readings, reopen,
         reopen_after, gap, p_single, ref_clip, level_clip, rate_window, rate_floor,
         young_after, a_burst, burst_min, burst_clip, p_burst, young_z, young_k,
-        young_light, young_g, young_from, reopen_new;
+        young_light, young_g, young_from, reopen_new, young_hold;
     int window;         /* rate_window as an int, 1..64 */
     uint64_t wmask;     /* its bit mask */
 } params_t;
@@ -335,7 +335,10 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     const double pval = py_min(1.0, pmin * NCH);
     const double pb = n > 2 && burst > p->burst_min ? tail_p(&tails[3], burst, p) : 1.0;
     const int is_burst = pb < p->p_burst;
-    const double zr = fabs(r) / s2;
+    /* |x - expected| / scale; while the level test is on (the expected value may hold a
+     * shifted level), the change from the previous reading / (sqrt 2 x that scale) */
+    const double zr = s->lvl_on ? (gap ? 0.0 : fabs(d) / (1.4142135623730951 * s2))
+                                : fabs(r) / s2;
     int opens = 0;
     int light = 0; /* 1: opened by the light-tail residual test, 2: by its level test */
     int light_ok = 0; /* a young stream with light-tailed residuals so far */
@@ -404,6 +407,9 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     s->was_burst = is_burst;
     s->was_light = light;
     s->lvl_on = z2 > p->young_g * (s->lvl_on ? 0.5 : 1.0);
+    /* while a young light-tailed stream's level test is on, its level and level scale
+     * hold */
+    const int hold = p->young_hold != 0.0 && light_ok && s->lvl_on;
     s->prev_p = pval;
     tail_learn(&tails[0], z1, p);
     tail_learn(&tails[1], z2, p);
@@ -421,7 +427,8 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
         double a = py_max(p->a_scale, 1.0 / nd);
         if (!gap)
             s->scale1 += a * (py_min(fabs(e1), p->clip * s1) - s->scale1);
-        s->scale2 += a * (py_min(fabs(r), p->clip * s2) - s->scale2);
+        if (!hold)
+            s->scale2 += a * (py_min(fabs(r), p->clip * s2) - s->scale2);
     }
     s->g = g;
     s->shortv = shortv;
@@ -441,7 +448,8 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
             err[j] += ae * (py_min(fabs(x - preds[j]), lim) - err[j]);
     }
     const double rl = x - s->level;
-    s->level += py_max(p->a_level, 1.0 / nd) * clip_f(rl, lim);
+    if (!hold)
+        s->level += py_max(p->a_level, 1.0 / nd) * clip_f(rl, lim);
     if (seasonal) {
         for (int k = 0; k < 2; k++) {
             const prof_t pk = prof[k];
@@ -607,6 +615,7 @@ kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         &p->rate_window, &p->rate_floor, &p->young_after, &p->a_burst,
         &p->burst_min, &p->burst_clip, &p->p_burst, &p->young_z, &p->young_k,
         &p->young_light, &p->young_g, &p->young_from, &p->reopen_new,
+        &p->young_hold,
     };
     for (int i = 0; i < NPARAM; i++)
         *f[i] = v[i];

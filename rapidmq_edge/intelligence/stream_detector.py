@@ -44,22 +44,25 @@ Method, per reading:
    ``young_from``, counting only those up to ``young_z``, is at most ``young_light``; a
    young heavy-tailed stream cannot be told from a spike, so it waits for its tails), a
    reading more than ``young_z`` scales and ``young_k`` times that largest off what was
-   expected (a spike) or a smoothed level residual above ``young_g`` scales (a shift or
-   drift). The episode stays open until ``calm_readings``
-   readings in a row have ``p >= p_calm`` and opens again inside only for a far stronger
-   reading (``reopen``) or, with ``reopen_new``, for new evidence of another fault (after
-   ``reopen_after`` readings): a burst starting, a young stream's stuck run reaching its
-   bar, its spike test firing, or its level test turning on (it turns off below half its
-   bar), so a fault that follows another within an episode is an incident of its own while
-   one long shift or drift stays one. Separately from the value channels, a *burst* (the
-   sampling rate jumps: the smoothed log ratio of the usual interval to the current one, above
-   ``burst_min`` and calibrated by its own tail) opens an episode when its p-value is
-   below ``p_burst`` (its p-value enters the likelihood scaled by ``p_open / p_burst``, and
-   the kind is "burst" when it is the stronger evidence; a reading of a burst does not
-   teach the burst tail, so a long burst keeps reading as one). A young stream with light
-   tails so far reads, on the likelihood scale, by a Gaussian model of its residuals (the
-   spike and level tests' p-values scaled so that their bars read as ``p_open``) and its
-   stuck test, not by its own tails, which are not learnt yet. ``Verdict.score`` is NAB's
+   expected (a spike; while the level test is on, the change from the previous reading
+   over sqrt(2) scales) or a smoothed level residual above ``young_g`` scales (a shift or
+   drift; while that test is on, with ``young_hold``, the stream's level and level scale
+   hold, so a drift does not teach them and keeps reading as one). The episode stays
+   open until ``calm_readings`` readings in a row have ``p >= p_calm`` and opens again
+   inside only for a far stronger reading (``reopen``) or, with ``reopen_new``, for new
+   evidence of another fault after ``reopen_after`` readings: a burst starting, a young
+   stream's stuck run reaching its bar, its spike test firing, or its level test turning
+   on (it turns off below half its bar), so a fault that follows another within an
+   episode is an incident of its own while one long shift or drift stays one.
+   Separately from the value channels, a *burst* (the sampling rate jumps: the smoothed
+   log ratio of the usual interval to the current one, above ``burst_min`` and
+   calibrated by its own tail) opens an episode when its p-value is below ``p_burst``
+   (its p-value enters the likelihood scaled by ``p_open / p_burst``, and the kind is
+   "burst" when it is the stronger evidence; a reading of a burst does not teach the
+   burst tail, so a long burst keeps reading as one). A young stream with light tails so
+   far reads, on the likelihood scale, by a Gaussian model of its residuals (the spike
+   and level tests' p-values scaled so that their bars read as ``p_open``) and its stuck
+   test, not by its own tails, which are not learnt yet. ``Verdict.score`` is NAB's
    convention: >= 0.5 only on the opening reading, else ``0.49 * likelihood``.
 
 Healthy streams (daily cycles with noise, quantised values, Student-t / Laplace noise,
@@ -91,6 +94,7 @@ NAN = math.nan
 KINDS: tuple[str, ...] = ("spike", "level_shift", "noise_change", "stuck", "spike_rate",
                           "burst")
 _NCH = 5  # value channels (Bonferroni factor)
+_SQRT2 = 1.4142135623730951
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,7 @@ class DetectorParams:
     young_g: float = 3.0         # ... or on a smoothed level residual above this x scale
     young_from: int = 30         # the largest residual counts from this reading on
     reopen_new: bool = True      # inside an episode, new evidence re-opens (see above)
+    young_hold: bool = True      # a young light-tailed stream's level test holds its level
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate_window, int) and 1 <= self.rate_window <= 64):
@@ -351,7 +356,9 @@ class StreamDetector:
         pval = min(1.0, pmin * _NCH)
         pb = tails[3].p(burst, prm) if n > 2 and burst > prm.burst_min else 1.0
         is_burst = pb < prm.p_burst
-        zr = abs(r) / s2
+        # |x - expected| / scale; while the level test is on (the expected value may hold
+        # a shifted level), the change from the previous reading / (sqrt 2 x that scale)
+        zr = (0.0 if gap else abs(d) / (_SQRT2 * s2)) if self.lvl_on else abs(r) / s2
         opens = False
         light = 0  # 1: opened by the light-tail residual test, 2: by its level test
         light_ok = False  # a young stream with light-tailed residuals so far
@@ -414,6 +421,9 @@ class StreamDetector:
         self.was_burst = is_burst
         self.was_light = light
         self.lvl_on = z2 > prm.young_g * (0.5 if self.lvl_on else 1.0)
+        # while a young light-tailed stream's level test is on, its level and level scale
+        # hold (a drift does not teach them: it keeps reading as one)
+        hold = prm.young_hold and light_ok and self.lvl_on
         self.prev_p = pval
         tails[0].learn(z1, prm)
         tails[1].learn(z2, prm)
@@ -430,7 +440,8 @@ class StreamDetector:
             a = max(prm.a_scale, 1.0 / n)
             if not gap:
                 self.scale1 += a * (min(abs(e1), prm.clip * s1) - self.scale1)
-            self.scale2 += a * (min(abs(r), prm.clip * s2) - self.scale2)
+            if not hold:
+                self.scale2 += a * (min(abs(r), prm.clip * s2) - self.scale2)
         self.g = g
         self.short = short
         if run == 0 and self.run > 0:
@@ -448,8 +459,9 @@ class StreamDetector:
             else:
                 err[j] += ae * (min(abs(x - preds[j]), lim) - err[j])
         rl = x - self.level
-        self.level += max(prm.a_level, 1.0 / n) * (-lim if rl < -lim else lim if rl > lim
-                                                   else rl)
+        if not hold:
+            self.level += max(prm.a_level, 1.0 / n) * (-lim if rl < -lim else lim if rl > lim
+                                                       else rl)
         if seasonal:
             for k in (0, 1):
                 pv, i0, i1, w = prof[k]
