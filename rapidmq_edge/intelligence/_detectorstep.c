@@ -477,7 +477,8 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     s->last_t = t;
     s->last_x = x;
     const double pbs = pb * (p->p_open / p->p_burst);
-    const double pv_like = light_ok ? (stuck ? 1e-9 * NCH : 1.0) : pval;
+    const int untailed = light_ok || nd < p->young_after;
+    const double pv_like = untailed ? (stuck ? 1e-9 * NCH : 1.0) : pval;
     const double pv_all = py_min(py_min(pv_like, pbs), pl);
     const double lik = 1.0 - pv_all;
     int kind;
@@ -486,7 +487,7 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     else if (pv_all < pv_like)
         kind = pbs <= pl ? 5 : lkind - 1;
     else
-        kind = light_ok ? 3 : imin;
+        kind = untailed ? 3 : imin;
     const double band = 4.0 * s2;
     o->score = opens ? 0.5 + 0.5 * lik : 0.49 * lik;
     o->lik = lik;

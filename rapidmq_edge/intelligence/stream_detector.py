@@ -62,7 +62,8 @@ Method, per reading:
    burst tail, so a long burst keeps reading as one). A young stream with light tails so
    far reads, on the likelihood scale, by a Gaussian model of its residuals (the spike
    and level tests' p-values scaled so that their bars read as ``p_open``) and its stuck
-   test, not by its own tails, which are not learnt yet. ``Verdict.score`` is NAB's
+   test, not by its own tails, which are not learnt yet (a stream younger than
+   ``young_after`` by its stuck and burst tests alone). ``Verdict.score`` is NAB's
    convention: >= 0.5 only on the opening reading, else ``0.49 * likelihood``.
 
 Healthy streams (daily cycles with noise, quantised values, Student-t / Laplace noise,
@@ -487,9 +488,10 @@ class StreamDetector:
         self.last_t, self.last_x = t, x
         # a burst reads on the likelihood scale as if p_burst were p_open; a young stream
         # with light tails is judged by the Gaussian model (its own tails are not learnt
-        # yet) and its stuck test
+        # yet) and its stuck test, a stream younger than young_after by its stuck test
         pbs = pb * (prm.p_open / prm.p_burst)
-        pv_like = (1e-9 * _NCH if stuck else 1.0) if light_ok else pval
+        untailed = light_ok or n < prm.young_after
+        pv_like = (1e-9 * _NCH if stuck else 1.0) if untailed else pval
         pv_all = min(pv_like, pbs, pl)
         lik = 1.0 - pv_all
         if pv_all >= 0.5:
@@ -497,7 +499,7 @@ class StreamDetector:
         elif pv_all < pv_like:
             kind = KINDS[5] if pbs <= pl else KINDS[lkind - 1]
         else:
-            kind = KINDS[3] if light_ok else KINDS[ps.index(pmin)]
+            kind = KINDS[3] if untailed else KINDS[ps.index(pmin)]
         band = 4.0 * s2
         return Verdict(0.5 + 0.5 * lik if opens else 0.49 * lik, lik, opens,
                        self.in_episode, kind, xhat, xhat - band, xhat + band)
