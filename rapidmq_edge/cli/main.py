@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from .. import __version__
-from . import accounts, cloud, gateway, keys, model, ota
+from . import accounts, cloud, fleet, gateway, keys, model, ota
 
 __all__ = ["build_parser", "main"]
 
 #: the command families, in the order ``--help`` lists them
-FAMILIES = (gateway, accounts, keys, cloud, ota, model)
+FAMILIES = (gateway, accounts, keys, cloud, ota, model, fleet)
 
 
 def build_parser() -> argparse.ArgumentParser:
