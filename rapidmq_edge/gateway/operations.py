@@ -73,8 +73,13 @@ class OperatorView:
         return dict(out)
 
     def _published_by(self) -> dict[str, list[int]]:
-        http = self.gw.http
-        return {"http": list(http.published_by_qos)} if http is not None else {}
+        gw = self.gw
+        out = {}
+        if gw.http is not None:
+            out["http"] = list(gw.http.published_by_qos)
+        if gw.coap is not None:
+            out["coap"] = gw.coap.published_by_qos()
+        return out
 
     def alive(self) -> list[str]:
         """Empty while the event loop runs (its lag sampler ticked recently)."""

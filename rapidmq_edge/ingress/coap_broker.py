@@ -76,6 +76,8 @@ class CoapBroker:
         self.observers: set[LocalClient] = set()
         self._obs_seq = secrets.randbelow(1 << 23)
         self._obs_ids = 0
+        #: publications handed to the broker, by QoS (the ``protocol="coap"`` series)
+        self.published_by_qos = [0, 0, 0]
 
     # -- who is asking -------------------------------------------------------------
 
@@ -172,6 +174,7 @@ class CoapBroker:
 
     async def _commit(self, msg: Message) -> None:
         retry = self.settings.retry_after
+        self.published_by_qos[msg.qos] += 1
         try:
             fut = publish(self.broker, msg)
         except PublishRefused as exc:

@@ -60,6 +60,8 @@ class FastPublisher:
         self.dedup = Deduplicator(settings.dedup_entries)
         self.max_age = codec.encode_uint(settings.retry_after)
         self.pending = 0
+        #: publications handed to the broker, by QoS (the ``protocol="coap"`` series)
+        self.published_by_qos = [0, 0, 0]
         self.published = self.refused = self.shed = self.duplicates = 0
         self._next_expiry = 0.0
         self._mid = secrets.randbelow(0x10000)
@@ -146,6 +148,7 @@ class FastPublisher:
         qos = 1 if msg.mtype == codec.CON else 0
         broker = self.broker
         pub = Message(topic, payload, qos, retain, props, None, client_id)
+        self.published_by_qos[qos] += 1
         try:
             broker.publish(pub)
         except PublishRefused as exc:

@@ -286,6 +286,14 @@ class CoapServer:
         self.fast: list[Any] = []  # coap_fast.FastPublisher of each endpoint
         self.bound: list[str] = []
 
+    def published_by_qos(self) -> list[int]:
+        """Publications handed to the broker by QoS, over both paths (aiocoap's, the fast
+        one)."""
+        out = list(self.core.published_by_qos)
+        for fast in self.fast:
+            out = [a + b for a, b in zip(out, fast.published_by_qos, strict=True)]
+        return out
+
     def site(self) -> Any:
         """The resource tree (wrapped for OSCORE when ``oscore_dir`` is set)."""
         site = PubSubSite(TopicData(self.core), TopicConf(self.core))

@@ -130,7 +130,7 @@ class LiveCollector(Collector):
         rec = CounterMetricFamily(
             "rapidmq_messages_received",
             "Messages published into the broker, by protocol and QoS (protocol mqtt also "
-            "counts CoAP publications).", labels=["protocol", "qos"])
+            "counts the gateway's own alerts).", labels=["protocol", "qos"])
         other = list(st.received_by_qos)
         for proto, counts in sorted(self.src.published_by().items()):
             for q, n in enumerate(counts):
