@@ -258,6 +258,7 @@ def test_young_light_tailed_stream() -> None:
     prm = DetectorParams()
     at = prm.young_after + 60
     found = 0
+    held: list[float] = []
     for seed in range(4):
         opens, _ = _run(_flat, prm.warmup, seed)
         assert opens == [], (seed, opens)
@@ -269,6 +270,16 @@ def test_young_light_tailed_stream() -> None:
         vs = det.update_many(ts, xs)
         assert not any(v.likelihood > 1.0 - prm.p_open for v in vs[prm.young_after:at])
         assert vs[at].opens and vs[at].kind == "spike" and vs[at].likelihood > 1.0 - prm.p_open
+        # a sensor stuck on a value: from its second repeat every reading reads as
+        # anomalous (at the stream's resolution, the smallest change seen, a Gaussian
+        # stream repeats a value by chance rarely), before the stuck run opens an episode
+        held.clear()
+        ts, xs = _stream(_with(_flat, at, lambda r, t, i, x: _hold(r, t, i, x, held)),
+                         at + 20, seed)
+        vs = StreamDetector().update_many(ts, xs)
+        assert all(v.likelihood > 1.0 - prm.p_open and v.kind == "stuck"
+                   for v in vs[at + 2:]), seed
+        assert [i for i, v in enumerate(vs) if v.opens] == [at + 2 * prm.stuck_min]
         opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0), at + 60, seed)
         assert opens == [(opens[0][0], "level_shift")] and at <= opens[0][0] <= at + 3, (
             seed, opens)

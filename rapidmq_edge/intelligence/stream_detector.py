@@ -61,10 +61,11 @@ Method, per reading:
    "burst" when it is the stronger evidence; a reading of a burst does not teach the
    burst tail, so a long burst keeps reading as one). A young stream with light tails so
    far reads, on the likelihood scale, by a Gaussian model of its residuals (the spike
-   and level tests' p-values scaled so that their bars read as ``p_open``) and its stuck
-   test, not by its own tails, which are not learnt yet (a stream younger than
-   ``young_after`` by its stuck and burst tests alone). ``Verdict.score`` is NAB's
-   convention: >= 0.5 only on the opening reading, else ``0.49 * likelihood``.
+   and level tests' p-values scaled so that their bars read as ``p_open``, and the chance
+   of its run of equal readings at its resolution) and its stuck test, not by its own
+   tails, which are not learnt yet (a stream younger than ``young_after`` by its stuck
+   and burst tests alone). ``Verdict.score`` is NAB's convention: >= 0.5 only on the
+   opening reading, else ``0.49 * likelihood``.
 
 Healthy streams (daily cycles with noise, quantised values, Student-t / Laplace noise,
 irregular sampling) stay quiet: 0.05-0.2 false episodes per two weeks of 5-minute readings
@@ -492,6 +493,10 @@ class StreamDetector:
         pbs = pb * (prm.p_open / prm.p_burst)
         untailed = light_ok or n < prm.young_after
         pv_like = (1e-9 * _NCH if stuck else 1.0) if untailed else pval
+        if light_ok and not stuck and run > 0:
+            # a Gaussian stream repeats a value at its resolution with probability about
+            # res / (sd of a one-step change x sqrt(2 pi)), that sd = sqrt(pi) x scale
+            pv_like = min(1.0, self.res / (s2 * math.pi * _SQRT2)) ** run
         pv_all = min(pv_like, pbs, pl)
         lik = 1.0 - pv_all
         if pv_all >= 0.5:
