@@ -481,8 +481,8 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     double pv_like = untailed ? (stuck ? 1e-9 * NCH : 1.0) : pval;
     if (light_ok && !stuck && run > 0)
         /* a Gaussian stream repeats a value at its resolution with probability about
-         * res / (sd of a one-step change x sqrt(2 pi)), that sd = sqrt(pi) x scale */
-        pv_like = pow(py_min(1.0, s->res / (s2 * M_PI * 1.4142135623730951)), (double)run);
+         * res / (sd of a one-step change x sqrt(2 pi)), that sd = sqrt(pi / 2) x s1 */
+        pv_like = pow(py_min(1.0, s->res / (s1 * M_PI)), (double)run);
     const double pv_all = py_min(py_min(pv_like, pbs), pl);
     const double lik = 1.0 - pv_all;
     int kind;

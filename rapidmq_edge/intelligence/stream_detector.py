@@ -495,8 +495,8 @@ class StreamDetector:
         pv_like = (1e-9 * _NCH if stuck else 1.0) if untailed else pval
         if light_ok and not stuck and run > 0:
             # a Gaussian stream repeats a value at its resolution with probability about
-            # res / (sd of a one-step change x sqrt(2 pi)), that sd = sqrt(pi) x scale
-            pv_like = min(1.0, self.res / (s2 * math.pi * _SQRT2)) ** run
+            # res / (sd of a one-step change x sqrt(2 pi)), that sd = sqrt(pi / 2) x s1
+            pv_like = min(1.0, self.res / (s1 * math.pi)) ** run
         pv_all = min(pv_like, pbs, pl)
         lik = 1.0 - pv_all
         if pv_all >= 0.5:
