@@ -115,17 +115,6 @@ class OperatorView:
         return OpsHooks(m.render if m is not None else None, self.metrics_settings.auth,
                         self.ready, self.alive)
 
-    def status_line(self) -> str:
-        """One line for systemd's ``STATUS=``."""
-        gw = self.gw
-        text = f"{gw.broker.stats.clients_connected} clients"
-        if gw.forward is not None:
-            ups = sum(u.connected for u in gw.uplinks)
-            text += (f", backlog {gw.forward.queue.stats()['messages']}, upstreams "
-                     f"{ups}/{len(gw.uplinks)} up")
-        reasons = self.ready()
-        return text + (f"; NOT READY: {'; '.join(reasons)}" if reasons else "")
-
     # -- running -------------------------------------------------------------------------
 
     async def start(self) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 from ..config import Config, ConfigError
 from .assembly import Gateway
 from .datadir import DataDirLocked
+from .systemd_notify import ServiceNotifier, service_status
 
 __all__ = ["run_gateway", "serve"]
 
@@ -39,10 +40,18 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     # came after, which cut the largest event-loop stall ~30 -> ~10 ms at 5,000 msg/s
     gc.collect()
     gc.freeze()
+    # systemd (Type=notify): ready only now, the store recovered and every listener bound;
+    # the watchdog pings come from this loop, so a stuck loop gets the service restarted
+    notifier = ServiceNotifier()
+    notifier.ready(service_status(gateway))
+    watchdog = loop.create_task(notifier.watchdog(lambda: service_status(gateway),
+                                                  config.health.watchdog_fraction))
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("shutting down")
+    notifier.stopping()
+    watchdog.cancel()
     await gateway.stop()
 
 

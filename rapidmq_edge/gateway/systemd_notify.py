@@ -11,10 +11,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import sdnotify
+if TYPE_CHECKING:
+    from .assembly import Gateway
 
-__all__ = ["ServiceNotifier", "watchdog_interval"]
+__all__ = ["ServiceNotifier", "service_status", "watchdog_interval"]
+
+
+def service_status(gw: Gateway) -> str:
+    """One line for systemd's ``STATUS=``: clients, backlog, upstream links."""
+    text = f"{gw.broker.stats.clients_connected} clients"
+    if gw.forward is not None:
+        ups = sum(u.connected for u in gw.uplinks)
+        text += (f", backlog {gw.forward.queue.stats()['messages']}, upstreams "
+                 f"{ups}/{len(gw.uplinks)} up")
+    return text
 
 
 def watchdog_interval(env: Mapping[str, str], fraction: float = 0.5) -> float | None:
@@ -33,7 +45,11 @@ class ServiceNotifier:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._sd: Any = None
+        if self.enabled:
+            import sdnotify  # only under systemd
+
+            self._sd = sdnotify.SystemdNotifier()
         self._env = env
         self.pings = 0
 
