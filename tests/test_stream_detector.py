@@ -283,6 +283,12 @@ def test_young_light_tailed_stream() -> None:
         opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0), at + 60, seed)
         assert opens == [(opens[0][0], "level_shift")] and at <= opens[0][0] <= at + 3, (
             seed, opens)
+        # a shift that stays: its level holds for hold_readings, then is learnt
+        ts, xs = _stream(_with(_flat, at, lambda r, t, i, x: x + 8.0), prm.warmup, seed)
+        vs = StreamDetector().update_many(ts, xs)
+        flagged = [i for i, v in enumerate(vs) if v.likelihood > 1.0 - prm.p_open]
+        assert flagged[0] == at and at + prm.hold_readings < flagged[-1] < prm.warmup - 30, (
+            seed, flagged)
         opens, _ = _run(_with(_flat, at, lambda r, t, i, x: x + 8.0 + (
             30.0 if i == at + 40 else 0.0)), at + 60, seed)
         assert [o for o in opens if o[0] > at + 3] == [(at + 40, "spike")], (seed, opens)

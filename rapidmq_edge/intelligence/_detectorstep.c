@@ -40,7 +40,7 @@ static const char *const PARAM_NAMES[] = {
     "p_open", "p_calm", "calm_readings", "reopen", "reopen_after", "gap", "p_single",
     "ref_clip", "level_clip", "rate_window", "rate_floor", "young_after", "a_burst",
     "burst_min", "burst_clip", "p_burst", "young_z", "young_k",
-    "young_light", "young_g", "young_from", "reopen_new", "young_hold",
+    "young_light", "young_g", "young_from", "reopen_new", "young_hold", "hold_readings",
 };
 #define NPARAM ((int)(sizeof PARAM_NAMES / sizeof PARAM_NAMES[0]))
 
@@ -50,7 +50,8 @@ typedef struct {
         stuck_min, q, eta_q, a_excess, xi_max, p_open, p_calm, calm_readings, reopen,
         reopen_after, gap, p_single, ref_clip, level_clip, rate_window, rate_floor,
         young_after, a_burst, burst_min, burst_clip, p_burst, young_z, young_k,
-        young_light, young_g, young_from, reopen_new, young_hold;
+        young_light, young_g, young_from, reopen_new, young_hold,
+        hold_readings;
     int window;         /* rate_window as an int, 1..64 */
     uint64_t wmask;     /* its bit mask */
 } params_t;
@@ -408,8 +409,9 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
     s->was_light = light;
     s->lvl_on = z2 > p->young_g * (s->lvl_on ? 0.5 : 1.0);
     /* while a young light-tailed stream's level test is on, its level and level scale
-     * hold */
-    const int hold = p->young_hold != 0.0 && light_ok && s->lvl_on;
+     * hold, for at most hold_readings into the episode */
+    const int hold = p->young_hold != 0.0 && light_ok && s->lvl_on &&
+                     (double)s->ep_len <= p->hold_readings;
     s->prev_p = pval;
     tail_learn(&tails[0], z1, p);
     tail_learn(&tails[1], z2, p);
@@ -620,7 +622,7 @@ kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         &p->rate_window, &p->rate_floor, &p->young_after, &p->a_burst,
         &p->burst_min, &p->burst_clip, &p->p_burst, &p->young_z, &p->young_k,
         &p->young_light, &p->young_g, &p->young_from, &p->reopen_new,
-        &p->young_hold,
+        &p->young_hold, &p->hold_readings,
     };
     for (int i = 0; i < NPARAM; i++)
         *f[i] = v[i];

@@ -47,7 +47,8 @@ Method, per reading:
    expected (a spike; while the level test is on, the change from the previous reading
    over sqrt(2) scales) or a smoothed level residual above ``young_g`` scales (a shift or
    drift; while that test is on, with ``young_hold``, the stream's level and level scale
-   hold, so a drift does not teach them and keeps reading as one). The episode stays
+   hold for at most ``hold_readings`` into the episode, so a drift does not teach them and
+   keeps reading as one). The episode stays
    open until ``calm_readings`` readings in a row have ``p >= p_calm`` and opens again
    inside only for a far stronger reading (``reopen``) or, with ``reopen_new``, for new
    evidence of another fault after ``reopen_after`` readings: a burst starting, a young
@@ -148,6 +149,7 @@ class DetectorParams:
     young_from: int = 30         # the largest residual counts from this reading on
     reopen_new: bool = True      # inside an episode, new evidence re-opens (see above)
     young_hold: bool = True      # a young light-tailed stream's level test holds its level
+    hold_readings: int = 120     # ... for at most this many readings into an episode
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate_window, int) and 1 <= self.rate_window <= 64):
@@ -424,8 +426,11 @@ class StreamDetector:
         self.was_light = light
         self.lvl_on = z2 > prm.young_g * (0.5 if self.lvl_on else 1.0)
         # while a young light-tailed stream's level test is on, its level and level scale
-        # hold (a drift does not teach them: it keeps reading as one)
-        hold = prm.young_hold and light_ok and self.lvl_on
+        # hold (a drift does not teach them: it keeps reading as one), for at most
+        # hold_readings into the episode (a level held wrong, e.g. one a missed drift had
+        # taught, is learnt again)
+        hold = (prm.young_hold and light_ok and self.lvl_on
+                and self.ep_len <= prm.hold_readings)
         self.prev_p = pval
         tails[0].learn(z1, prm)
         tails[1].learn(z2, prm)
