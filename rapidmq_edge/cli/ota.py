@@ -8,6 +8,12 @@
   ``<component>-<sequence>.payload``.
 * ``ota inspect FILE [--trust PUB ...] [--json]``: what a manifest says (and, with
   ``--trust``, whether it verifies).
+* ``ota publish --url URL --manifest F --payload F [--gateway ID ...]``: chunks and manifest
+  onto the cluster, for the whole class or for named gateways.
+* ``ota rollout --url URL --manifest F --payload F [--stages 1,10%,50%,100%]
+  [--max-failure 0.2] [--stage-timeout S] [--state FILE]``: staged, halting at the error
+  threshold; the same command resumes from ``--state``. Exit 0 done, 1 halted.
+* ``ota status --url URL [--json]``: the fleet table from the gateways' retained reports.
 
 Exit codes: 0 ok, 1 failure (refused manifest, bad key), 2 usage error.
 """
@@ -69,6 +75,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     insp.add_argument("file", type=Path, metavar="FILE")
     insp.add_argument("--trust", type=Path, action="append", default=[], metavar="PUB")
     insp.add_argument("--json", action="store_true", help="machine-readable")
+
+    def cluster_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", action="append", required=True, metavar="URL",
+                       help="mqtt://host:port of the cluster (repeat for more nodes)")
+        p.add_argument("--prefix", default="rapidmq/ota")
+        p.add_argument("--username")
+        p.add_argument("--password-file", type=Path, metavar="FILE")
+        p.add_argument("--mqtt-version", type=int, choices=(4, 5), default=5)
+
+    pub = osub.add_parser("publish", help="put a signed update on the cluster")
+    cluster_args(pub)
+    pub.add_argument("--manifest", type=Path, required=True, metavar="FILE")
+    pub.add_argument("--payload", type=Path, required=True, metavar="FILE")
+    pub.add_argument("--gateway", action="append", default=[], metavar="ID",
+                     help="only these gateways (default: every gateway of the class)")
+
+    ro = osub.add_parser("rollout", help="roll a signed update out in stages")
+    cluster_args(ro)
+    ro.add_argument("--manifest", type=Path, required=True, metavar="FILE")
+    ro.add_argument("--payload", type=Path, required=True, metavar="FILE")
+    ro.add_argument("--stages", default="1,10%,50%,100%",
+                    help="gateway counts or percentages, the last 100%% (default %(default)s)")
+    ro.add_argument("--max-failure", type=float, default=0.2, metavar="FRACTION",
+                    help="halt when more than this part of the targeted gateways failed")
+    ro.add_argument("--stage-timeout", type=float, default=600.0, metavar="S")
+    ro.add_argument("--state", type=Path, metavar="FILE",
+                    help="where the rollout's progress is kept (default next to the manifest)")
+    ro.add_argument("--gateway", action="append", default=None, metavar="ID",
+                    help="roll out to these gateways only (default: all of the class)")
+
+    st = osub.add_parser("status", help="the fleet's model states")
+    cluster_args(st)
+    st.add_argument("--wait", type=float, default=2.0, metavar="S")
+    st.add_argument("--json", action="store_true", help="machine-readable")
 
 
 def handles(command: str) -> bool:
@@ -248,6 +288,40 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if verdict is not None and verdict.startswith("REFUSED") else 0
 
 
+def _cluster_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ..ota.operator import Cluster, fleet_view, publish_signed, run_rollout
+    from ..ota.rollout import parse_stages
+
+    password = (args.password_file.read_text().strip() if args.password_file else None)
+    cluster = Cluster(args.url, args.prefix, args.username, password, args.mqtt_version)
+    if args.ota_command == "publish":
+        out = asyncio.run(publish_signed(cluster, args.manifest, args.payload, args.gateway))
+        print(json.dumps(out))
+        return 0
+    if args.ota_command == "rollout":
+        state = args.state or args.manifest.with_suffix(".rollout.json")
+        res = asyncio.run(run_rollout(
+            cluster, args.manifest, args.payload, state, stages=parse_stages(args.stages),
+            max_failure=args.max_failure, stage_timeout=args.stage_timeout,
+            fleet=args.gateway, on_step=lambda line: print(line, flush=True)))
+        return 1 if res.get("halted") else 0
+    view = asyncio.run(fleet_view(cluster, args.wait))
+    rows = view.table()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ("gateway", "online", "component", "state", "sequence", "active_sequence",
+            "active_version", "progress", "agreement", "reason")
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``ota`` command."""
     from ..crypto.errors import CryptoError
@@ -258,12 +332,20 @@ def run(args: argparse.Namespace) -> int:
             return _keys_init(args)
         if args.ota_command == "sign":
             return _sign(args)
+        if args.ota_command in ("publish", "rollout", "status"):
+            return _cluster_command(args)
         return _inspect(args)
     except ManifestRefused as exc:
         print(f"error: manifest refused: {exc}", file=sys.stderr)
         return 1
     except (CryptoError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print("error: the cluster did not acknowledge in time", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ from ..store.session_store import SessionStore
 from ..uplink.client import MessageCallback, UplinkClient
 from .datadir import lock_data_dir
 from .forwarding import ForwardPath, build_forward_path, build_uplinks
+from .updates import build_ota_agent
 
 __all__ = ["Gateway", "broker_limits", "connection_settings"]
 
@@ -107,6 +108,8 @@ class Gateway:
             self.ota_host = self.ota_models.host(self.intelligence.models,
                                                  c.intelligence.models_dir,
                                                  gate_from_settings(ota))
+        #: [ota]: manifests in over the upstream cluster, models to shadow and active
+        self.ota_agent = build_ota_agent(c, self.ota_host)
         # the broker's taps: the runtime (which drives the forwarder) or the forwarder alone;
         # a PUBLISH is acknowledged once every durable stage behind them has committed it
         taps: list[Callable[[Message], None]] = []
@@ -185,6 +188,9 @@ class Gateway:
         if self.intelligence is not None:
             self.intelligence.start()
             self.tasks.append(loop.create_task(self.ota_models.run(self.ota_host)))
+        if self.ota_agent is not None:
+            self.tasks.append(loop.create_task(self.ota_agent.link.run()))
+            self.tasks.append(loop.create_task(self.ota_agent.run()))
         self.servers, self.bound = await serve_mqtt(c.mqtt.listen, c.mqtt.tls, self._connection,
                                                     self.registry)
         if c.http.listen:
@@ -232,11 +238,14 @@ class Gateway:
                            else None),
             "intelligence": (self.intelligence.snapshot() if self.intelligence is not None
                              else None),
+            "ota": self.ota_agent.snapshot() if self.ota_agent is not None else None,
         }
 
     async def stop(self) -> None:
         """Stop accepting, disconnect clients, then stop the path from the listeners inwards
         (in-flight uplink messages stay queued) and write durable state."""
+        if self.ota_agent is not None:  # says offline, then a clean DISCONNECT
+            await self.ota_agent.link.stop()
         for server in self.servers:
             server.close()
         for task in self.tasks:

@@ -41,6 +41,7 @@ static const char *const PARAM_NAMES[] = {
     "ref_clip", "level_clip", "rate_window", "rate_floor", "young_after", "a_burst",
     "burst_min", "burst_clip", "p_burst", "young_z", "young_k",
     "young_light", "young_g", "young_from", "reopen_new", "young_hold", "hold_readings",
+    "young_range",
 };
 #define NPARAM ((int)(sizeof PARAM_NAMES / sizeof PARAM_NAMES[0]))
 
@@ -51,7 +52,7 @@ typedef struct {
         reopen_after, gap, p_single, ref_clip, level_clip, rate_window, rate_floor,
         young_after, a_burst, burst_min, burst_clip, p_burst, young_z, young_k,
         young_light, young_g, young_from, reopen_new, young_hold,
-        hold_readings;
+        hold_readings, young_range;
     int window;         /* rate_window as an int, 1..64 */
     uint64_t wmask;     /* its bit mask */
 } params_t;
@@ -79,6 +80,7 @@ typedef struct {
     double ep_p, prev_p;
     double zmax;
     int was_burst, was_light, lvl_on;
+    double hi, lo; /* largest and smallest value since young_from */
     Py_ssize_t nk[2];
     double *knots[2];
 } det_t;
@@ -349,7 +351,7 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
         const int mature = nd >= p->warmup;
         const int young_stuck = !mature && stuck && (double)run >= 2 * p->stuck_min &&
                                 s->run_max <= 2.0;
-        if (!mature && s->zmax <= p->young_light) {
+        if (!mature && s->zmax <= p->young_light && s->hi - s->lo <= p->young_range * s2) {
             light_ok = 1;
             if (0.0 < p->young_z && p->young_z < zr && zr > p->young_k * s->zmax)
                 light = 1;
@@ -406,6 +408,10 @@ det_update(det_t *s, const params_t *p, double t, double x, out_t *o)
         zr <= p->young_z)
         s->zmax = zr;
     s->was_burst = is_burst;
+    if (nd >= p->young_from) {
+        s->hi = py_max(s->hi, x);
+        s->lo = py_min(s->lo, x);
+    }
     s->was_light = light;
     s->lvl_on = z2 > p->young_g * (s->lvl_on ? 0.5 : 1.0);
     /* while a young light-tailed stream's level test is on, its level and level scale
@@ -530,6 +536,8 @@ det_init(det_t *s)
     s->ep_p = s->prev_p = 1.0;
     s->zmax = 0.0;
     s->was_burst = s->was_light = s->lvl_on = 0;
+    s->hi = -INFINITY;
+    s->lo = INFINITY;
     s->nk[0] = s->nk[1] = 0;
     s->knots[0] = s->knots[1] = NULL;
 }
@@ -623,6 +631,7 @@ kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         &p->burst_min, &p->burst_clip, &p->p_burst, &p->young_z, &p->young_k,
         &p->young_light, &p->young_g, &p->young_from, &p->reopen_new,
         &p->young_hold, &p->hold_readings,
+        &p->young_range,
     };
     for (int i = 0; i < NPARAM; i++)
         *f[i] = v[i];

@@ -42,7 +42,9 @@ Method, per reading:
    than twice in a row, a burst, or, in a stream whose residuals have stayed light-tailed
    (the largest ``|x - expected| / scale`` it has shown outside episodes since reading
    ``young_from``, counting only those up to ``young_z``, is at most ``young_light``; a
-   young heavy-tailed stream cannot be told from a spike, so it waits for its tails), a
+   young heavy-tailed stream cannot be told from a spike, so it waits for its tails) and
+   whose values since then span at most ``young_range`` scales (a stream that has already
+   moved far, e.g. through the steps of a daily cycle it cannot know yet, waits too), a
    reading more than ``young_z`` scales and ``young_k`` times that largest off what was
    expected (a spike; while the level test is on, the change from the previous reading
    over sqrt(2) scales) or a smoothed level residual above ``young_g`` scales (a shift or
@@ -150,6 +152,7 @@ class DetectorParams:
     reopen_new: bool = True      # inside an episode, new evidence re-opens (see above)
     young_hold: bool = True      # a young light-tailed stream's level test holds its level
     hold_readings: int = 120     # ... for at most this many readings into an episode
+    young_range: float = 40.0    # young tests only while the values' range is within this
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate_window, int) and 1 <= self.rate_window <= 64):
@@ -252,6 +255,8 @@ class StreamDetector:
         self.prev_p = 1.0           # the previous reading's p-value
         self.zmax = 0.0             # largest |x - expected| / scale outside episodes, young
         self.was_burst = False      # the previous reading's burst test
+        self.hi = -math.inf         # largest and smallest value since young_from
+        self.lo = math.inf
         self.was_light = 0          # the previous reading's light-tail test (1 or 2)
         self.lvl_on = False         # the level test is on (off below half its bar)
 
@@ -372,7 +377,8 @@ class StreamDetector:
             mature = n >= prm.warmup
             young_stuck = (not mature and stuck and run >= 2 * prm.stuck_min
                            and self.run_max <= 2.0)
-            if not mature and self.zmax <= prm.young_light:
+            if (not mature and self.zmax <= prm.young_light
+                    and self.hi - self.lo <= prm.young_range * s2):
                 light_ok = True
                 if 0.0 < prm.young_z < zr and zr > prm.young_k * self.zmax:
                     light = 1
@@ -423,6 +429,9 @@ class StreamDetector:
                 and self.zmax < zr <= prm.young_z):
             self.zmax = zr
         self.was_burst = is_burst
+        if n >= prm.young_from:
+            self.hi = max(self.hi, x)
+            self.lo = min(self.lo, x)
         self.was_light = light
         self.lvl_on = z2 > prm.young_g * (0.5 if self.lvl_on else 1.0)
         # while a young light-tailed stream's level test is on, its level and level scale

@@ -71,7 +71,6 @@ DEFAULT_PREFIX = "rapidmq/ota"
 MessageHandler = Callable[[str, bytes, bool], Awaitable[None]]
 _PINGREQ = b"\xc0\x00"
 _OFFLINE = json.dumps({"online": False}).encode()
-_ONLINE = json.dumps({"online": True}).encode()
 
 
 class PublishRefused(Exception):
@@ -125,6 +124,7 @@ class OtaLink:
         will: bool = True,
         on_message: MessageHandler | None = None,
         stable_after: float = 1.0,
+        presence: dict[str, Any] | None = None,
         max_packet_size: int = 17 << 20,
     ) -> None:
         if version not in (MQTT_311, MQTT_5):
@@ -145,6 +145,9 @@ class OtaLink:
         self.reply_timeout = reply_timeout
         self.backoff = backoff or Backoff(initial=0.2, maximum=30.0)
         self.will = will
+        #: the retained document announced after each connect (the will replaces it)
+        self.presence = json.dumps({"online": True, **(presence or {})},
+                                   separators=(",", ":")).encode()
         self.stable_after = stable_after
         #: larger packets are refused (MQTT 5: announced, so the server drops them for us)
         self.max_packet_size = max_packet_size
@@ -416,7 +419,8 @@ class OtaLink:
 
     async def _announce(self) -> None:
         with contextlib.suppress(ConnectionError, PublishRefused):
-            await self.publish(state_topic(self.prefix, self.gateway_id), _ONLINE, 1, True)
+            await self.publish(state_topic(self.prefix, self.gateway_id), self.presence, 1,
+                               True)
 
     async def _keepalive(self, conn: UplinkProtocol, keep_alive: int) -> None:
         tick = min(1.0, keep_alive / 4)

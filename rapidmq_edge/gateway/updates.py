@@ -1,0 +1,86 @@
+"""``[ota]`` assembled: the OTA agent of a running gateway (docs/ota.md).
+
+The agent's link goes to the ``[[upstream]]`` ``[ota] upstream`` names (default the first),
+with that upstream's URLs, credentials and TLS; its models live in the runtime's
+:class:`~rapidmq_edge.ota.activate.RuntimeModelHost`. Payloads encrypted to this gateway are
+opened with its recipient keys (``keys init --recipient``), when it has any.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import __version__
+from ..config import Config
+from ..ota.agent import OtaAgent
+from ..ota.link import OtaLink
+from ..ota.sequences import SequenceStore
+from ..ota.trust import TrustAnchors
+
+__all__ = ["build_ota_agent"]
+
+log = logging.getLogger("rapidmq_edge")
+
+#: the model slots the runtime can swap (the anomaly detector has no model in the path)
+RUNTIME_COMPONENTS = ("priority", "threat")
+
+
+def _recipient(config: Config) -> Any:
+    """This gateway's recipient keyring, or None (no recipient key / locked)."""
+    from ..crypto.keystore import KeyStore
+
+    sec = config.forwarding.security
+    keys_dir = sec.keys_dir or config.gateway.data_dir / "keys"
+    try:
+        store = KeyStore(keys_dir)
+        if not store.keys("recipient"):
+            return None
+        passphrase = None
+        if sec.passphrase_file is not None:
+            passphrase = sec.passphrase_file.read_bytes().strip()
+        elif os.environ.get("RAPIDMQ_KEY_PASSPHRASE"):
+            passphrase = os.environ["RAPIDMQ_KEY_PASSPHRASE"].encode()
+        return store.recipient_keyring(passphrase)
+    except Exception as exc:  # encrypted updates are then refused with "not-a-recipient"
+        log.warning("ota: no recipient key for encrypted updates: %s", exc)
+        return None
+
+
+def build_ota_agent(config: Config, host: Any) -> OtaAgent | None:
+    """The agent for ``config`` (None when ``[ota]`` is off); ``host``: the runtime's
+    model host (None without ``[intelligence]``: nothing to update, said once)."""
+    ota = config.ota
+    if not ota.enabled:
+        return None
+    if host is None:
+        log.warning("ota: [ota] is on but [intelligence] is off: no model to update")
+        return None
+    ups = config.forwarding.upstreams
+    up = next((u for u in ups if u.name == ota.upstream), None) if ota.upstream else \
+        (ups[0] if ups else None)
+    if up is None:
+        log.warning("ota: no [[upstream]] %s to take updates from",
+                    repr(ota.upstream) if ota.upstream else "configured")
+        return None
+    components = []
+    for c in RUNTIME_COMPONENTS:
+        try:
+            host.active(c)
+        except ValueError as exc:  # e.g. the threat watch off: its manifests are refused
+            log.info("ota: no %s updates here: %s", c, exc)
+        else:
+            components.append(c)
+    gid = config.gateway.id
+    link = OtaLink.from_upstream(up, gid, prefix=ota.prefix, presence={
+        "class": ota.gateway_class, "version": __version__})
+    data_dir = config.gateway.data_dir
+    return OtaAgent(
+        link=link, trust=TrustAnchors.from_files(ota.trust, threshold=ota.trust_threshold),
+        sequences=SequenceStore.in_data_dir(data_dir), host=host,
+        work_dir=data_dir / "ota", gateway_id=gid, gateway_class=ota.gateway_class,
+        gateway_version=__version__, prefix=ota.prefix,
+        max_payload_bytes=ota.max_payload_bytes, window=ota.chunk_window,
+        bandwidth=float(ota.bandwidth), recipient=_recipient(config),
+        components=components)
