@@ -50,13 +50,13 @@ Method, per reading:
    over sqrt(2) scales) or a smoothed level residual above ``young_g`` scales (a shift or
    drift; while that test is on, with ``young_hold``, the stream's level and level scale
    hold for at most ``hold_readings`` into the episode, so a drift does not teach them and
-   keeps reading as one). The episode stays
-   open until ``calm_readings`` readings in a row have ``p >= p_calm`` and opens again
-   inside only for a far stronger reading (``reopen``) or, with ``reopen_new``, for new
-   evidence of another fault after ``reopen_after`` readings: a burst starting, a young
-   stream's stuck run reaching its bar, its spike test firing, or its level test turning
-   on (it turns off below half its bar), so a fault that follows another within an
-   episode is an incident of its own while one long shift or drift stays one.
+   keeps reading as one). The episode stays open until ``calm_readings`` readings in a
+   row have ``p >= p_calm`` and opens again inside only for a far stronger reading
+   (``reopen``) or, with ``reopen_new``, for new evidence of another fault after
+   ``reopen_after`` readings: a burst starting, a young stream's stuck run reaching its
+   bar, its spike test firing, or its level test turning on (it turns off below half its
+   bar), so a fault that follows another within an episode is an incident of its own
+   while one long shift or drift stays one.
    Separately from the value channels, a *burst* (the sampling rate jumps: the smoothed
    log ratio of the usual interval to the current one, above ``burst_min`` and
    calibrated by its own tail) opens an episode when its p-value is below ``p_burst``
@@ -390,7 +390,8 @@ class StreamDetector:
                     pl = 1.0 if e > 50.0 else min(1.0, prm.p_open * math.exp(e))
                     lkind = 1
                 if prm.young_g > 0.0:
-                    # the smoothed residual's sd is a_smooth / (2 - a_smooth) of a reading's
+                    # the smoothed residual's variance is a_smooth / (2 - a_smooth) x a
+                    # reading's
                     e = (-(z2 * z2 - prm.young_g * prm.young_g) * (2.0 - prm.a_smooth)
                          / (math.pi * prm.a_smooth))
                     p2 = 1.0 if e > 50.0 else min(1.0, prm.p_open * math.exp(e))
