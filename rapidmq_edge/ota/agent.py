@@ -300,6 +300,17 @@ class OtaAgent:
             return HttpRangeFetcher(m.uri, bandwidth=self.bandwidth)
         return MqttChunkFetcher(self.link, self.prefix, self.window, self.bandwidth)
 
+    def metric_labels(self) -> list[dict[str, str]]:
+        """One label set per component for ``rapidmq_ota_component_info`` (/metrics)."""
+        out = []
+        for c, st in self.states.items():
+            active = st.active or {}
+            out.append({"component": c, "state": st.state,
+                        "sequence": "" if st.sequence is None else str(st.sequence),
+                        "active_version": str(active.get("version", "")),
+                        "active_source": str(active.get("source", ""))})
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         """For ``status`` and metrics: every component's state and the refusals."""
         return {"components": {c: json.loads(s.to_json()) for c, s in self.states.items()},
