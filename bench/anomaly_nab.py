@@ -169,6 +169,16 @@ v3, the simulator's held-out target (P/R >= 0.95 there without losing NAB):
   cpu_utilization_asg_misconfiguration and rogue_agent_key_updown); simulator per
   reading R 0.80 (P 0.959), per episode unchanged (range 25-30: 18 openings, per episode
   R 0.73). A cap of young-test incidents per stream (2-4): no change on NAB.
+* tried, not kept: new evidence re-opening after 3 (6) readings instead of
+  reopen_after = 12: per episode R 0.74 -> 0.78 (0.77), P 1.00, NAB and healthy
+  unchanged, but 19 faults got two or more incidents (7 at 12 readings). Lower young_k
+  (2.5-3) or young_light (3.5-4): R up to 0.72 before the hold, Student-t3 0.25-0.30.
+* v3 final (held out): per reading P 0.96 / R 0.80 (burst 0.87, drift 0.67, spike 0.98,
+  stuck 0.95), per episode P 1.00 / R 0.74 (burst 0.89, drift 0.63, spike 0.70, stuck
+  0.82), covered 0.91, 176 openings all within a fault or 5 readings after it, each
+  announced with the fault's kind (drift as level_shift); 132 of 244 faults start inside
+  an open episode (90 of them get an incident of their own). 12-hour run: per reading P
+  0.89 / R 0.20, per episode P 1.00 / R 0.24, covered 0.78. Target 0.95 not met.
 * tried, not kept: freezing the young level scale on residuals above 3-4 scales (drift
   teaches the scale 3-5x during a drift): healthy daily-irregular 0.55-1.75, NAB 66.7.
 * tried, not kept: no tail/scale learning from readings at p < p_open (per reading R
