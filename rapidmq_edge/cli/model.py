@@ -1,4 +1,5 @@
-"""``rapidmq-edge model list | rollback``: the gateway's models and their OTA slots.
+"""``rapidmq-edge model list | rollback``: the gateway's models and their OTA slots
+(``collect | train``, the feedback loop's operator side: :mod:`.model_train`).
 
 ``list`` shows per component what scores: the shipped model (``models_dir``) or an OTA slot,
 its version and manifest sequence, the OTA state (shadow, active, rejected, rolled-back with
@@ -22,6 +23,7 @@ from ..config import ConfigError, load_config
 from ..ota.activate import FOLLOW_S
 from ..ota.slots import SlotError, SlotStore
 from .common import fail
+from .model_train import register_train, run_train
 
 __all__ = ["handles", "register", "run"]
 
@@ -31,7 +33,8 @@ COMPONENTS = ("priority", "threat")
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``model`` with ``list`` and ``rollback``."""
-    model = sub.add_parser("model", help="the gateway's models: list, rollback (OTA slots)")
+    model = sub.add_parser("model", help="the gateway's models: list, rollback (OTA slots); "
+                           "collect, train (the feedback loop)")
     cmds = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     lst = cmds.add_parser("list", help="each model: source, slot, version, state")
     lst.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: "
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       "built-in)")
     back.add_argument("--reason", default="operator: rapidmq-edge model rollback",
                       help="recorded as the rollback's reason")
+    register_train(cmds)
 
 
 def handles(command: str) -> bool:
@@ -51,7 +55,9 @@ def handles(command: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``model list`` or ``model rollback``."""
+    """Execute ``model list``, ``rollback``, ``collect`` or ``train``."""
+    if args.model_command in ("collect", "train"):
+        return run_train(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -54,6 +54,13 @@ class OtaSettings:
     #: a healthy period, roll the model back
     crashloop_starts: int = 3
     crashloop_window: float = 300.0
+    #: the feedback loop: upload sampled scored rows and incident verdicts upstream
+    feedback: bool = False
+    #: rows sampled at most per minute, and held at most while the upload cannot keep up
+    feedback_rows_per_minute: int = 60
+    feedback_buffer: int = 1000
+    #: seconds between uploads (a verdict is uploaded at once)
+    feedback_interval: float = 10.0
 
 
 def _paths(base_dir: Path) -> Any:
@@ -87,6 +94,7 @@ def parse_ota(data: object, base_dir: Path, upstreams: Sequence[str] = ()) -> Ot
         "enabled", "trust", "trust_threshold", "gateway_class", "prefix", "upstream",
         "max_payload_bytes", "chunk_window", "bandwidth", "shadow_min_messages",
         "shadow_min_seconds", "shadow_min_agreement", "crashloop_starts", "crashloop_window",
+        "feedback", "feedback_rows_per_minute", "feedback_buffer", "feedback_interval",
     ))
     d = OtaSettings()
     s = OtaSettings(
@@ -108,6 +116,12 @@ def parse_ota(data: object, base_dir: Path, upstreams: Sequence[str] = ()) -> Ot
         crashloop_starts=t.get("crashloop_starts", int_range(2, 1000), d.crashloop_starts),
         crashloop_window=t.get("crashloop_window", float_range(1.0, 86400.0),
                                d.crashloop_window),
+        feedback=t.get("feedback", boolean, d.feedback),
+        feedback_rows_per_minute=t.get("feedback_rows_per_minute", int_range(1, 600_000),
+                                       d.feedback_rows_per_minute),
+        feedback_buffer=t.get("feedback_buffer", int_range(1, 10_000_000), d.feedback_buffer),
+        feedback_interval=t.get("feedback_interval", float_range(0.05, 3600.0),
+                                d.feedback_interval),
     )
     if s.upstream is not None and s.upstream not in upstreams:
         raise config_error(t.sub("upstream"), f"no [[upstream]] named {s.upstream!r}")

@@ -37,7 +37,7 @@ from ..store.session_store import SessionStore
 from ..uplink.client import MessageCallback, UplinkClient
 from .datadir import lock_data_dir
 from .forwarding import ForwardPath, build_forward_path, build_uplinks
-from .updates import build_ota_agent
+from .updates import build_feedback, build_ota_agent
 
 __all__ = ["Gateway", "broker_limits", "connection_settings"]
 
@@ -110,6 +110,10 @@ class Gateway:
                                                  gate_from_settings(ota))
         #: [ota]: manifests in over the upstream cluster, models to shadow and active
         self.ota_agent = build_ota_agent(c, self.ota_host)
+        #: the feedback loop: sampled rows, incident verdicts (None without intelligence)
+        self.feedback = build_feedback(c, self.ota_agent)
+        if self.feedback is not None and self.intelligence is not None:
+            self.intelligence.feedback = self.feedback.tap
         # the broker's taps: the runtime (which drives the forwarder) or the forwarder alone;
         # a PUBLISH is acknowledged once every durable stage behind them has committed it
         taps: list[Callable[[Message], None]] = []
@@ -191,12 +195,16 @@ class Gateway:
         if self.ota_agent is not None:
             self.tasks.append(loop.create_task(self.ota_agent.link.run()))
             self.tasks.append(loop.create_task(self.ota_agent.run()))
+        if self.feedback is not None:
+            self.tasks.append(loop.create_task(self.feedback.run()))
         self.servers, self.bound = await serve_mqtt(c.mqtt.listen, c.mqtt.tls, self._connection,
                                                     self.registry)
         if c.http.listen:
             from ..ingress.http import HttpApi  # aiohttp is only imported when enabled
 
             self.http = HttpApi(self.broker, self.access, c.http, self.snapshot)
+            if self.feedback is not None:
+                self.http.verdicts = self.feedback.http_verdict
             self.bound.extend(await self.http.start())
         if c.coap.listen:
             from ..ingress.coap_server import CoapServer  # aiocoap: only when enabled
@@ -239,6 +247,7 @@ class Gateway:
             "intelligence": (self.intelligence.snapshot() if self.intelligence is not None
                              else None),
             "ota": self.ota_agent.snapshot() if self.ota_agent is not None else None,
+            "feedback": self.feedback.status() if self.feedback is not None else None,
         }
 
     async def stop(self) -> None:

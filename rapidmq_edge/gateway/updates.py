@@ -15,11 +15,14 @@ from typing import Any
 from .. import __version__
 from ..config import Config
 from ..ota.agent import OtaAgent
+from ..ota.feedback import FeedbackSampler
+from ..ota.feedback_upload import FeedbackService
 from ..ota.link import OtaLink
 from ..ota.sequences import SequenceStore
 from ..ota.trust import TrustAnchors
+from ..ota.verdicts import VerdictStore
 
-__all__ = ["build_ota_agent"]
+__all__ = ["build_feedback", "build_ota_agent"]
 
 log = logging.getLogger("rapidmq_edge")
 
@@ -84,3 +87,21 @@ def build_ota_agent(config: Config, host: Any) -> OtaAgent | None:
         max_payload_bytes=ota.max_payload_bytes, window=ota.chunk_window,
         bandwidth=float(ota.bandwidth), recipient=_recipient(config),
         components=components)
+
+
+def build_feedback(config: Config, agent: OtaAgent | None) -> FeedbackService | None:
+    """The feedback loop's gateway side (None without ``[intelligence]``): incident verdicts
+    are always kept; rows are sampled and everything uploaded over the agent's link when
+    ``[ota] feedback`` is on (said once when it cannot be)."""
+    if not config.intelligence.enabled:
+        return None
+    ota = config.ota
+    store = VerdictStore.in_data_dir(config.gateway.data_dir)
+    if not ota.feedback:
+        return FeedbackService(store)
+    if agent is None:
+        log.warning("ota: [ota] feedback is on but there is no OTA link to upload on")
+        return FeedbackService(store)
+    sampler = FeedbackSampler("priority", ota.feedback_rows_per_minute, ota.feedback_buffer)
+    return FeedbackService(store, sampler, link=agent.link, gateway_id=config.gateway.id,
+                           prefix=ota.prefix, interval=ota.feedback_interval)

@@ -3,6 +3,8 @@
 * ``POST /api/v1/publish``   publish one message, answered once it is durably committed
 * ``GET  /api/v1/subscribe`` an SSE stream of the messages matching ``?filter=``
 * ``GET  /api/v1/health``    gateway id, uptime, clients, forwarding summary (no token)
+* ``POST /api/v1/incidents/{id}`` an operator's verdict on an incident (admin token;
+                             :mod:`.incidents_http`), when the gateway gives a hook
 
 Everything but health needs ``Authorization: Bearer <token>`` (see
 :mod:`rapidmq_edge.security.tokens`); the token's user is what the ACL sees. Requests go
@@ -35,6 +37,7 @@ from ..config.ingress import HttpSettings
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.tokens import Token, TokenDB, TokensFileError
 from ..telemetry import RepeatedLog
+from .incidents_http import VerdictHook, add_incident_routes
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,8 @@ class HttpApi:
         self, broker: Broker, access: AccessPolicy, settings: HttpSettings, snapshot: Snapshot
     ) -> None:
         self.broker = broker
+        #: verdicts on incidents (:mod:`.incidents_http`); set before :meth:`start`
+        self.verdicts: VerdictHook | None = None
         self.access = access
         self.settings = settings
         self.snapshot = snapshot
@@ -212,6 +217,8 @@ class HttpApi:
         app.router.add_post(f"{API}/publish", self.publish)
         app.router.add_get(f"{API}/subscribe", self.subscribe)
         app.router.add_get(f"{API}/health", self.health)
+        if self.verdicts is not None:
+            add_incident_routes(app, self.verdicts, self._authenticate, API)
         return app
 
     async def start(self) -> list[str]:

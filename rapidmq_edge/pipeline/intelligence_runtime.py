@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..broker.message import Message, PublishRefused
 from ..config.forwarding import UpstreamSettings
@@ -64,6 +64,15 @@ ORIGIN = "$edge"
 HYSTERESIS = 0.8
 #: key prefix of open summary windows in the forward queue's ``state`` table
 SUMMARY_KEY = "summary:"
+
+
+class FeedbackHook(Protocol):
+    """Where scored batches and announced incidents go for the feedback loop."""
+
+    def offer(self, batch: Sequence[tuple[Message, list[Any], float]], labels: Sequence[int],
+              scorer: Scorer) -> None: ...
+
+    def incident(self, payload: dict[str, Any]) -> None: ...
 
 
 class IntelligenceRuntime:
@@ -135,6 +144,8 @@ class IntelligenceRuntime:
         self.batches = 0
         #: alerts by (kind, state: open / close / threat)
         self.alerts_by_kind: dict[tuple[str, str], int] = {}
+        #: the feedback loop's hook (``ota.feedback.FeedbackTap``): sampled rows, incidents
+        self.feedback: FeedbackHook | None = None
         #: called on the loop with each batch's scoring seconds (the /metrics histogram)
         self.inference_observer: Callable[[float], None] | None = None
         self.worker_seconds = 0.0
@@ -283,6 +294,9 @@ class IntelligenceRuntime:
         self._resolve(fut, failure)
         if r.shadow is not None:  # the candidate, after the batch's own path is done
             self._run_shadow(r.shadow)
+        fb = self.feedback
+        if fb is not None and r.priority is not None:  # a sample, after the batch is handed on
+            fb.offer(batch, r.priority, self.scorer.priority)
         self._busy = False
         self.loop_seconds_max = max(self.loop_seconds_max, time.perf_counter() - t0)
         if self._pending:
@@ -340,6 +354,8 @@ class IntelligenceRuntime:
         else:
             log.info("intelligence: %s on %s over (incident %s, %d readings)", kind, topic,
                      payload["incident"], payload["readings"])
+        if self.feedback is not None:
+            self.feedback.incident(payload)
         body = json.dumps({**payload, "model": DETECTOR_VERSION},
                           separators=(",", ":")).encode()
         ups = ({rule.upstream: up[: len(up) - len(topic)] for rule, up in targets}
