@@ -25,11 +25,13 @@ from ..broker.message import Message
 from ..broker.negotiation import ConnectionSettings
 from ..config import Config
 from ..ingress.mqtt_server import ConnectionRegistry, serve_mqtt
+from ..ops.dashboard_snapshot import DashboardSource
 from ..ops.forwarding_status import ForwardingStatus
 from ..ops.health_watch import HealthWatch
 from ..ops.process_stats import LoopLag, process_values
 from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
+from ..ops.traffic import ClientActivity, TrafficCounter
 from ..pipeline.downstream import Downstream
 from ..security.gatekeeper import Gatekeeper
 from ..store.disk import DiskSpace
@@ -37,6 +39,7 @@ from ..store.session_store import SessionStore
 from ..uplink.client import MessageCallback, UplinkClient
 from .datadir import lock_data_dir
 from .forwarding import ForwardPath, build_forward_path, build_uplinks
+from .operations import OperatorView
 from .updates import build_feedback, build_ota_agent
 
 __all__ = ["Gateway", "broker_limits", "connection_settings"]
@@ -124,6 +127,9 @@ class Gateway:
         if self.intelligence is not None:
             taps = [self.intelligence.tap]
             durable.append(self.intelligence.commit_future)
+        # counts per topic and publisher for the dashboard (first: it never refuses)
+        self.traffic = TrafficCounter()
+        taps.insert(0, self.traffic)
         self.access = Gatekeeper.from_config(c)
         acl = self.access.acl
         self.broker = Broker(broker_limits(c), self.store, taps, durable,
@@ -138,7 +144,9 @@ class Gateway:
                 fw.queue, data_dir)
         # ingress
         self.settings = connection_settings(c)
-        self.watch = self.intelligence.watch if self.intelligence is not None else None
+        # the connections' hooks: client activity for the dashboard, then the threat watch
+        self.watch = ClientActivity(self.intelligence.watch if self.intelligence is not None
+                                    else None)
         self.registry = ConnectionRegistry(c.mqtt.connect_rate)
         self.servers: list[Any] = []
         self.http: Any = None  # ingress.http.HttpApi when [http] listen is set
@@ -152,6 +160,12 @@ class Gateway:
                                    self.uplinks, self.disk, intel.health_interval_s)
                        if intel.enabled and intel.health else None)
         self._uplink_tasks: list[asyncio.Task[None]] = []
+        #: /metrics, /livez, /readyz and the fleet status (gateway/operations.py)
+        self.operator = OperatorView(self)
+        if self.ota_agent is not None:
+            self.operator.set_ota_components(self.ota_agent.metric_labels)
+        self.dashboard = DashboardSource(self.snapshot, self.broker, self.traffic, self.watch,
+                                         self._commit_ms, queue)
 
     # -- wiring the parts call back into -------------------------------------------------
 
@@ -170,6 +184,15 @@ class Gateway:
 
     def _intelligence_sys(self) -> dict[str, str]:
         return flatten("intelligence", self.intelligence.snapshot(), typed=True)
+
+    def _commit_ms(self) -> float | None:
+        """The longest group commit (ms) lately: the health watch's sample when it runs (it
+        consumes the queue's maximum), else the queue's own."""
+        if self.health is not None:
+            return self.health.last.get("commit_ms")
+        if self.forward is not None:
+            return self.forward.queue.commit_latency() * 1000.0
+        return None
 
     def _connection(self, transport: Any, peer: str) -> ClientConnection:
         return ClientConnection(self.broker, self.access, self.settings, transport, peer,
@@ -191,6 +214,7 @@ class Gateway:
                          ", ".join(u.raw for u in client.urls))
         if self.intelligence is not None:
             self.intelligence.start()
+            self.dashboard.listen_for_alerts()
             self.tasks.append(loop.create_task(self.ota_models.run(self.ota_host)))
         if self.ota_agent is not None:
             self.tasks.append(loop.create_task(self.ota_agent.link.run()))
@@ -202,7 +226,9 @@ class Gateway:
         if c.http.listen:
             from ..ingress.http import HttpApi  # aiohttp is only imported when enabled
 
-            self.http = HttpApi(self.broker, self.access, c.http, self.snapshot)
+            self.http = HttpApi(self.broker, self.access, c.http, self.snapshot,
+                                ops=self.operator.hooks(),
+                                dashboard=self.dashboard.build)
             if self.feedback is not None:
                 self.http.verdicts = self.feedback.http_verdict
             self.bound.extend(await self.http.start())
@@ -227,6 +253,8 @@ class Gateway:
             if self.health is not None:
                 extra.append(self.health.sys_values)
             self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
+        self.bound.extend(await self.operator.start())
+        self.operator.serving = True
         status_path = c.gateway.data_dir / STATUS_FILE
         self.tasks.append(
             loop.create_task(keep_status(status_path, self.snapshot, min(interval or 5.0, 5.0)))
@@ -253,6 +281,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, disconnect clients, then stop the path from the listeners inwards
         (in-flight uplink messages stay queued) and write durable state."""
+        await self.operator.stop()
         if self.ota_agent is not None:  # says offline, then a clean DISCONNECT
             await self.ota_agent.link.stop()
         for server in self.servers:

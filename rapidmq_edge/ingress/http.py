@@ -5,11 +5,13 @@
 * ``GET  /api/v1/health``    gateway id, uptime, clients, forwarding summary (no token)
 * ``POST /api/v1/incidents/{id}`` an operator's verdict on an incident (admin token;
                              :mod:`.incidents_http`), when the gateway gives a hook
+* ``/dashboard``             the live dashboard, when the gateway gives it a snapshot
+                             (:mod:`.dashboard`)
 
 Everything but health needs ``Authorization: Bearer <token>`` (see
-:mod:`rapidmq_edge.security.tokens`); the token's user is what the ACL sees. Requests go
-through the broker exactly like an MQTT client's: same ACL checks, same taps (the
-store-and-forward queue), same retained messages. The API is described in
+:mod:`rapidmq_edge.security.tokens`); the token's user is what the ACL sees (a ``read``
+token may not publish). Requests go through the broker exactly like an MQTT client's: same
+ACL checks, same taps (the store-and-forward queue), same retained messages. The API is described in
 ``docs/http-api.yaml`` (OpenAPI 3.1).
 """
 
@@ -38,6 +40,7 @@ from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.tokens import Token, TokenDB, TokensFileError
 from ..telemetry import RepeatedLog
 from .incidents_http import VerdictHook, add_incident_routes
+from .ops_http import OpsHooks, add_ops_routes
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +192,16 @@ class HttpApi:
     """The aiohttp application and its listeners."""
 
     def __init__(
-        self, broker: Broker, access: AccessPolicy, settings: HttpSettings, snapshot: Snapshot
+        self, broker: Broker, access: AccessPolicy, settings: HttpSettings, snapshot: Snapshot,
+        ops: OpsHooks | None = None, dashboard: Snapshot | None = None,
     ) -> None:
         self.broker = broker
         #: verdicts on incidents (:mod:`.incidents_http`); set before :meth:`start`
         self.verdicts: VerdictHook | None = None
+        #: /metrics, /livez, /readyz (:mod:`.ops_http`), when the gateway gives them
+        self.ops = ops
+        #: messages handed to the broker, by QoS (the ``protocol="http"`` series)
+        self.published_by_qos = [0, 0, 0]
         self.access = access
         self.settings = settings
         self.snapshot = snapshot
@@ -208,6 +216,11 @@ class HttpApi:
         self.stats = {"published": 0, "refused": 0, "streams": 0, "stream_dropped": 0}
         #: refusals repeat (a device retrying): logged once, then once a minute with a count
         self._repeats = RepeatedLog(log)
+        self.dashboard: Any = None  # .dashboard.Dashboard, showing the ``dashboard`` snapshot
+        if dashboard is not None:
+            from .dashboard import Dashboard
+
+            self.dashboard = Dashboard(self.tokens, dashboard)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -219,6 +232,10 @@ class HttpApi:
         app.router.add_get(f"{API}/health", self.health)
         if self.verdicts is not None:
             add_incident_routes(app, self.verdicts, self._authenticate, API)
+        if self.ops is not None:
+            add_ops_routes(app, self.ops, self._authenticate)
+        if self.dashboard is not None:
+            self.dashboard.add_routes(app)
         return app
 
     async def start(self) -> list[str]:
@@ -232,6 +249,8 @@ class HttpApi:
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
         )
         await self.runner.setup()
+        if self.dashboard is not None:
+            self.dashboard.start()
         tls = self.settings.tls
         urls = []
         for i, ep in enumerate(self.settings.listen):
@@ -264,6 +283,8 @@ class HttpApi:
         self.closing = True
         for s in list(self.streams):
             s.wake.set()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         if self.runner is not None:
             await asyncio.sleep(0)  # let the streams see it
             await self.runner.cleanup()
@@ -295,6 +316,8 @@ class HttpApi:
         auth = self._authenticate(request)
         if isinstance(auth, web.Response):
             return auth
+        if not auth.may_publish:
+            return _error(403, f"token {auth.name!r} has the read role: it may not publish")
         length = request.content_length
         if length is not None and length > self.settings.max_body:
             return _error(413, f"body larger than {self.settings.max_body} bytes")
@@ -325,6 +348,7 @@ class HttpApi:
             return _error(403, f"not authorised to publish to {topic!r}")
         msg = Message(topic, payload, qos, retain, props, None, client_id)
         broker = self.broker
+        self.published_by_qos[qos] += 1
         try:
             receivers = broker.publish(msg)  # as broker.local.publish(), keeping the count
         except PublishRefused as exc:
