@@ -28,6 +28,8 @@ APT_PACKAGES := mosquitto mosquitto-clients libcoap3-bin nats-server gcc libssl-
 APT_PACKAGES += prometheus systemd
 # the dashboard's browser test: headless Chromium driven through its chromedriver (issue 15)
 APT_PACKAGES += chromium chromium-driver
+# the cloud consumers' sink: tests start their own PostgreSQL server (issue 16)
+APT_PACKAGES += postgresql
 
 .PHONY: help venv system-deps run lint test bench models clean distclean soak
 
@@ -54,6 +56,7 @@ system-deps:
 	    command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
 	done; \
 	test -f /usr/include/openssl/evp.h || missing="$$missing libssl-dev"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	extra=""; \
 	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
 	    || { missing="$$missing python3-dev"; extra="python3-dev"; }; \
@@ -69,14 +72,14 @@ system-deps:
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q || { sleep 5; apt-get update -q; }; \
 	apt-get install -y -q --no-install-recommends $(APT_PACKAGES) $$extra; \
-	for s in mosquitto nats-server prometheus; do \
+	for s in mosquitto nats-server prometheus postgresql; do \
 	    if command -v service >/dev/null 2>&1 && service $$s status >/dev/null 2>&1; then \
 	        echo "system-deps: stopping system $$s service"; \
 	        service $$s stop >/dev/null 2>&1 || true; \
 	    fi; \
 	done; \
 	if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then \
-	    systemctl disable --now mosquitto nats-server prometheus >/dev/null 2>&1 || true; \
+	    systemctl disable --now mosquitto nats-server prometheus postgresql >/dev/null 2>&1 || true; \
 	fi; \
 	for c in /usr/sbin/mosquitto mosquitto_pub mosquitto_sub coap-client-notls nats-server \
 	         prometheus promtool systemd-analyze chromium chromedriver; do \

@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="recipient keys (keys init --recipient) and trusted identity keys")
     p.add_argument("--trust", type=Path, action="append", default=[], metavar="FILE",
                    help="gateway identity COSE_Key to trust (keys export-public identity)")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE",
-                   help="verified messages: FILE.jsonl or FILE.sqlite")
+    p.add_argument("--out", required=True, metavar="FILE|URL",
+                   help="verified messages: FILE.jsonl, FILE.sqlite or postgresql://...")
     p.add_argument("--reports", type=Path, metavar="FILE", help="reports as JSON lines")
     p.add_argument("--prefix", default="edge/{gateway_id}/",
                    help="the gateways' upstream topic prefix (default: %(default)s)")
@@ -47,6 +47,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="first batch seq expected (default: the first one seen)")
     p.add_argument("--idle-exit", type=float, metavar="S",
                    help="exit after S seconds without traffic (default: run until signalled)")
+    p.add_argument("--session-expiry", type=int, default=7 * 86400, metavar="S",
+                   help="persistent session: the broker keeps unacknowledged messages this "
+                        "long (0: clean session; default: %(default)s)")
+    p.add_argument("--protocol", type=int, choices=(4, 5), default=5,
+                   help="MQTT 5 (default) or 3.1.1 (4)")
+    p.add_argument("--batch-timeout", type=float, default=300.0, metavar="S",
+                   help="report a message no signed batch covers as missing-batch after S "
+                        "seconds (default: %(default)s)")
+    p.add_argument("--max-pending", type=int, default=100_000, metavar="N",
+                   help="bound of the messages waiting for their batch (default: %(default)s)")
+    p.add_argument("--partition", metavar="I/N",
+                   help="handle only the gateways that hash to I of N (brokers without $share)")
+    p.add_argument("--lease", type=float, default=60.0, metavar="S",
+                   help="adopt the waiting messages of a consumer silent this long")
+
+
+def _partition(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, _, n = text.partition("/")
+    index, count = int(i), int(n)
+    if not 0 <= index < count:
+        raise SystemExit(f"--partition {text}: want I/N with 0 <= I < N")
+    return index, count
 
 
 def handles(command: str) -> bool:
@@ -60,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
     from ..crypto.errors import CryptoError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    out = args.out if "://" in args.out else Path(args.out)
     opts = IngestOptions(
-        upstream=args.upstream, keys_dir=args.keys_dir, out=args.out, trust=tuple(args.trust),
+        upstream=args.upstream, keys_dir=args.keys_dir, out=out, trust=tuple(args.trust),
         prefix=args.prefix, group=args.group, client_id=args.client_id,
         username=args.username, password=args.password, reports=args.reports,
         grace=args.grace, chain_start=args.chain_start, idle_exit=args.idle_exit,
+        session_expiry=args.session_expiry, protocol=args.protocol,
+        batch_timeout=args.batch_timeout, max_pending=args.max_pending, lease=args.lease,
+        partition=_partition(args.partition),
     )
 
     async def main() -> dict[str, int]:

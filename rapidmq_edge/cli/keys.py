@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="identity COSE_Key(s) to trust (default: all identity keys in the keys dir)",
     )
     ver.add_argument("--gateway-id", metavar="ID", help="require this gateway id")
+    ver.add_argument("--db", metavar="URL|FILE",
+                     help="the chain the cloud consumers stored (postgresql://... or the "
+                          "cloud .sqlite / .state.sqlite file); needs --gateway-id")
 
 
 def handles(command: str) -> bool:
@@ -220,7 +223,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not len(ring):
         print("error: no identity public keys to verify with (--public-key FILE)", file=sys.stderr)
         return 2
-    report = verify_chain(read_chain(chain), ring, gateway_id=args.gateway_id)
+    if args.db is not None:
+        from ..cloud.audit import stored_chain
+
+        if not args.gateway_id:
+            print("error: --db needs --gateway-id", file=sys.stderr)
+            return 2
+        entries, start, prev = stored_chain(args.db, args.gateway_id)
+        report = verify_chain(entries, ring, gateway_id=args.gateway_id, start_seq=start,
+                              start_prev_root=prev)
+    else:
+        report = verify_chain(read_chain(chain), ring, gateway_id=args.gateway_id)
     if report.broken is None:
         head = report.head
         tail = f", head seq {head.seq} root {head.root.hex()}" if head else " (empty chain)"

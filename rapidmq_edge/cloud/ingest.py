@@ -1,19 +1,28 @@
 """``rapidmq-edge cloud ingest``: subscribe upstream, verify, decrypt, write, report.
 
-I/O shell around :class:`~rapidmq_edge.cloud.verify.Ingest`: one :class:`Subscriber` (data
-under a shared subscription when ``group`` is set, plus direct subscriptions to the
-``_batch``/``_session`` topics so every consumer of the group sees every batch and session
-header), a sink, and a report stream (JSON lines).
+I/O shell around :class:`~rapidmq_edge.cloud.verify.Ingest`: one :class:`Subscriber` on a
+persistent session (data under a shared subscription when ``group`` is set), a durable
+:class:`~rapidmq_edge.cloud.state.Store` and a report stream (JSON lines).
+
+Acknowledge after it is safe: each chunk of received messages is verified, then committed in
+one transaction (rows, reports, batch headers, messages still waiting for their batch), and
+only then acknowledged upstream, in arrival order. A kill -9 before the commit leaves the
+chunk unacknowledged (the broker redelivers it to the persistent session); after it, the
+restarted consumer reloads its waiting messages and the stored headers.
+
+Batch and session headers: a shared state (SQLite file, PostgreSQL) passes them between the
+consumers of a group, so a header and its messages may land on different consumers; with a
+JSON Lines sink each consumer also subscribes to the header topics directly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +31,14 @@ from typing import IO
 from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX
 from ..crypto.keys import IdentityPublicKey, RecipientKeyring, VerifierKeyring
 from ..crypto.keystore import KeyStore
-from .sinks import SqliteSink, open_sink
-from .subscriber import Subscriber
+from ..mqtt.packets import MQTT_5
+from ..telemetry import RepeatedLog
+from .sinks import JsonlSink
+from .state import SqliteStore, Step, Store
+from .subscriber import Delivery, Subscriber
 from .verify import Ingest, Report
 
-__all__ = ["IngestOptions", "filters_for", "run_ingest"]
+__all__ = ["IngestOptions", "filters_for", "open_store", "run_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +49,8 @@ class IngestOptions:
 
     upstream: str
     keys_dir: Path
-    out: Path
+    #: FILE.jsonl, FILE.sqlite or a postgresql:// URL
+    out: Path | str
     trust: tuple[Path, ...] = ()
     prefix: str = "edge/{gateway_id}/"
     group: str | None = None
@@ -49,18 +62,58 @@ class IngestOptions:
     chain_start: int | None = None
     idle_exit: float | None = None
     passphrase: bytes | None = None
+    #: persistent session: the broker keeps what was not acknowledged this long (0: clean)
+    session_expiry: int = 7 * 86400
+    protocol: int = MQTT_5  # 4: MQTT 3.1.1 (clean session off when session_expiry > 0)
+    #: a message no batch header covers is reported ``missing-batch`` after this many s
+    #: (None: ``unverifiable`` after ``grace``)
+    batch_timeout: float | None = None
+    max_pending: int = 100_000  # bound of the waiting messages (oldest: missing-batch)
+    chunk: int = 512  # messages per commit / acknowledgement
+    horizon: float = 6 * 3600.0  # batch headers reloaded at start (seconds back)
+    lease: float = 60.0  # a silent consumer's waiting messages are adopted after this
+    #: (index, count): handle only the gateways whose id hashes to ``index`` (brokers without
+    #: shared subscriptions: every consumer subscribes to all, each keeps its share)
+    partition: tuple[int, int] | None = None
 
 
-def filters_for(prefix: str, group: str | None) -> list[tuple[str, int]]:
-    """Subscriptions: all of the prefix (shared if ``group``), plus direct control topics."""
+def filters_for(prefix: str, group: str | None,
+                shared_headers: bool = False) -> list[tuple[str, int]]:
+    """Subscriptions: all of the prefix (shared if ``group``), plus direct control topics
+    unless ``shared_headers`` (the state passes headers between the group's consumers)."""
     pfx = prefix.replace("{gateway_id}", "+")
     if group is None:
         return [(pfx + "#", 1)]
+    if shared_headers:
+        return [(f"$share/{group}/{pfx}#", 1)]
     return [
         (f"$share/{group}/{pfx}#", 1),
         (pfx + BATCH_SUFFIX, 1),
         (pfx + SESSION_SUFFIX, 1),
     ]
+
+
+async def open_store(out: Path | str) -> Store:
+    """``postgresql://`` -> PostgreSQL; ``.sqlite``/``.db`` -> that file; else JSON Lines
+    with its state in ``<out>.state.sqlite``."""
+    text = str(out)
+    if isinstance(out, str) and text.startswith(("postgresql://", "postgres://")):
+        from .pgstore import PgStore
+
+        return await PgStore.connect(text)
+    path = Path(out)
+    if path.suffix in (".sqlite", ".sqlite3", ".db"):
+        return SqliteStore(path)
+    return SqliteStore(path.with_name(path.name + ".state.sqlite"), JsonlSink(path))
+
+
+def gateway_of(prefix: str, topic: str) -> str | None:
+    """The gateway id in ``topic`` (``prefix`` holds ``{gateway_id}``), None if it has none."""
+    head, _, tail = prefix.partition("{gateway_id}")
+    if not tail or not topic.startswith(head):
+        return None
+    gw, sep, rest = topic[len(head):].partition(tail[0])
+    return gw if sep and rest.startswith(tail[1:]) else None
 
 
 def _mtimes(paths: list[Path]) -> list[int]:
@@ -91,41 +144,100 @@ async def run_ingest(
 ) -> dict[str, int]:
     """Run until ``stop`` is set (or ``idle_exit`` seconds without traffic); returns counters.
 
-    ``ready`` is set once the subscriptions are acknowledged."""
+    ``ready`` is set once the subscriptions are acknowledged. Waiting messages stay in the
+    state at ``stop`` (a restart resumes them); ``idle_exit`` reports them (a batch run)."""
     identities, recipients = load_keys(opts)
-    sink = open_sink(opts.out)
+    client_id = opts.client_id or f"rmq-ingest-{os.uname().nodename}"
+    store = await open_store(opts.out)
+    restored = await store.restore(client_id, opts.horizon)
+    written: set[str] = set()  # of the chunk being fed: already in the sink
     ingest = Ingest(
         identities, recipients, prefix=opts.prefix, grace=opts.grace,
-        chain_start=opts.chain_start, seen=sink.has,
-        report_missing=opts.group is None or isinstance(sink, SqliteSink),
+        chain_start=opts.chain_start, seen=written.__contains__, defer_missing=True,
+        # separate JSONL states in a group cannot tell a message another consumer has
+        report_missing=opts.group is None or store.shared,
+        batch_timeout=opts.batch_timeout,
     )
+    for kind, payload in restored.control:
+        ingest.add_control(kind, payload)
+    ingest.take_control()  # stored already
+    cursor = restored.cursor
+    staged: set[str] = set()
+
+    async def feed(rows: list[tuple[str, str, bytes]]) -> None:
+        written.clear()
+        written.update(await store.written([m for m, _, _ in rows]))
+        for mid, topic, payload in rows:
+            ingest.publish(topic, payload, mid)
+        staged.update(m for m, _, _ in rows)
+
+    await feed(restored.pending)
     report_file: IO[str] | None = open(opts.reports, "a") if opts.reports else None  # noqa: SIM115
-    last = time.monotonic()
     key_files = [opts.keys_dir / "keyring.json", *opts.trust]
     stamp = _mtimes(key_files)
-    checked = time.monotonic()
-
-    def on_publish(topic: str, payload: bytes, props: dict[str, str]) -> None:
-        nonlocal last
-        last = time.monotonic()
-        ingest.publish(topic, payload, props.get("rmq-id"))
+    repeated = RepeatedLog(log)
+    deferred: list[tuple[float, list[tuple[str, str, int]]]] = []
+    missing_after = max(opts.grace, opts.batch_timeout or 0.0)
 
     def emit(reports: list[Report]) -> None:
         for r in reports:
             line = json.dumps(r.as_dict(), separators=(",", ":"))
-            log.warning("%s", line)
+            repeated(f"report:{r.kind}", logging.WARNING, "%s", line)
             if report_file is not None:
                 report_file.write(line + "\n")
                 report_file.flush()
             if on_report is not None:
                 on_report(r)
 
-    client_id = opts.client_id or f"rmq-ingest-{os.getpid()}"
+    def mine(d: Delivery) -> bool:
+        if opts.partition is None:
+            return True
+        gw = gateway_of(opts.prefix, d.topic)
+        index, count = opts.partition
+        return gw is None or zlib.crc32(gw.encode()) % count == index
+
+    async def step(items: list[Delivery], final: bool = False) -> None:
+        rows = [(d.props.get("rmq-id") or "", d.topic, d.payload) for d in items if mine(d)]
+        if rows:
+            written.clear()
+            ids = [m for m, _, _ in rows if m]
+            written.update(await store.written(ids) if ids else ())
+            for mid, topic, payload in rows:
+                ingest.publish(topic, payload, mid or None)
+        ingest.expire_oldest(opts.max_pending)
+        verified, reports = ingest.finish() if final else ingest.poll()
+        now = time.monotonic()
+        if ingest.deferred:
+            deferred.append((now + (0 if final else missing_after), ingest.deferred))
+            ingest.deferred = []
+        while deferred and (final or deferred[0][0] <= now):
+            cands = deferred.pop(0)[1]
+            lost = set(await store.unaccounted([m for m, _, _ in cands]))
+            reports += [Report("missing-message", "listed in a signed batch, never arrived",
+                               m, g, s) for m, g, s in cands if m in lost]
+            for _ in lost:
+                ingest.counts["missing-message"] = ingest.counts.get("missing-message", 0) + 1
+        waiting = ingest.waiting_ids()
+        stage: dict[str, tuple[str, str, bytes]] = {
+            m: (m, t, p) for m, t, p in rows if m in waiting and m not in staged}
+        unstage = staged - waiting
+        control = ingest.take_control()
+        if verified or reports or control or stage or unstage:
+            await store.commit(client_id, Step(verified, reports, control, list(stage.values()),
+                                               sorted(unstage)))
+            staged.difference_update(unstage)
+            staged.update(stage)
+        emit(reports)
+        sub.ack(items)  # after the commit, in arrival order
+
     sub = Subscriber(
-        opts.upstream, client_id, filters_for(opts.prefix, opts.group), on_publish,
-        username=opts.username, password=opts.password,
+        opts.upstream, client_id,
+        filters_for(opts.prefix, opts.group, store.shared and opts.partition is None), None,
+        username=opts.username, password=opts.password, version=opts.protocol,
+        session_expiry=opts.session_expiry, receive_maximum=max(opts.chunk * 2, 64),
     )
     task = asyncio.get_running_loop().create_task(sub.run())
+    last = time.monotonic()
 
     async def mark_ready() -> None:
         nonlocal last
@@ -136,31 +248,39 @@ async def run_ingest(
 
     marker = asyncio.get_running_loop().create_task(mark_ready())
     stop = stop or asyncio.Event()
+    checked = shared_at = adopted_at = time.monotonic()
     try:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
-            if time.monotonic() - checked >= 0.5:
-                checked = time.monotonic()
+            items = await sub.take(opts.chunk, 0.05)
+            now = time.monotonic()
+            if items:
+                last = now
+            if now - checked >= 0.5:
+                checked = now
                 now_stamp = _mtimes(key_files)
                 if now_stamp != stamp:  # keys rotated / trust files replaced: reload
                     stamp = now_stamp
                     ingest.set_keys(*load_keys(opts))
-            verified, reports = ingest.poll()
-            if verified:
-                sink.write(verified)
-            emit(reports)
+            if store.shared and now - shared_at >= 0.2:  # headers other consumers received
+                shared_at = now
+                rows, cursor = await store.control_since(cursor)
+                for kind, payload in rows:
+                    ingest.add_control(kind, payload)
+            if store.shared and now - adopted_at >= opts.lease / 3:
+                adopted_at = now
+                adopted = await store.adopt(client_id, opts.lease)
+                if adopted:
+                    log.warning("adopted %d waiting messages of silent consumers", len(adopted))
+                    await feed(adopted)
+            await step(items)
             if opts.idle_exit is not None and time.monotonic() - last >= opts.idle_exit:
+                await step([], final=True)
                 break
-        verified, reports = ingest.finish()
-        if verified:
-            sink.write(verified)
-        emit(reports)
     finally:
         sub.stop()
         marker.cancel()
         await asyncio.gather(task, marker, return_exceptions=True)
-        sink.close()
+        await store.close()
         if report_file is not None:
             report_file.close()
     return dict(ingest.counts, received=sub.received)

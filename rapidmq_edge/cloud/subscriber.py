@@ -1,7 +1,11 @@
-"""A small asyncio MQTT 5 subscriber on the project's sans-I/O codec (rapidmq_edge.mqtt).
+"""A small asyncio MQTT 5 / 3.1.1 subscriber on the project's sans-I/O codec (rapidmq_edge.mqtt).
 
-Connects, subscribes (shared ``$share/<group>/...`` filters allowed), hands every PUBLISH to a
-callback and acknowledges QoS 1 after the callback returned. Reconnects with a short backoff.
+Connects, subscribes (shared ``$share/<group>/...`` filters allowed) and either hands every
+PUBLISH to a callback and acknowledges QoS 1 after the callback returned, or (no callback)
+queues :class:`Delivery` items that the owner acknowledges with :meth:`Subscriber.ack` once
+they are safe — in the order they arrived, as MQTT requires. ``session_expiry`` > 0 keeps a
+persistent session (MQTT 5 Session Expiry, 3.1.1 clean session off): what was not
+acknowledged is redelivered after a reconnect. Reconnects with a short backoff.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..mqtt.codec import PacketReader, encode
@@ -25,11 +30,23 @@ from ..mqtt.packets import (
     Subscribe,
 )
 
-__all__ = ["Subscriber"]
+__all__ = ["Delivery", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
 OnPublish = Callable[[str, bytes, dict[str, str]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received PUBLISH waiting for :meth:`Subscriber.ack`."""
+
+    topic: str
+    payload: bytes
+    props: dict[str, str]
+    qos: int
+    packet_id: int | None
+    conn: int  # connection generation: an ack for an older connection is dropped
 
 
 def _user_props(props: dict[str, object]) -> dict[str, str]:
@@ -41,8 +58,10 @@ class Subscriber:
     """One MQTT 5 connection subscribed to ``filters`` (each ``(filter, qos)``)."""
 
     def __init__(
-        self, url: str, client_id: str, filters: Sequence[tuple[str, int]], on_publish: OnPublish,
+        self, url: str, client_id: str, filters: Sequence[tuple[str, int]],
+        on_publish: OnPublish | None,
         *, username: str | None = None, password: str | None = None, keep_alive: int = 30,
+        version: int = MQTT_5, session_expiry: int = 0, receive_maximum: int = 1024,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "mqtt" or not parts.hostname:
@@ -53,9 +72,37 @@ class Subscriber:
         self.on_publish = on_publish
         self.username, self.password = username, password
         self.keep_alive = keep_alive
+        self.version = version
+        self.session_expiry = session_expiry
+        self.receive_maximum = receive_maximum
         self.subscribed = asyncio.Event()
         self.received = 0
+        self.session_present = False
         self._stop = asyncio.Event()
+        self._queue: list[Delivery] = []
+        self._arrived = asyncio.Event()
+        self._conn = 0
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
+        """Up to ``limit`` queued deliveries (waits at most ``timeout`` s for the first)."""
+        if not self._queue:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        out, self._queue = self._queue[:limit], self._queue[limit:]
+        return out
+
+    def ack(self, items: Sequence[Delivery]) -> int:
+        """PUBACK the QoS 1 ``items`` (in the given order) that came on the live connection;
+        returns how many were sent. Older ones are redelivered by the broker (session)."""
+        w = self._writer
+        acks = [encode(Puback(d.packet_id), self.version) for d in items
+                if d.qos and d.packet_id is not None and d.conn == self._conn]
+        if w is None or not acks or w.is_closing():
+            return 0
+        w.write(b"".join(acks))
+        return len(acks)
 
     async def run(self) -> None:
         """Connect and receive until :meth:`stop`; reconnect after a lost connection."""
@@ -81,16 +128,26 @@ class Subscriber:
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(self.host, self.port)
-        codec = PacketReader(version=MQTT_5)
+        v = self.version
+        codec = PacketReader(version=v)
+        self._conn += 1
+        self._queue = []  # not acknowledged on the old connection: the broker redelivers
+        conn = self._conn
+        props: dict[str, object] = {}
+        if v == MQTT_5:
+            props["receive_maximum"] = self.receive_maximum
+            if self.session_expiry:
+                props["session_expiry_interval"] = self.session_expiry
         try:
             writer.write(encode(Connect(
-                MQTT_5, self.client_id, True, self.keep_alive, None, self.username,
-                self.password.encode() if self.password is not None else None,
-                {"receive_maximum": 1024},
-            ), MQTT_5))
+                v, self.client_id, not self.session_expiry, self.keep_alive, None,
+                self.username, self.password.encode() if self.password is not None else None,
+                props,  # type: ignore[arg-type]
+            ), v))
             writer.write(encode(Subscribe(
-                1, [(f, SubOptions(qos=q)) for f, q in self.filters]), MQTT_5))
+                1, [(f, SubOptions(qos=q)) for f, q in self.filters]), v))
             await writer.drain()
+            self._writer = writer
             ping = asyncio.get_running_loop().create_task(self._ping(writer))
             stop = asyncio.get_running_loop().create_task(self._stop.wait())
             try:
@@ -107,11 +164,19 @@ class Subscriber:
                     for p in codec.feed(data):
                         if isinstance(p, Publish):
                             self.received += 1
-                            self.on_publish(p.topic, p.payload, _user_props(p.properties))
+                            user = _user_props(p.properties) if v == MQTT_5 else {}
+                            if self.on_publish is None:
+                                self._queue.append(Delivery(p.topic, p.payload, user, p.qos,
+                                                            p.packet_id, conn))
+                                self._arrived.set()
+                                continue
+                            self.on_publish(p.topic, p.payload, user)
                             if p.qos:
-                                acks.append(encode(Puback(p.packet_id), MQTT_5))
+                                acks.append(encode(Puback(p.packet_id), v))
                         elif isinstance(p, Connack) and p.reason_code:
                             raise ConnectionError(f"CONNACK reason code {p.reason_code:#x}")
+                        elif isinstance(p, Connack):
+                            self.session_present = p.session_present
                         elif isinstance(p, Suback):
                             bad = [c for c in p.reason_codes if c >= 0x80]
                             if bad:
@@ -124,6 +189,7 @@ class Subscriber:
                 stop.cancel()
         finally:
             self.subscribed.clear()
+            self._writer = None
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -131,4 +197,4 @@ class Subscriber:
     async def _ping(self, writer: asyncio.StreamWriter) -> None:
         while True:
             await asyncio.sleep(max(1, self.keep_alive // 2))
-            writer.write(encode(Pingreq(), MQTT_5))
+            writer.write(encode(Pingreq(), self.version))

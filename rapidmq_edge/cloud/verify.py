@@ -19,6 +19,7 @@ accepted before), ``duplicate`` (same id again; dropped, informational).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class Verified:
     batch: int
     encrypted: bool
     device_e2e: bool
+    #: how the batch covered it: ``leaf`` (signed leaf), ``session`` (AEAD of a gateway-signed
+    #: session listed in the signed batch), ``root`` (the batch's messages hash to the root)
+    proof: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class Ingest:
         chain_start: int | None = None,
         seen: Callable[[str], bool] | None = None,
         report_missing: bool = True,
+        defer_missing: bool = False,
+        batch_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identities = identities
@@ -119,6 +125,15 @@ class Ingest:
         self.chain_start = chain_start
         self.seen = seen or (lambda mid: False)
         self.report_missing = report_missing
+        #: missing-message candidates go to :attr:`deferred` (checked against shared state)
+        self.defer_missing = defer_missing
+        self.deferred: list[tuple[str, str, int]] = []  # (message id, gateway, batch seq)
+        #: a message no batch covers is reported ``missing-batch`` after this many seconds
+        #: (None: ``unverifiable`` after ``grace``)
+        self.batch_timeout = batch_timeout
+        #: batches / session headers accepted since the last :meth:`take_control`
+        self.accepted: list[tuple[str, bytes, str, int | None]] = []
+        self._control_seen: set[bytes] = set()
         self.clock = clock
         self.gateways: dict[str, _Gateway] = {}
         self.delivered: set[str] = set()
@@ -127,6 +142,7 @@ class Ingest:
         self._no_session: dict[str, tuple[str, bytes, _Batch, float]] = {}
         #: session headers / batches for keys not held (yet): retried after set_keys
         self._held: list[tuple[str, bytes, float, str]] = []
+        self._proof: dict[str, str] = {}  # proof of messages parked for their session header
         self.counts: dict[str, int] = {"verified": 0, "batches": 0, "sessions": 0}
         self._out: list[Verified] = []
         self._reports: list[Report] = []
@@ -166,11 +182,16 @@ class Ingest:
                 keep.append(item)
         self._held = keep
         for mid, cands in list(self._waiting.items()):
-            if now - cands[0][2] < self.grace:
+            seq = self._owner_any(mid).get(mid)
+            wait = self.grace if seq is not None or self.batch_timeout is None \
+                else self.batch_timeout
+            if now - cands[0][2] < wait:
                 continue
             del self._waiting[mid]
-            seq = self._owner_any(mid).get(mid)
-            if seq is None:
+            if seq is None and self.batch_timeout is not None:
+                self._report("missing-batch", f"no signed batch covered this message within "
+                             f"{self.batch_timeout:g} s", mid, _gw(mid))
+            elif seq is None:
                 self._report("unverifiable", "no signed batch covers this message", mid, _gw(mid))
             else:  # "ids" manifest: a batch verifies only as a whole
                 self._report("unverifiable", "its signed batch is incomplete (ids manifest: "
@@ -178,6 +199,7 @@ class Ingest:
         for mid, (_t, _p, b, t0) in list(self._no_session.items()):
             if now - t0 >= self.grace:
                 del self._no_session[mid]
+                self._proof.pop(mid, None)
                 self._report("unverifiable", "session header never arrived", mid, _gw(mid),
                              b.header.seq)
         for gw_id, gw in self.gateways.items():
@@ -188,7 +210,9 @@ class Ingest:
                 b.reported = True
                 arrived = self._arrived
                 lost = [m for m in b.ids if m not in arrived and not self.seen(m)]
-                for m in lost if self.report_missing else ():
+                if self.defer_missing and self.report_missing:
+                    self.deferred += [(m, gw_id, b.header.seq) for m in lost]
+                for m in lost if self.report_missing and not self.defer_missing else ():
                     self._report("missing-message", "listed in a signed batch, never arrived",
                                  m, gw_id, b.header.seq)
                 # closed: later copies are caught by the sink (seen) instead of memory
@@ -198,13 +222,50 @@ class Ingest:
         self._out, self._reports = [], []
         return out, reports
 
+    def waiting_ids(self) -> set[str]:
+        """Ids of messages held for a batch header, a session header or the rest of a batch."""
+        return set(self._waiting) | set(self._no_session)
+
+    def expire_oldest(self, keep: int) -> None:
+        """Bound: report the oldest waiting messages ``missing-batch`` until ``keep`` remain."""
+        over = len(self._waiting) + len(self._no_session) - keep
+        if over <= 0:
+            return
+        ages = sorted([(c[0][2], m) for m, c in self._waiting.items()]
+                      + [(v[3], m) for m, v in self._no_session.items()])
+        for _t, mid in ages[:over]:
+            self._waiting.pop(mid, None)
+            held = self._no_session.pop(mid, None)
+            self._report("missing-batch", f"dropped from the waiting set (bound {keep} reached)"
+                         " before its batch could be verified", mid, _gw(mid),
+                         held[2].header.seq if held else None)
+
+    def add_control(self, kind: str, payload: bytes) -> None:
+        """A stored batch (``kind`` "batch") or session header ("session"), e.g. one another
+        consumer of the group received; copies are ignored."""
+        (self._batch if kind == "batch" else self._session)(payload)
+
+    def take_control(self) -> list[tuple[str, bytes, str, int | None]]:
+        """(kind, payload, gateway, batch seq) of every batch / session accepted since the
+        last call: what a shared state stores for the other consumers (and the audit chain)."""
+        out, self.accepted = self.accepted, []
+        return out
+
     def finish(self) -> tuple[list[Verified], list[Report]]:
         """Report everything still pending as if ``grace`` had passed."""
         return self.poll(self.clock() + self.grace + 1e9)
 
     # -- sessions and batches ----------------------------------------------------------
 
+    def _remember(self, kind: str, payload: bytes, gateway_id: str, seq: int | None) -> None:
+        key = hashlib.sha256(payload).digest()
+        if key not in self._control_seen:
+            self._control_seen.add(key)
+            self.accepted.append((kind, payload, gateway_id, seq))
+
     def _session(self, payload: bytes, t0: float | None = None) -> None:
+        if hashlib.sha256(payload).digest() in self._control_seen:
+            return
         signer = None
         try:
             header = payload
@@ -222,6 +283,7 @@ class Ingest:
             self._report("tampered", f"session header: {exc}")
             return
         self.counts["sessions"] += 1
+        self._remember("session", payload, info.gateway_id, None)
         sid = info.session_id
         for mid, (topic, data, b, _t0) in list(self._no_session.items()):
             if _sid_of(data) == sid:
@@ -240,6 +302,8 @@ class Ingest:
             self._held.append((kind, payload, self.clock() if t0 is None else t0, detail))
 
     def _batch(self, payload: bytes, t0: float | None = None) -> None:
+        if hashlib.sha256(payload).digest() in self._control_seen:
+            return  # a copy (direct + shared subscription, shared state, redelivery)
         try:
             signed, qids, leaves = decode_batch_message(payload)
             header = verify_batch(signed, self.identities)
@@ -273,6 +337,7 @@ class Ingest:
         b = _Batch(header, ids, {m: i for i, m in enumerate(ids)}, leaf_list, self.clock())
         gw.batches[header.seq] = b
         self.counts["batches"] += 1
+        self._remember("batch", payload, gw_id, header.seq)
         for m in ids:
             gw.owner[m] = header.seq
         if leaf_list is None:
@@ -341,7 +406,7 @@ class Ingest:
         if mid in self.delivered:
             self.counts["duplicates"] = self.counts.get("duplicates", 0) + 1
             return True
-        if self._accept(topic, payload, mid, b, signed_only=True):
+        if self._accept(topic, payload, mid, b, signed_only=True, proof="session"):
             b.leaf_of[mid] = fast_leaf(mid, topic, payload)
         return True
 
@@ -355,7 +420,7 @@ class Ingest:
                          f"({len(payload)} B on {topic!r})", mid, b.header.gateway_id,
                          b.header.seq)
             return
-        self._accept(topic, payload, mid, b)
+        self._accept(topic, payload, mid, b, proof="leaf")
 
     def _try_whole(self, b: _Batch) -> None:
         """No leaves: the messages not verified by their session verify once every one has
@@ -377,10 +442,10 @@ class Ingest:
             b.done.update(picks)
             return
         for m, (topic, payload, _t) in picks.items():
-            self._accept(topic, payload, m, b)
+            self._accept(topic, payload, m, b, proof="root")
 
     def _accept(self, topic: str, payload: bytes, mid: str, b: _Batch,
-                signed_only: bool = False) -> bool:
+                signed_only: bool = False, proof: str = "") -> bool:
         """Decrypt (if sealed) and emit: the bytes are the ones the gateway signed, or with
         ``signed_only`` their AEAD proves it (a session the gateway signed). True if emitted."""
         gw_id = b.header.gateway_id
@@ -390,6 +455,7 @@ class Ingest:
             if sid is not None:
                 if not self.opener.knows(sid):
                     self._no_session[mid] = (topic, payload, b, self.clock())
+                    self._proof[mid] = proof
                     return False
                 opened = self.opener.open(payload, topic=topic, message_id=mid,
                                           signed_only=signed_only)
@@ -417,7 +483,9 @@ class Ingest:
         b.done.add(mid)
         self.delivered.add(mid)
         self.counts["verified"] += 1
-        self._out.append(Verified(mid, gw_id, topic, payload, b.header.seq, encrypted, device))
+        proof = proof or self._proof.pop(mid, "") or ("leaf" if b.leaves is not None else "root")
+        self._out.append(Verified(mid, gw_id, topic, payload, b.header.seq, encrypted, device,
+                                  proof))
         return True
 
     def _report(self, kind: str, detail: str, message_id: str | None = None,
