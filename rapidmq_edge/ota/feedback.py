@@ -1,11 +1,11 @@
 """The feedback loop's gateway side, sans I/O: sampled scored rows, incidents, the wire format.
 
 * :class:`FeedbackSampler` takes a bounded, rate-limited sample of the rows the active
-  priority model scored: at most ``rows_per_minute`` (a token bucket holding one second's
-  worth), each message of a batch with the same chance (the chance follows the message rate
-  of the last 10 s), into a buffer of ``buffer`` rows that drops its oldest (counted) when
-  the uploader cannot keep up. A row is (time, model version, topic, label, confidence,
-  feature row). Per batch with no row due it costs a clock read and a comparison.
+  priority model scored: at most ``rows_per_minute`` in each minute, every message with the
+  same chance (``rows_per_minute`` over the message rate of the last 10 s: uniform over
+  messages, not over batches), into a buffer of ``buffer`` rows that drops its oldest
+  (counted) when the uploader cannot keep up. A row is (time, model version, topic, label,
+  confidence, feature row); features and confidence are computed for the sampled rows only.
 * :class:`IncidentBook` remembers the incidents the runtime announced (bounded), so an
   operator's verdict names a real one and carries its stream and times upstream.
 * :class:`FeedbackTap` is what the runtime holds (``IntelligenceRuntime.feedback``).
@@ -80,16 +80,16 @@ class FeedbackSampler:
         if rows_per_minute < 1 or buffer < 1:
             raise ValueError("rows_per_minute and buffer must be at least 1")
         self.component = component
+        self.per_minute = rows_per_minute
         self.rate = rows_per_minute / 60.0
-        self.capacity = max(1.0, self.rate)
         self.buffer_size = buffer
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()
         self.rows: deque[FeedbackRow] = deque()
-        self._tokens = self.capacity
-        self._last = clock()
-        self._window = (self._last, 0)  # (start, messages since)
+        now = clock()
+        self._window = (now, 0)  # (start, messages since): the message rate
+        self._minute = (now, 0)  # (start, rows taken since): the bound
         self._msg_rate = 0.0  # messages/s over the last full window
         #: counters
         self.offered = 0
@@ -109,23 +109,28 @@ class FeedbackSampler:
             self._msg_rate = seen / (now - start)
             start, seen = now, 0
         self._window = (start, seen)
-        tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens = tokens
-        if tokens < 1.0 or not n:
+        if now - self._minute[0] >= 60.0:
+            self._minute = (now, 0)
+        taken = self._minute[1]
+        if taken >= self.per_minute or not n:
             return 0
+        msg_rate = self._msg_rate
+        if not msg_rate:  # the first window: its rate so far, after a second
+            if now - start < 1.0:
+                return 0
+            msg_rate = seen / (now - start)
         # every message the same chance: the row rate over the message rate
-        expected = n * min(1.0, self.rate / self._msg_rate) if self._msg_rate else float(n)
+        expected = n * min(1.0, self.rate / msg_rate)
         k = int(expected)
         if self.rng.random() < expected - k:
             k += 1
-        k = min(k, int(tokens), n)
+        k = min(k, self.per_minute - taken, n)
         if k == 0:
             return 0
         pick = [i for i in self.rng.sample(range(n), k) if labels[i] >= 0]
         if not pick:
             return 0
-        self._tokens = tokens - len(pick)
+        self._minute = (self._minute[0], taken + len(pick))
         msgs = [batch[i][0] for i in pick]
         X = message_features([m.topic for m in msgs], [m.payload for m in msgs],
                              [m.qos for m in msgs], [m.retain for m in msgs])
