@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 
 from rapidmq_edge.security.tokens import add_token
 
@@ -195,6 +197,9 @@ def test_collect_train_sign_publish_shadow_promote(
         assert status == 201, doc
         assert doc["incident"] == iid and doc["stream"] == SPIKY and doc["by"] == "ops"
         assert doc["verdict"] == "confirmed" and doc["uploading"] is True
+        # the answer is what docs/http-api.yaml promises
+        spec = yaml.safe_load((ROOT / "docs" / "http-api.yaml").read_text())
+        jsonschema.validate(doc, spec["components"]["schemas"]["Verdict"])
         # collect: the rows and the verdict arrive
         out, err = collector.communicate(timeout=45)
         assert collector.returncode == 0, (out, err)
