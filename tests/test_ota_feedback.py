@@ -304,3 +304,34 @@ def test_trained_model_passes_ota_validation_and_learns_the_labels(
     assert abs(float(conf.mean()) - float(np.mean([r.confidence for r in rows]))) < 0.1
     again = train(rows, [], "priority", tmp_path / "again.onnx", version="1.1.0", epochs=300)
     assert again["sha256"] == report["sha256"]  # same data and seed: the same bytes
+
+
+def test_feedback_keys_are_checked(tmp_path: Path) -> None:
+    from rapidmq_edge.config import ConfigError
+    from rapidmq_edge.config.ota import parse_ota
+
+    s = parse_ota({"feedback": True, "feedback_rows_per_minute": 30, "feedback_buffer": 5,
+                   "feedback_interval": 0.5}, tmp_path)
+    assert (s.feedback, s.feedback_rows_per_minute, s.feedback_buffer,
+            s.feedback_interval) == (True, 30, 5, 0.5)
+    assert parse_ota({}, tmp_path).feedback is False
+    for bad, key in (({"feedback": "yes"}, "ota.feedback"),
+                     ({"feedback_rows_per_minute": 0}, "ota.feedback_rows_per_minute"),
+                     ({"feedback_buffer": -1}, "ota.feedback_buffer"),
+                     ({"feedback_interval": 0}, "ota.feedback_interval")):
+        with pytest.raises(ConfigError, match=key):
+            parse_ota(bad, tmp_path)
+
+
+def test_model_train_refuses_too_few_rows(scorer: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    arch = FeedbackArchive(tmp_path / "fb")
+    arch.add("rapidmq/ota/feedback/gw-1/priority",
+             encode_rows("gw-1", "priority", _rows(scorer, 10)))
+    res = subprocess.run([sys.executable, "-m", "rapidmq_edge", "model", "train", "--from",
+                          str(tmp_path / "fb"), "--out", str(tmp_path / "m.onnx"),
+                          "--model-version", "2"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "only 10 priority rows" in res.stderr, res.stderr
+    assert not (tmp_path / "m.onnx").exists()
