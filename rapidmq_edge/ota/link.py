@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..mqtt.codec import encode
 from ..mqtt.packets import (
@@ -55,11 +55,17 @@ from ..mqtt.packets import (
 )
 from ..telemetry import RepeatedLog
 from ..uplink.backoff import Backoff
-from ..uplink.transport import ConnectRefused, UplinkProtocol, UplinkUrl, parse_url
+from ..uplink.transport import (
+    ConnectRefused,
+    UplinkProtocol,
+    UplinkUrl,
+    close_mqtt,
+    open_mqtt,
+    parse_url,
+)
 
 if TYPE_CHECKING:
     from ..config.forwarding import UpstreamSettings
-    from ..uplink.client import UplinkClient
 
 __all__ = ["DEFAULT_PREFIX", "MessageHandler", "OtaLink", "PublishRefused", "state_topic",
            "tls_context_for"]
@@ -146,8 +152,7 @@ class OtaLink:
         self.backoff = backoff or Backoff(initial=0.2, maximum=30.0)
         self.will = will
         #: the retained document announced after each connect (the will replaces it)
-        self.presence = json.dumps({"online": True, **(presence or {})},
-                                   separators=(",", ":")).encode()
+        self.presence = json.dumps({"online": True, **(presence or {})}).encode()
         self.stable_after = stable_after
         #: larger packets are refused (MQTT 5: announced, so the server drops them for us)
         self.max_packet_size = max_packet_size
@@ -324,11 +329,7 @@ class OtaLink:
                     state_topic(self.prefix, self.gateway_id), _OFFLINE, 1, True), timeout / 2)
         self._stopping = True
         self._stop_evt.set()
-        conn = self._conn
-        if conn is not None:
-            conn.write(encode(Disconnect(), self.version))
-            if conn.transport is not None:
-                conn.transport.close()
+        close_mqtt(self._conn, self.version)
         if self._finished is not None:
             try:
                 await asyncio.wait_for(self._finished.wait(), timeout)
@@ -342,34 +343,17 @@ class OtaLink:
     # ------------------------------------------------------------------ connection
 
     async def _open(self, url: UplinkUrl) -> tuple[UplinkProtocol, Connack]:
-        loop = asyncio.get_running_loop()
-        ctx = (self.tls or ssl.create_default_context()) if url.tls else None
-        owner = cast("UplinkClient", self)  # UplinkProtocol uses name, version, _on_packets
-        conn: UplinkProtocol | None = None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UplinkProtocol(owner), url.host, url.port, ssl=ctx,
-                    server_hostname=url.host if ctx else None)
-                conn.reader.max_packet_size = self.max_packet_size
-                props: dict[str, Any] = {}
-                if self.version == MQTT_5:
-                    props["maximum_packet_size"] = self.max_packet_size
-                will = None
-                if self.will:
-                    will = Will(state_topic(self.prefix, self.gateway_id), _OFFLINE, 1, True)
-                pw = self.password.encode() if self.password is not None else None
-                conn.write(encode(Connect(self.version, self.client_id, True, self.keep_alive,
-                                          will, self.username, pw, props), self.version))
-                connack = await conn.connack
-        except BaseException:
-            if conn is not None:
-                conn.abort()
-            raise
-        if connack.reason_code != 0:
-            conn.abort()
-            raise ConnectRefused(f"CONNACK reason 0x{connack.reason_code:02x}")
-        return conn, connack
+        props: dict[str, Any] = {}
+        if self.version == MQTT_5:
+            props["maximum_packet_size"] = self.max_packet_size
+        will = None
+        if self.will:
+            will = Will(state_topic(self.prefix, self.gateway_id), _OFFLINE, 1, True)
+        pw = self.password.encode() if self.password is not None else None
+        return await open_mqtt(self, url, Connect(
+            self.version, self.client_id, True, self.keep_alive, will, self.username, pw,
+            props), tls=self.tls, timeout=self.connect_timeout,
+            max_packet_size=self.max_packet_size)
 
     async def _session(self, url: UplinkUrl, conn: UplinkProtocol, connack: Connack) -> None:
         props = connack.properties

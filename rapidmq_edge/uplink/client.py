@@ -45,7 +45,14 @@ from .message_flow import Flight, MessageCallback, MessageFlow
 from .message_flow import v5_properties as _v5_properties  # noqa: F401 (tests use it)
 from .rate import TokenBucket
 from .source import Outgoing, OutgoingMessage, UplinkSource
-from .transport import ConnectRefused, UplinkProtocol, UplinkUrl, parse_url
+from .transport import (
+    ConnectRefused,
+    UplinkProtocol,
+    UplinkUrl,
+    close_mqtt,
+    open_mqtt,
+    parse_url,
+)
 
 __all__ = ["Outgoing", "OutgoingMessage", "UplinkClient", "UplinkSource", "ConnectRefused"]
 
@@ -256,11 +263,7 @@ class UplinkClient(MessageFlow):
         self._stopping = True
         if self._stop_evt is not None:
             self._stop_evt.set()
-        conn = self._conn
-        if conn is not None:
-            conn.write(encode(Disconnect(), self.version))
-            if conn.transport is not None:
-                conn.transport.close()
+        close_mqtt(self._conn, self.version)
         if self._finished is not None:
             try:
                 await asyncio.wait_for(self._finished.wait(), timeout)
@@ -272,34 +275,13 @@ class UplinkClient(MessageFlow):
     # ------------------------------------------------------------------ connection
 
     async def _open(self, url: UplinkUrl) -> tuple[UplinkProtocol, Connack]:
-        loop = asyncio.get_running_loop()
-        ctx: ssl.SSLContext | None = None
-        if url.tls:
-            ctx = self.tls or ssl.create_default_context()
-        conn: UplinkProtocol | None = None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UplinkProtocol(self), url.host, url.port, ssl=ctx,
-                    server_hostname=url.host if ctx else None,
-                )
-                props: dict[str, Any] = {}
-                if self.version == MQTT_5 and self.session_expiry:
-                    props["session_expiry_interval"] = self.session_expiry
-                pw = self.password.encode() if self.password is not None else None
-                conn.write(encode(Connect(
-                    self.version, self.client_id, False, self.keep_alive, self.will,
-                    self.username, pw, props,
-                ), self.version))
-                connack = await conn.connack
-        except BaseException:
-            if conn is not None:
-                conn.abort()
-            raise
-        if connack.reason_code != 0:
-            conn.abort()
-            raise ConnectRefused(f"CONNACK reason 0x{connack.reason_code:02x}")
-        return conn, connack
+        props: dict[str, Any] = {}
+        if self.version == MQTT_5 and self.session_expiry:
+            props["session_expiry_interval"] = self.session_expiry
+        pw = self.password.encode() if self.password is not None else None
+        return await open_mqtt(self, url, Connect(
+            self.version, self.client_id, False, self.keep_alive, self.will, self.username, pw,
+            props), tls=self.tls, timeout=self.connect_timeout)
 
     async def _session(self, url: UplinkUrl, conn: UplinkProtocol, connack: Connack) -> None:
         props = connack.properties

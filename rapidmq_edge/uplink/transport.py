@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..mqtt.codec import PacketReader
-from ..mqtt.packets import CONNACK, MQTT_5, Connack, Packet
+from ..mqtt.codec import PacketReader, encode
+from ..mqtt.packets import CONNACK, MQTT_5, Connack, Connect, Disconnect, Packet
 from .ackscan import leading_pubacks
 
 if TYPE_CHECKING:
     from .client import UplinkClient
 
-__all__ = ["ConnectRefused", "UplinkProtocol", "UplinkUrl", "parse_url"]
+__all__ = ["ConnectRefused", "UplinkProtocol", "UplinkUrl", "close_mqtt", "open_mqtt",
+           "parse_url"]
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +130,40 @@ class UplinkProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+async def open_mqtt(owner: Any, url: UplinkUrl, connect: Connect, *,
+                    tls: ssl.SSLContext | None, timeout: float,
+                    max_packet_size: int = 0) -> tuple[UplinkProtocol, Connack]:
+    """Connect to ``url`` (``mqtts``: ``tls`` or the default context), send ``connect`` and
+    wait for the CONNACK, all within ``timeout``; ConnectRefused when the server refuses.
+    ``owner`` gets the packets after the CONNACK (``name``, ``version``, ``_on_packets``).
+    The connection is aborted on any failure."""
+    loop = asyncio.get_running_loop()
+    ctx = (tls or ssl.create_default_context()) if url.tls else None
+    conn: UplinkProtocol | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(
+                lambda: UplinkProtocol(owner), url.host, url.port, ssl=ctx,
+                server_hostname=url.host if ctx else None)
+            if max_packet_size:
+                conn.reader.max_packet_size = max_packet_size
+            conn.write(encode(connect, connect.protocol_level))
+            connack = await conn.connack
+    except BaseException:
+        if conn is not None:
+            conn.abort()
+        raise
+    if connack.reason_code != 0:
+        conn.abort()
+        raise ConnectRefused(f"CONNACK reason 0x{connack.reason_code:02x}")
+    return conn, connack
+
+
+def close_mqtt(conn: UplinkProtocol | None, version: int) -> None:
+    """A clean end: DISCONNECT, then close the transport (no-op without a connection)."""
+    if conn is not None:
+        conn.write(encode(Disconnect(), version))
+        if conn.transport is not None:
+            conn.transport.close()
