@@ -57,6 +57,7 @@ class ConnectHandshake:
     _ka_timer: asyncio.TimerHandle | None
     _out: list[bytes]
     _flush_scheduled: bool
+    _out_size: int
     _connack: bytes | None
     _connect_refusal: int
     _held: list[Packet] | None
@@ -189,6 +190,7 @@ class ConnectHandshake:
         if fut.cancelled() or fut.exception() is not None:
             # the session is not stored: refuse rather than promise it (the store retries)
             self._out.clear()
+            self._out_size = 0
             self._flush_scheduled = False
             log.warning("client %s refused: its session could not be stored", self.client_id)
             self._refuse(rc.SERVER_UNAVAILABLE)

@@ -62,6 +62,7 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 LINGER = 1.0  # longest a connection stays half-closed after a DISCONNECT with a reason
+FLUSH_AT = 64 * 1024  # output queued in one loop turn that is written at once
 
 
 class Transport(Protocol):
@@ -116,6 +117,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             settings.connect_timeout, self._keep_alive_check
         )
         self._out: list[bytes] = []
+        self._out_size = 0  # bytes in _out: queued for the socket, counted as buffered
         self._flush_scheduled = False
         # acks waiting for a commit (or behind one), each with what to do once it is sent
         self._acks: deque[Ack] = deque()
@@ -134,6 +136,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         # Backpressure: a publisher whose messages went to a subscriber with a full socket
         # stops being read until that subscriber drains (or PRESSURE_TIMEOUT passes).
         self.write_paused = False
+        self._paused_since = 0.0  # when write_paused was last set (a stall is timed from it)
         self._pressure_waiters: set[FlowControl] = set()
         self._pressure: asyncio.TimerHandle | None = None
 
@@ -256,7 +259,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             self._throttle()
         broker = self.broker
         if topic.startswith("$SYS") or not self.access.can_publish(
-            self.username, self.client_id, topic
+            self.username, self.client_id, topic, p.qos, p.retain
         ):
             if self.watch is not None:
                 self.watch.published(self.client_id, topic, len(p.payload), False)
@@ -370,7 +373,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         st.sent_by_qos[d.qos] += 1
         self._write(wire)
         if self.write_paused:
-            self.broker.blocked_links.append(self)
+            self._block_publisher()
         return True
 
     def send_pubrel(self, packet_id: int) -> None:
@@ -411,7 +414,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             if not valid_subscription_filter(filt):  # invalid before unauthorised
                 codes.append(rc.TOPIC_FILTER_INVALID if self.v5 else 0x80)
                 continue
-            allowed = self.access.can_subscribe(self.username, self.client_id, filt)
+            allowed = self.access.can_subscribe(self.username, self.client_id, filt, opts.qos)
             if self.watch is not None:
                 self.watch.subscribed(self.client_id, filt, allowed)
             if not allowed:
@@ -539,7 +542,13 @@ class ClientConnection(ConnectHandshake, FlowControl):
         if self.closed:
             return
         self._out.append(data)
-        if not self._flush_scheduled:
+        self._out_size += len(data)
+        if self._out_size >= FLUSH_AT:
+            # One event-loop turn can read megabytes from a publisher (libuv reads up to 32
+            # times per poll): hand them to the transport now so that its high-water mark
+            # (pause_writing, backpressure) sees them, rather than after the turn.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
@@ -552,5 +561,6 @@ class ClientConnection(ConnectHandshake, FlowControl):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._out_size = 0
         self.broker.stats.bytes_sent += len(data)
         self.transport.write(data)

@@ -7,7 +7,9 @@
   too many acks wait);
 * a token bucket limits a client's PUBLISH rate (``limit_rate``);
 * a publisher whose messages went to a subscriber with a full socket stops being read until
-  that subscriber drains, or ``PRESSURE_TIMEOUT`` passes.
+  that subscriber drains, or ``PRESSURE_TIMEOUT`` passes. A subscriber that has not drained
+  for ``PRESSURE_TIMEOUT`` is stalled: it holds no publisher back any more, its QoS 0
+  messages are dropped above ``HIGH_WATER`` (counted in ``publish_dropped``) until it drains.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class FlowControl:
     publish_rate: float
     publish_burst: float
     write_paused: bool
+    _paused_since: float
+    _out_size: int
     _acks: deque[Ack]
     _inbound_unacked: int
     _tokens: float
@@ -127,7 +131,7 @@ class FlowControl:
                 then()
         if self._ack_backlog and self._inbound_unacked < self.settings.receive_maximum:
             self._ack_backlog = False
-            if not self.closed and not self._paused:
+            if not self.closed and not self._paused and self._pressure is None:
                 self.transport.resume_reading()
 
     # -- publish rate --------------------------------------------------------------
@@ -193,7 +197,7 @@ class FlowControl:
             except MqttError as exc:
                 self._protocol_failure(exc)
                 return
-        if not self.closed and not self._ack_backlog:
+        if not self.closed and not self._ack_backlog and self._pressure is None:
             self.transport.resume_reading()
 
     # -- backpressure --------------------------------------------------------------
@@ -201,6 +205,7 @@ class FlowControl:
     def pause_writing(self) -> None:
         """The socket's write buffer is above its high-water mark."""
         self.write_paused = True
+        self._paused_since = self.loop.time()
 
     def resume_writing(self) -> None:
         """The socket drained: let publishers waiting on this client go on."""
@@ -226,6 +231,18 @@ class FlowControl:
         if not self.closed and not self._paused and not self._ack_backlog:
             self.transport.resume_reading()
 
+    def _block_publisher(self) -> None:
+        """This client's socket is full: the publisher being dispatched waits for it to
+        drain, unless it has not drained for ``PRESSURE_TIMEOUT`` (stalled)."""
+        if self.loop.time() - self._paused_since < PRESSURE_TIMEOUT:
+            self.broker.blocked_links.append(self)
+
     def congested(self) -> bool:
-        """True when this client's outgoing buffer is over the high-water mark."""
-        return self.transport.get_write_buffer_size() > HIGH_WATER
+        """True when this client's outgoing bytes (the transport's buffer and output not yet
+        handed to it) are over ``HIGH_WATER``: a QoS 0 message is dropped. The publisher
+        then waits as for a full socket (a stalled subscriber holds nobody back)."""
+        if self.transport.get_write_buffer_size() + self._out_size <= HIGH_WATER:
+            return False
+        if self.write_paused:
+            self._block_publisher()
+        return True
