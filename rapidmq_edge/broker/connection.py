@@ -259,7 +259,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             self._throttle()
         broker = self.broker
         if topic.startswith("$SYS") or not self.access.can_publish(
-            self.username, self.client_id, topic
+            self.username, self.client_id, topic, p.qos, p.retain
         ):
             if self.watch is not None:
                 self.watch.published(self.client_id, topic, len(p.payload), False)
@@ -414,7 +414,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             if not valid_subscription_filter(filt):  # invalid before unauthorised
                 codes.append(rc.TOPIC_FILTER_INVALID if self.v5 else 0x80)
                 continue
-            allowed = self.access.can_subscribe(self.username, self.client_id, filt)
+            allowed = self.access.can_subscribe(self.username, self.client_id, filt, opts.qos)
             if self.watch is not None:
                 self.watch.subscribed(self.client_id, filt, allowed)
             if not allowed:

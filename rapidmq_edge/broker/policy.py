@@ -13,7 +13,9 @@ __all__ = ["AccessPolicy", "BehaviourObserver"]
 
 
 class AccessPolicy(Protocol):
-    """Authentication and authorisation, as configured."""
+    """Authentication and authorisation, as configured. Its decisions may change while the
+    gateway runs (RBAC edits); the implementation's ``generation`` changes with them, so a
+    cache of its answers must be keyed by (or cleared on) that number."""
 
     def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
         """0 or a CONNACK reason code when known without hashing; None otherwise."""
@@ -21,8 +23,13 @@ class AccessPolicy(Protocol):
     async def authenticate(self, username: str | None, password: bytes | None) -> int:
         """0 or a CONNACK reason code (may hash the password in a thread)."""
 
-    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool: ...
-    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool: ...
+    def can_publish(self, username: str | None, client_id: str, topic: str,
+                    qos: int | None = None, retain: bool | None = None) -> bool:
+        """May this client publish (``qos`` / ``retain``: for rules qualified by them)?"""
+
+    def can_subscribe(self, username: str | None, client_id: str, filt: str,
+                      qos: int | None = None) -> bool:
+        """May this client subscribe to ``filt`` (``$share/g/...`` included)?"""
 
 
 class BehaviourObserver(Protocol):

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     remove = usub.add_parser("remove", parents=[source], help="remove a user")
     remove.add_argument("name", metavar="NAME")
     usub.add_parser("list", parents=[source], help="list user names")
+    from .rbac import register_user_actions
+
+    register_user_actions(usub)
 
     tsource = _file_source("http.tokens_file", "--tokens-file", "FILE", "tokens file to edit")
     token = sub.add_parser("token", help="manage the HTTP API tokens file")
@@ -108,6 +111,10 @@ def _read_password(from_stdin: bool) -> str:
 
 def _cmd_user(args: argparse.Namespace) -> int:
     from ..security.users import UserDB, add_user, remove_user, valid_username
+    from .rbac import USER_ACTIONS, run_user
+
+    if args.user_command in USER_ACTIONS:
+        return run_user(args)
 
     try:
         path = _users_file(args)

@@ -14,11 +14,17 @@ __all__ = ["AclRule", "AuthSettings", "parse_acl", "parse_auth"]
 
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
-    """``[auth]``: anonymous access, users file and the ACL fallback decision."""
+    """``[auth]``: anonymous access, users file, the ACL fallback decision and RBAC.
+
+    With ``rbac`` the roles in ``rbac_db`` (default: ``rbac.sqlite`` in the data directory)
+    decide, after the ``[[acl]]`` table (the role ``config-acl``); the fallback is deny.
+    """
 
     allow_anonymous: bool = True
     users_file: Path | None = None
     acl_default: Literal["allow", "deny"] = "allow"
+    rbac: bool = False
+    rbac_db: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +39,20 @@ class AclRule:
 
 
 def parse_auth(data: object, base_dir: Path) -> AuthSettings:
-    t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default"))
+    t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default", "rbac", "rbac_db"))
+    rbac = t.get("rbac", boolean, False)
+    if rbac and t.data.get("acl_default") == "allow":
+        raise config_error(t.sub("acl_default"),
+                           '"allow" contradicts rbac = true (outside a role, access is denied); '
+                           "remove it or grant a role")
     return AuthSettings(
         allow_anonymous=t.get("allow_anonymous", boolean, True),
         users_file=t.get("users_file", path_under(base_dir), None),
-        acl_default=cast(
-            Literal["allow", "deny"], t.get("acl_default", one_of("allow", "deny"), "allow")
-        ),
+        acl_default=cast(Literal["allow", "deny"],
+                         t.get("acl_default", one_of("allow", "deny"), "deny" if rbac else "")
+                         or "allow"),
+        rbac=rbac,
+        rbac_db=t.get("rbac_db", path_under(base_dir), None),
     )
 
 

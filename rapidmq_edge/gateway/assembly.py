@@ -131,9 +131,8 @@ class Gateway:
         self.traffic = TrafficCounter()
         taps.insert(0, self.traffic)
         self.access = Gatekeeper.from_config(c)
-        acl = self.access.acl
         self.broker = Broker(broker_limits(c), self.store, taps, durable,
-                             acl.can_receive if acl.restricts_reading else None)
+                             self.access.read_check)
         # the uplink side: one client per upstream draining the queue, downstream rules
         self.uplinks: list[UplinkClient] = []
         self.forward_status: ForwardingStatus | None = None

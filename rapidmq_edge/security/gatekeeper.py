@@ -1,22 +1,35 @@
-"""Who may connect, publish and subscribe: the users file and the ACL, as configured."""
+"""Who may connect, publish and subscribe: the users file and the ACL or the RBAC roles.
+
+Every authorisation question of the broker, HTTP and CoAP goes through one
+:class:`Gatekeeper`; :attr:`Gatekeeper.generation` changes whenever the rules do (RBAC edits
+are picked up live), so a cache of its answers keyed by it never serves a stale decision.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
 from ..mqtt import reasons as rc
 from .acl import Acl
+from .rbac import acl_role
+from .rbac_live import LiveRbac
 from .users import UserDB
+
+ReadCheck = Callable[[str | None, str, str], bool]
 
 
 class Gatekeeper:
     """Answers the broker's authentication and authorisation questions."""
 
-    def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl) -> None:
+    def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl,
+                 rbac: LiveRbac | None = None) -> None:
         self.allow_anonymous = allow_anonymous
         self.users = users
         self.acl = acl
+        #: with ``[auth] rbac``: the roles (which include the ``[[acl]]`` table)
+        self.rbac = rbac
         #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
         self.watch: Any = None
 
@@ -25,7 +38,24 @@ class Gatekeeper:
         """Load the users file (if any) and compile the ACL."""
         users_file = config.auth.users_file
         users = UserDB.load(users_file) if users_file is not None else None
-        return cls(config.auth.allow_anonymous, users, Acl.from_config(config))
+        rbac = None
+        if config.auth.rbac:
+            path = config.auth.rbac_db or config.gateway.data_dir / "rbac.sqlite"
+            rbac = LiveRbac(path, acl_role([(r.user, r.topic, r.action, r.access)
+                                            for r in config.acl]))
+        return cls(config.auth.allow_anonymous, users, Acl.from_config(config), rbac)
+
+    @property
+    def generation(self) -> int:
+        """Identifies the rules in force: changes whenever they do (0: static ``[[acl]]``)."""
+        return self.rbac.policy().generation if self.rbac is not None else 0
+
+    @property
+    def read_check(self) -> ReadCheck | None:
+        """The broker's check at delivery; None when every subscriber may read what matches."""
+        if self.rbac is not None:
+            return self.can_receive
+        return self.acl.can_receive if self.acl.restricts_reading else None
 
     def quick_authenticate(self, username: str | None, password: bytes | None) -> int | None:
         """0 or a CONNACK reason code when known without hashing; None otherwise."""
@@ -48,10 +78,22 @@ class Gatekeeper:
             return 0
         return rc.BAD_USER_NAME_OR_PASSWORD
 
-    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool:
-        """ACL decision for PUBLISH."""
+    def can_publish(self, username: str | None, client_id: str, topic: str,
+                    qos: int | None = None, retain: bool | None = None) -> bool:
+        """Decision for PUBLISH (RBAC qualifiers see ``qos`` / ``retain`` when given)."""
+        if self.rbac is not None:
+            return self.rbac.policy().can_publish(username, client_id, topic, qos, retain)
         return self.acl.can_publish(username, client_id, topic)
 
-    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool:
-        """ACL decision for SUBSCRIBE."""
+    def can_subscribe(self, username: str | None, client_id: str, filt: str,
+                      qos: int | None = None) -> bool:
+        """Decision for SUBSCRIBE."""
+        if self.rbac is not None:
+            return self.rbac.policy().can_subscribe(username, client_id, filt, qos)
         return self.acl.can_subscribe(username, client_id, filt)
+
+    def can_receive(self, username: str | None, client_id: str, topic: str) -> bool:
+        """Decision at delivery: may a message on ``topic`` go to this client?"""
+        if self.rbac is not None:
+            return self.rbac.policy().can_receive(username, client_id, topic)
+        return self.acl.can_receive(username, client_id, topic)
