@@ -390,6 +390,37 @@ class _Tables:
         self.unsub_pattern = _Table(tables.get("unsub_pattern", []))
 
 
+@dataclass(slots=True)
+class _Compiled:
+    entries: list[tuple[str, Rule, _Bound | None]]
+    shared: _Tables | None
+
+
+def _group_kinds(entries: list[tuple[str, Rule, _Bound | None]],
+                 values: dict[str, str | None]) -> dict[str, list[_Bound]]:
+    """Bound rules per kind, in order; placeholders replaced from ``values``."""
+    tables: dict[str, list[_Bound]] = {}
+    for order, (kind, rule, bound) in enumerate(entries):
+        if bound is None:
+            topic = rule.topic
+            skip = False
+            for ph, key in _PLACEHOLDERS.items():
+                if ph in topic:
+                    value = values.get(key)
+                    if not _safe(value):
+                        if rule.allow:
+                            skip = True  # never grant access through a wildcard-like value
+                            break
+                        value = "\x00"  # a deny still applies, matching nothing real
+                    topic = topic.replace(ph, value or "")
+            if skip:
+                continue
+            bound = (order, _levels(topic), topic, rule.allow, rule.qos, rule.retain,
+                     rule.shared)
+        tables.setdefault(kind, []).append(bound)
+    return tables
+
+
 class RbacPolicy:
     """The decisions of one :class:`RbacModel` (plus the ``[[acl]]`` role), cached.
 
@@ -404,6 +435,9 @@ class RbacPolicy:
         self.config_role = config_role
         self.generation = generation
         self._identities: dict[tuple[str | None, str], _Tables] = {}
+        self._compiled: dict[tuple[tuple[str, ...], str | None], _Compiled] = {}
+        self._user_rules = config_role is not None and any(
+            r.user is not None for r in config_role.rules)
         self._decisions: dict[tuple[object, ...], bool] = {}
         self._tenant_of = tenant_of
         self.rule_count = sum(len(r.rules) for r in model.roles.values()) + (
@@ -414,41 +448,45 @@ class RbacPolicy:
         tenant = self._tenant_of(username) if self._tenant_of is not None else None
         return Identity(username, client_id, tenant)
 
-    def _ordered(self, username: str | None, client_id: str) -> list[tuple[Rule, str]]:
+    def _ordered(self, username: str | None, roles: Sequence[str]) -> list[Rule]:
         out: list[tuple[int, int, str, int, Rule]] = []
         if self.config_role is not None:
             for i, rule in enumerate(self.config_role.rules):
                 if rule.user is None or rule.user == username:
                     out.append((0, 0, "", i, rule))
-        for name in self.model.roles_of(username, client_id):
+        for name in roles:
             for i, rule in enumerate(self.model.roles[name].rules):
                 out.append((1, -rule.priority, name, i, rule))
         out.sort(key=lambda t: t[:4])
-        return [(t[4], t[2]) for t in out]
+        return [t[4] for t in out]
+
+    def _compile(self, username: str | None, roles: tuple[str, ...]) -> _Compiled:
+        """The ordered rules of a role set: bound once unless they hold placeholders."""
+        key = (roles, username if self._user_rules else None)
+        hit = self._compiled.get(key)
+        if hit is None:
+            entries: list[tuple[str, Rule, _Bound | None]] = []
+            for order, rule in enumerate(self._ordered(username, roles)):
+                templated = "$" in rule.topic or "%" in rule.topic
+                bound = None if templated else (order, _levels(rule.topic), rule.topic,
+                                                rule.allow, rule.qos, rule.retain, rule.shared)
+                entries.append((_KINDS[rule.type], rule, bound))
+            shared = None
+            if all(b is not None for _k, _r, b in entries):
+                shared = _Tables(_group_kinds(entries, {}))
+            if len(self._compiled) >= _CACHE_SIZE // 8:
+                del self._compiled[next(iter(self._compiled))]
+            hit = self._compiled[key] = _Compiled(entries, shared)
+        return hit
 
     def _bind(self, username: str | None, client_id: str) -> _Tables:
+        compiled = self._compile(username, tuple(self.model.roles_of(username, client_id)))
+        if compiled.shared is not None:
+            return compiled.shared  # no placeholders: every client of the role set shares it
         ident = self.identity(username, client_id)
         values = {"c": ident.client_id, "u": ident.username, "t": ident.tenant,
                   "n": ident.cert_cn}
-        tables: dict[str, list[_Bound]] = {}
-        for order, (rule, _role) in enumerate(self._ordered(username, client_id)):
-            topic = rule.topic
-            if "$" in topic or "%" in topic:
-                skip = False
-                for ph, key in _PLACEHOLDERS.items():
-                    if ph in topic:
-                        value = values[key]
-                        if not _safe(value):
-                            if rule.allow:
-                                skip = True
-                                break
-                            value = value or "\x00"
-                        topic = topic.replace(ph, value or "")
-                if skip:
-                    continue
-            tables.setdefault(_KINDS[rule.type], []).append(
-                (order, _levels(topic), topic, rule.allow, rule.qos, rule.retain, rule.shared))
-        return _Tables(tables)
+        return _Tables(_group_kinds(compiled.entries, values))
 
     def _rules(self, username: str | None, client_id: str) -> _Tables:
         key = (username, client_id)
