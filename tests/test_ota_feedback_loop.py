@@ -177,7 +177,7 @@ def test_collect_train_sign_publish_shadow_promote(
         # the operator's collector, before the rows come
         collector = subprocess.Popen(
             [sys.executable, "-m", "rapidmq_edge", "model", "collect", "--url", url,
-             "--out", str(collected), "--rows", "200", "--duration", "40"],
+             "--out", str(collected), "--rows", "200", "--verdicts", "1", "--duration", "40"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         time.sleep(1.0)
         traffic = Traffic(gw.port)

@@ -32,6 +32,8 @@ def _cluster(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--duration", type=float, metavar="S",
                    help="collect this long (default: until --rows, else 60 s)")
     p.add_argument("--rows", type=int, metavar="N", help="stop collecting after N rows")
+    p.add_argument("--verdicts", type=int, default=0, metavar="N",
+                   help="with --rows: and at least N operator verdicts")
 
 
 def register_train(cmds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,7 +63,8 @@ def _collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     password = args.password_file.read_text().strip() if args.password_file else None
     duration = args.duration if args.duration is not None else (None if args.rows else 60.0)
     archive = asyncio.run(collect(args.url, out, prefix=args.prefix, duration=duration,
-                                  min_rows=args.rows, username=args.username,
+                                  min_rows=args.rows, min_verdicts=args.verdicts,
+                                  username=args.username,
                                   password=password, version=args.mqtt_version))
     return archive.stats()
 

@@ -84,17 +84,18 @@ class FeedbackArchive:
 
 async def collect(url: str | Sequence[str], out_dir: Path, *, prefix: str = DEFAULT_PREFIX,
                   duration: float | None = None, min_rows: int | None = None,
-                  username: str | None = None, password: str | None = None,
+                  min_verdicts: int = 0, username: str | None = None, password: str | None = None,
                   tls: ssl.SSLContext | None = None, version: int = 5,
                   client_id: str | None = None) -> FeedbackArchive:
     """Subscribe to every gateway's feedback and keep it in ``out_dir`` until ``duration``
-    seconds passed or ``min_rows`` rows came (whichever first; neither: until cancelled)."""
+    seconds passed or ``min_rows`` rows and ``min_verdicts`` verdicts came (whichever first;
+    neither: until cancelled)."""
     archive = FeedbackArchive(Path(out_dir), prefix)
     done = asyncio.Event()
 
     async def on_message(topic: str, payload: bytes, retained: bool) -> None:
         if archive.add(topic, payload) is not None and min_rows is not None \
-                and archive.rows >= min_rows:
+                and archive.rows >= min_rows and archive.verdicts >= min_verdicts:
             done.set()
 
     urls = [url] if isinstance(url, str) else list(url)
