@@ -23,6 +23,7 @@ from .message import Delivery, Message
 from .persistence import ONLINE, load, retained_row, subscription_row
 from .session import NEVER_EXPIRES, Link, Session
 from .subscriptions import SharedGroup, Subscription, SubscriptionIndex
+from .timer_wheel import TimerWheel
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Broker:
         self.stats = Stats()
         #: connections whose socket was full when routing wrote to them (backpressure)
         self.blocked_links: list[Any] = []
+        #: the connections' keep-alive / CONNECT deadlines (made by the first connection)
+        self.wheel: TimerWheel | None = None
         #: the ACL's "read" check at delivery: (username, client id, topic) -> allowed
         self.read_check = read_check
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:

@@ -37,6 +37,9 @@ class ConnectHandshake:
     """CONNECT to CONNACK (mixed into ``ClientConnection``, whose ``__init__`` sets the
     attributes declared here)."""
 
+    if not TYPE_CHECKING:  # no instance dict: ClientConnection declares the slots
+        __slots__ = ()
+
     broker: Broker
     access: AccessPolicy
     settings: ConnectionSettings
@@ -54,7 +57,7 @@ class ConnectHandshake:
     max_out_size: int
     alias_max_out: int
     keep_alive: int
-    _ka_timer: asyncio.TimerHandle | None
+    _ka_slot: int
     _out: list[bytes]
     _flush_scheduled: bool
     _out_size: int
@@ -65,7 +68,8 @@ class ConnectHandshake:
     if TYPE_CHECKING:  # provided by ClientConnection
         def _dispatch(self, p: Packet) -> None: ...
         def _protocol_failure(self, exc: MqttError) -> None: ...
-        def _keep_alive_check(self) -> None: ...
+        def _arm_keep_alive(self, delay: float) -> None: ...
+        def _cancel_keep_alive(self) -> None: ...
         def _write(self, data: bytes) -> None: ...
         def _flush(self) -> None: ...
         def close(self, send_will: bool = True) -> None: ...
@@ -74,11 +78,8 @@ class ConnectHandshake:
         """Answer the CONNECT with a CONNACK carrying ``reason`` (e.g. connection rate
         exceeded), then close; without a CONNECT soon, close without one."""
         self._connect_refusal = reason
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = self.loop.call_later(
-                min(REFUSED_CONNECT_WAIT, self.settings.connect_timeout), self._keep_alive_check
-            )
+        if self._ka_slot:
+            self._arm_keep_alive(min(REFUSED_CONNECT_WAIT, self.settings.connect_timeout))
 
     def _refuse(self, reason: int) -> None:
         if self.v5:
@@ -148,6 +149,12 @@ class ConnectHandshake:
         if reason:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
+        will = p.will
+        if will is not None and (will.topic.startswith("$SYS") or not self.access.can_publish(
+                p.username, client_id, will.topic, will.qos, will.retain)):
+            log.info("client %s (%s) refused: not authorised to publish its will to %s",
+                     client_id, self.peer, will.topic)
+            return self._refuse(rc.NOT_AUTHORIZED)
         terms = negotiate(p, s, client_id if assigned else None)
         if isinstance(terms, int):
             return self._refuse(terms)
@@ -173,11 +180,9 @@ class ConnectHandshake:
             self._connack = connack
             fut.add_done_callback(self._connack_committed)
         session.will = p.will
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = None
+        self._cancel_keep_alive()
         if ka:
-            self._ka_timer = self.loop.call_later(ka * 1.5, self._keep_alive_check)
+            self._arm_keep_alive(ka * 1.5)
         if present:
             session.resend_inflight()
         session.pump()

@@ -58,6 +58,7 @@ from .message import Delivery, Message, PublishRefused
 from .negotiation import ConnectionSettings
 from .policy import AccessPolicy, BehaviourObserver
 from .session import Session
+from .timer_wheel import TimerWheel
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,16 @@ class Transport(Protocol):
 
 class ClientConnection(ConnectHandshake, FlowControl):
     """Server side of one network connection."""
+
+    __slots__ = (
+        "broker", "access", "settings", "transport", "peer", "on_close", "listener", "watch",
+        "loop", "reader", "version", "v5", "session", "client_id", "username", "closed",
+        "send_quota", "max_out_size", "alias_max_out", "aliases_out", "aliases_in",
+        "keep_alive", "last_rx", "wheel", "_ka_slot", "_out", "_out_size", "_flush_scheduled",
+        "_acks", "_connack", "_connect_refusal", "_inbound_unacked", "publish_rate",
+        "publish_burst", "_tokens", "_linger", "_token_time", "_paused", "_ack_backlog",
+        "_held", "write_paused", "_paused_since", "_pressure_waiters", "_pressure",
+    )
 
     def __init__(
         self,
@@ -113,14 +124,17 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self.aliases_in: dict[int, str] = {}
         self.keep_alive = 0
         self.last_rx = self.loop.time()
-        self._ka_timer: asyncio.TimerHandle | None = self.loop.call_later(
-            settings.connect_timeout, self._keep_alive_check
-        )
+        wheel = broker.wheel
+        if wheel is None or wheel.loop is not self.loop:
+            wheel = broker.wheel = TimerWheel(self.loop)
+        self.wheel = wheel
+        #: the wheel slot of the keep-alive (or CONNECT) deadline; 0: none
+        self._ka_slot = wheel.add(self, settings.connect_timeout)
         self._out: list[bytes] = []
         self._out_size = 0  # bytes in _out: queued for the socket, counted as buffered
         self._flush_scheduled = False
         # acks waiting for a commit (or behind one), each with what to do once it is sent
-        self._acks: deque[Ack] = deque()
+        self._acks: deque[Ack] | None = None  # made on first use
         # a CONNACK waiting for the session's commit: until it is sent nothing else goes out
         self._connack: bytes | None = None
         self._connect_refusal = 0  # a CONNACK reason code: refuse the CONNECT with it
@@ -137,7 +151,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         # stops being read until that subscriber drains (or PRESSURE_TIMEOUT passes).
         self.write_paused = False
         self._paused_since = 0.0  # when write_paused was last set (a stall is timed from it)
-        self._pressure_waiters: set[FlowControl] = set()
+        self._pressure_waiters: set[FlowControl] | None = None  # made on first use
         self._pressure: asyncio.TimerHandle | None = None
 
     # -- bytes in ------------------------------------------------------------------
@@ -304,7 +318,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         session = self.session
         assert session is not None
         if reason < 0x80 or not self.v5:
-            session.inbound_qos2.add(p.packet_id)
+            session.add_inbound_qos2(p.packet_id)
             if session.persistent and session.store is not None:
                 session.store.save_inbound_qos2(session.client_id, p.packet_id)
                 fut = self.broker.commit_future()  # every durable store, this one included
@@ -484,8 +498,19 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self.session = None
         self.close(send_will=False)
 
-    def _keep_alive_check(self) -> None:
-        self._ka_timer = None
+    def _arm_keep_alive(self, delay: float) -> None:
+        """(Re)set the keep-alive / CONNECT deadline ``delay`` seconds from now."""
+        self._cancel_keep_alive()
+        self._ka_slot = self.wheel.add(self, delay)
+
+    def _cancel_keep_alive(self) -> None:
+        if self._ka_slot:
+            self.wheel.discard(self, self._ka_slot)
+            self._ka_slot = 0
+
+    def wheel_due(self) -> None:
+        """The keep-alive (or CONNECT) deadline passed (called by the timer wheel)."""
+        self._ka_slot = 0
         if self.closed:
             return
         if self.session is None:
@@ -498,7 +523,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             log.info("client %s keep-alive timeout", self.client_id)
             self.disconnect(rc.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
         else:
-            self._ka_timer = self.loop.call_later(limit - idle, self._keep_alive_check)
+            self._ka_slot = self.wheel.add(self, limit - idle)
 
     def close(self, send_will: bool = True) -> None:
         """Flush pending output, close the transport, and tell the broker."""
@@ -506,9 +531,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             return
         self.closed = True
         self._flush()
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = None
+        self._cancel_keep_alive()
         t: Any = self.transport
         if self._linger and getattr(t, "can_write_eof", lambda: False)():
             # Closing with the peer's unread bytes in our buffer resets the connection, and the
@@ -524,9 +547,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
     def connection_lost(self, send_will: bool = True) -> None:
         """The transport is gone (called by the listener, or by ``close``)."""
         self.closed = True
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = None
+        self._cancel_keep_alive()
         session, self.session = self.session, None
         if self.watch is not None and self.client_id:
             self.watch.closed(self, self.client_id)

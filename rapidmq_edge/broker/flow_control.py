@@ -49,6 +49,9 @@ class FlowControl:
     """Ack ordering, rate limiting and backpressure (mixed into ``ClientConnection``, whose
     ``__init__`` sets the attributes declared here)."""
 
+    if not TYPE_CHECKING:  # no instance dict: ClientConnection declares the slots
+        __slots__ = ()
+
     settings: ConnectionSettings
     broker: Broker
     transport: Transport
@@ -62,14 +65,14 @@ class FlowControl:
     write_paused: bool
     _paused_since: float
     _out_size: int
-    _acks: deque[Ack]
+    _acks: deque[Ack] | None
     _inbound_unacked: int
     _tokens: float
     _token_time: float
     _paused: bool
     _ack_backlog: bool
     _held: list[Packet] | None
-    _pressure_waiters: set[FlowControl]
+    _pressure_waiters: set[FlowControl] | None
     _pressure: asyncio.TimerHandle | None
 
     if TYPE_CHECKING:  # provided by ClientConnection
@@ -93,6 +96,8 @@ class FlowControl:
         if ack.type == PUBACK:
             self._inbound_unacked += 1
         acks = self._acks
+        if acks is None:
+            acks = self._acks = deque()
         # Acks waiting for the same (shared, group commit) future need one callback: it
         # drains them all, in order, when the commit is done.
         if fut is not None and not (acks and acks[-1][1] is fut):
@@ -210,13 +215,15 @@ class FlowControl:
     def resume_writing(self) -> None:
         """The socket drained: let publishers waiting on this client go on."""
         self.write_paused = False
-        waiters, self._pressure_waiters = self._pressure_waiters, set()
-        for w in waiters:
+        waiters, self._pressure_waiters = self._pressure_waiters, None
+        for w in waiters or ():
             w._release_pressure()
 
     def _wait_for_subscribers(self, blocked: list[FlowControl]) -> None:
         for link in blocked:
             if link is not self:
+                if link._pressure_waiters is None:
+                    link._pressure_waiters = set()
                 link._pressure_waiters.add(self)
         blocked.clear()
         if self._pressure is None and not self.closed:

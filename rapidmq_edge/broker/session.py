@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 NEVER_EXPIRES = 0xFFFFFFFF
 
+#: the queue and the QoS 2 ids of a session that has none yet: shared, never added to (a
+#: session makes its own on first use; an idle client then costs no empty deque or set)
+_NO_QUEUE: deque[Delivery] = deque()
+_NO_IDS: set[int] = set()
+
 
 class Link(Protocol):
     """What a session needs from the connection it is attached to."""
@@ -60,8 +65,8 @@ class Session:
         self.expiry_interval = expiry_interval
         self.subscriptions: dict[str, Subscription] = {}
         self.inflight: dict[int, Delivery] = {}
-        self.queue: deque[Delivery] = deque()
-        self.inbound_qos2: set[int] = set()
+        self.queue: deque[Delivery] = _NO_QUEUE
+        self.inbound_qos2: set[int] = _NO_IDS  # add with add_inbound_qos2
         self.link: Link | None = None
         self.username: str | None = None
         self.will: Will | None = None
@@ -105,6 +110,8 @@ class Session:
         ):
             self.dropped += 1
             return False
+        if self.queue is _NO_QUEUE:
+            self.queue = deque()
         self.queue.append(d)
         self.queued_bytes += size
         if self.persistent and self.store is not None:
@@ -191,8 +198,14 @@ class Session:
                     self.store.delete_delivery(self.client_id, d.seq)
             else:
                 keep.append(d)
-        self.queue = keep
+        self.queue = keep if keep else _NO_QUEUE
         return out
+
+    def add_inbound_qos2(self, pid: int) -> None:
+        """A QoS 2 PUBLISH ``pid`` was received (until its PUBREL)."""
+        if self.inbound_qos2 is _NO_IDS:
+            self.inbound_qos2 = set()
+        self.inbound_qos2.add(pid)
 
     def restore(self, deliveries: list[Delivery], inbound_qos2: set[int]) -> None:
         """Load stored deliveries: those with a packet id were in flight."""
@@ -203,6 +216,8 @@ class Session:
                 self.inflight[d.packet_id] = d
             else:
                 d.packet_id = 0
+                if self.queue is _NO_QUEUE:
+                    self.queue = deque()
                 self.queue.append(d)
                 self.queued_bytes += len(d.message.payload)
-        self.inbound_qos2 = set(inbound_qos2)
+        self.inbound_qos2 = set(inbound_qos2) if inbound_qos2 else _NO_IDS
