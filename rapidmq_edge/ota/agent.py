@@ -259,8 +259,8 @@ class OtaAgent:
                 path = self.work_dir / "partial" / f"{m.payload_digest.hex()}.model"
                 path.write_bytes(plain)
             self._set(c, "validating", progress=1.0, **about)
-            try:
-                self.host.begin(c, path, m, envelope)
+            try:  # off the event loop: onnxruntime opening the candidate takes ~50 ms
+                await asyncio.to_thread(self.host.begin, c, path, m, envelope)
             finally:
                 with contextlib.suppress(OSError):
                     path.unlink()
