@@ -25,6 +25,10 @@ class AuthSettings:
     acl_default: Literal["allow", "deny"] = "allow"
     rbac: bool = False
     rbac_db: Path | None = None
+    #: where a client's tenant comes from: none, username_prefix or user_attribute
+    tenant_source: Literal["none", "username_prefix", "user_attribute"] = "none"
+    tenant_separator: str = ":"
+    tenant_mountpoint: str = "tenants/${tenant}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,8 @@ class AclRule:
 
 
 def parse_auth(data: object, base_dir: Path) -> AuthSettings:
-    t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default", "rbac", "rbac_db"))
+    t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default", "rbac", "rbac_db",
+                             "tenant_source", "tenant_separator", "tenant_mountpoint"))
     rbac = t.get("rbac", boolean, False)
     if rbac and t.data.get("acl_default") == "allow":
         raise config_error(t.sub("acl_default"),
@@ -53,7 +58,27 @@ def parse_auth(data: object, base_dir: Path) -> AuthSettings:
                          or "allow"),
         rbac=rbac,
         rbac_db=t.get("rbac_db", path_under(base_dir), None),
+        tenant_source=cast(
+            Literal["none", "username_prefix", "user_attribute"],
+            t.get("tenant_source", one_of("none", "username_prefix", "user_attribute"), "none")),
+        tenant_separator=t.get("tenant_separator", _separator, ":"),
+        tenant_mountpoint=t.get("tenant_mountpoint", _mountpoint, "tenants/${tenant}/"),
     )
+
+
+def _separator(where: str, value: object) -> str:
+    if not isinstance(value, str) or len(value) != 1 or value in "/+#":
+        raise config_error(where, f"must be one character other than / + #, got {show(value)}")
+    return value
+
+
+def _mountpoint(where: str, value: object) -> str:
+    if (not isinstance(value, str) or "${tenant}" not in value or not value.endswith("/")
+            or not valid_topic_filter(value.replace("${tenant}", "t") + "x")
+            or "+" in value or "#" in value or value.startswith("$")):
+        raise config_error(where, "must be topic levels holding ${tenant} and ending with /, "
+                                  f"without wildcards or a leading $, got {show(value)}")
+    return value
 
 
 def _acl_rule(data: object, key: str) -> AclRule:

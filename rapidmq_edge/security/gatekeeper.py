@@ -15,6 +15,7 @@ from ..mqtt import reasons as rc
 from .acl import Acl
 from .rbac import acl_role
 from .rbac_live import LiveRbac
+from .tenants import TenantScope
 from .users import UserDB
 
 ReadCheck = Callable[[str | None, str, str], bool]
@@ -24,12 +25,14 @@ class Gatekeeper:
     """Answers the broker's authentication and authorisation questions."""
 
     def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl,
-                 rbac: LiveRbac | None = None) -> None:
+                 rbac: LiveRbac | None = None, tenants: TenantScope | None = None) -> None:
         self.allow_anonymous = allow_anonymous
         self.users = users
         self.acl = acl
         #: with ``[auth] rbac``: the roles (which include the ``[[acl]]`` table)
         self.rbac = rbac
+        #: with ``[auth] tenant_source``: each tenant's clients confined to its mountpoint
+        self.tenants = tenants if tenants is not None and tenants.enabled else None
         #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
         self.watch: Any = None
 
@@ -37,13 +40,16 @@ class Gatekeeper:
     def from_config(cls, config: Config) -> Gatekeeper:
         """Load the users file (if any) and compile the ACL."""
         users_file = config.auth.users_file
+        a = config.auth
         users = UserDB.load(users_file) if users_file is not None else None
+        tenants = TenantScope(a.tenant_source, a.tenant_separator, a.tenant_mountpoint,
+                              (lambda: users.tenants) if users is not None else None)
         rbac = None
-        if config.auth.rbac:
-            path = config.auth.rbac_db or config.gateway.data_dir / "rbac.sqlite"
+        if a.rbac:
+            path = a.rbac_db or config.gateway.data_dir / "rbac.sqlite"
             rbac = LiveRbac(path, acl_role([(r.user, r.topic, r.action, r.access)
-                                            for r in config.acl]))
-        return cls(config.auth.allow_anonymous, users, Acl.from_config(config), rbac)
+                                            for r in config.acl]), tenant_of=tenants.tenant_of)
+        return cls(a.allow_anonymous, users, Acl.from_config(config), rbac, tenants)
 
     @property
     def generation(self) -> int:
@@ -53,7 +59,7 @@ class Gatekeeper:
     @property
     def read_check(self) -> ReadCheck | None:
         """The broker's check at delivery; None when every subscriber may read what matches."""
-        if self.rbac is not None:
+        if self.rbac is not None or self.tenants is not None:
             return self.can_receive
         return self.acl.can_receive if self.acl.restricts_reading else None
 
@@ -81,6 +87,8 @@ class Gatekeeper:
     def can_publish(self, username: str | None, client_id: str, topic: str,
                     qos: int | None = None, retain: bool | None = None) -> bool:
         """Decision for PUBLISH (RBAC qualifiers see ``qos`` / ``retain`` when given)."""
+        if self.tenants is not None and not self.tenants.allows_topic(username, topic):
+            return False
         if self.rbac is not None:
             return self.rbac.policy().can_publish(username, client_id, topic, qos, retain)
         return self.acl.can_publish(username, client_id, topic)
@@ -88,12 +96,16 @@ class Gatekeeper:
     def can_subscribe(self, username: str | None, client_id: str, filt: str,
                       qos: int | None = None) -> bool:
         """Decision for SUBSCRIBE."""
+        if self.tenants is not None and not self.tenants.allows_filter(username, filt):
+            return False
         if self.rbac is not None:
             return self.rbac.policy().can_subscribe(username, client_id, filt, qos)
         return self.acl.can_subscribe(username, client_id, filt)
 
     def can_receive(self, username: str | None, client_id: str, topic: str) -> bool:
         """Decision at delivery: may a message on ``topic`` go to this client?"""
+        if self.tenants is not None and not self.tenants.allows_topic(username, topic):
+            return False
         if self.rbac is not None:
             return self.rbac.policy().can_receive(username, client_id, topic)
         return self.acl.can_receive(username, client_id, topic)

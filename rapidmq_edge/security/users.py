@@ -4,6 +4,7 @@ File format::
 
     [users.alice]
     password = "$scrypt$ln=14,r=8,p=1$<base64 salt>$<base64 hash>"
+    tenant = "acme"        # optional: the tenant ([auth] tenant_source = "user_attribute")
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ def _validate(path: Path, data: dict[str, Any]) -> dict[str, str]:
     """name -> encoded hash, checking the whole document."""
     out: dict[str, str] = {}
     for name, key, entry in named_tables(path, data, "users", UsersFileError, valid_username,
-                                         "invalid user name", ("password",),
+                                         "invalid user name", ("password", "tenant"),
                                          "must be a table with a password key"):
+        if not isinstance(entry.get("tenant", ""), str):
+            raise UsersFileError(f"{path}: {key}.tenant: must be a string")
         pw = entry.get("password")
         if not isinstance(pw, str) or _parse(pw) is None:
             raise UsersFileError(
@@ -132,18 +135,37 @@ def _validate(path: Path, data: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _tenants(data: dict[str, Any]) -> dict[str, str]:
+    """name -> tenant of the (validated) entries that have one."""
+    users = data.get("users", {})
+    return {n: e["tenant"] for n, e in users.items() if isinstance(e.get("tenant"), str)}
+
+
+def _dump(path: Path, users: dict[str, str], tenants: dict[str, str]) -> None:
+    table: dict[str, dict[str, str]] = {}
+    for n, h in sorted(users.items()):
+        table[n] = {"password": h}
+        if n in tenants:
+            table[n]["tenant"] = tenants[n]
+    write_toml_atomic(path, {"users": table})
+
+
 class UserDB:
     """In-memory users table with a cache of recent successful logins."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(self, users: dict[str, str] | None = None,
+                 tenants: dict[str, str] | None = None) -> None:
         self._users: dict[str, str] = dict(users or {})
+        #: name -> tenant (the users file's optional ``tenant`` attribute)
+        self.tenants: dict[str, str] = dict(tenants or {})
         self._cache_key = secrets.token_bytes(32)
         self._ok: OrderedDict[bytes, None] = OrderedDict()
 
     @classmethod
     def load(cls, path: Path) -> UserDB:
         """Read and validate a users file (raises UsersFileError)."""
-        return cls(_validate(path, _read_users(path)))
+        data = _read_users(path)
+        return cls(_validate(path, data), _tenants(data))
 
     def names(self) -> list[str]:
         """Sorted user names."""
@@ -193,23 +215,29 @@ class UserDB:
         return await asyncio.to_thread(self.authenticate, username, password)
 
 
-def add_user(path: Path, name: str, password: str) -> bool:
-    """Add or replace ``name``; creates the file if needed. True when the user is new."""
+def add_user(path: Path, name: str, password: str, tenant: str | None = None) -> bool:
+    """Add or replace ``name`` (with a ``tenant`` attribute when given; else an existing one
+    is kept); creates the file if needed. True when the user is new."""
     if not valid_username(name):
         raise ValueError(f"invalid user name: {name!r}")
     if not password:
         raise ValueError("empty password")
-    users = _validate(path, _read_users(path)) if path.exists() else {}
+    data = _read_users(path) if path.exists() else {}
+    users = _validate(path, data) if data else {}
+    tenants = _tenants(data)
     created = name not in users
     users[name] = hash_password(password)
-    write_toml_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    if tenant is not None:
+        tenants[name] = tenant
+    _dump(path, users, tenants)
     return created
 
 
 def remove_user(path: Path, name: str) -> bool:
     """Remove ``name``; False when there was no such user."""
-    users = _validate(path, _read_users(path))
+    data = _read_users(path)
+    users = _validate(path, data)
     if users.pop(name, None) is None:
         return False
-    write_toml_atomic(path, {"users": {n: {"password": h} for n, h in sorted(users.items())}})
+    _dump(path, users, _tenants(data))
     return True
