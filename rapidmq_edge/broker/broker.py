@@ -27,6 +27,8 @@ from .timer_wheel import TimerWheel
 
 log = logging.getLogger(__name__)
 
+READ_CACHE_SIZE = 50_000  # cached read-check answers (then the cache starts anew)
+
 
 @dataclass(slots=True)
 class BrokerLimits:
@@ -86,6 +88,13 @@ class Broker:
         self.wheel: TimerWheel | None = None
         #: the ACL's "read" check at delivery: (username, client id, topic) -> allowed
         self.read_check = read_check
+        # its answers, cached while the rules' generation stays (the check's owner has a
+        # ``generation`` when its rules can change at run time: RBAC; else they never do)
+        owner: Any = getattr(read_check, "__self__", None)
+        self._read_generation: Callable[[], int] | None = (
+            (lambda: owner.generation) if hasattr(type(owner), "generation") else None)
+        self._read_cache: dict[tuple[str | None, str, str], bool] = {}
+        self._read_cache_gen = 0
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:
         #: the session store's and those of the stages behind the taps
         self.durable: tuple[Callable[[], asyncio.Future[Any] | None], ...] = (
@@ -367,16 +376,24 @@ class Broker:
 
     def route(self, msg: Message) -> int:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
-        per_client, groups = self.index.match(msg.topic)
+        topic = msg.topic
+        per_client, groups = self.index.match(topic)
         sessions = self.sessions
         read_check = self.read_check
+        cache = self._read_answers() if read_check is not None else None
         n = 0
         for cid, subs in per_client.items():
             session = sessions.get(cid)
             if session is None:
                 continue
-            if read_check is not None and not read_check(session.username, cid, msg.topic):
-                continue
+            if cache is not None:
+                key = (session.username, cid, topic)
+                allowed = cache.get(key)
+                if allowed is None:
+                    assert read_check is not None
+                    allowed = cache[key] = read_check(session.username, cid, topic)
+                if not allowed:
+                    continue
             if len(subs) == 1:
                 sub = subs[0]
                 o = sub.options
@@ -400,6 +417,20 @@ class Broker:
             if self._deliver_shared(g, msg):
                 n += 1
         return n
+
+    def _read_answers(self) -> dict[tuple[str | None, str, str], bool]:
+        """The cache of ``read_check``'s answers (bounded; emptied when the rules'
+        generation moves)."""
+        cache = self._read_cache
+        gen_of = self._read_generation
+        if gen_of is not None:
+            gen = gen_of()
+            if gen != self._read_cache_gen:
+                cache.clear()
+                self._read_cache_gen = gen
+        if len(cache) > READ_CACHE_SIZE:
+            cache.clear()
+        return cache
 
     def _deliver_shared(self, g: SharedGroup, msg: Message, exclude: str | None = None) -> bool:
         members = [m for m in g.members.values() if m.client_id != exclude]

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 LINGER = 1.0  # longest a connection stays half-closed after a DISCONNECT with a reason
 FLUSH_AT = 64 * 1024  # output queued in one loop turn that is written at once
+ACL_CACHE_SIZE = 1000  # PUBLISH decisions cached per client (then the cache starts anew)
 
 
 class Transport(Protocol):
@@ -87,6 +88,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         "_acks", "_connack", "_connect_refusal", "_inbound_unacked", "publish_rate",
         "publish_burst", "_tokens", "_linger", "_token_time", "_paused", "_ack_backlog",
         "_held", "write_paused", "_paused_since", "_pressure_waiters", "_pressure",
+        "_acl_cache",
     )
 
     def __init__(
@@ -153,6 +155,8 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self._paused_since = 0.0  # when write_paused was last set (a stall is timed from it)
         self._pressure_waiters: set[FlowControl] | None = None  # made on first use
         self._pressure: asyncio.TimerHandle | None = None
+        #: PUBLISH decisions of the ACL: (rules generation, {(topic, qos, retain): allowed})
+        self._acl_cache: tuple[int, dict[tuple[str, int, bool], bool]] | None = None
 
     # -- bytes in ------------------------------------------------------------------
 
@@ -272,9 +276,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         if self.publish_rate:
             self._throttle()
         broker = self.broker
-        if topic.startswith("$SYS") or not self.access.can_publish(
-            self.username, self.client_id, topic, p.qos, p.retain
-        ):
+        if topic.startswith("$SYS") or not self._may_publish(topic, p.qos, p.retain):
             if self.watch is not None:
                 self.watch.published(self.client_id, topic, len(p.payload), False)
             broker.stats.acl_denied += 1
@@ -306,6 +308,21 @@ class ClientConnection(ConnectHandshake, FlowControl):
             fut = broker.commit_future()
             self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut,
                               msg)
+
+    def _may_publish(self, topic: str, qos: int, retain: bool) -> bool:
+        """The ACL's PUBLISH decision, cached per (topic, QoS, retain) for this client while
+        the rules' ``generation`` stays (RBAC edits change it; the static ACL never does)."""
+        access = self.access
+        gen = getattr(access, "generation", 0)
+        cache = self._acl_cache
+        if cache is None or cache[0] != gen or len(cache[1]) > ACL_CACHE_SIZE:
+            cache = self._acl_cache = (gen, {})
+        key = (topic, qos, retain)
+        allowed = cache[1].get(key)
+        if allowed is None:
+            allowed = cache[1][key] = access.can_publish(
+                self.username, self.client_id, topic, qos, retain)
+        return allowed
 
     def _ack_publish(self, p: Publish, reason: int, fut: asyncio.Future[None] | None,
                      msg: Message | None = None) -> None:
