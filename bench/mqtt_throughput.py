@@ -18,6 +18,10 @@ Scenarios (names are the keys of ``scenarios`` in the JSON output):
 * ``latency_qos0_1000mps`` / ``latency_qos1_1000mps``: publisher paced at
   ``--latency-rate`` msg/s for ``--latency-seconds``, ``time.monotonic_ns()`` in the
   payload, p50/p90/p99/max end-to-end latency in ms (first 5% of samples dropped).
+* ``qos0_1to1_64B_acl10``: as ``qos0_1to1_64B`` with 10 ACL rules configured on both
+  brokers (denies that never match, one of them on subscribing, so reading is checked at
+  every delivery; Mosquitto: the same denies in an ``acl_file``); ``acl10_rate_ratio`` is
+  the rate with them / without, per broker.
 * ``rss_idle_clients``: RSS of the broker (incl. child processes) right after start
   and with ``--idle-clients`` connected clients each holding one subscription.
 
@@ -38,7 +42,12 @@ broker dropped.  The broker's CPU% (100 = one core; psutil or /proc, sampled eve
 20 ms, broker child processes included) over the same interval is reported next to the
 load generator's CPU% so a reader can see which side is the bottleneck; on a 2-core
 machine the generator has one core.  Throughput scenarios run ``--repeat`` times and
-the median run is kept (``runs`` lists all).  A result whose broker CPU% is below 80%
+the median run is kept (``runs`` lists all); the brokers alternate run by run
+(Mosquitto, gateway, Mosquitto, ...) so a change of the machine's load hits both alike, and
+every run records the 1-minute load average.  ``broker_us_per_msg`` is the broker's CPU
+time per message received (per delivery in fan-out); the ratio's ``cpu_efficiency`` is
+Mosquitto's divided by the gateway's (>= 0.8 is the target).  ``loss_pct_max`` is the
+worst run's QoS 0 loss.  A result whose broker CPU% is below 80%
 gets a ``warning`` (not saturated: busy machine or generator-bound).  In QoS 0
 throughput runs the subscriber naps ``--sub-nap-ms`` after small reads to batch them.
 ``ratio`` is gateway/mosquitto (for latency and RSS a ratio > 1 means the gateway is
@@ -49,7 +58,7 @@ dies, or does not deliver gets an ``error`` entry for the affected scenario(s).
 
 Usage::
 
-    python3 bench/mqtt_throughput.py --quick            # ~10 s smoke run
+    python3 bench/mqtt_throughput.py --quick            # smoke run: NOT a measurement
     python3 bench/mqtt_throughput.py --out              # full run, also writes
                                                         # bench/results/mqtt_throughput.json
     python3 bench/mqtt_throughput.py --gateway-cmd mosquitto   # debug: 2nd Mosquitto
@@ -166,6 +175,7 @@ class Broker:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     nodelay: bool = False  # Mosquitto only: set_tcp_nodelay
+    acl_rules: int = 0  # ACL rules configured (the *_acl10 scenario): see acl_config
     ever_up: bool = False
     error: str = ""
     pids: list[int] = field(default_factory=list)
@@ -174,8 +184,18 @@ class Broker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
+            acl = ""
+            if self.acl_rules:
+                acl_file = self.workdir / "acl"
+                acl_file.write_text(mosquitto_acl(self.acl_rules))
+                # Mosquitto started as root reads it after dropping to its own user
+                acl_file.chmod(0o644)
+                for d in (self.workdir, self.workdir.parent):
+                    d.chmod(d.stat().st_mode | 0o011)
+                acl = f"acl_file {acl_file}\n"
             conf.write_text(
                 f"listener {self.port} {HOST}\n"
+                f"{acl}"
                 "allow_anonymous true\n"
                 "max_connections -1\n"
                 "max_queued_messages 100000\n"
@@ -198,6 +218,7 @@ class Broker:
             "max_queued_messages = 100000\n"
             "[auth]\n"
             "allow_anonymous = true\n"
+            + gateway_acl(self.acl_rules)
         )
         return [self.python, "-m", "rapidmq_edge", "run", "--config", str(conf)]
 
@@ -295,11 +316,13 @@ class Broker:
                     proc.wait(5)
         self.proc = None
 
-    def configure(self, nodelay: bool) -> None:
-        """Mosquitto: restart with another ``set_tcp_nodelay`` if it differs."""
-        if self.kind != "mosquitto" or self.nodelay == nodelay:
+    def configure(self, nodelay: bool, acl_rules: int = 0) -> None:
+        """Restart with another ``set_tcp_nodelay`` (Mosquitto) or ACL if it differs."""
+        nodelay = nodelay and self.kind == "mosquitto"
+        if self.nodelay == nodelay and self.acl_rules == acl_rules:
             return
         self.nodelay = nodelay
+        self.acl_rules = acl_rules
         if self.proc is not None:
             self.starts = 0
             self.start()
@@ -311,6 +334,28 @@ class Broker:
         if self.proc is not None:
             self.pids = _proc_tree(self.proc.pid)
         return rss_bytes(self.pids)
+
+
+def _acl_topics(n: int) -> list[tuple[str, str]]:
+    """``n`` rules (topic, action) that never match the benchmark's topics: publish denies
+    and one subscribe deny (so the gateway checks reading at every delivery, as Mosquitto
+    checks every delivery against its ACL)."""
+    return [(f"acl/unrelated/{i}/#", "subscribe" if i == 0 else "publish") for i in range(n)]
+
+
+def gateway_acl(n: int) -> str:
+    """``[[acl]]`` tables of the gateway's config for ``n`` rules (deny, never matching)."""
+    return "".join(
+        f'[[acl]]\nuser = "*"\ntopic = "{t}"\naction = "{a}"\naccess = "deny"\n'
+        for t, a in _acl_topics(n)
+    )
+
+
+def mosquitto_acl(n: int) -> str:
+    """Mosquitto ``acl_file`` for anonymous clients: the same ``n`` denies, then the
+    benchmark's topics allowed (Mosquitto's ACL is an allow list)."""
+    lines = [f"topic deny {t}" for t, _a in _acl_topics(n)]
+    return "\n".join([*lines, "topic readwrite bench/#", "topic read $SYS/#", ""])
 
 
 def mosquitto_version(binary: str) -> str:
@@ -488,14 +533,20 @@ def run_flow(
         t1 = sub_res["t_last"]
         t0 = pub_res.get("t_start") or sub_res["t_first"]
         t0 = min(t0, sub_res["t_first"])
+        cpu_pct = _cpu_pct(samples, t0, t1)
         out: dict[str, Any] = {
             "msg_per_s": round(received / (t1 - t0), 1) if t1 > t0 else None,
+            # broker CPU per message received (per delivery in fan-out), microseconds
+            "broker_us_per_msg": (
+                round(cpu_pct / 100.0 * (t1 - t0) / received * 1e6, 3)
+                if cpu_pct is not None and t1 > t0 else None),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
             "steady_msg_per_s": round(sub_res["rate"], 1),
             "received": received,
             "expected": sub_res["expected"],
             "loss_pct": round(100.0 * (1 - received / sub_res["expected"]), 3),
             "active_s": round(t1 - t0, 3),
-            "broker_cpu_pct": _cpu_pct(samples, t0, t1),
+            "broker_cpu_pct": cpu_pct,
             "loadgen_cpu_pct": _cpu_pct(gen_samples, t0, t1),
             "stop_reason": sub_res["stop_reason"],
         }
@@ -561,13 +612,14 @@ class Scenario:
     ratio_keys: tuple[str, ...]
     repeat: bool = False
     nodelay: bool = False
+    acl_rules: int = 0
 
 
 def scenarios(opts: Options) -> list[Scenario]:
     """All scenarios in execution order (idle RSS first, on a fresh broker)."""
     n, n1, nf = opts.messages, opts.qos1_messages, opts.fanout_messages
     lat_n = int(opts.latency_rate * opts.latency_seconds)
-    thr = ("msg_per_s",)
+    thr = ("msg_per_s", "broker_us_per_msg")
     lat = ("p50", "p99")
 
     def flow(**kw: Any) -> Callable[[Broker, Options], dict[str, Any]]:
@@ -576,6 +628,8 @@ def scenarios(opts: Options) -> list[Scenario]:
     return [
         Scenario("rss_idle_clients", run_idle_rss, ("rss_mb",)),
         Scenario("qos0_1to1_64B", flow(qos=0, size=64, messages=n), thr, True),
+        Scenario("qos0_1to1_64B_acl10", flow(qos=0, size=64, messages=n), thr, True,
+                 acl_rules=10),
         Scenario("qos0_1to1_1KiB", flow(qos=0, size=1024, messages=n), thr, True),
         Scenario("qos1_1to1_64B", flow(qos=1, size=64, messages=n1), thr, True),
         Scenario("qos1_1to1_1KiB", flow(qos=1, size=1024, messages=n1), thr, True),
@@ -595,23 +649,23 @@ def scenarios(opts: Options) -> list[Scenario]:
     ]
 
 
-def run_one(broker: Broker, sc: Scenario, opts: Options) -> dict[str, Any]:
-    """Run a scenario on ``broker``; any failure becomes ``{"error": ...}``."""
-    t0 = time.monotonic()
-    broker.configure(sc.nodelay)
-    runs: list[dict[str, Any]] = []
-    for _ in range(opts.repeat if sc.repeat else 1):
-        if not broker.ensure():
-            runs.append({"error": f"broker unavailable: {broker.error}"})
-            break
-        try:
-            runs.append(sc.run(broker, opts))
-        except (ScenarioError, OSError, ValueError, TimeoutError) as exc:
-            err = f"{type(exc).__name__}: {exc}"
-            if not broker.alive():
-                err += f"; broker died: {broker.log_tail()}"
-            runs.append({"error": err})
-            break
+def run_once(broker: Broker, sc: Scenario, opts: Options) -> dict[str, Any]:
+    """One run of a scenario on ``broker``; any failure becomes ``{"error": ...}``."""
+    broker.configure(sc.nodelay, sc.acl_rules)
+    if not broker.ensure():
+        return {"error": f"broker unavailable: {broker.error}"}
+    try:
+        return sc.run(broker, opts)
+    except (ScenarioError, OSError, ValueError, TimeoutError) as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        if not broker.alive():
+            err += f"; broker died: {broker.log_tail()}"
+        return {"error": err}
+
+
+def summarise(broker: Broker, sc: Scenario, runs: list[dict[str, Any]],
+              wall: float) -> dict[str, Any]:
+    """The median run (by the scenario's first key), every run's key numbers, warnings."""
     good = [r for r in runs if "error" not in r]
     if good:
         key = sc.ratio_keys[0]
@@ -619,9 +673,13 @@ def run_one(broker: Broker, sc: Scenario, opts: Options) -> dict[str, Any]:
         res = dict(good[(len(good) - 1) // 2])  # median (lower median for even counts)
         if len(runs) > 1:
             res["runs"] = [
-                {k: r[k] for k in (key, "loss_pct", "broker_cpu_pct", "error") if k in r}
+                {k: r[k] for k in (key, "broker_us_per_msg", "loss_pct", "broker_cpu_pct",
+                                   "loadavg_1m", "error") if k in r}
                 for r in runs
             ]
+        losses = [r["loss_pct"] for r in good if "loss_pct" in r]
+        if losses:
+            res["loss_pct_max"] = max(losses)
     else:
         res = runs[-1]
     cpu = res.get("broker_cpu_pct")
@@ -632,8 +690,27 @@ def run_one(broker: Broker, sc: Scenario, opts: Options) -> dict[str, Any]:
         )
     if broker.kind == "mosquitto":
         res["mosquitto_tcp_nodelay"] = broker.nodelay
-    res["wall_s"] = round(time.monotonic() - t0, 2)
+    res["wall_s"] = round(wall, 2)
     return res
+
+
+def run_alternating(brokers: dict[str, Broker], sc: Scenario,
+                    opts: Options) -> dict[str, dict[str, Any]]:
+    """Run ``sc`` on every broker in turn, ``--repeat`` rounds (mosquitto, gateway,
+    mosquitto, ...), so a change of the machine's load hits both alike."""
+    runs: dict[str, list[dict[str, Any]]] = {role: [] for role in brokers}
+    wall = dict.fromkeys(brokers, 0.0)
+    for _ in range(opts.repeat if sc.repeat else 1):
+        for role, b in brokers.items():
+            if runs[role] and "error" in runs[role][-1]:
+                continue  # a broker that failed is not run again
+            print(f"[bench] {sc.name} on {role} ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            runs[role].append(run_once(b, sc, opts))
+            wall[role] += time.monotonic() - t0
+            if "error" in runs[role][-1]:
+                print(f"[bench]   error: {runs[role][-1]['error']}", file=sys.stderr)
+    return {role: summarise(brokers[role], sc, runs[role], wall[role]) for role in brokers}
 
 
 def ratio(gw: dict[str, Any], mq: dict[str, Any], key: str) -> float | None:
@@ -661,10 +738,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Mosquitto vs RapidMQ Edge MQTT benchmark (see module docstring)."
     )
-    ap.add_argument("--quick", action="store_true", help="small smoke run (~10 s)")
-    ap.add_argument("--messages", type=int, help="QoS 0 messages per 1->1 run (200000)")
-    ap.add_argument("--qos1-messages", type=int, help="QoS 1 messages per run (50000)")
-    ap.add_argument("--fanout-messages", type=int, help="published msgs in fan-out (50000)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (~1 min): checks it works, not a measurement")
+    ap.add_argument("--messages", type=int, help="QoS 0 messages per 1->1 run (1000000)")
+    ap.add_argument("--qos1-messages", type=int, help="QoS 1 messages per run (200000)")
+    ap.add_argument("--fanout-messages", type=int, help="published msgs in fan-out (100000)")
     ap.add_argument("--window", type=int, default=50, help="QoS 1 in-flight window (50)")
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--latency-seconds", type=float, help="(5)")
@@ -701,9 +779,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     q = args.quick
-    args.messages = args.messages or (20_000 if q else 200_000)
-    args.qos1_messages = args.qos1_messages or (5_000 if q else 50_000)
-    args.fanout_messages = args.fanout_messages or (5_000 if q else 50_000)
+    # full runs: several seconds per scenario even for Mosquitto (~370k QoS 0 msg/s on a
+    # quiet 2-core machine), so both brokers are CPU-bound for most of a run
+    args.messages = args.messages or (20_000 if q else 1_000_000)
+    args.qos1_messages = args.qos1_messages or (5_000 if q else 200_000)
+    args.fanout_messages = args.fanout_messages or (5_000 if q else 100_000)
     args.latency_seconds = args.latency_seconds or (0.5 if q else 5.0)
     args.repeat = args.repeat or (1 if q else 3)
     args.idle_clients = args.idle_clients if args.idle_clients is not None else 1000
@@ -712,7 +792,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """Human-readable table (stderr)."""
-    lines = [f"{'scenario':24} {'mosquitto':>22} {'gateway':>22} {'ratio':>8}"]
+    lines = []
+    if result["meta"].get("smoke"):
+        lines.append("SMOKE RUN (--quick): runs too short for the brokers to be CPU-bound; "
+                     "checks that everything works, NOT a measurement")
+    lines.append(f"load average at start {result['meta'].get('loadavg_at_start')}, "
+                 f"at end {result['meta'].get('loadavg_at_end')} (2 cores; targets are for "
+                 "a quiet machine)")
+    lines.append(f"{'scenario':24} {'mosquitto':>40} {'gateway':>40} {'ratio':>8}")
     for name, sc in result["scenarios"].items():
         cells = []
         for who in ("mosquitto", "gateway"):
@@ -723,7 +810,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 cells.append("ERROR")
             elif "msg_per_s" in r:
                 mark = "!" if "warning" in r else ""
-                cells.append(f"{r['msg_per_s']:,.0f}/s cpu{r.get('broker_cpu_pct')}%{mark}")
+                cells.append(
+                    f"{r['msg_per_s']:,.0f}/s cpu{r.get('broker_cpu_pct')}%{mark} "
+                    f"{r.get('broker_us_per_msg')}us/msg "
+                    f"lost{r.get('loss_pct_max', r.get('loss_pct'))}%")
             elif "p99" in r:
                 cells.append(f"p50 {r['p50']} p99 {r['p99']} ms")
             elif "rss_mb" in r:
@@ -733,8 +823,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         rat = sc.get("ratio")
         if isinstance(rat, dict):
             rat = "/".join(str(v) for v in rat.values())
-        lines.append(f"{name:24} {cells[0]:>22} {cells[1]:>22} {rat!s:>8}")
-    lines.append(f"(! = broker CPU < {SATURATED_PCT:.0f}%: not saturated, a lower bound)")
+        lines.append(f"{name:24} {cells[0]:>40} {cells[1]:>40} {rat!s:>8}")
+    lines.append(f"(! = broker CPU < {SATURATED_PCT:.0f}%: not saturated, a lower bound; "
+                 "lost = the worst run's QoS 0 loss; ratio = gateway/mosquitto rate and "
+                 "CPU efficiency, mosquitto us/msg / gateway us/msg)")
+    if "acl10_rate_ratio" in result:
+        lines.append(f"rate with 10 ACL rules / without: {result['acl10_rate_ratio']}")
     return lines
 
 
@@ -795,6 +889,12 @@ def main(argv: list[str] | None = None) -> int:
             "psutil": psutil is not None,
             "nofile": limits,
             "pinned": opts.pin,
+            "smoke": bool(args.quick),
+            "note": (
+                "SMOKE RUN (--quick): too short for the brokers to be CPU-bound; not a "
+                "measurement" if args.quick else
+                "full run: brokers alternate per repeat; loadavg_1m is recorded with every run"
+            ),
             "options": {k: v for k, v in vars(opts).items()},
             "method": (
                 "raw-socket MQTT 3.1.1 load generator (bench/loadgen.py), publisher and "
@@ -812,16 +912,20 @@ def main(argv: list[str] | None = None) -> int:
             if not b.start():
                 print(f"[bench] {b.name} failed to start: {b.error}", file=sys.stderr)
         for sc in all_sc:
-            entry: dict[str, Any] = {}
-            for role, b in brokers.items():
-                print(f"[bench] {sc.name} on {role} ...", file=sys.stderr, flush=True)
-                entry[role] = run_one(b, sc, opts)
-                if "error" in entry[role]:
-                    print(f"[bench]   error: {entry[role]['error']}", file=sys.stderr)
+            entry: dict[str, Any] = dict(run_alternating(brokers, sc, opts))
             if "gateway" in entry and "mosquitto" in entry:
                 rats = {k: ratio(entry["gateway"], entry["mosquitto"], k) for k in sc.ratio_keys}
+                if "broker_us_per_msg" in rats:  # as efficiency: > 1 = the gateway is cheaper
+                    r = rats.pop("broker_us_per_msg")
+                    rats["cpu_efficiency"] = round(1 / r, 3) if r else None
                 entry["ratio"] = rats[sc.ratio_keys[0]] if len(rats) == 1 else rats
             result["scenarios"][sc.name] = entry
+        plain = result["scenarios"].get("qos0_1to1_64B", {})
+        acl = result["scenarios"].get("qos0_1to1_64B_acl10", {})
+        if plain and acl:  # the rate with 10 ACL rules / without, per broker
+            result["acl10_rate_ratio"] = {
+                role: ratio(acl.get(role, {}), plain.get(role, {}), "msg_per_s")
+                for role in brokers}
     except KeyboardInterrupt:
         result["meta"]["interrupted"] = True
         rc = 130
