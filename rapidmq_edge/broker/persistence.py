@@ -56,7 +56,7 @@ def delivery_row(d: Delivery) -> DeliveryRow:
 
 def retained_row(m: Message) -> RetainedRow:
     """The stored form of a retained message (its topic is the key)."""
-    return (m.payload, m.qos, encode_properties(m.properties), m.expires_at)
+    return (m.payload, m.qos, encode_properties(m.properties), m.expires_at, m.origin)
 
 
 def _properties(blob: bytes) -> dict[str, Any]:
@@ -85,6 +85,6 @@ def load(store: SessionStore) -> tuple[dict[str, StoredSession], list[Message]]:
     for cid, pid in rows.inbound_qos2:
         if cid in sessions:
             sessions[cid].inbound_qos2.add(pid)
-    retained = [Message(t, bytes(p), q, True, _properties(pr), exp)
-                for t, p, q, pr, exp in rows.retained]
+    retained = [Message(t, bytes(p), q, True, _properties(pr), exp, origin)
+                for t, p, q, pr, exp, origin in rows.retained]
     return sessions, retained

@@ -1,5 +1,5 @@
 """Command line: ``rapidmq-edge run | check-config | status | user | token | oscore | role |
-group | keys | audit | cloud | ota``; one module per command family, each with ``register``,
+group | erase | keys | audit | cloud | ota``; one module per command family, each with ``register``,
 ``handles``, ``run``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. unknown user), 2 bad configuration or usage.
@@ -11,12 +11,12 @@ import argparse
 import sys
 
 from .. import __version__
-from . import accounts, cloud, fleet, gateway, keys, model, ota, rbac
+from . import accounts, cloud, erase, fleet, gateway, keys, model, ota, rbac
 
 __all__ = ["build_parser", "main"]
 
 #: the command families, in the order ``--help`` lists them
-FAMILIES = (gateway, accounts, rbac, keys, cloud, ota, model, fleet)
+FAMILIES = (gateway, accounts, rbac, erase, keys, cloud, ota, model, fleet)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,8 +46,16 @@ CREATE TABLE IF NOT EXISTS inbound_qos2 (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
-    expires_at REAL);
+    expires_at REAL, origin TEXT);
 """
+
+
+def _schema(db: sqlite3.Connection) -> None:
+    """A store written before retained rows kept their publisher (the erasure of a client's
+    data needs it) gains the column (NULL: publisher unknown)."""
+    columns = [r[1] for r in db.execute("PRAGMA table_info(retained)")]
+    if "origin" not in columns:
+        db.execute("ALTER TABLE retained ADD COLUMN origin TEXT")
 
 
 #: a subscription row after its key (client id, filter): qos, no_local, retain_as_published,
@@ -57,8 +65,8 @@ SubscriptionRow = tuple[int, int, int, int, int | None]
 #: retain, props, expires_at, sub_ids (JSON), share, packet_id, released, origin
 DeliveryRow = tuple[str, bytes, int, int, int, bytes, float | None, str, str | None, int, int,
                     str | None]
-#: a retained-message row after its key (topic): payload, qos, props, expires_at
-RetainedRow = tuple[bytes, int, bytes, float | None]
+#: a retained-message row after its key (topic): payload, qos, props, expires_at, origin
+RetainedRow = tuple[bytes, int, bytes, float | None, str | None]
 
 
 @dataclass(slots=True)
@@ -107,7 +115,11 @@ class SessionStore:
     def _open(self) -> sqlite3.Connection:
         """Open the database; a damaged one is moved aside and an empty one created."""
         return open_or_move_aside(
-            self.path, lambda db: prepare(db, self.durability, SCHEMA), self._quarantine)[0]
+            self.path, self._prepare, self._quarantine)[0]
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        prepare(db, self.durability, SCHEMA)
+        _schema(db)
 
     def _quarantine(self, exc: BaseException) -> Path:
         """Move a damaged database (and its WAL/SHM files) aside; never delete it."""
@@ -150,7 +162,8 @@ class SessionStore:
             [tuple(r) for r in db.execute("SELECT * FROM subscriptions")],
             [tuple(r) for r in db.execute("SELECT * FROM deliveries ORDER BY client_id, seq")],
             [tuple(r) for r in db.execute("SELECT client_id, packet_id FROM inbound_qos2")],
-            [tuple(r) for r in db.execute("SELECT * FROM retained")],
+            [tuple(r) for r in db.execute(
+                "SELECT topic, payload, qos, props, expires_at, origin FROM retained")],
         )
 
     # -- changes (event loop) ------------------------------------------------------
@@ -349,6 +362,7 @@ _SQL: dict[str, Callable[[sqlite3.Connection, tuple[Any, ...]], Any]] = {
     "delete_q2": lambda db, a: db.execute(
         "DELETE FROM inbound_qos2 WHERE client_id = ? AND packet_id = ?", a),
     "save_retained": lambda db, a: db.execute(
-        "INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)", a),
+        "INSERT OR REPLACE INTO retained (topic, payload, qos, props, expires_at, origin) "
+        "VALUES (?, ?, ?, ?, ?, ?)", a),
     "delete_retained": lambda db, a: db.execute("DELETE FROM retained WHERE topic = ?", a),
 }
