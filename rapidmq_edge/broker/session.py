@@ -201,6 +201,24 @@ class Session:
         self.queue = keep if keep else _NO_QUEUE
         return out
 
+    def drop_expired(self, now: float) -> int:
+        """Remove queued (not in-flight) deliveries whose message expired; how many."""
+        if not self.queue:
+            return 0
+        keep: deque[Delivery] = deque()
+        dropped = 0
+        for d in self.queue:
+            if d.message.expired(now):
+                dropped += 1
+                self.queued_bytes -= len(d.message.payload)
+                if d.seq and self.store is not None and self.persistent:
+                    self.store.delete_delivery(self.client_id, d.seq)
+            else:
+                keep.append(d)
+        if dropped:
+            self.queue = keep if keep else _NO_QUEUE
+        return dropped
+
     def add_inbound_qos2(self, pid: int) -> None:
         """A QoS 2 PUBLISH ``pid`` was received (until its PUBREL)."""
         if self.inbound_qos2 is _NO_IDS:

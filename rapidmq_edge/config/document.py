@@ -47,6 +47,7 @@ from .operations import (
     parse_metrics,
 )
 from .ota import OtaSettings, parse_ota
+from .retention import RetentionRule, parse_retention
 
 __all__ = [
     "Config", "GatewaySettings", "LogSettings", "PersistenceSettings", "load_config",
@@ -120,6 +121,8 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    #: ``[[retention]]`` (:mod:`.retention`): the longest messages are kept, per filter
+    retention: tuple[RetentionRule, ...] = ()
 
 
 # --------------------------------------------------------------------------- sections
@@ -127,6 +130,7 @@ class Config:
 _TOP_KEYS = (
     "gateway", "mqtt", "auth", "acl", "persistence", "upstream", "forward", "downstream", "queue",
     "coap", "http", "security", "intelligence", "log", "ota", "metrics", "health", "fleet",
+    "retention",
 )
 
 
@@ -218,6 +222,8 @@ def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Conf
     health = section(lambda: parse_health(top.get("health", {})), HealthSettings())
     fleet = section(lambda: parse_fleet(top.get("fleet", {}),
                                         [u.name for u in forwarding.upstreams]), FleetSettings())
+    no_retention: tuple[RetentionRule, ...] = ()
+    retention = section(lambda: parse_retention(top.get("retention", [])), no_retention)
     warnings = _warnings(mqtt, auth)
     if isinstance(top.get("intelligence"), dict) and "alert_cooldown_s" in top["intelligence"]:
         warnings += ("intelligence.alert_cooldown_s is no longer used: an anomaly incident "
@@ -225,7 +231,7 @@ def _parse(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Conf
     return Config(
         gateway, mqtt, auth, acl, persistence, source, warnings, forwarding,
         coap, http, intelligence=intelligence, log=log, ota=ota, metrics=metrics,
-        health=health, fleet=fleet,
+        health=health, fleet=fleet, retention=retention,
     )
 
 

@@ -33,6 +33,7 @@ from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
 from ..ops.traffic import ClientActivity, TrafficCounter
 from ..pipeline.downstream import Downstream
+from ..pipeline.retention import Retention
 from ..security.gatekeeper import Gatekeeper
 from ..store.disk import DiskSpace
 from ..store.session_store import SessionStore
@@ -130,6 +131,10 @@ class Gateway:
         # counts per topic and publisher for the dashboard (first: it never refuses)
         self.traffic = TrafficCounter()
         taps.insert(0, self.traffic)
+        # [[retention]]: bounds every message's expiry before anything stores it
+        self.retention = Retention(c.retention, c.auth.tenant_mountpoint) if c.retention else None
+        if self.retention is not None:
+            taps.insert(0, self.retention)
         self.access = Gatekeeper.from_config(c)
         self.broker = Broker(broker_limits(c), self.store, taps, durable,
                              self.access.read_check)
@@ -184,6 +189,11 @@ class Gateway:
     def _intelligence_sys(self) -> dict[str, str]:
         return flatten("intelligence", self.intelligence.snapshot(), typed=True)
 
+    def _retention_sys(self) -> dict[str, str]:
+        r = self.retention
+        assert r is not None
+        return flatten("retention", {"limited": r.limited, "dropped": r.drops}, typed=True)
+
     def _commit_ms(self) -> float | None:
         """The longest group commit (ms) lately: the health watch's sample when it runs (it
         consumes the queue's maximum), else the queue's own."""
@@ -237,6 +247,8 @@ class Gateway:
             self.coap = CoapServer(self.broker, self.access, c.coap)
             self.bound.extend(await self.coap.start())
         self.tasks.append(loop.create_task(self.loop_lag.run()))
+        if self.retention is not None:
+            self.tasks.append(loop.create_task(self.retention.run(self.broker)))
         self.tasks.append(loop.create_task(self.disk.run()))
         if self.forward_status is not None:
             self.tasks.append(loop.create_task(self.forward_status.run()))
@@ -251,6 +263,8 @@ class Gateway:
                 extra.append(self._intelligence_sys)
             if self.health is not None:
                 extra.append(self.health.sys_values)
+            if self.retention is not None:
+                extra.append(self._retention_sys)
             self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
         self.bound.extend(await self.operator.start())
         self.operator.serving = True
