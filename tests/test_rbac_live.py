@@ -83,3 +83,27 @@ def test_roles_live(tmp_path: Path, gateway_factory: Callable[..., GatewayProces
     finally:
         for c in (sub1, sub2, pub):
             c.disconnect()
+
+
+def test_roles_apply_to_http_tokens(tmp_path: Path,
+                                    gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """An HTTP token acts as its user: that user's roles (and their qualifiers) decide."""
+    from rapidmq_edge.security.rbac_store import RbacStore
+    from tests.test_http_api import start_http_gateway
+
+    db = tmp_path / "rbac.sqlite"
+    store = RbacStore(db)
+    store.edit(lambda m: m.put_role(Role("writer", (
+        parse_rule("publishClientSend", "a/#", "allow", retain="false"),)))
+        .grant("user", "alice", "writer"))
+    store.close()
+    api = start_http_gateway(gateway_factory, tmp_path, {"t-alice": "alice", "t-bob": "bob"},
+                             extra={"auth": {"rbac": True, "rbac_db": str(db)}})
+    alice, bob = api.tokens["t-alice"], api.tokens["t-bob"]
+    assert api.publish(alice, topic="a/1", payload="x")[0] == 200
+    assert api.publish(alice, topic="b/1", payload="x")[0] == 403  # outside the role
+    assert api.publish(alice, topic="a/1", payload="x", retain=True)[0] == 403  # qualifier
+    assert api.publish(bob, topic="a/1", payload="x")[0] == 403  # no role: default deny
+    r = _cli("user", "add-role", "bob", "writer", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    assert wait_until(lambda: api.publish(bob, topic="a/2", payload="x")[0] == 200, timeout=5)

@@ -341,7 +341,8 @@ class HttpApi:
         if retain and not limits.retain_available:
             return _error(400, "retain: retained messages are disabled on this gateway")
         client_id = f"http-{auth.name}"
-        if topic.startswith("$SYS") or not self.access.can_publish(auth.user, client_id, topic):
+        if topic.startswith("$SYS") or not self.access.can_publish(auth.user, client_id, topic,
+                                                                   qos, retain):
             self._repeats(f"deny-publish:{auth.name}", logging.INFO,
                           "http token %s (user %s) not authorised to publish to %s",
                           auth.name, auth.user, topic)
