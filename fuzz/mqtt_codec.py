@@ -16,7 +16,10 @@ Invariants:
 * every decoded packet survives ``decode(encode(p)) == p`` at the protocol level it was read
   with, and its encoding is stable (``encode(decode(encode(p))) == encode(p)``); the raw bytes
   a reader keeps for a QoS 0 PUBLISH decode to the same packet;
-* a property block decodes to properties whose encoding decodes to the same properties.
+* a property block decodes to properties whose encoding decodes to the same properties;
+* the reader's framing (its PUBLISH fast lane included) gives the same packets, the same
+  error and the same leftover as a plain reference framer that hands every frame to
+  ``decode_packet`` (:func:`_read_reference`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import sys
 from fuzz._harness import fuzz_main, instrumented
 
 with instrumented(__name__ == "__main__"):
-    from rapidmq_edge.mqtt.codec import PacketReader, encode
-    from rapidmq_edge.mqtt.errors import MqttError
-    from rapidmq_edge.mqtt.packets import CONNECT, Connect, Packet, Publish
+    from rapidmq_edge.mqtt.codec import PacketReader, decode_packet, encode
+    from rapidmq_edge.mqtt.errors import MalformedPacket, MqttError, PacketTooLarge
+    from rapidmq_edge.mqtt.packets import CONNECT, MQTT_5, PUBLISH, Connect, Packet, Publish
     from rapidmq_edge.mqtt.properties import ALLOWED, decode_properties, encode_properties
 
 __all__ = ["check", "main"]
@@ -70,6 +73,43 @@ def _read_bytewise(data: bytes, version: int, max_size: int) -> Outcome:
     return packets, None, reader.buffered
 
 
+def _read_reference(data: bytes, version: int, max_size: int) -> Outcome:
+    """The spec's framing, one frame at a time, every body through ``decode_packet``."""
+    packets: list[Packet] = []
+    pos, n = 0, len(data)
+    try:
+        while n - pos >= 2:
+            length, mult, i = 0, 1, pos + 1
+            while True:
+                if i >= n:
+                    return packets, None, n - pos
+                if i - pos > 4:
+                    raise MalformedPacket("remaining length longer than 4 bytes")
+                byte = data[i]
+                i += 1
+                length += (byte & 0x7F) * mult
+                mult *= 128
+                if not byte & 0x80:
+                    break
+            if i - pos > 2 and data[i - 1] == 0 and version == MQTT_5:
+                raise MalformedPacket("remaining length not minimally encoded")
+            total = i - pos + length
+            if total > max_size:
+                raise PacketTooLarge(f"packet of {total} bytes exceeds maximum packet size")
+            if n - pos < total:
+                break
+            packet = decode_packet(data[pos], data[i:pos + total], version)
+            if packet.type == PUBLISH and not data[pos] & 0x0F:
+                packet.raw = data[pos:pos + total]  # type: ignore[union-attr]
+            elif packet.type == CONNECT:
+                version = packet.protocol_level  # type: ignore[union-attr]
+            packets.append(packet)
+            pos += total
+    except MqttError as exc:
+        return packets, exc, n - pos
+    return packets, None, n - pos
+
+
 def _same_error(a: MqttError | None, b: MqttError | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -108,6 +148,15 @@ def check_stream(data: bytes, version: int, max_size: int = _DEFAULT_MAX) -> Non
     assert _same_error(err, err_b), f"bytewise error {err_b!r} != at once {err!r}"
     if err is None:
         assert left == left_b, f"bytewise leaves {left_b} bytes, at once {left}"
+    packets_r, err_r, left_r = _read_reference(data, version, max_size)
+    assert packets == packets_r[:len(packets)], f"reference {packets_r!r} != {packets!r}"
+    if err is None:
+        assert err_r is None and packets == packets_r and left == left_r, (
+            f"reference read {packets_r!r}, {err_r!r}, {left_r} left; reader {left} left")
+    else:
+        assert _same_error(err, err_r), f"reference error {err_r!r} != reader's {err!r}"
+    for p, r in zip(packets, packets_r, strict=False):  # raw is not part of ==
+        assert getattr(p, "raw", None) == getattr(r, "raw", None), f"raw bytes of {p!r}"
     _round_trip(packets, version)
 
 

@@ -108,46 +108,62 @@ class PacketReader:
         buf += data
         pos = 0
         n = len(buf)
-        while n - pos >= 2:
-            # Fixed header: type/flags byte, then a 1-4 byte Remaining Length.
-            length = 0
-            shift = 0
-            i = pos + 1
-            complete = False
-            for _ in range(4):
-                if i >= n:
+        version = self.version
+        v5 = version == MQTT_5
+        max_size = self.max_packet_size
+        view = memoryview(buf)  # one view per call; each packet's body is a slice of it
+        try:
+            while n - pos >= 2:
+                first = buf[pos]
+                byte = buf[pos + 1]
+                if byte < 0x80:  # a 1-byte Remaining Length (packets below 128 bytes)
+                    length = byte
+                    i = pos + 2
+                else:  # Fixed header: type/flags byte, then a 1-4 byte Remaining Length.
+                    length = byte & 0x7F
+                    shift = 7
+                    i = pos + 2
+                    complete = False
+                    for _ in range(3):
+                        if i >= n:
+                            break
+                        byte = buf[i]
+                        i += 1
+                        length |= (byte & 0x7F) << shift
+                        if not byte & 0x80:
+                            complete = True
+                            break
+                        shift += 7
+                    else:
+                        raise MalformedPacket("remaining length longer than 4 bytes")
+                    if not complete:
+                        break
+                    if buf[i - 1] == 0 and version == MQTT_5:
+                        raise MalformedPacket("remaining length not minimally encoded")
+                total = i - pos + length
+                if total > max_size:
+                    raise PacketTooLarge(f"packet of {total} bytes exceeds maximum packet size")
+                if n - pos < total:
                     break
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    complete = True
-                    break
-                shift += 7
-            else:
-                raise MalformedPacket("remaining length longer than 4 bytes")
-            if not complete:
-                break
-            if buf[i - 1] == 0 and i - pos > 2 and self.version == MQTT_5:
-                raise MalformedPacket("remaining length not minimally encoded")
-            total = i - pos + length
-            if total > self.max_packet_size:
-                raise PacketTooLarge(f"packet of {total} bytes exceeds maximum packet size")
-            if n - pos < total:
-                break
-            first = buf[pos]
-            body = memoryview(buf)[i:i + length]
-            try:
-                packet = decode_packet(first, body, self.version)
-            finally:
-                body.release()
-            if packet.type == PUBLISH:
-                if not first & 0x0F:  # QoS 0, no retain: keep the bytes for forwarding
-                    packet.raw = bytes(buf[pos:pos + total])  # type: ignore[union-attr]
-            elif packet.type == CONNECT:
-                self.version = packet.protocol_level  # type: ignore[union-attr]
-            out.append(packet)
-            pos += total
+                end = i + length
+                body = view[i:end]
+                try:
+                    if first >> 4 == PUBLISH and version:  # the hot path: no dispatch
+                        pub = _decode_publish(first & 0x0F, body, length, v5)
+                        if not first & 0x0F:  # QoS 0, no retain: keep the bytes for forwarding
+                            pub.raw = bytes(view[pos:end])
+                        packet: Packet = pub
+                    else:
+                        packet = decode_packet(first, body, version)
+                        if packet.type == CONNECT:
+                            version = self.version = packet.protocol_level  # type: ignore[union-attr]
+                            v5 = version == MQTT_5
+                finally:
+                    body.release()
+                out.append(packet)
+                pos = end
+        finally:
+            view.release()
         if pos:
             del buf[:pos]
 
