@@ -18,7 +18,7 @@ from rapidmq_edge.config import ConfigError, parse_config
 from rapidmq_edge.security.tenants import TenantScope
 from rapidmq_edge.security.users import UserDB, add_user
 from tests.gateway_proc import GatewayProcess
-from tests.mqtt_helpers import PahoClient
+from tests.mqtt_helpers import PahoClient, wait_until
 
 TENANTS = ("acme", "bolt", "cobra")
 
@@ -152,7 +152,10 @@ def test_no_cross_tenant_delivery(tenant_gateway: GatewayProcess, clients: list[
     finally:
         for _tenant, c in live:
             c.disconnect()
-    cross = [(t, topic, p) for t, topic, p in received if not p.startswith(f"{t}|".encode())]
+    # every message is the receiver's tenant's: published by one of its clients, or the
+    # gateway's $SYS view of that tenant
+    cross = [(t, topic, p) for t, topic, p in received if not p.startswith(f"{t}|".encode())
+             and not topic.startswith(f"tenants/{t}/$SYS/broker/")]
     assert not cross, cross
     assert all(topic.startswith(f"tenants/{t}/") for t, topic, _p in received)
 
@@ -164,3 +167,27 @@ def test_will_outside_the_tenant_is_refused(gateway_factory: Callable[..., Gatew
     assert bad.connack is not None and bad.connack.reason_code in (5, 0x87)  # not authorised
     ok = PahoClient(gw.port, "w2", username="acme:w", will=("tenants/acme/x", b"x", 0, False))
     ok.disconnect()
+
+
+def test_each_tenant_has_its_own_sys_view(tenant_gateway: GatewayProcess) -> None:
+    port = tenant_gateway.port
+    run = uuid.uuid4().hex[:6]
+    a1 = PahoClient(port, f"sa1-{run}", username="acme:s1")
+    a2 = PahoClient(port, f"sa2-{run}", username="acme:s2")
+    b1 = PahoClient(port, f"sb1-{run}", username="bolt:s1")
+    try:
+        assert a1.subscribe("$SYS/#") == [0x80]  # the gateway-wide view is not theirs
+        assert a1.subscribe("tenants/acme/$SYS/#") == [0]
+        assert b1.subscribe("tenants/bolt/$SYS/#") == [0]
+
+        def connected(c: PahoClient, want: int) -> bool:
+            got = [m for m in c.drain(0.2) if m.topic.endswith("/clients/connected")]
+            return any(int(m.payload) >= want for m in got)
+
+        assert wait_until(lambda: connected(a1, 2), timeout=5)
+        assert wait_until(lambda: connected(b1, 1), timeout=5)
+        seen = a1.drain(1.2)
+        assert seen and all(m.topic.startswith("tenants/acme/$SYS/broker/") for m in seen)
+    finally:
+        for c in (a1, a2, b1):
+            c.disconnect()

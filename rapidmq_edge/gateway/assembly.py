@@ -31,6 +31,7 @@ from ..ops.health_watch import HealthWatch
 from ..ops.process_stats import LoopLag, process_values
 from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
+from ..ops.tenant_sys import publish_tenant_sys
 from ..ops.traffic import ClientActivity, TrafficCounter
 from ..pipeline.downstream import Downstream
 from ..pipeline.retention import Retention
@@ -266,6 +267,10 @@ class Gateway:
             if self.retention is not None:
                 extra.append(self._retention_sys)
             self.tasks.append(loop.create_task(publish_sys(self.broker, interval, extra)))
+            tenants = self.access.tenants
+            if tenants is not None:  # each tenant's own $SYS view under its mountpoint
+                self.tasks.append(loop.create_task(publish_tenant_sys(
+                    self.broker, tenants.tenant_of, tenants.mountpoint, interval)))
         self.bound.extend(await self.operator.start())
         self.operator.serving = True
         status_path = c.gateway.data_dir / STATUS_FILE
