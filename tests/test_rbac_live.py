@@ -107,3 +107,35 @@ def test_roles_apply_to_http_tokens(tmp_path: Path,
     r = _cli("user", "add-role", "bob", "writer", "--db", str(db))
     assert r.returncode == 0, r.stderr
     assert wait_until(lambda: api.publish(bob, topic="a/2", payload="x")[0] == 200, timeout=5)
+
+
+def test_roles_apply_to_oscore_devices(tmp_path: Path,
+                                       gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """A CoAP request over OSCORE acts as the context's device name: its roles decide, and a
+    revoked role refuses the next request."""
+    from rapidmq_edge.security.rbac_store import RbacStore
+    from tests.test_coap import CoapGateway, _oscore_client
+
+    oscore_dir = tmp_path / "oscore"
+    added = _cli("oscore", "add", "dev1", "--oscore-dir", str(oscore_dir))
+    assert added.returncode == 0, added.stderr
+    device = tmp_path / "device-dev1"
+    device.mkdir()
+    (device / "secret.json").write_text(added.stdout)
+    db = tmp_path / "rbac.sqlite"
+    store = RbacStore(db)
+    store.edit(lambda m: m.put_role(Role("own-tree", (
+        parse_rule("publishClientSend", "devices/${username}/#", "allow"),
+        parse_rule("subscribePattern", "devices/${username}/#", "allow"))))
+        .grant("user", "dev1", "own-tree"))
+    store.close()
+    g = CoapGateway(gateway_factory, oscore_dir=str(oscore_dir), require_oscore=True,
+                    extra={"auth": {"rbac": True, "rbac_db": str(db)}})
+    own = g.url("ps/data/devices/dev1/t")
+    assert _oscore_client(device, own, "PUT", b"1").startswith("2.01")
+    assert _oscore_client(device, g.url("ps/data/devices/dev2/t"), "PUT", b"1").startswith(
+        "4.03")
+    r = _cli("role", "revoke", "own-tree", "--user", "dev1", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    assert wait_until(lambda: _oscore_client(device, own, "PUT", b"2").startswith("4.03"),
+                      timeout=8, interval=0.3)
