@@ -252,3 +252,20 @@ def test_cli_role_group_user(tmp_path: Path) -> None:
     gen, model = RbacStore(Path(db)).load()
     assert gen == 5  # the two refused edits stored nothing
     assert RbacPolicy(model).can_publish("alice", "d9", "s/d9/x", 1, False)
+
+
+def test_a_broken_database_is_refused_at_start_and_repairable(tmp_path: Path) -> None:
+    path = tmp_path / "rbac.sqlite"
+    RbacStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO grants VALUES ('user', 'x', 0, 'ghost')")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="auth.rbac_db: .*unknown role: ghost"):
+        LiveRbac(path, None)
+    store = RbacStore(path)
+    store.edit(lambda m: m.put_role(Role("ghost")))  # an edit may repair it
+    store.close()
+    live = LiveRbac(path, None)
+    assert live.generation == 1
+    live.close()

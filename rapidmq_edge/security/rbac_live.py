@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import ConfigError
 from ..telemetry import RepeatedLog
 from .rbac import RbacError, RbacModel, RbacPolicy, Role
 from .rbac_store import RbacStore
@@ -34,9 +35,13 @@ class LiveRbac:
         self.interval = interval
         self.tenant_of = tenant_of
         self.clock = clock
-        self._store = RbacStore(path)
+        try:
+            self._store = RbacStore(path)
+            gen, model = self._store.load()
+        except (sqlite3.Error, RbacError) as exc:
+            raise ConfigError(f"auth.rbac_db: {path}: {exc} (fix it with rapidmq-edge role / "
+                              "group / user, or restore a backup)", "auth.rbac_db") from None
         self._repeats = RepeatedLog(log)
-        gen, model = self._store.load()
         self._policy = RbacPolicy(model, config_role, gen, tenant_of)
         self._checked = clock()
 

@@ -93,7 +93,7 @@ class RbacStore:
         finally:
             self._db.execute("COMMIT")
 
-    def _model(self) -> RbacModel:
+    def _model(self, check: bool = True) -> RbacModel:
         db = self._db
         rules: dict[str, list[Rule]] = {}
         for role, type_, topic, allow, prio, qos, retain, shared in db.execute(
@@ -112,8 +112,9 @@ class RbacStore:
         for kind, name, role in db.execute("SELECT kind, name, role FROM grants "
                                            "ORDER BY kind, name, seq"):
             grants.setdefault((kind, name), []).append(role)
-        return RbacModel(roles, groups, {g: frozenset(m) for g, m in members.items()},
-                         {s: tuple(r) for s, r in grants.items()}).validate()
+        model = RbacModel(roles, groups, {g: frozenset(m) for g, m in members.items()},
+                          {s: tuple(r) for s, r in grants.items()})
+        return model.validate() if check else model
 
     def _write(self, model: RbacModel) -> None:
         db = self._db
@@ -139,7 +140,8 @@ class RbacStore:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            model = change(self._model()).validate()
+            # the stored model is not checked first, so an edit can repair a broken one
+            model = change(self._model(check=False)).validate()
             self._write(model)
         except BaseException:
             db.execute("ROLLBACK")
