@@ -399,11 +399,15 @@ class Broker:
                 o = sub.options
                 if o.no_local and msg.origin == cid:
                     continue
-                d = Delivery(
-                    msg, msg.qos if msg.qos < o.qos else o.qos,
-                    msg.retain and o.retain_as_published,
-                    (sub.sub_id,) if sub.sub_id else (),
-                )
+                qos = msg.qos if msg.qos < o.qos else o.qos
+                retain = msg.retain and o.retain_as_published
+                if not qos and not retain and not sub.sub_id:  # the common QoS 0 case
+                    if session.deliver_plain(msg):
+                        n += 1
+                    else:
+                        self.stats.publish_dropped += 1
+                    continue
+                d = Delivery(msg, qos, retain, (sub.sub_id,) if sub.sub_id else ())
             else:
                 d_opt = _merge(msg, cid, subs)
                 if d_opt is None:

@@ -358,6 +358,39 @@ class ClientConnection(ConnectHandshake, FlowControl):
 
     # -- deliveries out ------------------------------------------------------------
 
+    def _wire0(self, m: Message, retain: bool) -> bytes:
+        """The QoS 0 PUBLISH of ``m`` for this client's protocol, encoded once per message
+        (a PUBLISH received at QoS 0 is its own bytes)."""
+        key = (self.v5, retain)
+        wire = m.wire.get(key) if m.wire is not None else None
+        if wire is None:
+            wire = encode_publish(
+                m.topic.encode(), m.payload, 0, retain, False, 0,
+                encode_properties(m.properties) if self.v5 else None,
+            )
+            if m.wire is None:
+                m.wire = {}
+            m.wire[key] = wire
+        return wire
+
+    def send_plain(self, m: Message) -> bool:
+        """Write ``m`` as a QoS 0 PUBLISH without retain flag or subscription identifier
+        (what ``send_delivery`` does for such a delivery, without one)."""
+        if m.expires_at is not None or self.alias_max_out:
+            return self.send_delivery(Delivery(m, 0))
+        wire = self._wire0(m, False)
+        if len(wire) > self.max_out_size:
+            log.debug("dropping %d byte message for %s: above its maximum packet size",
+                      len(wire), self.client_id)
+            return False
+        st = self.broker.stats
+        st.messages_sent += 1
+        st.sent_by_qos[0] += 1
+        self._write(wire)
+        if self.write_paused:
+            self._block_publisher()
+        return True
+
     def send_delivery(self, d: Delivery) -> bool:
         """Write a PUBLISH for ``d``; False when it is expired or too large to send."""
         m = d.message
@@ -366,16 +399,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             return False
         v5 = self.v5
         if d.qos == 0 and not d.sub_ids and m.expires_at is None and not self.alias_max_out:
-            key = (v5, d.retain)
-            wire = m.wire.get(key) if m.wire is not None else None
-            if wire is None:
-                wire = encode_publish(
-                    m.topic.encode(), m.payload, 0, d.retain, False, 0,
-                    encode_properties(m.properties) if v5 else None,
-                )
-                if m.wire is None:
-                    m.wire = {}
-                m.wire[key] = wire
+            wire = self._wire0(m, d.retain)
         else:
             topic = m.topic
             props = None

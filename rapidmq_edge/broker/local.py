@@ -42,6 +42,10 @@ class LocalClient:
         self.callback(d.message, d.retain)
         return True
 
+    def send_plain(self, m: Message) -> bool:
+        """A QoS 0 delivery without retain flag or subscription identifier."""
+        return self.send_delivery(Delivery(m, 0))
+
     def send_pubrel(self, packet_id: int) -> None:  # pragma: no cover - QoS 0 only
         """Not used: local deliveries are QoS 0."""
 

@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from ..mqtt.packets import Will
-from .message import Delivery
+from .message import Delivery, Message
 from .persistence import delivery_row
 from .subscriptions import Subscription
 
@@ -34,6 +34,10 @@ class Link(Protocol):
 
     def send_delivery(self, d: Delivery) -> bool:
         """Write a PUBLISH; False when the client cannot take it (too large: discarded)."""
+
+    def send_plain(self, m: Message) -> bool:
+        """Write ``m`` as a QoS 0 PUBLISH without retain flag or subscription identifier
+        (``send_delivery`` of such a delivery, without making one)."""
 
     def send_pubrel(self, packet_id: int) -> None:
         """Write a PUBREL."""
@@ -102,6 +106,16 @@ class Session:
         if link is None and self.expiry_interval == 0:
             return False
         return self._enqueue(d)
+
+    def deliver_plain(self, m: Message) -> bool:
+        """``deliver`` of a QoS 0 delivery without retain flag or subscription identifier
+        (the hot path of routing: no Delivery is made); False when it was dropped."""
+        link = self.link
+        if link is None or link.congested():
+            self.dropped += 1
+            return False
+        link.send_plain(m)
+        return True
 
     def _enqueue(self, d: Delivery) -> bool:
         size = len(d.message.payload)
