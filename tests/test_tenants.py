@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -191,3 +192,54 @@ def test_each_tenant_has_its_own_sys_view(tenant_gateway: GatewayProcess) -> Non
     finally:
         for c in (a1, a2, b1):
             c.disconnect()
+
+
+def test_tenant_forward_rules(mosquitto: Any, gateway_factory: Callable[..., GatewayProcess]
+                              ) -> None:
+    """A tenant's [[forward]] rule forwards only its own topics, its mountpoint replaced by
+    its upstream prefix (the tenant as a level, or {tenant})."""
+    gw = gateway_factory({
+        "auth": {"tenant_source": "username_prefix"},
+        "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{mosquitto.port}"]}],
+        "forward": [{"filter": "#", "upstream": "cloud", "tenant": "acme"},
+                    {"filter": "sensors/#", "upstream": "cloud", "tenant": "bolt",
+                     "topic_prefix": "cust/{tenant}/"}],
+    })
+    cloud = PahoClient(mosquitto.port, "cloud-sub")
+    cloud.subscribe("#", qos=1)
+    a = PahoClient(gw.port, "fa", username="acme:a")
+    b = PahoClient(gw.port, "fb", username="bolt:b")
+    op = PahoClient(gw.port, "op", username="operator")  # no tenant
+    try:
+        a.publish("tenants/acme/sensors/t", b"A1", qos=1)
+        b.publish("tenants/bolt/sensors/t", b"B1", qos=1)
+        b.publish("tenants/bolt/other", b"B2", qos=1)  # outside bolt's rule
+        op.publish("plain/x", b"P1", qos=1)  # no rule covers it
+        def forwarded() -> set[tuple[str, bytes]]:
+            return {(m.topic, m.payload) for m in cloud.drain()
+                    if not m.topic.endswith("/_heartbeat")}  # the uplink's own
+
+        got: set[tuple[str, bytes]] = set()
+
+        def two() -> bool:
+            got.update(forwarded())
+            return len(got) >= 2
+
+        assert wait_until(two, timeout=10), got
+        time.sleep(0.8)  # anything else would have arrived by now
+        got |= forwarded()
+        assert got == {("edge/test-gw/acme/sensors/t", b"A1"), ("cust/bolt/sensors/t", b"B1")}
+    finally:
+        for c in (cloud, a, b, op):
+            c.disconnect()
+
+
+def test_tenant_forward_rule_config(tmp_path: Path) -> None:
+    c = parse_config({"upstream": [{"name": "u", "urls": ["mqtt://127.0.0.1:1"]}],
+                      "forward": [{"filter": "x/#", "upstream": "u", "tenant": "acme"}]},
+                     tmp_path)
+    assert c.forwarding.forward[0].filter == "tenants/acme/x/#"
+    for bad in ({"tenant": "a/b"}, {"topic_prefix": "t/{tenant}/"}):
+        with pytest.raises(ConfigError):
+            parse_config({"upstream": [{"name": "u", "urls": ["mqtt://127.0.0.1:1"]}],
+                          "forward": [{"filter": "x/#", "upstream": "u", **bad}]}, tmp_path)

@@ -71,6 +71,10 @@ class ForwardRule:
     sign: bool = False  # leaf in the signed batch chain
     #: ``priority`` was set: the intelligence runtime's class does not override it
     priority_explicit: bool = False
+    #: a tenant's rule: ``filter`` is under its mountpoint (``mount``), which is replaced by
+    #: the prefix upstream (``{tenant}`` in the prefix, else the tenant as one more level)
+    tenant: str | None = None
+    mount: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +201,11 @@ def _upstream(data: object, key: str, base_dir: Path) -> UpstreamSettings:
     return up
 
 
-def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
+def _forward(data: object, key: str, upstreams: set[str],
+             mountpoint: str = "tenants/${tenant}/") -> ForwardRule:
     t = Table(data, key, (
-        "filter", "upstream", "qos", "priority", "ttl", "topic_prefix", "encrypt", "sign"))
+        "filter", "upstream", "qos", "priority", "ttl", "topic_prefix", "encrypt", "sign",
+        "tenant"))
     for name in ("filter", "upstream"):
         if name not in t.data:
             raise config_error(t.sub(name), "required")
@@ -214,6 +220,15 @@ def _forward(data: object, key: str, upstreams: set[str]) -> ForwardRule:
     )
     rule = replace(rule, sign=t.get("sign", boolean, rule.encrypt),
                    priority_explicit="priority" in t.data)
+    tenant = t.get("tenant", string, "") or None
+    if tenant is not None:
+        if any(c in tenant for c in "/+#$") or not tenant.isprintable():
+            raise config_error(t.sub("tenant"), f"must be a tenant name, got {show(tenant)}")
+        mount = mountpoint.replace("${tenant}", tenant)
+        # the tenant's own topics only: its filter is read below its mountpoint
+        rule = replace(rule, tenant=tenant, mount=mount, filter=mount + rule.filter)
+    elif rule.topic_prefix is not None and "{tenant}" in rule.topic_prefix:
+        raise config_error(t.sub("topic_prefix"), "{tenant} needs a tenant on the rule")
     if rule.upstream not in upstreams:
         raise config_error(t.sub("upstream"), f"no [[upstream]] named {rule.upstream!r}")
     return rule
@@ -270,6 +285,13 @@ def _array(value: object, key: str) -> list[Any]:
     return value
 
 
+def _mountpoint(data: dict[str, Any]) -> str:
+    """``[auth] tenant_mountpoint`` (validated with ``[auth]``)."""
+    auth = data.get("auth")
+    value = auth.get("tenant_mountpoint") if isinstance(auth, dict) else None
+    return value if isinstance(value, str) else "tenants/${tenant}/"
+
+
 def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings:
     """Validate the store-and-forward sections of a decoded config document."""
     raw: list[Any] = section(lambda: _array(data.get("upstream", []), "upstream"), [])
@@ -282,7 +304,8 @@ def parse_forwarding(data: dict[str, Any], base_dir: Path) -> ForwardingSettings
     known = set(names) | {u["name"] for u in raw if isinstance(u, dict)
                           and isinstance(u.get("name"), str)}
     fwd = tuple(items(section(lambda: _array(data.get("forward", []), "forward"), []),
-                      lambda item, key: _forward(item, key, known), "forward"))
+                      lambda item, key: _forward(item, key, known, _mountpoint(data)),
+                      "forward"))
     down = tuple(items(section(lambda: _array(data.get("downstream", []), "downstream"), []),
                        lambda item, key: _downstream(item, key, known), "downstream"))
     queue = section(lambda: _queue(data.get("queue", {})), QueueSettings())

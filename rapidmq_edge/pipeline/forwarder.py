@@ -45,6 +45,16 @@ class Protection(Protocol):
             ttl: float | None) -> int: ...
 
 
+def _tenant_prefix(prefix: str, tenant: str | None) -> str:
+    """A tenant rule's upstream prefix: ``{tenant}`` replaced, else the tenant appended as
+    one more level (tenants never share an upstream topic)."""
+    if tenant is None:
+        return prefix
+    if "{tenant}" in prefix:
+        return prefix.replace("{tenant}", tenant)
+    return prefix + tenant + "/"
+
+
 class Forwarder:
     """Applies ``[[forward]]`` rules to every local message."""
 
@@ -61,8 +71,9 @@ class Forwarder:
             (
                 r.filter.replace("{gateway_id}", gateway_id),
                 r,
-                (r.topic_prefix if r.topic_prefix is not None else prefixes[r.upstream])
-                .replace("{gateway_id}", gateway_id),
+                _tenant_prefix(
+                    (r.topic_prefix if r.topic_prefix is not None else prefixes[r.upstream])
+                    .replace("{gateway_id}", gateway_id), r.tenant),
             )
             for r in rules
         ]
@@ -81,7 +92,12 @@ class Forwarder:
         out: dict[str, tuple[ForwardRule, str]] = {}
         for filt, rule, prefix in self.rules:
             if rule.upstream not in out and topic_matches(filt, topic):
-                out[rule.upstream] = (rule, prefix + topic)
+                if rule.mount:  # a tenant's rule: its mountpoint is not sent upstream
+                    if not topic.startswith(rule.mount):
+                        continue  # the mountpoint itself ("#" matches its parent)
+                    out[rule.upstream] = (rule, prefix + topic[len(rule.mount):])
+                else:
+                    out[rule.upstream] = (rule, prefix + topic)
         found = list(out.values())
         if len(self._targets) >= TARGET_CACHE_SIZE:
             self._targets.clear()  # many distinct topics: start over (cheap, rare)
