@@ -69,10 +69,12 @@ _SPIN = 200
 class _Access:
     """Everything is allowed but topics and filters under ``deny``."""
 
-    def can_publish(self, username: str | None, client_id: str, topic: str) -> bool:
+    def can_publish(self, username: str | None, client_id: str, topic: str,
+                    qos: int | None = None, retain: bool | None = None) -> bool:
         return not topic.startswith("deny")
 
-    def can_subscribe(self, username: str | None, client_id: str, filt: str) -> bool:
+    def can_subscribe(self, username: str | None, client_id: str, filt: str,
+                      qos: int | None = None) -> bool:
         return not filt.startswith("deny")
 
 
