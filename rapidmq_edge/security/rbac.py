@@ -339,19 +339,29 @@ _Bound = tuple[int, Levels, str, bool, frozenset[int], str, str]
 
 
 class _Table:
-    """The bound rules of one rule kind for one identity, indexed by first level."""
+    """The bound rules of one rule kind for one identity, in order, indexed by their first
+    level, or (first level ``+``) by their second."""
 
-    __slots__ = ("by_first", "wild")
+    __slots__ = ("by_first", "by_second", "wild")
 
     def __init__(self, rules: list[_Bound]) -> None:
         self.by_first: dict[str, list[_Bound]] = {}
+        self.by_second: dict[str, list[_Bound]] = {}
         self.wild: list[_Bound] = []
         for b in rules:
-            first = b[1][0]
-            if first in (_PLUS, _HASH):
-                self.wild.append(b)
+            levels = b[1]
+            if levels[0] not in (_PLUS, _HASH):
+                self.by_first.setdefault(levels[0], []).append(b)
+            elif levels[0] == _PLUS and len(levels) > 1 and levels[1] not in (_PLUS, _HASH):
+                self.by_second.setdefault(levels[1], []).append(b)
             else:
-                self.by_first.setdefault(first, []).append(b)
+                self.wild.append(b)
+
+    def buckets(self, target: list[str]) -> tuple[Sequence[_Bound], ...]:
+        """The rules that can match ``target`` (each list in order)."""
+        first = self.by_first.get(target[0], ())
+        second = self.by_second.get(target[1], ()) if len(target) > 1 else ()
+        return first, second, self.wild
 
 
 def _qualifies(b: _Bound, qos: int | None, retain: bool | None, shared: bool | None) -> bool:
@@ -383,11 +393,23 @@ class _Tables:
 
     def __init__(self, tables: dict[str, list[_Bound]]) -> None:
         self.send = _Table(tables.get("send", []))
-        self.receive = _Table(tables.get("receive", []))
         self.sub_literal = _Table(tables.get("sub_literal", []))
         self.sub_pattern = _Table(tables.get("sub_pattern", []))
         self.unsub_literal = _Table(tables.get("unsub_literal", []))
         self.unsub_pattern = _Table(tables.get("unsub_pattern", []))
+        # delivery: receive and both subscribe kinds in one table, each rule's topic as a
+        # filter over the topic name. Qualifiers were checked when the message was
+        # published / the subscription made: a qualified allow applies here as it is, a
+        # qualified deny (it denied only some publishes / subscriptions) does not.
+        recv: list[_Bound] = []
+        for kind in ("receive", "sub_pattern", "sub_literal"):
+            for b in tables.get(kind, []):
+                qualified = b[4] != _ALL_QOS or b[5] != "any" or b[6] != "any"
+                if qualified and not b[3]:
+                    continue
+                recv.append((b[0], b[1], b[2], b[3], _ALL_QOS, "any", "any"))
+        recv.sort(key=lambda b: b[0])
+        self.receive = _Table(recv)
 
 
 @dataclass(slots=True)
@@ -554,14 +576,8 @@ class RbacPolicy:
         hit = self._decisions.get(key)
         if hit is not None:
             return hit
-        rules = self._rules(username, client_id)
-        target = topic.split("/")
-        best: tuple[int, bool] | None = None
-        for table in (rules.receive, rules.sub_pattern, rules.sub_literal):
-            got = _first_order(table, target, None)
-            if got is not None and (best is None or got[0] < best[0]):
-                best = got
-        return self._remember(key, best is not None and best[1])
+        got = _first_order(self._rules(username, client_id).receive, topic.split("/"), None)
+        return self._remember(key, got is not None and got[1])
 
 
 def _first_order(table: _Table, target: list[str], literal: str | None,
@@ -569,7 +585,7 @@ def _first_order(table: _Table, target: list[str], literal: str | None,
                  shared: bool | None = None) -> tuple[int, bool] | None:
     """(order, allow) of the first matching rule of ``table``."""
     best: _Bound | None = None
-    for bucket in (table.by_first.get(target[0], ()), table.wild):
+    for bucket in table.buckets(target):
         for b in bucket:
             if best is not None and b[0] >= best[0]:
                 break
