@@ -243,3 +243,27 @@ def test_tenant_forward_rule_config(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             parse_config({"upstream": [{"name": "u", "urls": ["mqtt://127.0.0.1:1"]}],
                           "forward": [{"filter": "x/#", "upstream": "u", **bad}]}, tmp_path)
+
+
+def test_tenant_metrics_labels(gateway_factory: Callable[..., GatewayProcess]) -> None:
+    import urllib.request
+
+    from tests.conftest import free_port, wait_for_port
+
+    mport = free_port()
+    gw = gateway_factory({"auth": {"tenant_source": "username_prefix"},
+                          "metrics": {"listen": [f"http://127.0.0.1:{mport}"], "auth": False}})
+    assert wait_for_port("127.0.0.1", mport)
+    clients = [PahoClient(gw.port, f"m{i}", username=u)
+               for i, u in enumerate(("acme:a", "acme:b", "bolt:c", "operator"))]
+    try:
+        clients[2].publish("tenants/bolt/r", b"1", qos=1, retain=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'rapidmq_tenant_clients_connected{tenant="acme"} 2.0' in text
+        assert 'rapidmq_tenant_clients_connected{tenant="bolt"} 1.0' in text
+        assert 'rapidmq_tenant_retained_messages{tenant="bolt"} 1.0' in text
+        assert 'tenant="operator"' not in text  # no tenant: no series
+    finally:
+        for c in clients:
+            c.disconnect()

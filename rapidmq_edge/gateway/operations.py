@@ -17,6 +17,7 @@ from ..ingress.ops_http import OpsHooks, OpsServer
 from ..mqtt.packets import Will
 from ..ops.fleet import FleetPublisher, offline_payload
 from ..ops.metrics import GatewayMetrics, MetricSources
+from ..ops.tenant_sys import tenant_stats
 from ..security.tokens import TokenDB
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class OperatorView:
                 queue=fwd.queue if fwd is not None else None, uplinks=gw.uplinks,
                 forward_status=gw.forward_status,
                 protect=fwd.protect if fwd is not None else None,
-                intelligence=gw.intelligence,
+                intelligence=gw.intelligence, tenants=self._tenants,
             ))
         self.fleet: FleetPublisher | None = None
         fs = self.fleet_settings
@@ -108,6 +109,13 @@ class OperatorView:
         exported as ``rapidmq_ota_component_info``."""
         if self.metrics is not None:
             self.metrics.sources.ota_components = source
+
+    def _tenants(self) -> dict[str, list[int]]:
+        """Per-tenant counts for ``/metrics`` (none without tenants)."""
+        tenants = self.gw.access.tenants
+        if tenants is None:
+            return {}
+        return tenant_stats(self.gw.broker, tenants.tenant_of, tenants.mountpoint)
 
     def hooks(self) -> OpsHooks:
         """The callables ``/metrics``, ``/livez`` and ``/readyz`` answer from."""

@@ -81,6 +81,8 @@ class MetricSources:
     #: the OTA integrator's hook: one dict of string labels per component, e.g.
     #: ``{"component": "priority", "state": "shadow", "version": "2"}``
     ota_components: Callable[[], Iterable[Mapping[str, str]]] = list
+    #: tenant -> [clients connected, sessions, subscriptions, retained messages]
+    tenants: Callable[[], Mapping[str, Sequence[int]]] = dict
     started: float = field(default_factory=time.time)
 
 
@@ -106,7 +108,23 @@ class LiveCollector(Collector):
         if src.protect is not None:
             yield from self._crypto(src.protect.status())
         yield from self._ota()
+        yield from self._tenants()
         yield from self._process()
+
+    def _tenants(self) -> Iterable[Metric]:
+        stats = self.src.tenants()
+        if not stats:
+            return
+        for i, (name, text) in enumerate((
+                ("rapidmq_tenant_clients_connected", "Connected clients of the tenant."),
+                ("rapidmq_tenant_sessions", "Sessions of the tenant's clients."),
+                ("rapidmq_tenant_subscriptions", "Subscriptions of the tenant's clients."),
+                ("rapidmq_tenant_retained_messages", "Retained messages under the tenant's "
+                                                     "mountpoint."))):
+            fam = GaugeMetricFamily(name, text, labels=["tenant"])
+            for tenant, row in sorted(stats.items()):
+                fam.add_metric([tenant], row[i])
+            yield fam
 
     # -- broker --------------------------------------------------------------------
 

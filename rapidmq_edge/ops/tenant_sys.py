@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 from ..broker.broker import Broker
 
-__all__ = ["publish_tenant_sys", "tenant_sys_values"]
+__all__ = ["publish_tenant_sys", "tenant_stats", "tenant_sys_values"]
 
 TenantOf = Callable[[str | None], str | None]
 
 
-def tenant_sys_values(broker: Broker, tenant_of: TenantOf, mountpoint: str,
-                      known: set[str] | None = None) -> dict[str, bytes]:
-    """Topic -> payload of every tenant with a session (and those in ``known``)."""
+def tenant_stats(broker: Broker, tenant_of: TenantOf, mountpoint: str,
+                 known: set[str] | None = None) -> dict[str, list[int]]:
+    """tenant -> [clients connected, sessions, subscriptions, retained messages] of every
+    tenant with a session (and those in ``known``, which gains the ones seen)."""
     stats: dict[str, list[int]] = {t: [0, 0, 0, 0] for t in known or ()}
     for s in broker.sessions.values():
         t = tenant_of(s.username)
@@ -34,15 +35,22 @@ def tenant_sys_values(broker: Broker, tenant_of: TenantOf, mountpoint: str,
             if topic.startswith(mount):
                 stats[t][3] += 1
                 break
+    if known is not None:
+        known.update(stats)
+    return stats
+
+
+def tenant_sys_values(broker: Broker, tenant_of: TenantOf, mountpoint: str,
+                      known: set[str] | None = None) -> dict[str, bytes]:
+    """Topic -> payload of every tenant with a session (and those in ``known``)."""
     out: dict[str, bytes] = {}
-    for t, (connected, sessions, subs, retained) in stats.items():
-        base = f"{mounts[t]}$SYS/broker/"
+    for t, (connected, sessions, subs, retained) in tenant_stats(
+            broker, tenant_of, mountpoint, known).items():
+        base = f"{mountpoint.replace('${tenant}', t)}$SYS/broker/"
         out[base + "clients/connected"] = str(connected).encode()
         out[base + "sessions"] = str(sessions).encode()
         out[base + "subscriptions/count"] = str(subs).encode()
         out[base + "retained messages/count"] = str(retained).encode()
-    if known is not None:
-        known.update(stats)
     return out
 
 
