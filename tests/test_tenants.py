@@ -267,3 +267,21 @@ def test_tenant_metrics_labels(gateway_factory: Callable[..., GatewayProcess]) -
     finally:
         for c in clients:
             c.disconnect()
+
+
+def test_user_add_tenant_on_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "users.toml"
+
+    def add(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rapidmq_edge", "user", "add", *args,
+                               "--password-stdin", "--users-file", str(path)], input="pw\n",
+                              capture_output=True, text=True, timeout=30)
+
+    assert add("alice", "--tenant", "acme").returncode == 0
+    assert add("alice").returncode == 0  # a new password keeps the tenant
+    bad = add("bob", "--tenant", "a/b")
+    assert bad.returncode == 2 and "invalid tenant" in bad.stderr
+    assert UserDB.load(path).tenants == {"alice": "acme"}

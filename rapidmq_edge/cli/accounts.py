@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from one line of stdin"
     )
+    add.add_argument("--tenant", metavar="TENANT",
+                     help='the user\'s tenant ([auth] tenant_source = "user_attribute"); '
+                          "kept when omitted")
     remove = usub.add_parser("remove", parents=[source], help="remove a user")
     remove.add_argument("name", metavar="NAME")
     usub.add_parser("list", parents=[source], help="list user names")
@@ -110,6 +113,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _cmd_user(args: argparse.Namespace) -> int:
+    from ..security.tenants import valid_tenant
     from ..security.users import UserDB, add_user, remove_user, valid_username
     from .rbac import USER_ACTIONS, run_user
 
@@ -132,7 +136,9 @@ def _cmd_user(args: argparse.Namespace) -> int:
         password = _read_password(args.password_stdin)
         if not password:
             return fail("empty password refused")
-        created = add_user(path, args.name, password)
+        if args.tenant is not None and not valid_tenant(args.tenant):
+            return fail(f"invalid tenant: {args.tenant!r} (one topic level, no / + # $)")
+        created = add_user(path, args.name, password, tenant=args.tenant)
     except ConfigError as exc:
         return fail(str(exc))
     except ValueError as exc:
