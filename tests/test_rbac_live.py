@@ -139,3 +139,31 @@ def test_roles_apply_to_oscore_devices(tmp_path: Path,
     assert r.returncode == 0, r.stderr
     assert wait_until(lambda: _oscore_client(device, own, "PUT", b"2").startswith("4.03"),
                       timeout=8, interval=0.3)
+
+
+def test_unsubscribe_rules(tmp_path: Path, gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """An unsubscribePattern deny keeps a subscription (MQTT 5 UNSUBACK 0x87); elsewhere
+    unsubscribing is allowed (as dynsec)."""
+    from paho.mqtt.client import MQTTv5
+
+    from rapidmq_edge.security.rbac_store import RbacStore
+
+    db = tmp_path / "rbac.sqlite"
+    store = RbacStore(db)
+    store.edit(lambda m: m.put_role(Role("pinned", (
+        parse_rule("subscribePattern", "#", "allow"),
+        parse_rule("publishClientSend", "#", "allow"),
+        parse_rule("unsubscribePattern", "alarms/#", "deny"))))
+        .grant("group", "anonymous", "pinned"))
+    store.close()
+    gw = gateway_factory({"auth": {"rbac": True, "rbac_db": str(db)}})
+    c = PahoClient(gw.port, "pin", protocol=MQTTv5)
+    try:
+        assert c.subscribe("alarms/#", qos=1) == [1]
+        assert c.subscribe("data/#", qos=1) == [1]
+        assert c.unsubscribe("alarms/#") == [0x87]
+        assert c.unsubscribe("data/#") == [0]
+        assert _delivered(c, c, "alarms/fire")  # still subscribed
+        assert not _delivered(c, c, "data/x")
+    finally:
+        c.disconnect()

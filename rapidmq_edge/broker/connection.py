@@ -497,8 +497,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
     def _on_unsubscribe(self, p: Unsubscribe) -> None:
         session = self.session
         assert session is not None
+        may = self.access.can_unsubscribe
         codes = [
-            rc.SUCCESS if self.broker.unsubscribe(session, f) else rc.NO_SUBSCRIPTION_EXISTED
+            rc.NOT_AUTHORIZED if not may(self.username, self.client_id, f)
+            else rc.SUCCESS if self.broker.unsubscribe(session, f) else rc.NO_SUBSCRIPTION_EXISTED
             for f in p.topics
         ]
         fut = None

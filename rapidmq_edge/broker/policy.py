@@ -31,6 +31,9 @@ class AccessPolicy(Protocol):
                       qos: int | None = None) -> bool:
         """May this client subscribe to ``filt`` (``$share/g/...`` included)?"""
 
+    def can_unsubscribe(self, username: str | None, client_id: str, filt: str) -> bool:
+        """May this client unsubscribe ``filt`` (refused: UNSUBACK 0x87, it stays)?"""
+
 
 class BehaviourObserver(Protocol):
     """Hooks a connection calls on what its client does (counting only, on the loop).

@@ -102,6 +102,12 @@ class Gatekeeper:
             return self.rbac.policy().can_subscribe(username, client_id, filt, qos)
         return self.acl.can_subscribe(username, client_id, filt)
 
+    def can_unsubscribe(self, username: str | None, client_id: str, filt: str) -> bool:
+        """Decision for UNSUBSCRIBE: allowed unless an RBAC unsubscribe rule denies it."""
+        if self.rbac is not None:
+            return self.rbac.policy().can_unsubscribe(username, client_id, filt)
+        return True
+
     def can_receive(self, username: str | None, client_id: str, topic: str) -> bool:
         """Decision at delivery: may a message on ``topic`` go to this client?"""
         if self.tenants is not None and not self.tenants.allows_topic(username, topic):
