@@ -17,8 +17,9 @@ Method. One Mosquitto 2, one PostgreSQL (a temp cluster), everything on loopback
   device publishes at ``--rate`` msg/s for ``--seconds``; each payload carries its send time;
   latency = the row's ``received`` (``clock_timestamp()`` at insert) - send time. Plain: the
   same gateway forwards ``plain/#`` unprotected to the plain consumer, in the same run.
-* ``--chaos``: tests/cloud_chaos.py with ``--chaos-messages`` and 3 rounds of kills, once
-  with the broker restarted by SIGTERM and once by SIGKILL.
+* ``--chaos``: tests/cloud_chaos.py with ``--chaos-messages``, 3 consumers and 3 rounds of
+  kills: partitions with the broker restarted by SIGTERM, a ``$share`` group with SIGTERM,
+  partitions with the broker SIGKILLed.
 
 Prints one JSON document; ``loadavg_before_after`` (2 shared cores: read ratios).
 
@@ -239,16 +240,17 @@ def latency(tmp: Path, port: int, pg: Any, rate: float, seconds: float) -> dict[
 
 
 def chaos(tmp: Path, pg: Any, messages: int) -> list[dict[str, Any]]:
-    """The long chaos run, broker restarted by SIGTERM and by SIGKILL."""
+    """The long chaos run: partitions / $share, broker restarted by SIGTERM / SIGKILL."""
     from tests.cloud_chaos import run_chaos
 
     out = []
-    for hard in (False, True):
-        run = tmp / f"chaos-{'kill' if hard else 'term'}"
+    for share, hard in ((False, False), (True, False), (False, True)):
+        run = tmp / f"chaos-{'share' if share else 'part'}-{'kill' if hard else 'term'}"
         run.mkdir()
         res = run_chaos(run, pg.create_db(), messages=messages, rate=300.0, consumers=3,
-                        rounds=3, broker_kill=hard, settle=60.0)
-        out.append(dict(res.summary(), broker="SIGKILL" if hard else "SIGTERM",
+                        rounds=3, broker_kill=hard, share=share, settle=40.0)
+        out.append(dict(res.summary(), consumers="$share" if share else "partitions",
+                        broker="SIGKILL" if hard else "SIGTERM",
                         reports=sorted({r[0] for r in res.bad_reports})))
     return out
 

@@ -1,9 +1,9 @@
 """End-to-end chaos, bounded for CI (issue 16, part 4): devices -> gateway (encrypt + sign)
--> Mosquitto 2 -> 2 consumers in a ``$share`` group -> PostgreSQL, while the gateway and a
+-> Mosquitto 2 -> 2 consumers (``--partition``) -> PostgreSQL, while the gateway and a
 consumer are killed with SIGKILL and the broker is restarted, each in turn. (Mosquitto is one
-node: a SIGKILL of it loses what it acknowledged since its last save — the bench's
-``--broker-kill`` measures it; the signed path cannot cross NATS's 3.1.1 MQTT yet, see
-docs/cloud.md.) The longer variant: ``bench/cloud_ingest.py --chaos``."""
+node: a SIGKILL of it loses what it acknowledged since its last save, and a restart forgets
+``$share`` subscriptions — bench/cloud_ingest.py ``--chaos`` measures both; the signed path
+cannot cross NATS's 3.1.1 MQTT yet, see docs/cloud.md.)"""
 
 from __future__ import annotations
 

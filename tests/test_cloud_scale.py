@@ -182,3 +182,57 @@ def test_nats_mqtt_treats_share_as_a_plain_topic(tmp_path: Path) -> None:
             c.loop_stop()
         proc.terminate()
         proc.wait(10)
+
+
+def test_mosquitto_restart_restores_plain_but_not_share_subscriptions(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker],
+) -> None:
+    """The fact behind ``--partition`` on Mosquitto (docs/cloud.md): after a graceful restart
+    (persistence saved) an offline persistent session gets the messages published meanwhile
+    for its plain subscription, and none for its ``$share`` one — the broker acknowledged
+    those to the publisher and dropped them."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from .cloud_chaos import _restart_broker
+
+    state = tmp_path / "state"
+    state.mkdir()
+    broker = mosquitto_factory(f"persistence true\npersistence_location {state}/\n")
+    got = {"shared": 0, "plain": 0}
+    clients: list[mqtt.Client] = []
+
+    def session(name: str, sub: str | None) -> mqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        c.on_message = lambda *_a: got.__setitem__(name, got[name] + 1)
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *_a: subscribed.set()
+        c.connect(LOOPBACK, broker.port, clean_start=False, properties=props)
+        c.loop_start()
+        if sub is not None:
+            c.subscribe(sub, 1)
+            assert subscribed.wait(10)
+        clients.append(c)
+        return c
+
+    try:
+        for name, sub in (("shared", "$share/g/t/#"), ("plain", "t/#")):
+            c = session(name, sub)
+            c.disconnect()
+            c.loop_stop()
+        _restart_broker(broker, hard=False)
+        pub = Publisher(broker.port)
+        pub.send([("t/x", b"%d" % i, None) for i in range(10)])
+        pub.wait_acked()
+        pub.close()
+        for name in got:
+            session(name, None)  # resume the sessions, no new SUBSCRIBE
+        _until(lambda: got["plain"] == 10, 10, "the plain session's 10 messages")
+        time.sleep(0.5)
+        assert got == {"shared": 0, "plain": 10}
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()

@@ -128,8 +128,8 @@ class Ingest:
         #: missing-message candidates go to :attr:`deferred` (checked against shared state)
         self.defer_missing = defer_missing
         self.deferred: list[tuple[str, str, int]] = []  # (message id, gateway, batch seq)
-        #: a message no batch covers is reported ``missing-batch`` after this many seconds
-        #: (None: ``unverifiable`` after ``grace``)
+        #: a message no batch covers is reported ``missing-batch`` after this many seconds,
+        #: and a gap in the batch seq too (None: ``unverifiable`` / the gap after ``grace``)
         self.batch_timeout = batch_timeout
         #: batches / session headers accepted since the last :meth:`take_control`
         self.accepted: list[tuple[str, bytes, str, int | None]] = []
@@ -365,8 +365,9 @@ class Ingest:
                 prev, expect = b, s + 1
                 continue
             if s != expect:
-                if now - b.arrived < self.grace:
-                    return  # the missing ones may still come (class 0 drains newest first)
+                if now - b.arrived < (self.batch_timeout or self.grace):
+                    return  # the missing ones may still come (class 0 drains newest first,
+                    # a restarted consumer or gateway sends late)
                 self._report("missing-batch", f"batches {expect}..{s - 1} never arrived",
                              gateway_id=gw_id, batch=expect)
             elif prev is not None and b.header.prev_root != prev.header.root:
