@@ -196,3 +196,35 @@ def test_postgres_sink_idempotent_with_verdicts_and_an_audit_chain(
     res = audit()
     assert res.returncode == 1 and "BROKEN at batch #1" in res.stdout, res
     assert json.loads(json.dumps(c.report_kinds())) == ["tampered"]
+
+
+def test_a_consumer_that_never_returns_has_its_waiting_messages_adopted(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker],
+) -> None:
+    """c1 acknowledged 20 messages that wait for their batch, then died for good (SIGKILL).
+    c2, started later on the same state (it never received them), gets the batch header and,
+    once c1 has been silent for ``--lease``, adopts c1's waiting messages and verifies them."""
+    broker = mosquitto_factory(BROKER_CONF)
+    keys = cloud_keys(tmp_path)
+    out = tmp_path / "out.sqlite"
+    c1 = Consumer(tmp_path, broker.port, keys, str(out), "c1", "--lease", "2").start()
+    c2 = Consumer(tmp_path, broker.port, keys, str(out), "c2", "--lease", "2")
+    pub = Publisher(broker.port)
+    try:
+        stream = _stream(keys, "gw-l", 20, 20)
+        pub.send(stream[:-1])
+        pub.wait_acked()
+        _until(lambda: len(_sqlite(out, "SELECT id FROM cloud_pending WHERE consumer = 'c1'"))
+               == 20, 15, "20 waiting at c1")
+        c1.kill9()
+        c2.start()
+        pub.send(stream[-1:])
+        pub.wait_acked()
+        _until(lambda: _sqlite(out, "SELECT COUNT(*) FROM messages") == [(20,)], 20,
+               "20 rows through adoption")
+    finally:
+        pub.close()
+        c2.stop()
+    assert _sqlite(out, "SELECT COUNT(*) FROM cloud_pending") == [(0,)]
+    assert _sqlite(out, "SELECT consumer FROM cloud_consumers") == [("c2",)]
+    assert "adopted 20 waiting messages" in c2.log.read_text()
