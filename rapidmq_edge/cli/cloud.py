@@ -115,5 +115,10 @@ def run(args: argparse.Namespace) -> int:
     except (CryptoError, OSError, ValueError) as exc:
         print(f"rapidmq-edge cloud ingest: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("asyncpg"):
+            raise
+        print(f"rapidmq-edge cloud ingest: PostgreSQL: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(counts, sort_keys=True))
     return 1 if any(v for k, v in counts.items() if k not in _BENIGN) else 0

@@ -107,6 +107,17 @@ async def open_store(out: Path | str) -> Store:
     return SqliteStore(path.with_name(path.name + ".state.sqlite"), JsonlSink(path))
 
 
+def default_client_id(opts: IngestOptions) -> str:
+    """Stable across restarts (it names the broker session and the waiting set):
+    ``rmq-ingest-<host>[-<group>][-p<index>]``; give each consumer on one host its own."""
+    out = f"rmq-ingest-{os.uname().nodename}"
+    if opts.group:
+        out += f"-{opts.group}"
+    if opts.partition is not None:
+        out += f"-p{opts.partition[0]}"
+    return out
+
+
 def gateway_of(prefix: str, topic: str) -> str | None:
     """The gateway id in ``topic`` (``prefix`` holds ``{gateway_id}``), None if it has none."""
     head, _, tail = prefix.partition("{gateway_id}")
@@ -147,7 +158,7 @@ async def run_ingest(
     ``ready`` is set once the subscriptions are acknowledged. Waiting messages stay in the
     state at ``stop`` (a restart resumes them); ``idle_exit`` reports them (a batch run)."""
     identities, recipients = load_keys(opts)
-    client_id = opts.client_id or f"rmq-ingest-{os.uname().nodename}"
+    client_id = opts.client_id or default_client_id(opts)
     store = await open_store(opts.out)
     restored = await store.restore(client_id, opts.horizon)
     written: set[str] = set()  # of the chunk being fed: already in the sink
