@@ -6,6 +6,7 @@ Validated with the same rules and messages as :mod:`rapidmq_edge.config`.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -55,6 +56,16 @@ class UpstreamSettings:
     endpoint_policy: str = "ordered"
     endpoint_dwell: float = 5.0
     reconnect_max_s: float = 30.0  # longest reconnect backoff delay
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The client TLS context for ``mqtts://`` URLs (None without one); raises OSError /
+        ssl.SSLError for unreadable CA, certificate or key files."""
+        if not any(u.startswith("mqtts://") for u in self.urls):
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if self.cert is not None and self.key is not None:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,13 +5,12 @@ with its downstream rules (built after it)."""
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config.forwarding import ForwardingSettings, UpstreamSettings
+from ..config.forwarding import ForwardingSettings
 from ..pipeline.forwarder import Forwarder
 from ..store.disk import DiskSpace
 from ..store.forward_queue import ClassLimits, ForwardQueue
@@ -66,7 +65,7 @@ def build_uplinks(
         uplinks.append(UplinkClient(
             up.name, up.urls, sub(up.client_id), queue,
             version=up.protocol, username=up.username, password=up.password,
-            keep_alive=up.keep_alive, window=up.window, tls=tls_context(up),
+            keep_alive=up.keep_alive, window=up.window, tls=up.client_tls(),
             subscriptions=subscriptions, on_message=on_message, gateway_id=gateway_id,
             rate_limit=up.rate_limit,
             heartbeat_topic=sub(up.topic_prefix) + "_heartbeat",
@@ -77,11 +76,3 @@ def build_uplinks(
     return uplinks
 
 
-def tls_context(up: UpstreamSettings) -> ssl.SSLContext | None:
-    """The client TLS context of an upstream with ``mqtts://`` URLs (else None)."""
-    if not any(u.startswith("mqtts://") for u in up.urls):
-        return None
-    ctx = ssl.create_default_context(cafile=str(up.ca_file) if up.ca_file else None)
-    if up.cert is not None and up.key is not None:
-        ctx.load_cert_chain(str(up.cert), str(up.key))
-    return ctx

@@ -19,7 +19,6 @@ from pathlib import Path
 from ..config import Config, ConfigError
 from ..security.tokens import TokenDB
 from ..security.users import UserDB
-from .forwarding import tls_context
 
 __all__ = ["Preflight", "preflight"]
 
@@ -125,7 +124,7 @@ def _tls(config: Config, out: Preflight) -> None:
         _server_tls("http.tls", h.tls.cert, h.tls.key, h.tls.client_ca, out)
     for i, up in enumerate(config.forwarding.upstreams):
         try:
-            tls_context(up)
+            up.client_tls()
         except (ssl.SSLError, OSError) as exc:
             out.problems.append(f"upstream[{i}]: cannot load its TLS files: {exc}")
 

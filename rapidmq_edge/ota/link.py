@@ -67,8 +67,7 @@ from ..uplink.transport import (
 if TYPE_CHECKING:
     from ..config.forwarding import UpstreamSettings
 
-__all__ = ["DEFAULT_PREFIX", "MessageHandler", "OtaLink", "PublishRefused", "state_topic",
-           "tls_context_for"]
+__all__ = ["DEFAULT_PREFIX", "MessageHandler", "OtaLink", "PublishRefused", "state_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +85,6 @@ class PublishRefused(Exception):
 def state_topic(prefix: str, gateway_id: str) -> str:
     """The will / online topic of a gateway (its per-component states live below it)."""
     return f"{prefix}/state/{gateway_id}"
-
-
-def tls_context_for(up: UpstreamSettings) -> ssl.SSLContext | None:
-    """The client TLS context of an upstream with ``mqtts://`` URLs (else None)."""
-    if not any(u.startswith("mqtts://") for u in up.urls):
-        return None
-    ctx = ssl.create_default_context(cafile=str(up.ca_file) if up.ca_file else None)
-    if up.cert is not None and up.key is not None:
-        ctx.load_cert_chain(str(up.cert), str(up.key))
-    return ctx
 
 
 @dataclass(slots=True, eq=False)
@@ -184,7 +173,7 @@ class OtaLink:
         """A link with the URLs, credentials, protocol and TLS of ``[[upstream]]`` ``up``."""
         kw.setdefault("backoff", Backoff(initial=0.2, maximum=up.reconnect_max_s))
         return cls(up.urls, gateway_id, version=up.protocol, username=up.username,
-                   password=up.password, tls=tls_context_for(up),
+                   password=up.password, tls=up.client_tls(),
                    keep_alive=up.keep_alive, **kw)
 
     # ------------------------------------------------------------------ public API
