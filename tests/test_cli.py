@@ -149,6 +149,11 @@ def test_run_with_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_run_calls_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
+    # the command checks the configuration with gateway.preflight first: import the real
+    # module before the package is replaced, so the outcome does not depend on what this
+    # test worker happened to import before
+    import rapidmq_edge.gateway.preflight  # noqa: F401
+
     seen: list[Config] = []
 
     def run_gateway(config: Config) -> int:
