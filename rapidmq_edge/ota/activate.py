@@ -157,7 +157,7 @@ def _vectors(vectors: Any) -> list[Any]:
 
 class RuntimeModelHost:
     """The OTA agent's model host over the slots and the runtime's
-    :class:`~rapidmq_edge.pipeline.intelligence_runtime.ModelControl` (``models``).
+    :class:`~rapidmq_edge.pipeline.model_control.ModelControl` (``models``).
 
     ``gate``: the configured shadow thresholds (a manifest's gate overrides the ones it
     sets); ``models_dir``: the shipped models (the rollback target of last resort);
