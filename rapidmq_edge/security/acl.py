@@ -18,8 +18,8 @@ from ..mqtt.topics import parse_shared, valid_topic_filter
 __all__ = ["Acl"]
 
 # NUL never occurs in topic names or filters, so these cannot collide with real levels.
-_PLUS = "\x00+"
-_HASH = "\x00#"
+PLUS = "\x00+"
+HASH = "\x00#"
 _CACHE_SIZE = 10_000
 
 Levels = tuple[str, ...]
@@ -28,7 +28,7 @@ Levels = tuple[str, ...]
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     user: str | None  # None = "*"
-    levels: Levels  # wildcards as _PLUS/_HASH; may still contain %u / %c
+    levels: Levels  # wildcards as PLUS/HASH; may still contain %u / %c
     templated: bool
     needs_user: bool
     needs_client: bool
@@ -49,7 +49,7 @@ def _compile(rule: AclRule) -> _Compiled:
     if rule.access not in ("allow", "deny"):
         raise ValueError(f"invalid ACL access: {rule.access!r}")
     levels = tuple(
-        _PLUS if lv == "+" else _HASH if lv == "#" else lv for lv in rule.topic.split("/")
+        PLUS if lv == "+" else HASH if lv == "#" else lv for lv in rule.topic.split("/")
     )
     return _Compiled(
         user=None if rule.user == "*" else rule.user,
@@ -68,15 +68,15 @@ def _safe(value: str) -> bool:
     return bool(value) and "/" not in value and "+" not in value and "#" not in value
 
 
-def _match(rule: Levels, target: Sequence[str]) -> bool:
-    """Level-wise match where only _PLUS/_HASH in ``rule`` are wildcards."""
+def match_levels(rule: Levels, target: Sequence[str]) -> bool:
+    """Level-wise match where only PLUS/HASH in ``rule`` are wildcards."""
     n = len(target)
     for i, level in enumerate(rule):
-        if level == _HASH:
+        if level == HASH:
             return True
         if i >= n:
             return False
-        if level != _PLUS and level != target[i]:
+        if level != PLUS and level != target[i]:
             return False
     return len(rule) == n
 
@@ -132,7 +132,7 @@ class Acl:
                     continue  # never grant access through a wildcard-like name
                 levels = tuple(
                     lv.replace("%u", user).replace("%c", client_id)
-                    if lv not in (_PLUS, _HASH)
+                    if lv not in (PLUS, HASH)
                     else lv
                     for lv in levels
                 )
@@ -153,7 +153,7 @@ class Acl:
             return self._default
         target = topic.split("/")
         for levels, publish, _sub, allow in self._bound(username, client_id):
-            if publish and _match(levels, target):
+            if publish and match_levels(levels, target):
                 return allow
         return self._default
 
@@ -172,6 +172,6 @@ class Acl:
             return self._default
         target = inner.split("/")
         for levels, _pub, subscribe, allow in self._bound(username, client_id):
-            if subscribe and _match(levels, target):
+            if subscribe and match_levels(levels, target):
                 return allow
         return self._default

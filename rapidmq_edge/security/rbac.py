@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..mqtt.topics import parse_shared, valid_topic_filter
+from .acl import HASH, PLUS, Levels, match_levels
 
 __all__ = [
     "ANONYMOUS",
@@ -64,11 +65,6 @@ _PLACEHOLDERS = {"${clientid}": "c", "${username}": "u", "${tenant}": "t", "${ce
 _PH_RE = re.compile(r"\$\{[a-z_]*\}")
 _PRIORITY_LIMIT = 1_000_000
 _CACHE_SIZE = 65_536
-# NUL never occurs in topics, so these cannot collide with real levels.
-_PLUS = "\x00+"
-_HASH = "\x00#"
-
-Levels = tuple[str, ...]
 
 
 class RbacError(ValueError):
@@ -318,20 +314,7 @@ def _safe(value: str | None) -> bool:
 
 
 def _levels(topic: str) -> Levels:
-    return tuple(_PLUS if lv == "+" else _HASH if lv == "#" else lv for lv in topic.split("/"))
-
-
-def _match(rule: Levels, target: Sequence[str]) -> bool:
-    """Level-wise match where only _PLUS/_HASH in ``rule`` are wildcards."""
-    n = len(target)
-    for i, level in enumerate(rule):
-        if level == _HASH:
-            return True
-        if i >= n:
-            return False
-        if level != _PLUS and level != target[i]:
-            return False
-    return len(rule) == n
+    return tuple(PLUS if lv == "+" else HASH if lv == "#" else lv for lv in topic.split("/"))
 
 
 # a bound rule: (order, levels, literal topic, allow, qos, retain, shared)
@@ -350,9 +333,9 @@ class _Table:
         self.wild: list[_Bound] = []
         for b in rules:
             levels = b[1]
-            if levels[0] not in (_PLUS, _HASH):
+            if levels[0] not in (PLUS, HASH):
                 self.by_first.setdefault(levels[0], []).append(b)
-            elif levels[0] == _PLUS and len(levels) > 1 and levels[1] not in (_PLUS, _HASH):
+            elif levels[0] == PLUS and len(levels) > 1 and levels[1] not in (PLUS, HASH):
                 self.by_second.setdefault(levels[1], []).append(b)
             else:
                 self.wild.append(b)
@@ -592,7 +575,7 @@ def _first_order(table: _Table, target: list[str], literal: str | None,
             if literal is not None:
                 if b[2] != literal:
                     continue
-            elif not _match(b[1], target):
+            elif not match_levels(b[1], target):
                 continue
             if not _qualifies(b, qos, retain, shared):
                 continue
