@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config
-from ..ota.activate import FOLLOW_S
 from ..ota.slots import SlotError, SlotStore
 from .common import fail
 from .model_train import register_train, run_train
@@ -131,6 +130,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def _rollback(slots: SlotStore, data_dir: Path, component: str, reason: str) -> int:
     from ..ops.status import lock_holder
+    from ..ota.activate import FOLLOW_S  # numpy (the scorers): not for the other commands
 
     try:
         before = slots.state(component)

@@ -27,7 +27,6 @@ from ..config import Config
 from ..ingress.mqtt_server import ConnectionRegistry, serve_mqtt
 from ..ops.dashboard_snapshot import DashboardSource
 from ..ops.forwarding_status import ForwardingStatus
-from ..ops.health_watch import HealthWatch
 from ..ops.process_stats import LoopLag, process_values
 from ..ops.status import STATUS_FILE, keep_status
 from ..ops.sys_topics import flatten, publish_sys, sys_values
@@ -160,10 +159,13 @@ class Gateway:
         self.tasks: list[asyncio.Task[None]] = []
         self.loop_lag = LoopLag()
         intel = c.intelligence
-        self.health = (HealthWatch(self._publish_alert, self.loop_lag,
-                                   self.forward.queue if self.forward is not None else None,
-                                   self.uplinks, self.disk, intel.health_interval_s)
-                       if intel.enabled and intel.health else None)
+        self.health: Any = None  # ops.health_watch.HealthWatch (its detector needs numpy)
+        if intel.enabled and intel.health:
+            from ..ops.health_watch import HealthWatch
+
+            self.health = HealthWatch(self._publish_alert, self.loop_lag,
+                                      self.forward.queue if self.forward is not None else None,
+                                      self.uplinks, self.disk, intel.health_interval_s)
         self._uplink_tasks: list[asyncio.Task[None]] = []
         #: /metrics, /livez, /readyz and the fleet status (gateway/operations.py)
         self.operator = OperatorView(self)

@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..config.operations import FleetSettings, HealthSettings, MetricsSettings
-from ..ingress.ops_http import OpsHooks, OpsServer
 from ..mqtt.packets import Will
 from ..ops.fleet import FleetPublisher, offline_payload
-from ..ops.metrics import GatewayMetrics, MetricSources
 from ..ops.tenant_sys import tenant_stats
 from ..security.tokens import TokenDB
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # aiohttp and prometheus_client: imported only with an HTTP listener
+    from ..ingress.ops_http import OpsHooks, OpsServer
+    from ..ops.metrics import GatewayMetrics
     from .assembly import Gateway
 
 __all__ = ["OperatorView"]
@@ -43,7 +43,10 @@ class OperatorView:
         self.serving = False  # set once start() has bound every listener
         self.created = time.monotonic()
         self.metrics: GatewayMetrics | None = None
-        if self.metrics_settings.enabled:
+        # /metrics is served only on an HTTP listener ([metrics] or [http] listen)
+        if self.metrics_settings.enabled and (self.metrics_settings.listen or c.http.listen):
+            from ..ops.metrics import GatewayMetrics, MetricSources
+
             fwd = gw.forward
             self.metrics = GatewayMetrics(MetricSources(
                 gateway_id=c.gateway.id, broker=gw.broker, loop_lag=gw.loop_lag, disk=gw.disk,
@@ -119,6 +122,8 @@ class OperatorView:
 
     def hooks(self) -> OpsHooks:
         """The callables ``/metrics``, ``/livez`` and ``/readyz`` answer from."""
+        from ..ingress.ops_http import OpsHooks
+
         m = self.metrics
         return OpsHooks(m.render if m is not None else None, self.metrics_settings.auth,
                         self.ready, self.alive)
@@ -130,6 +135,8 @@ class OperatorView:
         urls: list[str] = []
         ms = self.metrics_settings
         if ms.listen:
+            from ..ingress.ops_http import OpsServer
+
             tf = self.gw.config.http.tokens_file
             tokens = (TokenDB.load(tf) if tf is not None and tf.exists()
                       else TokenDB(path=tf))

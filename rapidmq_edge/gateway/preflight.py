@@ -68,6 +68,8 @@ def _load(key: str, load: object, out: Preflight) -> None:
 
 def _ota_trust(config: Config, out: Preflight) -> None:
     """Each ``[ota] trust`` file holds an operator public key (docs/ota.md)."""
+    if not config.ota.trust:
+        return  # nothing to check: COSE / cbor2 stay unimported
     from ..crypto.errors import MalformedError
     from ..ota.operator_keys import parse_public_key
 

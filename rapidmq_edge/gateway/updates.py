@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..config import Config
-from ..ota.agent import OtaAgent
-from ..ota.feedback import FeedbackSampler
-from ..ota.feedback_upload import FeedbackService
-from ..ota.link import OtaLink
-from ..ota.sequences import SequenceStore
-from ..ota.trust import TrustAnchors
-from ..ota.verdicts import VerdictStore
+
+if TYPE_CHECKING:  # the OTA parts are imported only by a gateway that uses them
+    from ..ota.agent import OtaAgent
+    from ..ota.feedback_upload import FeedbackService
 
 __all__ = ["build_feedback", "build_ota_agent"]
 
@@ -57,6 +54,11 @@ def build_ota_agent(config: Config, host: Any) -> OtaAgent | None:
     ota = config.ota
     if not ota.enabled:
         return None
+    from ..ota.agent import OtaAgent
+    from ..ota.link import OtaLink
+    from ..ota.sequences import SequenceStore
+    from ..ota.trust import TrustAnchors
+
     if host is None:
         log.warning("ota: [ota] is on but [intelligence] is off: no model to update")
         return None
@@ -95,6 +97,10 @@ def build_feedback(config: Config, agent: OtaAgent | None) -> FeedbackService | 
     ``[ota] feedback`` is on (said once when it cannot be)."""
     if not config.intelligence.enabled:
         return None
+    from ..ota.feedback import FeedbackSampler
+    from ..ota.feedback_upload import FeedbackService
+    from ..ota.verdicts import VerdictStore
+
     ota = config.ota
     store = VerdictStore.in_data_dir(config.gateway.data_dir)
     if not ota.feedback:
