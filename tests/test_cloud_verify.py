@@ -244,9 +244,10 @@ def test_config_shape_and_clear_errors() -> None:
     assert cfg.forwarding.security.batch_size == 64
     assert cfg.forwarding.security.manifest == "ids"
     assert not _cfg({}).forwarding.forward[0].sign
+    # MQTT 3.1.1 upstreams take protected rules: the id travels in the payload's id frame
+    assert _cfg({"encrypt": True}, protocol=4).forwarding.forward[0].encrypt
     cases: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         ({"encrypt": True, "sign": False}, {}, r"forward\[0\]\.sign"),
-        ({"sign": True}, {"protocol": 4}, "MQTT 5"),
         ({"sign": "yes"}, {}, r"forward\[0\]\.sign"),
     ]
     for fwd, kw, msg in cases:

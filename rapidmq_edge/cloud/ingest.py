@@ -31,12 +31,13 @@ from typing import IO
 from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX
 from ..crypto.keys import IdentityPublicKey, RecipientKeyring, VerifierKeyring
 from ..crypto.keystore import KeyStore
+from ..mqtt.id_frame import IdFrameError
 from ..mqtt.packets import MQTT_5
 from ..telemetry import RepeatedLog
 from .sinks import JsonlSink
 from .state import SqliteStore, Step, Store
 from .subscriber import Delivery, Subscriber
-from .verify import Ingest, Report
+from .verify import Ingest, Report, carried_id
 
 __all__ = ["IngestOptions", "filters_for", "open_store", "run_ingest"]
 
@@ -127,6 +128,17 @@ def gateway_of(prefix: str, topic: str) -> str | None:
     return gw if sep and rest.startswith(tail[1:]) else None
 
 
+def _row(d: Delivery) -> tuple[str, str, bytes]:
+    """(message id or "", topic, payload) of a delivery: the id from the ``rmq-id`` property
+    (MQTT 5) or the unwrapped id frame (3.1.1); a malformed frame stays as it came (no id:
+    :meth:`Ingest.publish` reports it ``unverifiable`` with the reason)."""
+    try:
+        mid, payload = carried_id(d.props.get("rmq-id"), d.payload)
+    except IdFrameError:
+        return "", d.topic, d.payload
+    return mid or "", d.topic, payload
+
+
 def _mtimes(paths: list[Path]) -> list[int]:
     out = []
     for p in paths:
@@ -208,7 +220,7 @@ async def run_ingest(
         return gw is None or zlib.crc32(gw.encode()) % count == index
 
     async def step(items: list[Delivery], final: bool = False) -> None:
-        rows = [(d.props.get("rmq-id") or "", d.topic, d.payload) for d in items if mine(d)]
+        rows = [_row(d) for d in items if mine(d)]
         if rows:
             written.clear()
             ids = [m for m, _, _ in rows if m]

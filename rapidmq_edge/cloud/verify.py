@@ -41,8 +41,9 @@ from ..crypto.errors import (
 from ..crypto.keys import RecipientKeyring, VerifierKeyring
 from ..crypto.merkle import MerkleTree
 from ..crypto.signed_session import is_signed_session, open_signed_session
+from ..mqtt.id_frame import IdFrameError, decode_id_frame, is_id_frame
 
-__all__ = ["Ingest", "Report", "Verified"]
+__all__ = ["Ingest", "Report", "Verified", "carried_id"]
 
 HEARTBEAT_SUFFIX = "_heartbeat"
 
@@ -150,7 +151,9 @@ class Ingest:
     # -- input -------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, message_id: str | None) -> None:
-        """One PUBLISH from the upstream (``message_id`` = the ``rmq-id`` user property)."""
+        """One PUBLISH from the upstream: ``message_id`` = the ``rmq-id`` user property (MQTT
+        5); None: the id is looked for in the payload's id frame (MQTT 3.1.1, see
+        :func:`carried_id`), a malformed frame is reported ``unverifiable``."""
         last = topic.rsplit("/", 1)[-1]
         if last == SESSION_SUFFIX:
             self._session(payload)
@@ -158,10 +161,19 @@ class Ingest:
             self._batch(payload)
         elif last == HEARTBEAT_SUFFIX:
             return
-        elif message_id is None or ":" not in message_id:
-            self._report("unverifiable", f"message on {topic!r} has no rmq-id user property")
         else:
-            self._message(topic, payload, message_id)
+            if message_id is None:
+                try:
+                    message_id, payload = carried_id(None, payload)
+                except IdFrameError as exc:
+                    self._report("unverifiable", f"message on {topic!r}: malformed id frame "
+                                 f"({exc})")
+                    return
+            if message_id is None or ":" not in message_id:
+                self._report("unverifiable", f"message on {topic!r} has no message id "
+                             "(rmq-id user property or id frame)")
+            else:
+                self._message(topic, payload, message_id)
 
     def set_keys(self, identities: VerifierKeyring, recipients: RecipientKeyring) -> None:
         """New key rings (rotation); held session headers and batches are retried."""
@@ -493,6 +505,17 @@ class Ingest:
                 gateway_id: str | None = None, batch: int | None = None) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self._reports.append(Report(kind, detail, message_id, gateway_id, batch))
+
+
+def carried_id(user_property: str | None, payload: bytes) -> tuple[str | None, bytes]:
+    """(message id, protected payload) of a received message, whichever carrier it came in:
+    the ``rmq-id`` user property (MQTT 5, payload as is), else the id frame (MQTT 3.1.1,
+    unwrapped), else (None, payload). Raises :class:`IdFrameError` for a malformed frame."""
+    if user_property:
+        return user_property, payload
+    if is_id_frame(payload):
+        return decode_id_frame(payload)
+    return None, payload
 
 
 def _gw(mid: str) -> str:

@@ -52,9 +52,9 @@ def parse_security(data: object, base_dir: Path) -> SecuritySettings:
 
 
 def check_protected_rules(rules: Any, upstreams: Any) -> None:
-    """Rules with ``encrypt``/``sign``: MQTT 5 upstreams (the message id travels as the
-    ``rmq-id`` user property), ``encrypt`` only with ``sign``, one signed upstream."""
-    protocol = {u.name: u.protocol for u in upstreams}
+    """Rules with ``encrypt``/``sign``: ``encrypt`` only with ``sign``, one signed upstream.
+    Any protocol: the message id travels as the ``rmq-id`` user property on MQTT 5, in the id
+    frame of :mod:`rapidmq_edge.mqtt.id_frame` on 3.1.1."""
     signed: set[str] = set()
     for i, r in enumerate(rules):
         if r.encrypt and not r.sign:
@@ -62,11 +62,6 @@ def check_protected_rules(rules: Any, upstreams: Any) -> None:
                 f"forward[{i}].sign",
                 "must be true when encrypt is true (sessions are not sender-authenticated; "
                 "the signed batches are what the cloud consumer verifies)",
-            )
-        if (r.encrypt or r.sign) and protocol.get(r.upstream) != 5:
-            raise config_error(
-                f"forward[{i}].upstream",
-                f"encrypt/sign need an MQTT 5 upstream (protocol = 5); {r.upstream!r} is not",
             )
         if r.sign:
             signed.add(r.upstream)

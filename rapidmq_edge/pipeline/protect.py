@@ -48,6 +48,7 @@ from ..crypto.errors import BatchError, KeyFileError
 from ..crypto.keys import GatewayIdentity, RecipientPublicKey
 from ..crypto.keystore import KeyStore
 from ..crypto.signed_session import sign_session
+from ..mqtt.id_frame import FRAME_PROPS
 from ..store.errors import QueueFull
 from ..store.forward_queue import ForwardQueue
 
@@ -106,6 +107,8 @@ class Protector:
             for up in encrypting
         }
         self._queued_header: dict[str, bytes] = {}
+        #: MQTT 3.1.1 upstreams: no rmq-id property; the uplink frames the id into the payload
+        self._framed = {u.name for u in upstreams if u.protocol != 5}
         self._gw_colon = gateway_id + ":"
         self._gw_t = tstr(gateway_id)
         #: CBOR text head + "gateway:" for message ids with d decimal digits (index d)
@@ -230,6 +233,8 @@ class Protector:
         elif prefix is not None:
             self._open_plain = True
             leaf = accel.leaf(prefix, payload)
+        if up in self._framed:
+            props = FRAME_PROPS  # tells the uplink to frame the id (3.1.1 sends no properties)
         got = queue.put(up, priority, topic, payload, qos, props, ttl)
         if got != mid:  # pragma: no cover - the queue assigns ids in order
             raise RuntimeError(f"queue id {got} != expected {mid}")

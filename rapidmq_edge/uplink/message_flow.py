@@ -20,6 +20,7 @@ from typing import Any
 
 from ..mqtt.codec import encode, encode_publish
 from ..mqtt.errors import MqttError
+from ..mqtt.id_frame import FRAME_PROPS, encode_id_frame
 from ..mqtt.packets import (
     DISCONNECT,
     MQTT_5,
@@ -220,10 +221,16 @@ class MessageFlow:
         rid = f"{self.gateway_id}:".encode()
         for msg in batch:
             qos = msg.qos if msg.qos < max_qos else max_qos
-            props = v5_properties(msg.props, rid + str(msg.id).encode()) if v5 else None
+            payload = msg.payload
+            if v5:  # the message id as the rmq-id User Property
+                props: bytes | None = v5_properties(msg.props, rid + str(msg.id).encode())
+            else:
+                props = None
+                if msg.props == FRAME_PROPS:  # a protected rule's message: id in a frame
+                    payload = encode_id_frame(rid + str(msg.id).encode(), payload)
             pid = self._next_pid() if qos else 0  # reserved below, once it is sent
             packet = encode_publish(
-                msg.topic.encode(), msg.payload, qos, msg.retain, False, pid, props,
+                msg.topic.encode(), payload, qos, msg.retain, False, pid, props,
             )
             if max_size and len(packet) > max_size:
                 too_large.append(msg.id)  # would be refused by the server on every attempt
