@@ -106,9 +106,11 @@ def test_erase_device(tmp_path: Path, gateway_factory: Callable[..., GatewayProc
     late.disconnect()
 
 
-def test_erase_refused_while_running(gateway: GatewayProcess) -> None:
+def test_erase_refused_while_running_without_http(gateway: GatewayProcess) -> None:
+    """A running gateway is asked through its HTTP API; without one nothing is erased."""
     r = _cli("erase", "--config", str(gateway.config_path), "--device", "x")
-    assert r.returncode == 1 and "stop the gateway first" in r.stderr
+    assert r.returncode == 1 and "without an HTTP API" in r.stderr
+    assert "nothing was erased" in r.stderr
 
 
 def test_a_store_from_before_origins_is_migrated(tmp_path: Path) -> None:

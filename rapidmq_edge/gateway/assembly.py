@@ -39,6 +39,7 @@ from ..store.disk import DiskSpace
 from ..store.session_store import SessionStore
 from ..uplink.client import MessageCallback, UplinkClient
 from .datadir import lock_data_dir
+from .erasure_live import ErasureGate, LiveErasure
 from .forwarding import ForwardPath, build_forward_path, build_uplinks
 from .operations import OperatorView
 from .updates import build_feedback, build_ota_agent
@@ -149,8 +150,12 @@ class Gateway:
         # ingress
         self.settings = connection_settings(c)
         # the connections' hooks: client activity for the dashboard, then the threat watch
-        self.watch = ClientActivity(self.intelligence.watch if self.intelligence is not None
-                                    else None)
+        # (behind the erasure gate: a client id being erased is refused at CONNECT)
+        self.erasure_gate = ErasureGate(self.intelligence.watch
+                                        if self.intelligence is not None else None)
+        self.watch = ClientActivity(self.erasure_gate)
+        #: erasure while running (POST /api/v1/erase)
+        self.erasure = LiveErasure(self, self.erasure_gate)
         self.registry = ConnectionRegistry(c.mqtt.connect_rate)
         self.servers: list[Any] = []
         self.http: Any = None  # ingress.http.HttpApi when [http] listen is set
@@ -243,6 +248,7 @@ class Gateway:
                                 dashboard=self.dashboard.build)
             if self.feedback is not None:
                 self.http.verdicts = self.feedback.http_verdict
+            self.http.erase = self.erasure.http
             self.bound.extend(await self.http.start())
         if c.coap.listen:
             from ..ingress.coap_server import CoapServer  # aiocoap: only when enabled

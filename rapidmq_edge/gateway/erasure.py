@@ -1,14 +1,16 @@
 """Erasure of everything the gateway holds about one device / client id (issue 18 part 4).
 
-Run with the gateway stopped (the data directory's lock is taken). Erased, each SQLite file
+Run with the gateway stopped (the data directory's lock is taken; a running gateway erases
+through its HTTP API, :mod:`.erasure_live`, with the helpers here). Erased, each SQLite file
 compacted afterwards (``store.erase.scrub``: secure_delete, checkpoint, VACUUM):
 
 * ``broker.db``: the client's session, subscriptions, queued and in-flight deliveries, QoS 2
   state; deliveries to others of messages it published (origin); retained messages it
   published (origin; rows stored before origins were kept: those on a topic with the id as
   a level);
-* ``forward.db``: queued upstream messages on a topic with the id as a level (``queue =
-  "erase"``, the default; ``"report"`` only counts them);
+* ``forward.db``: queued upstream messages it published (rows queued before the queue kept
+  publishers: those on a topic with the id as a level) (``queue = "erase"``, the default;
+  ``"report"`` only counts them);
 * ``ota/ota.sqlite``: incidents (and their verdicts) whose stream or document names it;
 * ``rbac.sqlite``: the client's grants and group memberships;
 * ``status.json`` when it names the id (the gateway writes it again);
@@ -36,10 +38,13 @@ from typing import Any
 
 from ..config import Config
 from ..store.erase import scrub
+from ..store.forward_queue import ORIGIN_WHERE
 from ..store.queue_writer import SCHEMA as QUEUE_SCHEMA
+from ..store.queue_writer import add_origin
 from .datadir import lock_data_dir
 
-__all__ = ["ErasureReport", "UnknownDevice", "erase_device"]
+__all__ = ["ErasureReport", "UnknownDevice", "check_ids", "erase_device", "erase_files",
+           "finish"]
 
 RECEIPTS = Path("audit") / "erasures.jsonl"
 _LEVEL = "instr('/' || {col} || '/', ?) > 0"
@@ -58,11 +63,21 @@ class ErasureReport:
     removed: list[str] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)
     receipt: dict[str, Any] | None = None
+    #: a running gateway's erasure: how long it held the event loop and each store's writer
+    pause_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         """Rows erased plus files removed."""
         return sum(self.erased.values()) + len(self.removed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as the CLI prints it and the HTTP API answers it."""
+        out = {"device_sha256": self.device_sha256, "erased": self.erased,
+               "removed": self.removed, "reported": self.reported, "receipt": self.receipt}
+        if self.pause_ms:
+            out["pause_ms"] = self.pause_ms
+        return out
 
 
 def _broker_deletes(device: str) -> list[tuple[str, str, list[Any]]]:
@@ -187,13 +202,91 @@ def _request_upstream(config: Config, report: ErasureReport, now: float) -> int:
     return len(fw.upstreams)
 
 
+def _forward_deletes(device: str) -> list[tuple[str, str, list[Any]]]:
+    return [("messages", "DELETE FROM messages WHERE " + ORIGIN_WHERE, [device, f"/{device}/"])]
+
+
+def _count_forward(path: Path, device: str) -> int:
+    """Messages of ``device`` waiting in the forward queue at ``path`` (not erased)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        add_origin(db)
+        return int(db.execute("SELECT count(*) FROM messages WHERE " + ORIGIN_WHERE,
+                              (device, f"/{device}/")).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _migrate_forward(path: Path) -> None:
+    """A queue from before publishers were recorded gains ``origin`` (rows: NULL)."""
+    if path.exists():
+        db = sqlite3.connect(path)
+        try:
+            with db:
+                add_origin(db)
+        finally:
+            db.close()
+
+
+def erase_files(config: Config, device: str, report: ErasureReport, *, oscore: bool,
+                token: str | None) -> None:
+    """The stores the broker and the queue do not own (OTA feedback, RBAC grants,
+    status.json) and, on request, the OSCORE context and an HTTP token."""
+    data_dir = config.gateway.data_dir
+    _run(report, "ota", data_dir / "ota" / "ota.sqlite", _ota_deletes(device))
+    rbac = config.auth.rbac_db or data_dir / "rbac.sqlite"
+    _run(report, "rbac", rbac, _rbac_deletes(device))
+    status = data_dir / "status.json"
+    if status.exists() and device.encode() in status.read_bytes():
+        status.unlink()
+        report.removed.append(str(status))
+    if oscore and config.coap.oscore_dir is not None:
+        ctx = config.coap.oscore_dir / device
+        if ctx.is_dir() and ctx.resolve().parent == config.coap.oscore_dir.resolve():
+            for f in ctx.iterdir():
+                if f.is_file():
+                    f.write_bytes(b"\x00" * f.stat().st_size)
+            shutil.rmtree(ctx)
+            report.removed.append(str(ctx))
+    if token is not None and config.http.tokens_file is not None:
+        from ..security.tokens import remove_token
+
+        if remove_token(config.http.tokens_file, token):
+            report.removed.append(f"token {token}")
+        else:
+            report.reported.append(f"token {token}: no such token")
+
+
+def check_ids(device: str, queue: str) -> None:
+    """Raise ValueError for an id or a queue mode that cannot be erased."""
+    if not device or "\x00" in device:
+        raise ValueError("a device id must be a non-empty client id")
+    if queue not in ("erase", "report"):
+        raise ValueError('queue must be "erase" or "report"')
+
+
+def finish(config: Config, device: str, report: ErasureReport, passphrase: bytes | None,
+           when: float) -> None:
+    """Raise UnknownDevice when nothing was erased; else report files still naming the id
+    and write the signed receipt."""
+    data_dir = config.gateway.data_dir
+    if report.total == 0:
+        raise UnknownDevice(f"nothing is held about {device!r} in {data_dir}")
+    for hit in _files_naming(data_dir, device.encode()):
+        report.reported.append(f"{hit.relative_to(data_dir)} still holds the id")
+    report.reported.append("messages already forwarded upstream: an erasure request "
+                           "tells the cloud side")
+    report.receipt = _receipt(data_dir, report, passphrase, when)
+
+
 def erase_device(config: Config, device: str, *, oscore: bool = False,
                  token: str | None = None, queue: str = "erase",
                  passphrase: bytes | None = None, now: float | None = None) -> ErasureReport:
     """Erase what is held about ``device`` (a client id); raises UnknownDevice when nothing
     is, DataDirLocked while a gateway runs on the data directory."""
-    if not device or "\x00" in device:
-        raise ValueError("a device id must be a non-empty client id")
+    check_ids(device, queue)
     when = time.time() if now is None else now
     data_dir = config.gateway.data_dir
     lock = lock_data_dir(data_dir)
@@ -201,45 +294,13 @@ def erase_device(config: Config, device: str, *, oscore: bool = False,
         report = ErasureReport(hashlib.sha256(device.encode()).hexdigest())
         _run(report, "broker", data_dir / "broker.db", _broker_deletes(device))
         forward = data_dir / "forward.db"
-        level_sql = "DELETE FROM messages WHERE " + _LEVEL.format(col="topic")
+        _migrate_forward(forward)
         if queue == "erase":
-            _run(report, "forward", forward, [("messages", level_sql, [f"/{device}/"])])
-        elif forward.exists():
-            db = sqlite3.connect(forward)
-            n = db.execute("SELECT count(*) FROM messages WHERE "
-                           + _LEVEL.format(col="topic"), (f"/{device}/",)).fetchone()[0]
-            db.close()
-            if n:
-                report.reported.append(f"forward queue: {n} queued messages kept (queue=report)")
-        _run(report, "ota", data_dir / "ota" / "ota.sqlite", _ota_deletes(device))
-        rbac = config.auth.rbac_db or data_dir / "rbac.sqlite"
-        _run(report, "rbac", rbac, _rbac_deletes(device))
-        status = data_dir / "status.json"
-        if status.exists() and device.encode() in status.read_bytes():
-            status.unlink()
-            report.removed.append(str(status))
-        if oscore and config.coap.oscore_dir is not None:
-            ctx = config.coap.oscore_dir / device
-            if ctx.is_dir() and ctx.resolve().parent == config.coap.oscore_dir.resolve():
-                for f in ctx.iterdir():
-                    if f.is_file():
-                        f.write_bytes(b"\x00" * f.stat().st_size)
-                shutil.rmtree(ctx)
-                report.removed.append(str(ctx))
-        if token is not None and config.http.tokens_file is not None:
-            from ..security.tokens import remove_token
-
-            if remove_token(config.http.tokens_file, token):
-                report.removed.append(f"token {token}")
-            else:
-                report.reported.append(f"token {token}: no such token")
-        if report.total == 0:
-            raise UnknownDevice(f"nothing is held about {device!r} in {data_dir}")
-        for hit in _files_naming(data_dir, device.encode()):
-            report.reported.append(f"{hit.relative_to(data_dir)} still holds the id")
-        report.reported.append("messages already forwarded upstream: an erasure request "
-                               "tells the cloud side")
-        report.receipt = _receipt(data_dir, report, passphrase, when)
+            _run(report, "forward", forward, _forward_deletes(device))
+        elif n := _count_forward(forward, device):
+            report.reported.append(f"forward queue: {n} queued messages kept (queue=report)")
+        erase_files(config, device, report, oscore=oscore, token=token)
+        finish(config, device, report, passphrase, when)
         queued = _request_upstream(config, report, when)
         if queued:
             report.reported.append(f"erasure request queued for {queued} upstream(s)")

@@ -5,6 +5,8 @@
 * ``GET  /api/v1/health``    gateway id, uptime, clients, forwarding summary (no token)
 * ``POST /api/v1/incidents/{id}`` an operator's verdict on an incident (admin token;
                              :mod:`.incidents_http`), when the gateway gives a hook
+* ``POST /api/v1/erase``     erase what is held about a device (admin token;
+                             :mod:`.erase_http`), when the gateway gives a hook
 * ``/dashboard``             the live dashboard, when the gateway gives it a snapshot
                              (:mod:`.dashboard`)
 
@@ -39,6 +41,7 @@ from ..config.ingress import HttpSettings
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.tokens import Token, TokenDB, TokensFileError
 from ..telemetry import RepeatedLog
+from .erase_http import EraseHook, add_erase_routes
 from .incidents_http import VerdictHook, add_incident_routes
 from .ops_http import OpsHooks, add_ops_routes
 
@@ -198,6 +201,8 @@ class HttpApi:
         self.broker = broker
         #: verdicts on incidents (:mod:`.incidents_http`); set before :meth:`start`
         self.verdicts: VerdictHook | None = None
+        #: erasure of a device (:mod:`.erase_http`); set before :meth:`start`
+        self.erase: EraseHook | None = None
         #: /metrics, /livez, /readyz (:mod:`.ops_http`), when the gateway gives them
         self.ops = ops
         #: messages handed to the broker, by QoS (the ``protocol="http"`` series)
@@ -232,6 +237,8 @@ class HttpApi:
         app.router.add_get(f"{API}/health", self.health)
         if self.verdicts is not None:
             add_incident_routes(app, self.verdicts, self._authenticate, API)
+        if self.erase is not None:
+            add_erase_routes(app, self.erase, self._authenticate, API)
         if self.ops is not None:
             add_ops_routes(app, self.ops, self._authenticate)
         if self.dashboard is not None:

@@ -34,7 +34,7 @@ class Queue(Protocol):
 
     def put(
         self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
-        props: bytes = b"", ttl: float | None = None,
+        props: bytes = b"", ttl: float | None = None, origin: str | None = None,
     ) -> int: ...
 
 
@@ -42,7 +42,7 @@ class Protection(Protocol):
     """The protection of ``encrypt``/``sign`` rules (:class:`~.protect.Protector`)."""
 
     def put(self, rule: ForwardRule, topic: str, payload: bytes, qos: int, props: bytes,
-            ttl: float | None) -> int: ...
+            ttl: float | None, origin: str | None = None) -> int: ...
 
 
 def _tenant_prefix(prefix: str, tenant: str | None) -> str:
@@ -105,17 +105,17 @@ class Forwarder:
         return found
 
     def put(self, rule: ForwardRule, priority: int, up_topic: str, payload: bytes,
-            props: bytes, ttl: float | None) -> None:
+            props: bytes, ttl: float | None, origin: str | None = None) -> None:
         """Queue one message of ``rule`` in class ``priority``: sealed and / or signed when
-        the rule says so; ``props`` are its encoded MQTT properties. Raises like
-        ``ForwardQueue.put`` (QueueFull, QueueError)."""
+        the rule says so; ``props`` are its encoded MQTT properties, ``origin`` its
+        publisher's client id. Raises like ``ForwardQueue.put`` (QueueFull, QueueError)."""
         if self.protect is not None and (rule.encrypt or rule.sign):
             if priority != rule.priority:
                 rule = replace(rule, priority=priority)
-            self.protect.put(rule, up_topic, payload, min(rule.qos, 1), props, ttl)
+            self.protect.put(rule, up_topic, payload, min(rule.qos, 1), props, ttl, origin)
         else:
             self.queue.put(rule.upstream, priority, up_topic, payload, min(rule.qos, 1), props,
-                           ttl)
+                           ttl, origin)
 
     def _accepting_again(self, upstream: str) -> None:
         for key in [k for k in self._refusing if k.startswith(upstream + ":")]:
@@ -146,7 +146,7 @@ class Forwarder:
                 ttl = min(ttl, remaining) if ttl else remaining
             prio = rule.priority if scored is None or rule.priority_explicit else scored
             try:
-                self.put(rule, prio, up_topic, msg.payload, props, ttl)
+                self.put(rule, prio, up_topic, msg.payload, props, ttl, msg.origin)
             except Exception as exc:  # QueueFull, QueueError: do not acknowledge
                 self.refused += 1
                 key = f"{rule.upstream}:{type(exc).__name__}"

@@ -196,7 +196,7 @@ class Protector:
 
     def put(
         self, rule: ForwardRule, topic: str, payload: bytes, qos: int, props: bytes,
-        ttl: float | None,
+        ttl: float | None, origin: str | None = None,
     ) -> int:
         """Queue one message of a protected rule (sealed if ``encrypt``, logged if ``sign``).
 
@@ -235,7 +235,7 @@ class Protector:
             leaf = accel.leaf(prefix, payload)
         if up in self._framed:
             props = FRAME_PROPS  # tells the uplink to frame the id (3.1.1 sends no properties)
-        got = queue.put(up, priority, topic, payload, qos, props, ttl)
+        got = queue.put(up, priority, topic, payload, qos, props, ttl, origin)
         if got != mid:  # pragma: no cover - the queue assigns ids in order
             raise RuntimeError(f"queue id {got} != expected {mid}")
         if sign:

@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,13 +41,14 @@ from .queue_writer import (
     SCHEMA,
     QueueWriter,
     Row,
+    add_origin,
 )
 from .salvage import read_salvageable
 from .sqlite_files import connect, move_aside, open_or_move_aside, prepare
 
 __all__ = [
-    "DEFAULT_CLASSES", "DELETE_DELAY", "PRIORITIES", "ClassLimits", "ForwardQueue", "Policy",
-    "QueueError", "QueueFull", "QueuedMessage", "Row",
+    "DEFAULT_CLASSES", "DELETE_DELAY", "ORIGIN_WHERE", "PRIORITIES", "ClassLimits",
+    "ForwardQueue", "Policy", "QueueError", "QueueFull", "QueuedMessage", "Row",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,19 @@ _READ_SQL = "SELECT id, topic, payload, qos, props FROM messages WHERE id"
 _ID_GAP_UNKNOWN = 1 << 32
 #: ``drops`` reason -> its ``class_drops`` kind when the caller gives none
 _KINDS = {"dropped_oldest": "queue_full", "refused": "queue_full", "expired": "ttl_expired"}
+#: the rows an erasure of a device removes (parameters: its id, ``/id/``): those it
+#: published; of rows stored before the queue kept publishers, those naming it as a level
+ORIGIN_WHERE = "origin = ? OR (origin IS NULL AND instr('/' || topic || '/', ?) > 0)"
+
+
+def _select_origin(path: Path, where: str, params: tuple[str, str]) -> list[tuple[Any, ...]]:
+    """(id, upstream, priority) of the stored rows ``where`` selects (own connection)."""
+    db = connect(path)
+    try:
+        return db.execute(f"SELECT id, upstream, priority FROM messages WHERE {where}",
+                          params).fetchall()
+    finally:
+        db.close()
 
 
 @dataclass(slots=True)
@@ -162,6 +176,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         prepare(db, self.durability, SCHEMA)
+        add_origin(db)
         # multi-row INSERTs stage their rows in a temporary table: keep it off the disk
         db.execute("PRAGMA temp_store=MEMORY")
         # the index is loaded from the table: make sure all of it can be read
@@ -238,11 +253,12 @@ class ForwardQueue(QueueBounds, QueueWriter):
 
     def put(
         self, upstream: str, priority: int, topic: str, payload: bytes, qos: int = 1,
-        props: bytes = b"", ttl: float | None = None,
+        props: bytes = b"", ttl: float | None = None, origin: str | None = None,
     ) -> int:
         """Queue a message for ``upstream``; return its id. Raises QueueFull when refused.
 
-        ``props`` are the message's encoded properties, stored and handed back as they are.
+        ``props`` are the message's encoded properties, stored and handed back as they are;
+        ``origin`` is its publisher's client id (what an erasure of that device removes).
         """
         if priority not in self.classes:
             raise ValueError(f"unknown priority class {priority}")
@@ -263,7 +279,7 @@ class ForwardQueue(QueueBounds, QueueWriter):
         self._next_id += 1
         expires = now + ttl if ttl is not None else None
         self._ins[mid] = (mid, upstream, priority, topic, bytes(payload), qos, props, now,
-                          expires, size)
+                          expires, size, origin)
         lane.append(mid, size, now, expires or 0.0)
         self._total_bytes += size
         self._pending_bytes += size
@@ -485,6 +501,55 @@ class ForwardQueue(QueueBounds, QueueWriter):
         """Ids handed out for ``upstream`` and not yet acked or requeued."""
         return sorted(m for (u, _), lane in self._lanes.items() if u == upstream
                       for m in lane.inflight)
+
+    # -- erasure ---------------------------------------------------------------------
+
+    async def erase_origin(self, origin: str) -> int:
+        """Take every queued message ``origin`` published out of the queue (rows stored
+        before the queue kept publishers: those on a topic with the id as a level); their
+        rows are deleted with the next commit. How many (in flight ones included: a late
+        ack of one finds nothing)."""
+        found = await self._origin_ids(origin)
+        n = 0
+        for mid, (up, prio) in sorted(found.items()):
+            lane = self._lanes.get((up, prio))
+            if lane is None:
+                continue
+            e = lane.inflight.pop(mid, None)
+            if e is not None:
+                size = e[0]
+                lane.msgs -= 1
+                lane.bytes -= size
+            else:
+                i = bisect_left(lane.ids, mid, lane.h)
+                if i >= len(lane.ids) or lane.ids[i] != mid:
+                    continue  # acked or dropped meanwhile
+                size = lane.sizes[i]
+                lane.remove_range(mid, mid)
+            self._forget(mid, size, "")
+            n += 1
+        return n
+
+    async def count_origin(self, origin: str) -> int:
+        """How many queued messages ``origin`` published (as ``erase_origin`` sees them)."""
+        found = await self._origin_ids(origin)
+        return sum(1 for mid, key in found.items() if (lane := self._lanes.get(key))
+                   is not None and (mid in lane.inflight or mid in lane.ids[lane.h:]))
+
+    async def _origin_ids(self, origin: str) -> dict[int, tuple[str, int]]:
+        """id -> (upstream, class) of rows ``origin`` published, in memory and stored."""
+        level = f"/{origin}/"
+
+        def mine(r: Row) -> bool:
+            return r[10] == origin or (r[10] is None and level in f"/{r[3]}/")
+
+        found = {r[0]: (r[1], r[2]) for rows in (self._writing, self._ins, self._cache)
+                 for r in rows.values() if mine(r)}
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(None, _select_origin, self.path, ORIGIN_WHERE,
+                                            (origin, level))
+        found.update({mid: (up, prio) for mid, up, prio in stored})
+        return found
 
     # -- counters, closing -----------------------------------------------------------
 

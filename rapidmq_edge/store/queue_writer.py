@@ -33,7 +33,7 @@ from .disk import DiskSpace, is_disk_full
 from .errors import QueueError
 from .lanes import Lane
 
-__all__ = ["COLUMNS", "DELETE_DELAY", "INSERT", "QueueWriter", "Row", "SCHEMA"]
+__all__ = ["COLUMNS", "DELETE_DELAY", "INSERT", "QueueWriter", "Row", "SCHEMA", "add_origin"]
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,31 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, priority INTEGER NOT NULL,
     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB NOT NULL,
-    created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL);
+    created REAL NOT NULL, expires_at REAL, size INTEGER NOT NULL, origin TEXT);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
+#: the columns a salvage copies (a damaged file may predate ``origin``: it is not copied)
 COLUMNS = "id, upstream, priority, topic, payload, qos, props, created, expires_at, size"
 INSERT = f"INSERT INTO messages ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_CHUNK = 1024  # rows per multi-row INSERT (10 variables each; SQLite allows 32766)
+#: a put's row: the salvaged columns and its publisher's client id (``origin``)
+_ROW_INSERT = f"INSERT INTO messages ({COLUMNS}, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CHUNK = 1024  # rows per multi-row INSERT (11 variables each; SQLite allows 32766)
 #: longest wait of acks' and drops' deletes for a batch of puts to ride along with (s)
 DELETE_DELAY = 0.1
 #: ids per delete transaction while commits fail for lack of space (each needs WAL room)
 _SMALL_DELETE = 512
 
-# row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size
-Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int]
+# row: id, upstream, priority, topic, payload, qos, props blob, created, expires_at, size,
+# origin (the publisher's client id; None: the gateway's own or unknown)
+Row = tuple[int, str, int, str, bytes, int, bytes, float, float | None, int, str | None]
+
+
+def add_origin(db: sqlite3.Connection) -> None:
+    """A queue written before rows kept their publisher (the erasure of a device's queued
+    messages needs it) gains the column: its rows have origin NULL (publisher unknown)."""
+    columns = [r[1] for r in db.execute("PRAGMA table_info(messages)")]
+    if "origin" not in columns:
+        db.execute("ALTER TABLE messages ADD COLUMN origin TEXT")
 
 #: what a cached row costs in Python objects beyond its topic, payload and properties
 #: (the row tuple, its id and time, the OrderedDict slot: ~350 bytes measured with
@@ -392,7 +404,7 @@ def _resolve(
 @lru_cache(maxsize=16)
 def _insert_sql(n: int) -> str:
     """``INSERT`` of ``n`` rows in one statement."""
-    return INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+    return _ROW_INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
