@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
 from ..mqtt.errors import MqttError
+from ..mqtt.mountpoint import TenantMount
 from ..mqtt.packets import MQTT_5, Connack, Connect, Packet
 from .broker import Broker
+from .client_certificate import certificate_cn
 from .negotiation import ConnectionSettings, negotiate
 from .policy import AccessPolicy, BehaviourObserver
 from .session import Session
@@ -52,6 +55,7 @@ class ConnectHandshake:
     session: Session | None
     client_id: str
     username: str | None
+    mount: TenantMount | None
     closed: bool
     send_quota: int
     max_out_size: int
@@ -109,7 +113,12 @@ class ConnectHandshake:
                 return self._refuse(rc.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.assign_client_id()
             assigned = True
-        reason = self.access.quick_authenticate(p.username, p.password)
+        # a verified client certificate may name the user (use_cn_as_username) and log it in
+        username, reason = self.access.certificate_login(p.username, certificate_cn(self.transport))
+        if username != p.username:
+            p = replace(p, username=username, password=None)
+        if reason is None:
+            reason = self.access.quick_authenticate(p.username, p.password)
         if reason is None:  # a password hash to check: off the event loop
             self._held = []
             self.transport.pause_reading()
@@ -149,7 +158,11 @@ class ConnectHandshake:
         if reason:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
-        will = p.will
+        # the client's identity for role rules; its tenant's mountpoint when invisible
+        prefix = self.access.accept_identity(client_id, p.username,
+                                             certificate_cn(self.transport))
+        mount = None if prefix is None else TenantMount(prefix)
+        will = p.will if p.will is None or mount is None else mount.will(p.will)
         if will is not None and (will.topic.startswith("$SYS") or not self.access.can_publish(
                 p.username, client_id, will.topic, will.qos, will.retain)):
             log.info("client %s (%s) refused: not authorised to publish its will to %s",
@@ -179,7 +192,12 @@ class ConnectHandshake:
         else:  # everything written until then (resends, acks, ...) waits behind it
             self._connack = connack
             fut.add_done_callback(self._connack_committed)
-        session.will = p.will
+        session.will = will
+        if mount is not None:  # topics rewritten at the edges from now on
+            from .mounted_connection import MountedConnection
+
+            self.mount = mount
+            self.__class__ = MountedConnection  # type: ignore[assignment]
         self._cancel_keep_alive()
         if ka:
             self._arm_keep_alive(ka * 1.5)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from ..mqtt import reasons as rc
 from ..mqtt.codec import PacketReader, encode, encode_publish
 from ..mqtt.errors import MqttError, UnsupportedProtocolVersion
+from ..mqtt.mountpoint import TenantMount
 from ..mqtt.packets import (
     AUTH,
     CONNECT,
@@ -88,7 +89,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         "_acks", "_connack", "_connect_refusal", "_inbound_unacked", "publish_rate",
         "publish_burst", "_tokens", "_linger", "_token_time", "_paused", "_ack_backlog",
         "_held", "write_paused", "_paused_since", "_pressure_waiters", "_pressure",
-        "_acl_cache",
+        "_acl_cache", "mount",
     )
 
     def __init__(
@@ -157,6 +158,8 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self._pressure: asyncio.TimerHandle | None = None
         #: PUBLISH decisions of the ACL: (rules generation, {(topic, qos, retain): allowed})
         self._acl_cache: tuple[int, dict[tuple[str, int, bool], bool]] | None = None
+        #: a tenant's invisible mountpoint (then this is a MountedConnection), else None
+        self.mount: TenantMount | None = None
 
     # -- bytes in ------------------------------------------------------------------
 

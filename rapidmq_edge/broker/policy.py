@@ -23,6 +23,17 @@ class AccessPolicy(Protocol):
     async def authenticate(self, username: str | None, password: bytes | None) -> int:
         """0 or a CONNACK reason code (may hash the password in a thread)."""
 
+    def certificate_login(self, username: str | None,
+                          cert_cn: str | None) -> tuple[str | None, int | None]:
+        """The user name a client is known by and, when its TLS certificate (subject CN
+        ``cert_cn``, None without one) decides, 0 or a CONNACK reason code; None: the
+        password decides (``authenticate``)."""
+
+    def accept_identity(self, client_id: str, username: str | None,
+                        cert_cn: str | None) -> str | None:
+        """A CONNECT is accepted with this identity (kept for the role rules). Returns the
+        mountpoint its topics are invisibly placed below (a tenant's), or None."""
+
     def can_publish(self, username: str | None, client_id: str, topic: str,
                     qos: int | None = None, retain: bool | None = None) -> bool:
         """May this client publish (``qos`` / ``retain``: for rules qualified by them)?"""

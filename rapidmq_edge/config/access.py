@@ -9,7 +9,10 @@ from typing import Literal, cast
 from ..mqtt.topics import valid_topic_filter
 from .checks import Table, boolean, config_error, items, one_of, path_under, show, string
 
-__all__ = ["AclRule", "AuthSettings", "parse_acl", "parse_auth"]
+__all__ = ["AclRule", "AuthSettings", "TENANT_SOURCES", "parse_acl", "parse_auth"]
+
+TenantSource = Literal["none", "username_prefix", "user_attribute", "certificate"]
+TENANT_SOURCES = ("none", "username_prefix", "user_attribute", "certificate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +28,18 @@ class AuthSettings:
     acl_default: Literal["allow", "deny"] = "allow"
     rbac: bool = False
     rbac_db: Path | None = None
-    #: where a client's tenant comes from: none, username_prefix or user_attribute
-    tenant_source: Literal["none", "username_prefix", "user_attribute"] = "none"
+    #: where a client's tenant comes from: none, username_prefix, user_attribute or
+    #: certificate (the TLS client certificate's CN up to the separator; needs
+    #: use_cn_as_username)
+    tenant_source: TenantSource = "none"
     tenant_separator: str = ":"
     tenant_mountpoint: str = "tenants/${tenant}/"
+    #: False (default): a tenant's clients name topics below its mountpoint without it
+    #: (invisible, as EMQX's listener mountpoints); True: they name the full topics
+    tenant_mountpoint_visible: bool = False
+    #: an MQTT client is known by its TLS client certificate's subject CN, which
+    #: authenticates it (no password); a client without a verified certificate is refused
+    use_cn_as_username: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +55,19 @@ class AclRule:
 
 def parse_auth(data: object, base_dir: Path) -> AuthSettings:
     t = Table(data, "auth", ("allow_anonymous", "users_file", "acl_default", "rbac", "rbac_db",
-                             "tenant_source", "tenant_separator", "tenant_mountpoint"))
+                             "tenant_source", "tenant_separator", "tenant_mountpoint",
+                             "tenant_mountpoint_visible", "use_cn_as_username"))
     rbac = t.get("rbac", boolean, False)
     if rbac and t.data.get("acl_default") == "allow":
         raise config_error(t.sub("acl_default"),
                            '"allow" contradicts rbac = true (outside a role, access is denied); '
                            "remove it or grant a role")
+    source = cast(TenantSource, t.get("tenant_source", one_of(*TENANT_SOURCES), "none"))
+    cn_user = t.get("use_cn_as_username", boolean, False)
+    if source == "certificate" and not cn_user:
+        raise config_error(t.sub("tenant_source"),
+                           '"certificate" needs use_cn_as_username = true (the CN is then the '
+                           "identity every tenant lookup uses; no client can claim another)")
     return AuthSettings(
         allow_anonymous=t.get("allow_anonymous", boolean, True),
         users_file=t.get("users_file", path_under(base_dir), None),
@@ -58,11 +76,11 @@ def parse_auth(data: object, base_dir: Path) -> AuthSettings:
                          or "allow"),
         rbac=rbac,
         rbac_db=t.get("rbac_db", path_under(base_dir), None),
-        tenant_source=cast(
-            Literal["none", "username_prefix", "user_attribute"],
-            t.get("tenant_source", one_of("none", "username_prefix", "user_attribute"), "none")),
+        tenant_source=source,
         tenant_separator=t.get("tenant_separator", _separator, ":"),
         tenant_mountpoint=t.get("tenant_mountpoint", _mountpoint, "tenants/${tenant}/"),
+        tenant_mountpoint_visible=t.get("tenant_mountpoint_visible", boolean, False),
+        use_cn_as_username=cn_user,
     )
 
 

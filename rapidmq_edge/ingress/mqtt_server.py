@@ -122,6 +122,11 @@ class WebSocketTransport:
     def get_write_buffer_size(self) -> int:
         return self._size
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The TLS connection's (``peercert``: the client certificate of wss://)."""
+        transport = getattr(self.ws, "transport", None)
+        return default if transport is None else transport.get_extra_info(name, default)
+
     def pause_reading(self) -> None:
         self._readable.clear()
 
@@ -207,6 +212,10 @@ def openssl_offers_hybrid_mlkem() -> bool:
 
 def make_ssl_context(cert: str, key: str, client_ca: str | None, require: bool) -> ssl.SSLContext:
     """A server TLS context: TLS 1.2+ (1.3 preferred), optional client certificates.
+
+    A client certificate verified against ``client_ca`` names the client: its subject CN
+    (:func:`~rapidmq_edge.broker.client_certificate.certificate_cn`) is the ``${cert_cn}``
+    of role rules and, with ``[auth] use_cn_as_username``, its user name.
 
     Key exchange groups are OpenSSL's defaults: hybrid X25519MLKEM768 where the linked
     OpenSSL offers it (see :func:`openssl_offers_hybrid_mlkem`), classical otherwise.

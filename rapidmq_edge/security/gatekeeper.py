@@ -25,7 +25,8 @@ class Gatekeeper:
     """Answers the broker's authentication and authorisation questions."""
 
     def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl,
-                 rbac: LiveRbac | None = None, tenants: TenantScope | None = None) -> None:
+                 rbac: LiveRbac | None = None, tenants: TenantScope | None = None,
+                 mountpoint_visible: bool = False, cn_as_username: bool = False) -> None:
         self.allow_anonymous = allow_anonymous
         self.users = users
         self.acl = acl
@@ -33,6 +34,13 @@ class Gatekeeper:
         self.rbac = rbac
         #: with ``[auth] tenant_source``: each tenant's clients confined to its mountpoint
         self.tenants = tenants if tenants is not None and tenants.enabled else None
+        #: True: tenant clients name the full topics (no rewrite, the guard only)
+        self.mountpoint_visible = mountpoint_visible
+        #: MQTT clients are known by their certificate's CN (``use_cn_as_username``)
+        self.cn_as_username = cn_as_username
+        #: client id -> subject CN of the TLS client certificate it last connected with
+        self.cert_cns: dict[str, str] = {}
+        self._identity_epoch = 0  # moves when a client id's certificate CN changes
         #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
         self.watch: Any = None
 
@@ -44,17 +52,50 @@ class Gatekeeper:
         users = UserDB.load(users_file) if users_file is not None else None
         tenants = TenantScope(a.tenant_source, a.tenant_separator, a.tenant_mountpoint,
                               (lambda: users.tenants) if users is not None else None)
+        cert_cns: dict[str, str] = {}
         rbac = None
         if a.rbac:
             path = a.rbac_db or config.gateway.data_dir / "rbac.sqlite"
             rbac = LiveRbac(path, acl_role([(r.user, r.topic, r.action, r.access)
-                                            for r in config.acl]), tenant_of=tenants.tenant_of)
-        return cls(a.allow_anonymous, users, Acl.from_config(config), rbac, tenants)
+                                            for r in config.acl]), tenant_of=tenants.tenant_of,
+                            cert_cn_of=cert_cns.get)
+        gk = cls(a.allow_anonymous, users, Acl.from_config(config), rbac, tenants,
+                 a.tenant_mountpoint_visible, a.use_cn_as_username)
+        gk.cert_cns = cert_cns
+        return gk
 
     @property
     def generation(self) -> int:
         """Identifies the rules in force: changes whenever they do (0: static ``[[acl]]``)."""
-        return self.rbac.policy().generation if self.rbac is not None else 0
+        # both only grow, so their sum moves whenever either does
+        return (self.rbac.policy().generation + self._identity_epoch
+                if self.rbac is not None else 0)
+
+    def certificate_login(self, username: str | None,
+                          cert_cn: str | None) -> tuple[str | None, int | None]:
+        """With ``use_cn_as_username``: (the CN, 0), or refused without a certificate;
+        otherwise the user name stays and the password decides."""
+        if not self.cn_as_username:
+            return username, None
+        if cert_cn is None:
+            return username, rc.NOT_AUTHORIZED
+        return cert_cn, 0
+
+    def accept_identity(self, client_id: str, username: str | None,
+                        cert_cn: str | None) -> str | None:
+        """Keep the client's certificate CN (``${cert_cn}`` of role rules); return its
+        tenant's mountpoint when the mountpoint is invisible, else None."""
+        if self.cert_cns.get(client_id) != cert_cn:
+            if cert_cn is None:
+                del self.cert_cns[client_id]
+            else:
+                self.cert_cns[client_id] = cert_cn
+            if self.rbac is not None:  # rules bound to the old CN are bound again
+                self.rbac.policy().identity_changed(client_id)
+                self._identity_epoch += 1
+        if self.tenants is None or self.mountpoint_visible:
+            return None
+        return self.tenants.mount(username)
 
     @property
     def read_check(self) -> ReadCheck | None:
@@ -87,7 +128,7 @@ class Gatekeeper:
     def can_publish(self, username: str | None, client_id: str, topic: str,
                     qos: int | None = None, retain: bool | None = None) -> bool:
         """Decision for PUBLISH (RBAC qualifiers see ``qos`` / ``retain`` when given)."""
-        if self.tenants is not None and not self.tenants.allows_topic(username, topic):
+        if self.tenants is not None and not self.tenants.allows_publish(username, topic):
             return False
         if self.rbac is not None:
             return self.rbac.policy().can_publish(username, client_id, topic, qos, retain)

@@ -435,7 +435,8 @@ class RbacPolicy:
 
     def __init__(self, model: RbacModel, config_role: Role | None = None,
                  generation: int = 0,
-                 tenant_of: Callable[[str | None], str | None] | None = None) -> None:
+                 tenant_of: Callable[[str | None], str | None] | None = None,
+                 cert_cn_of: Callable[[str], str | None] | None = None) -> None:
         self.model = model
         self.config_role = config_role
         self.generation = generation
@@ -445,13 +446,16 @@ class RbacPolicy:
             r.user is not None for r in config_role.rules)
         self._decisions: dict[tuple[object, ...], bool] = {}
         self._tenant_of = tenant_of
+        #: client id -> the subject CN of the TLS certificate it connected with
+        self._cert_cn_of = cert_cn_of
         self.rule_count = sum(len(r.rules) for r in model.roles.values()) + (
             len(config_role.rules) if config_role else 0)
 
     def identity(self, username: str | None, client_id: str) -> Identity:
         """The placeholders of a client."""
         tenant = self._tenant_of(username) if self._tenant_of is not None else None
-        return Identity(username, client_id, tenant)
+        cn = self._cert_cn_of(client_id) if self._cert_cn_of is not None else None
+        return Identity(username, client_id, tenant, cn)
 
     def _ordered(self, username: str | None, roles: Sequence[str]) -> list[Rule]:
         out: list[tuple[int, int, str, int, Rule]] = []
@@ -512,6 +516,13 @@ class RbacPolicy:
     def forget(self, username: str | None, client_id: str) -> None:
         """Drop what is cached for one client (its decisions age out of the bounded cache)."""
         self._identities.pop((username, client_id), None)
+
+    def identity_changed(self, client_id: str) -> None:
+        """A client id connected with another certificate: its bound rules and the cached
+        decisions (all of them: this is rare, at CONNECT) are made again."""
+        for key in [k for k in self._identities if k[1] == client_id]:
+            del self._identities[key]
+        self._decisions.clear()
 
     def can_publish(self, username: str | None, client_id: str, topic: str,
                     qos: int | None = None, retain: bool | None = None) -> bool:

@@ -29,11 +29,13 @@ class LiveRbac:
 
     def __init__(self, path: Path, config_role: Role | None, interval: float = 0.5,
                  tenant_of: Callable[[str | None], str | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cert_cn_of: Callable[[str], str | None] | None = None) -> None:
         self.path = path
         self.config_role = config_role
         self.interval = interval
         self.tenant_of = tenant_of
+        self.cert_cn_of = cert_cn_of
         self.clock = clock
         try:
             self._store = RbacStore(path)
@@ -42,7 +44,7 @@ class LiveRbac:
             raise ConfigError(f"auth.rbac_db: {path}: {exc} (fix it with rapidmq-edge role / "
                               "group / user, or restore a backup)", "auth.rbac_db") from None
         self._repeats = RepeatedLog(log)
-        self._policy = RbacPolicy(model, config_role, gen, tenant_of)
+        self._policy = RbacPolicy(model, config_role, gen, tenant_of, cert_cn_of)
         self._checked = clock()
 
     @property
@@ -74,7 +76,8 @@ class LiveRbac:
 
     def replace(self, generation: int, model: RbacModel) -> None:
         """Put ``model`` in force (a fresh decision cache)."""
-        self._policy = RbacPolicy(model, self.config_role, generation, self.tenant_of)
+        self._policy = RbacPolicy(model, self.config_role, generation, self.tenant_of,
+                                  self.cert_cn_of)
         log.info("RBAC rules generation %d in force: %d roles, %d rules", generation,
                  len(model.roles), self._policy.rule_count)
 

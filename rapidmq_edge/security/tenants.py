@@ -3,14 +3,21 @@
 A tenant is derived from the credentials (``[auth] tenant_source``):
 
 * ``username_prefix``: the user name up to ``tenant_separator`` (``acme:alice`` -> ``acme``);
-* ``user_attribute``: the ``tenant`` key of the user's entry in the users file.
+* ``user_attribute``: the ``tenant`` key of the user's entry in the users file;
+* ``certificate``: the TLS client certificate's subject CN up to ``tenant_separator``
+  (``acme:dev-1`` -> ``acme``); with ``use_cn_as_username`` the CN is the user name, so
+  this is the user-name rule applied to a name only a certificate can give.
 
-A client with a tenant may only name topics under its mountpoint (``tenant_mountpoint``,
-default ``tenants/${tenant}/``): it publishes, subscribes (``$share/g/`` stripped) and
-receives there and nowhere else, so ``#``, ``+/#``, ``$share/g/#`` and ``$SYS/#`` are refused
-and its wills and retained messages stay in its tenant. This guard runs before any role or
-``[[acl]]`` rule; clients without a tenant (operators, anonymous ones) are left to the rules.
-Pure functions; :class:`~.gatekeeper.Gatekeeper` applies them.
+A client with a tenant only reaches topics under its mountpoint (``tenant_mountpoint``,
+default ``tenants/${tenant}/``). By default the mountpoint is invisible: the client names
+``sensors/t`` and the broker holds ``tenants/acme/sensors/t`` (the rewrite is
+:class:`~rapidmq_edge.mqtt.mountpoint.TenantMount`, applied by the connection). Either way
+the guard below checks the broker's topics: it publishes, subscribes (``$share/g/``
+stripped) and receives under the mountpoint and nowhere else, never publishes to its
+``$`` topics (its ``$SYS`` view is the gateway's), and its wills and retained messages stay
+in its tenant. The guard runs before any role or ``[[acl]]`` rule; clients without a tenant
+(operators, anonymous ones) are left to the rules. Pure functions;
+:class:`~.gatekeeper.Gatekeeper` applies them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from ..mqtt.topics import parse_shared
 
 __all__ = ["TENANT_SOURCES", "TenantScope", "valid_tenant"]
 
-TENANT_SOURCES = ("none", "username_prefix", "user_attribute")
+TENANT_SOURCES = ("none", "username_prefix", "user_attribute", "certificate")
 
 
 def valid_tenant(name: str) -> bool:
@@ -54,7 +61,7 @@ class TenantScope:
         """The tenant of a user name; None when it has none (or an unusable one)."""
         if username is None or self.source == "none":
             return None
-        if self.source == "username_prefix":
+        if self.source in ("username_prefix", "certificate"):
             head, sep, _rest = username.partition(self.separator)
             tenant = head if sep else None
         else:
@@ -70,6 +77,12 @@ class TenantScope:
         """May this user name a topic (publish, receive)?"""
         mount = self.mount(username)
         return mount is None or topic.startswith(mount)
+
+    def allows_publish(self, username: str | None, topic: str) -> bool:
+        """May this user publish to ``topic``? Under its mountpoint, not a ``$`` topic."""
+        mount = self.mount(username)
+        return mount is None or (topic.startswith(mount) and topic[len(mount):len(mount) + 1]
+                                 not in ("$", ""))
 
     def allows_filter(self, username: str | None, filt: str) -> bool:
         """May this user subscribe to ``filt``? Its literal levels must spell the mountpoint."""
