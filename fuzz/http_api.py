@@ -77,6 +77,10 @@ class _Access:
                       qos: int | None = None) -> bool:
         return not filt.startswith("deny")
 
+    def accept_identity(self, client_id: str, username: str | None,
+                        cert_cn: str | None) -> str | None:
+        return None  # no tenant: topics as named
+
 
 class _Transport(asyncio.Transport):
     """Collects what the server writes; closing is remembered, nothing is sent."""

@@ -34,6 +34,9 @@ class AccessPolicy(Protocol):
         """A CONNECT is accepted with this identity (kept for the role rules). Returns the
         mountpoint its topics are invisibly placed below (a tenant's), or None."""
 
+    def mountpoint_of(self, username: str | None) -> str | None:
+        """The invisible mountpoint of this user's tenant (CoAP, HTTP), or None."""
+
     def can_publish(self, username: str | None, client_id: str, topic: str,
                     qos: int | None = None, retain: bool | None = None) -> bool:
         """May this client publish (``qos`` / ``retain``: for rules qualified by them)?"""

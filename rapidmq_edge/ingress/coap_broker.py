@@ -41,6 +41,7 @@ from ..coap.pubsub import (
     topic_configuration,
 )
 from ..config.ingress import CoapSettings
+from ..mqtt.mountpoint import TenantMount
 from ..mqtt.topics import is_wildcard, valid_topic_name
 
 __all__ = ["OBSERVE_QUEUE", "CoapBroker"]
@@ -78,6 +79,7 @@ class CoapBroker:
         self._obs_ids = 0
         #: publications handed to the broker, by QoS (the ``protocol="coap"`` series)
         self.published_by_qos = [0, 0, 0]
+        self._mounts: dict[str, TenantMount] = {}
 
     # -- who is asking -------------------------------------------------------------
 
@@ -92,6 +94,22 @@ class CoapBroker:
             remote_id = getattr(remote, "hostinfo", "?")
             return None, f"coap:{remote_id}"
         return name, f"coap:{name}"
+
+    def mount_of(self, username: str | None) -> TenantMount | None:
+        """The invisible mountpoint of an identity's tenant: its resource paths name topics
+        below it (None: the broker's topics)."""
+        prefix = self.access.mountpoint_of(username)
+        if prefix is None:
+            return None
+        mount = self._mounts.get(prefix)
+        if mount is None:
+            mount = self._mounts[prefix] = TenantMount(prefix)
+        return mount
+
+    def broker_topic(self, username: str | None, topic: str) -> str:
+        """The broker's topic of a resource path's topic for this identity."""
+        mount = self.mount_of(username)
+        return topic if mount is None else mount.inbound(topic)
 
     def topic_of(self, path: tuple[str, ...]) -> str:
         """The MQTT topic of a resource path below a prefix; raises Refusal (4.00)."""
@@ -125,6 +143,8 @@ class CoapBroker:
     async def publish(self, request: Any, topic: str, retain: bool) -> Any:
         """PUT/POST: publish to ``topic``, answer after the commit."""
         username, client_id = self.identity(request)
+        if not topic.startswith("$"):
+            topic = self.broker_topic(username, topic)
         if topic.startswith("$") or not self.access.can_publish(username, client_id, topic):
             log.info("CoAP client %s not authorised to publish to %s", client_id, topic)
             raise Refusal(Code.FORBIDDEN, "not authorised")
@@ -189,6 +209,8 @@ class CoapBroker:
     async def delete(self, request: Any, topic: str) -> Any:
         """DELETE: clear the retained value (observers see the topic go away)."""
         username, client_id = self.identity(request)
+        if not topic.startswith("$"):
+            topic = self.broker_topic(username, topic)
         if topic.startswith("$") or not self.access.can_publish(username, client_id, topic):
             raise Refusal(Code.FORBIDDEN, "not authorised")
         if topic in self.broker.retained:
@@ -215,6 +237,7 @@ class CoapBroker:
 
     def get(self, request: Any, topic: str) -> Any:
         username, client_id = self.identity(request)
+        topic = self.broker_topic(username, topic)
         if not self.may_read(username, client_id, topic):
             raise Refusal(Code.FORBIDDEN, "not authorised")
         msg = self.current(topic)
@@ -239,17 +262,19 @@ class CoapBroker:
         topics.update(self.created)
         return sorted(topics)
 
-    def conf(self, topic: str) -> dict[int, Any]:
-        """The topic resource's representation: the draft's CBOR map (integer keys)."""
+    def conf(self, topic: str, name: str | None = None) -> dict[int, Any]:
+        """The topic resource's representation: the draft's CBOR map (integer keys);
+        ``name``: the topic as the asking client names it (below a mountpoint)."""
         msg = self.current(topic)
         cf = content_format_for(msg.properties.get("content_type")) if msg else None
-        return conf_representation(topic, self.created.get(topic, {}), cf)
+        return conf_representation(name or topic, self.created.get(topic, {}), cf)
 
     def create(self, request: Any) -> tuple[str, dict[int, Any]]:
         """POST to the collection: validate a topic configuration, remember the topic."""
         username, client_id = self.identity(request)
         name, spec = topic_configuration(parse_parameters(request.payload))
-        topic = self.topic_of(tuple(name.split("/")))
+        name = self.topic_of(tuple(name.split("/")))
+        topic = name if name.startswith("$") else self.broker_topic(username, name)
         if topic.startswith("$") or not (
             self.access.can_publish(username, client_id, topic)
             or self.access.can_subscribe(username, client_id, topic)
@@ -258,17 +283,22 @@ class CoapBroker:
         if topic in self.known_topics():
             raise Refusal(Code.BAD_REQUEST, "topic-name already in use")
         self.created[topic] = spec
-        return topic, self.conf(topic)
+        return name, self.conf(topic, name)
 
     def matching(self, username: str | None, client_id: str,
                  wanted: dict[int, Any]) -> list[str]:
-        """Readable topics whose representation has every (key, value) of ``wanted``."""
+        """Readable topics whose representation has every (key, value) of ``wanted``, as
+        this identity names them."""
+        mount = self.mount_of(username)
         out = []
         for topic in self.known_topics():
+            name = topic if mount is None else mount.outbound(topic)
+            if name is None or name.startswith("$"):
+                continue
             if not self.may_read(username, client_id, topic):
                 continue
-            if has_all(self.conf(topic), wanted):
-                out.append(topic)
+            if has_all(self.conf(topic, name), wanted):
+                out.append(name)
         return out
 
     # -- observe ---------------------------------------------------------------------
@@ -277,6 +307,7 @@ class CoapBroker:
         """GET with Observe: 0: an MQTT subscription whose deliveries become notifications."""
         request = pipe.request
         username, client_id = self.identity(request)
+        topic = self.broker_topic(username, topic)
         if not self.may_read(username, client_id, topic):
             raise Refusal(Code.FORBIDDEN, "not authorised")
         queue: deque[Message] = deque(maxlen=OBSERVE_QUEUE)

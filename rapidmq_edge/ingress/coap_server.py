@@ -154,21 +154,23 @@ if aiocoap is not None:
             super().__init__()
             self.core = core
 
-        def _readable(self, request: Any) -> str:
+        def _readable(self, request: Any) -> tuple[str, str]:
+            """(the broker's topic, the client's name of it)"""
             core = self.core
-            topic = core.topic_of(request.opt.uri_path)
+            name = core.topic_of(request.opt.uri_path)
             username, client_id = core.identity(request)
+            topic = core.broker_topic(username, name)
             if not core.may_read(username, client_id, topic):
                 raise Refusal(Code.FORBIDDEN, "not authorised")
             if topic not in core.known_topics():
                 raise Refusal(Code.NOT_FOUND, "no such topic")
-            return topic
+            return topic, name
 
         @_guard
         async def render_get(self, request: Any) -> Any:
             import cbor2
 
-            conf = self.core.conf(self._readable(request))
+            conf = self.core.conf(*self._readable(request))
             return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(conf),
                                    content_format=CONF_CONTENT_FORMAT)
 
@@ -177,7 +179,7 @@ if aiocoap is not None:
             """Part of the topic resource: ``{conf-filter: [names or keys]}``."""
             import cbor2
 
-            conf = self.core.conf(self._readable(request))
+            conf = self.core.conf(*self._readable(request))
             part = conf_part(conf, parse_parameters(request.payload))
             return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(part),
                                    content_format=CONF_CONTENT_FORMAT)
@@ -187,7 +189,7 @@ if aiocoap is not None:
             core = self.core
             topic = core.topic_of(request.opt.uri_path)
             resp = await core.delete(request, topic)
-            core.created.pop(topic, None)
+            core.created.pop(core.broker_topic(core.identity(request)[0], topic), None)
             return resp
 
     class TopicCollection(aiocoap.resource.Resource):

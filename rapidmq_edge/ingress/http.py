@@ -34,10 +34,12 @@ from typing import Any
 from aiohttp import web
 
 from ..broker.broker import Broker
+from ..broker.client_certificate import certificate_cn
 from ..broker.local import LocalClient
 from ..broker.message import Message, PublishRefused
 from ..broker.policy import AccessPolicy
 from ..config.ingress import HttpSettings
+from ..mqtt.mountpoint import TenantMount
 from ..mqtt.topics import valid_subscription_filter, valid_topic_name
 from ..security.tokens import Token, TokenDB, TokensFileError
 from ..telemetry import RepeatedLog
@@ -141,8 +143,8 @@ def _publish_fields(data: Any) -> tuple[str, bytes, int, bool, dict[str, Any]]:
     return topic, raw, qos, retain, props
 
 
-def _event(msg: Message, retained: bool) -> bytes:
-    """One SSE ``message`` event."""
+def _event(msg: Message, retained: bool, topic: str | None = None) -> bytes:
+    """One SSE ``message`` event (``topic``: the client's name of it, below a mountpoint)."""
     try:
         payload = msg.payload.decode("utf-8")
         encoding = "utf-8"
@@ -150,7 +152,7 @@ def _event(msg: Message, retained: bool) -> bytes:
         payload = base64.b64encode(msg.payload).decode("ascii")
         encoding = "base64"
     body: dict[str, Any] = {
-        "topic": msg.topic,
+        "topic": msg.topic if topic is None else topic,
         "payload": payload,
         "encoding": encoding,
         "qos": msg.qos,
@@ -167,7 +169,11 @@ def _event(msg: Message, retained: bool) -> bytes:
 class _Stream:
     """The bounded buffer between a LocalClient (broker side) and one SSE response."""
 
-    def __init__(self) -> None:
+    def __init__(self, mount: TenantMount | None = None, filt: str = "") -> None:
+        #: a tenant token's mountpoint: events name topics below it (and ``filt`` is the
+        #: mounted filter, for the $ topics only a mounted wildcard matches)
+        self.mount = mount
+        self.filter = filt
         self.buffer: deque[bytes] = deque()
         self.bytes = 0
         self.dropped = 0
@@ -176,10 +182,16 @@ class _Stream:
 
     def push(self, msg: Message, retained: bool) -> None:
         """Called by the broker: never blocks, drops when the client is too slow."""
+        topic = None
+        if self.mount is not None:
+            topic = self.mount.outbound(msg.topic)
+            if topic is None or (topic[0] == "$" and not self.mount.matched_by(
+                    topic, (self.filter,))):
+                return
         if len(self.buffer) >= STREAM_MAX_MESSAGES or self.bytes >= STREAM_MAX_BYTES:
             self.dropped += 1
             return
-        ev = _event(msg, retained)
+        ev = _event(msg, retained, topic)
         self.buffer.append(ev)
         self.bytes += len(ev)
         self.wake.set()
@@ -348,12 +360,17 @@ class HttpApi:
         if retain and not limits.retain_available:
             return _error(400, "retain: retained messages are disabled on this gateway")
         client_id = f"http-{auth.name}"
+        name = topic  # a tenant token's topics are below its tenant's mountpoint
+        prefix = self.access.accept_identity(client_id, auth.user,
+                                             certificate_cn(request.transport))
+        if prefix is not None and not topic.startswith("$"):
+            topic = TenantMount(prefix).inbound(topic)
         if topic.startswith("$SYS") or not self.access.can_publish(auth.user, client_id, topic,
                                                                    qos, retain):
             self._repeats(f"deny-publish:{auth.name}", logging.INFO,
                           "http token %s (user %s) not authorised to publish to %s",
                           auth.name, auth.user, topic)
-            return _error(403, f"not authorised to publish to {topic!r}")
+            return _error(403, f"not authorised to publish to {name!r}")
         msg = Message(topic, payload, qos, retain, props, None, client_id)
         broker = self.broker
         self.published_by_qos[qos] += 1
@@ -420,10 +437,16 @@ class HttpApi:
         if not valid_subscription_filter(filt):
             return _error(400, f"filter: not a valid MQTT topic filter: {filt!r}")
         client_id = f"http-{auth.name}-{uuid.uuid4().hex[:12]}"
-        if not self.access.can_subscribe(auth.user, client_id, filt):
+        cert_cn = certificate_cn(request.transport)
+        prefix = self.access.accept_identity(client_id, auth.user, cert_cn)
+        mount = None if prefix is None else TenantMount(prefix)
+        wanted = filt if mount is None else mount.filter(filt)
+        if not self.access.can_subscribe(auth.user, client_id, wanted):
             self._repeats(f"deny-subscribe:{auth.name}", logging.INFO,
                           "http token %s (user %s) not authorised to subscribe to %s",
-                          auth.name, auth.user, filt)
+                          auth.name, auth.user, wanted)
+            if cert_cn is not None:
+                self.access.accept_identity(client_id, auth.user, None)  # forget the CN
             return _error(403, f"not authorised to subscribe to {filt!r}")
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -431,14 +454,14 @@ class HttpApi:
             "X-Accel-Buffering": "no",
         })
         await resp.prepare(request)
-        stream = _Stream()
+        stream = _Stream(mount, wanted)
         self.streams.add(stream)
         self.stats["streams"] += 1
         client: LocalClient | None = None
         try:
             await resp.write(f": subscribed to {json.dumps(filt)}\n\n".encode())
             client = LocalClient(self.broker, client_id, stream.push, auth.user)
-            code = client.subscribe(filt)  # retained messages are pushed right here
+            code = client.subscribe(wanted)  # retained messages are pushed right here
             if code >= 0x80:
                 await resp.write(b'event: error\ndata: {"error": "subscription refused"}\n\n')
                 return resp
@@ -448,6 +471,8 @@ class HttpApi:
         finally:
             if client is not None:
                 client.close()
+            if cert_cn is not None:  # the stream's client id ends with it
+                self.access.accept_identity(client_id, auth.user, None)
             self.streams.discard(stream)
             self.stats["stream_dropped"] += stream.dropped
         return resp

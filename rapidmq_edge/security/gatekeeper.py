@@ -93,6 +93,11 @@ class Gatekeeper:
             if self.rbac is not None:  # rules bound to the old CN are bound again
                 self.rbac.policy().identity_changed(client_id)
                 self._identity_epoch += 1
+        return self.mountpoint_of(username)
+
+    def mountpoint_of(self, username: str | None) -> str | None:
+        """The mountpoint the user's topics are invisibly placed below (its tenant's), or
+        None (no tenant, or ``tenant_mountpoint_visible``)."""
         if self.tenants is None or self.mountpoint_visible:
             return None
         return self.tenants.mount(username)
