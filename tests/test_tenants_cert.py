@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from rapidmq_edge.config import parse_config
 from rapidmq_edge.security.gatekeeper import Gatekeeper
 from rapidmq_edge.security.rbac_store import RbacStore, apply_role_file
+from rapidmq_edge.security.tokens import add_token
+from tests.conftest import free_port, wait_for_port
 from tests.mqtt_helpers import MOSQUITTO_PUB, PahoClient, unique
 from tests.test_listeners import LOOPBACK, Gw, _cert, _name, _write, paho, start_gateway
 
@@ -26,8 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 ROLES = """
 [roles.device]
 rules = [
-  { type = "publishClientSend", topic = "tenants/${tenant}/devices/${cert_cn}/#",
-    access = "allow" },
+  { type = "publishClientSend", topic = "tenants/${tenant}/d/${cert_cn}/#", access = "allow" },
   { type = "subscribePattern", topic = "tenants/${tenant}/#", access = "allow" },
   { type = "publishClientReceive", topic = "tenants/${tenant}/#", access = "allow" },
 ]
@@ -77,14 +78,23 @@ def gw(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     store = RbacStore(tmp / "rbac.sqlite")
     store.edit(lambda m: apply_role_file(m, ROLES))
     store.close()
+    tls = {"cert": str(certs.server[0]), "key": str(certs.server[1]),
+           "client_ca": str(certs.ca), "require_client_cert": False}
+    https = free_port()
+    add_token(tmp / "tokens.toml", "api", "acme.d1")  # the token's user: acme.d1
     g = start_gateway(tmp, ("tls",), {
-        "mqtt": {"tls": {"cert": str(certs.server[0]), "key": str(certs.server[1]),
-                         "client_ca": str(certs.ca), "require_client_cert": False}},
+        "mqtt": {"tls": tls},
+        "http": {"listen": [f"https://{LOOPBACK}:{https}"], "tls": tls,
+                 "tokens_file": str(tmp / "tokens.toml")},
         "auth": {"allow_anonymous": False, "use_cn_as_username": True, "rbac": True,
                  "rbac_db": str(tmp / "rbac.sqlite"), "tenant_source": "certificate",
                  "tenant_separator": "."}})
-    yield g
-    g.proc.stop()
+    g.ports["https"] = https
+    try:
+        assert wait_for_port(LOOPBACK, https, 20), g.proc.log()
+        yield g
+    finally:
+        g.proc.stop()
 
 
 def device(g: Gw, certs: Certs, cn: str, **kwargs: object) -> PahoClient:
@@ -100,33 +110,67 @@ def test_the_certificate_names_user_tenant_and_cert_cn(gw: Gw, certs: Certs) -> 
     try:
         for c in (d1, b1):
             assert c.subscribe("#", qos=1) == [1]  # its tenant's tree, invisibly mounted
-        assert ops.subscribe("tenants/#", qos=1) == [1]  # no tenant: the full tree
-        d1.publish("devices/acme.d1/t", b"own", qos=1)  # ${cert_cn} = acme.d1
-        d1.publish("devices/acme.d2/t", b"not-own", qos=1)  # another CN's: denied
-        d2.publish("devices/acme.d2/t", b"d2", qos=1)  # CN acme.d2, tenant acme
-        d2.publish("devices/bolt.d1/t", b"claimed", qos=1)  # its user name is still its CN
-        b1.publish("devices/bolt.d1/t", b"bolt", qos=1)
+        assert ops.subscribe("tenants/+/d/#", qos=1) == [1]  # no tenant: the full tree
+        d1.publish("d/acme.d1/t", b"own", qos=1)  # ${cert_cn} = acme.d1
+        d1.publish("d/acme.d2/t", b"not-own", qos=1)  # another CN's: denied
+        d2.publish("d/acme.d2/t", b"d2", qos=1)  # CN acme.d2, tenant acme
+        d2.publish("d/bolt.d1/t", b"claimed", qos=1)  # its user name is still its CN
+        b1.publish("d/bolt.d1/t", b"bolt", qos=1)
         got = {(m.topic, m.payload) for m in d1.get_n(2, 5.0) + d1.drain(0.4)}
-        assert got == {("devices/acme.d1/t", b"own"), ("devices/acme.d2/t", b"d2")}
+        assert got == {("d/acme.d1/t", b"own"), ("d/acme.d2/t", b"d2")}
         assert {(m.topic, m.payload) for m in b1.get_n(1, 5.0) + b1.drain(0.2)} == {
-            ("devices/bolt.d1/t", b"bolt")}
+            ("d/bolt.d1/t", b"bolt")}
         seen = {(m.topic, m.payload) for m in ops.get_n(3, 5.0) + ops.drain(0.2)}
-        assert seen == {("tenants/acme/devices/acme.d1/t", b"own"),
-                        ("tenants/acme/devices/acme.d2/t", b"d2"),
-                        ("tenants/bolt/devices/bolt.d1/t", b"bolt")}
+        assert seen == {("tenants/acme/d/acme.d1/t", b"own"),
+                        ("tenants/acme/d/acme.d2/t", b"d2"),
+                        ("tenants/bolt/d/bolt.d1/t", b"bolt")}
         # mosquitto_pub with acme.d2's certificate: a real second client implementation
         cert, key = certs.clients["acme.d2"]
         res = subprocess.run(
             [MOSQUITTO_PUB, "-h", LOOPBACK, "-p", str(gw.ports["tls"]), "--cafile",
              str(certs.ca), "--cert", str(cert), "--key", str(key), "-t",
-             "devices/acme.d2/m", "-q", "1", "-m", "mosq"],
+             "d/acme.d2/m", "-q", "1", "-m", "mosq"],
             capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
         assert res.returncode == 0, res.stderr
         m = d1.get(5.0)
-        assert (m.topic, m.payload) == ("devices/acme.d2/m", b"mosq")
+        assert (m.topic, m.payload) == ("d/acme.d2/m", b"mosq")
     finally:
         for c in (d1, d2, b1, ops):
             c.disconnect()
+
+
+def test_https_client_certificate_is_cert_cn(gw: Gw, certs: Certs) -> None:
+    """The HTTP API over TLS: the token's user decides the tenant, the client certificate
+    the ``${cert_cn}`` of the role rules."""
+    import http.client
+    import json
+    import ssl
+
+    # a token of user acme.d1 (the gateway reloads the tokens file when it changes)
+    plain = add_token(Path(gw.proc.config["http"]["tokens_file"]), unique("t"), "acme.d1")
+
+    def publish(cn: str, topic: str) -> int:
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        ctx.load_cert_chain(*map(str, certs.clients[cn]))
+        conn = http.client.HTTPSConnection(LOOPBACK, gw.ports["https"], context=ctx,
+                                           timeout=5)
+        try:
+            conn.request("POST", "/api/v1/publish", json.dumps({"topic": topic, "payload": "x"}),
+                         {"Authorization": f"Bearer {plain}"})
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+
+    ops = device(gw, certs, "ops")
+    try:
+        assert ops.subscribe("tenants/+/d/#", qos=1) == [1]
+        assert publish("acme.d2", "d/acme.d2/h") == 200  # the certificate's CN
+        assert publish("acme.d2", "d/acme.d1/h") == 403  # not the token user's
+        assert ops.get(5.0).topic == "tenants/acme/d/acme.d2/h"
+    finally:
+        ops.disconnect()
 
 
 def test_without_a_certificate_a_client_is_refused(gw: Gw, certs: Certs) -> None:
