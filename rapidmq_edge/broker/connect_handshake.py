@@ -34,6 +34,8 @@ __all__ = ["ConnectHandshake", "REFUSED_CONNECT_WAIT"]
 log = logging.getLogger(__name__)
 
 REFUSED_CONNECT_WAIT = 2.0  # longest wait for the CONNECT of a connection to be refused
+#: an accepted 3.1.1 CONNACK by Session Present (no properties: the same bytes as encode())
+CONNACK_311 = {False: bytes((0x20, 0x02, 0x00, 0x00)), True: bytes((0x20, 0x02, 0x01, 0x00))}
 
 
 class ConnectHandshake:
@@ -114,7 +116,8 @@ class ConnectHandshake:
             client_id = broker.assign_client_id()
             assigned = True
         # a verified client certificate may name the user (use_cn_as_username) and log it in
-        username, reason = self.access.certificate_login(p.username, certificate_cn(self.transport))
+        cn = certificate_cn(self.transport)
+        username, reason = self.access.certificate_login(p.username, cn)
         if username != p.username:
             p = replace(p, username=username, password=None)
         if reason is None:
@@ -123,12 +126,13 @@ class ConnectHandshake:
             self._held = []
             self.transport.pause_reading()
             task = self.loop.create_task(self.access.authenticate(p.username, p.password))
-            task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned))
+            task.add_done_callback(lambda t: self._authenticated(t, p, client_id, assigned, cn))
             return
-        self._accept(p, client_id, assigned, reason)
+        self._accept(p, client_id, assigned, reason, cn)
 
     def _authenticated(
-        self, task: asyncio.Task[int], p: Connect, client_id: str, assigned: bool
+        self, task: asyncio.Task[int], p: Connect, client_id: str, assigned: bool,
+        cn: str | None,
     ) -> None:
         held, self._held = self._held or [], None
         if self.closed:
@@ -138,7 +142,7 @@ class ConnectHandshake:
         except Exception:  # pragma: no cover - a broken users file must not kill the loop
             log.exception("authentication failed")
             reason = rc.SERVER_UNAVAILABLE
-        self._accept(p, client_id, assigned, reason)
+        self._accept(p, client_id, assigned, reason, cn)
         for packet in held:
             if self.closed:
                 return
@@ -150,7 +154,8 @@ class ConnectHandshake:
         if not self.closed:
             self.transport.resume_reading()
 
-    def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int) -> None:
+    def _accept(self, p: Connect, client_id: str, assigned: bool, reason: int,
+                cn: str | None) -> None:
         s = self.settings
         broker = self.broker
         if self.watch is not None:
@@ -159,8 +164,7 @@ class ConnectHandshake:
             log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
             return self._refuse(reason)
         # the client's identity for role rules; its tenant's mountpoint when invisible
-        prefix = self.access.accept_identity(client_id, p.username,
-                                             certificate_cn(self.transport))
+        prefix = self.access.accept_identity(client_id, p.username, cn)
         mount = None if prefix is None else TenantMount(prefix)
         will = p.will if p.will is None or mount is None else mount.will(p.will)
         if will is not None and (will.topic.startswith("$SYS") or not self.access.can_publish(
@@ -183,7 +187,8 @@ class ConnectHandshake:
         )
         self.session = session
         ack_props = terms.connack_properties
-        connack = encode(Connack(present, 0, ack_props), self.version)
+        connack = (encode(Connack(present, 0, ack_props), self.version) if self.v5
+                   else CONNACK_311[present])
         fut = None
         if session.persistent and session.store is not None:
             fut = session.store.commit_future()  # the session row (Session Present holds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..broker.message import Message
@@ -87,7 +87,6 @@ class ClientInfo:
     peer: str
     connected_at: float
     refused_publishes: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
 
 
 class ClientActivity:
@@ -151,10 +150,22 @@ class ClientActivity:
         return "client or network"
 
 
+#: the protocol name per transport class (TLS and WebSocket transports are classes of their
+#: own): asked once per class, not at every CONNECT
+_KINDS: dict[type, str] = {}
+
+
 def _transport_kind(link: Any) -> str:
     transport = getattr(link, "transport", None)
     if transport is None:
         return "mqtt"
+    kind = _KINDS.get(type(transport))
+    if kind is None:
+        kind = _KINDS[type(transport)] = _kind_of(transport)
+    return kind
+
+
+def _kind_of(transport: Any) -> str:
     if "websocket" in type(transport).__name__.lower():
         return "mqtt+ws"
     try:
