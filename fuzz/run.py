@@ -30,7 +30,7 @@ from fuzz._harness import CORPUS, TIMEOUT
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 #: every harness, in the order they run
-TARGETS = ("mqtt_codec", "coap", "cose", "http_api", "config_files")
+TARGETS = ("mqtt_codec", "mqtt_framing", "coap", "cose", "http_api", "config_files")
 
 _STATUS = re.compile(
     r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/(\d+)(\w+))?.*?"

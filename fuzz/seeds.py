@@ -122,6 +122,62 @@ def mqtt_seeds() -> Iterator[Seed]:
             yield f"malformed-{name}", bytes((0,)) + connect_bytes(version) + data
 
 
+def mqtt_framing_seeds() -> Iterator[Seed]:
+    """Streams for the C lane: PUBLISH / PUBACK / PUBCOMP runs at each protocol level, read
+    at once and in chunks, with the frames it declines and the malformed corpus in them."""
+    from rapidmq_edge.mqtt.codec import encode
+    from rapidmq_edge.mqtt.packets import Pingreq, Puback, Pubcomp, Publish, Pubrec
+    from tests.malformed_corpus import CORPUS as MALFORMED
+    from tests.malformed_corpus import connect_bytes
+
+    def mode(level: int, chunk: int = 0, small: bool = False) -> bytes:
+        return bytes(((0, 3, 4, 5).index(level) | (chunk << 2) | (0x80 if small else 0),))
+
+    for level in (3, 4, 5):
+        v5 = level == 5
+        pubs = [
+            Publish("a/b", b"hello"), Publish("a/b", b"again"), Publish("t\u00e9/\u4e2d", b"x"),
+            Publish("s", b"r", 0, True), Publish("q1", b"\x00" * 200, 1, False, False, 1),
+            Publish("q2", b"", 2, True, True, 65535), Puback(7), Pubcomp(8), Pubrec(9),
+            Pingreq(), Publish("a/b", b"x" * 130),
+        ]
+        if v5:
+            pubs += [Publish("p", b"y", 1, False, False, 3, {"content_type": "c"}),
+                     Publish("", b"z", 0, False, False, 0, {"topic_alias": 2}),
+                     Puback(10, 0x10), Publish("a/b", b"after")]
+        stream = b"".join(encode(p, level) for p in pubs)
+        for chunk in (0, 1, 3, 7, 31):
+            yield f"{level}-stream-chunk{chunk}", mode(level, chunk) + stream
+        yield f"{level}-stream-small-max", mode(level, 0, True) + stream
+        connect = connect_bytes(level if level > 3 else 4)
+        yield f"{level}-connect-then-stream", mode(0) + connect + stream
+        good = encode(Publish("g/h", b"ok"), level)
+        bad_frames = {
+            "qos3": b"\x36\x06\x00\x01a\x00\x01x",
+            "dup-qos0": b"\x38\x04\x00\x01ax",
+            "wildcard": b"\x30\x05\x00\x03a/+",
+            "nul": b"\x30\x05\x00\x03a\x00b",
+            "bad-utf8": b"\x30\x05\x00\x03a\xffb",
+            "surrogate": b"\x30\x05\x00\x03\xed\xa0\x80",
+            "pid-0": b"\x32\x05\x00\x01a\x00\x00",
+            "topic-past-end": b"\x30\x03\x00\x05a",
+            "empty-topic": b"\x30\x03\x00\x00x",
+            "short": b"\x30\x01\x00",
+            "puback-pid-0": b"\x40\x02\x00\x00",
+            "puback-flags": b"\x41\x02\x00\x01",
+            "length-5-bytes": b"\x30\xff\xff\xff\xff\x01",
+            "length-not-minimal": b"\x30\x80\x00",
+            "props-missing": b"\x30\x03\x00\x01a",
+        }
+        for name, frame in bad_frames.items():
+            yield f"{level}-bad-{name}", mode(level) + good + frame + good
+            yield f"{level}-bad-{name}-bytewise", mode(level, 1) + good + frame
+    for name, version, data, _ in MALFORMED:
+        if version:
+            lead = encode(Publish("lead/in", b"x"), version)
+            yield f"malformed-{name}", mode(0) + connect_bytes(version) + lead + data
+
+
 # --------------------------------------------------------------------------- CoAP
 
 
@@ -353,6 +409,7 @@ def http_seeds() -> Iterator[Seed]:
 
 TARGETS: dict[str, Callable[[], Iterator[Seed]]] = {
     "mqtt_codec": mqtt_seeds,
+    "mqtt_framing": mqtt_framing_seeds,
     "coap": coap_seeds,
     "cose": cose_seeds,
     "http_api": http_seeds,

@@ -23,7 +23,8 @@ from fuzz.run import TARGETS, _parse
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a regression input per fixed bug; fewer crash-* files than this means one was lost
-MIN_REGRESSIONS = {"mqtt_codec": 0, "coap": 2, "cose": 8, "http_api": 5, "config_files": 0}
+MIN_REGRESSIONS = {"mqtt_codec": 0, "mqtt_framing": 0, "coap": 2, "cose": 8, "http_api": 5,
+                   "config_files": 0}
 
 
 def _harness_module(target: str) -> ModuleType:

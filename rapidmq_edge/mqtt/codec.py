@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from .errors import MalformedPacket, PacketTooLarge, ProtocolError, UnsupportedProtocolVersion
+from .framing import SCAN, TOPIC_SLOTS, Scan
 from .packets import (
     AUTH,
     CONNACK,
@@ -75,16 +76,23 @@ class PacketReader:
     (the first packet of a server connection is CONNECT, which sets it) and may be set
     by the owner. A declared Remaining Length above ``max_packet_size`` raises
     :class:`PacketTooLarge` as soon as the fixed header is read.
+
+    Once the version is known, the optional C lane (:mod:`.framing`) decodes the frames it
+    fully understands and hands every other frame to the Python code below: the same
+    packets and errors either way. ``accelerated=False`` keeps to the Python code.
     """
 
-    __slots__ = ("_buf", "max_packet_size", "version", "error")
+    __slots__ = ("_buf", "max_packet_size", "version", "error", "_scan", "_topics")
 
-    def __init__(self, max_packet_size: int = 268_435_460, version: int = 0) -> None:
+    def __init__(self, max_packet_size: int = 268_435_460, version: int = 0,
+                 accelerated: bool = True) -> None:
         self._buf = bytearray()
         self.max_packet_size = max_packet_size
         self.version = version
         #: set when an error follows packets returned by the same ``feed`` call
         self.error: Exception | None = None
+        self._scan: Scan | None = SCAN if accelerated else None
+        self._topics: list[str | None] | None = None  # the C lane's topic cache
 
     def feed(self, data: bytes) -> list[Packet]:
         """Append ``data`` and return every complete packet now available.
@@ -111,9 +119,29 @@ class PacketReader:
         version = self.version
         v5 = version == MQTT_5
         max_size = self.max_packet_size
+        scan = self._scan if version else None
+        topics = self._topics
+        if scan is not None:
+            if topics is None:
+                topics = self._topics = [None] * TOPIC_SLOTS
+            pos = scan(buf, 0, v5, max_size, out, topics)
+            if pos >= 0:  # the C lane read every complete frame
+                if pos:
+                    del buf[:pos]
+                return
+            pos = ~pos
+        handoff = True  # the frame at pos is for the Python code (the C lane declined it)
         view = memoryview(buf)  # one view per call; each packet's body is a slice of it
         try:
             while n - pos >= 2:
+                if scan is not None and not handoff:
+                    assert topics is not None
+                    at = scan(buf, pos, v5, max_size, out, topics)
+                    if at >= 0:
+                        pos = at
+                        break
+                    pos = ~at
+                handoff = False
                 first = buf[pos]
                 byte = buf[pos + 1]
                 if byte < 0x80:  # a 1-byte Remaining Length (packets below 128 bytes)
@@ -158,6 +186,9 @@ class PacketReader:
                         if packet.type == CONNECT:
                             version = self.version = packet.protocol_level  # type: ignore[union-attr]
                             v5 = version == MQTT_5
+                            scan = self._scan
+                            if scan is not None and topics is None:
+                                topics = self._topics = [None] * TOPIC_SLOTS
                 finally:
                     body.release()
                 out.append(packet)
