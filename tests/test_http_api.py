@@ -642,7 +642,7 @@ def test_openapi_document_parses() -> None:
     doc = yaml.safe_load((Path(__file__).parent.parent / "docs" / "http-api.yaml").read_text())
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/api/v1/publish", "/api/v1/subscribe", "/api/v1/health",
-                                 "/api/v1/incidents/{incident}"}
+                                 "/api/v1/incidents/{incident}", "/api/v1/erase"}
     validate(doc)  # raises on any violation of the OpenAPI 3.1 schema
 
 

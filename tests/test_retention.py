@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.broker.message import Message
 from rapidmq_edge.config import ConfigError, parse_config
 from rapidmq_edge.config.retention import RetentionRule
@@ -36,6 +37,32 @@ def test_rules_bound_expiry() -> None:
     m = Message("other", b"x")
     r(m)
     assert m.expires_at is None and r.limited == 2
+
+
+def test_the_sweep_pops_what_expired_from_the_index() -> None:
+    """Retained messages filed by expiry: a sweep removes the expired ones (not one
+    retained again meanwhile, which expires later), counts them, and leaves the rest; ones
+    restored at start-up are filed by the first sweep; stale entries are compacted."""
+    now = [1000.0]
+    r = Retention([RetentionRule("s/#", 5)], clock=lambda: now[0])
+    broker = Broker(BrokerLimits(), taps=[r])
+    broker.retained["s/restored"] = Message("s/restored", b"R", 0, True, expires_at=1002.0)
+    for i in range(3):
+        broker.publish(Message(f"s/{i}", b"x", 1, True))
+    broker.publish(Message("keep/1", b"k", 1, True))
+    now[0] = 1003.0
+    broker.publish(Message("s/0", b"again", 1, True))  # retained again: expires at 1008
+    assert r.sweep(broker) == 1 and "s/restored" not in broker.retained
+    now[0] = 1006.0
+    assert r.sweep(broker) == 2
+    assert sorted(broker.retained) == ["keep/1", "s/0"]
+    now[0] = 1009.0
+    assert r.sweep(broker) == 1 and sorted(broker.retained) == ["keep/1"]
+    assert r.drops["retained_expired"] == 4
+    for i in range(5000):  # one topic retained over and over: the index stays small
+        broker.publish(Message("s/hot", b"%d" % i, 1, True))
+    r.sweep(broker)
+    assert r._filed_retained <= 2 * len(broker.retained) + 1024 + 1
 
 
 def test_retention_config(tmp_path: Path) -> None:
