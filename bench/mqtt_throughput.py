@@ -17,13 +17,26 @@ Scenarios (names are the keys of ``scenarios`` in the JSON output):
   deliveries/s summed over the subscribers.
 * ``latency_qos0_1000mps`` / ``latency_qos1_1000mps``: publisher paced at
   ``--latency-rate`` msg/s for ``--latency-seconds``, ``time.monotonic_ns()`` in the
-  payload, p50/p90/p99/max end-to-end latency in ms (first 5% of samples dropped).
+  payload, p50/p90/p99/max end-to-end latency in ms (first 5% of samples dropped);
+  ``--repeat`` runs alternating between the brokers, the run with the median p99 kept.
+  A probe process sleeping 1 ms at a time runs beside each: ``sched_p99_ms`` is how late
+  its wake-ups were (the machine's scheduling delay, paid by publisher, broker and
+  subscriber at every message): a broker p99 near it is the machine's tail, not the
+  broker's.
 * ``qos0_1to1_64B_acl10``: as ``qos0_1to1_64B`` with 10 ACL rules configured on both
   brokers (denies that never match, one of them on subscribing, so reading is checked at
   every delivery; Mosquitto: the same denies in an ``acl_file``); ``acl10_rate_ratio`` is
   the rate with them / without, per broker.
 * ``rss_idle_clients``: RSS of the broker (incl. child processes) right after start
   and with ``--idle-clients`` connected clients each holding one subscription.
+* ``start_rss``: RSS one second after a fresh start (median of 3 starts) per
+  configuration: the gateway with its embedded defaults (``rapidmq-edge run``, no file:
+  needs port 1883 free) and with a minimal MQTT-only file (a listener and a data
+  directory), Mosquitto with ``-p PORT``.
+* ``connect_storm``: ``--storm-clients`` clients connect and subscribe as fast as
+  ``bench/connect_storm.py`` can (pre-built CONNECT+SUBSCRIBE bytes, non-blocking sockets,
+  two processes): the time to the last SUBACK, the broker's CPU time per connect and the
+  generator's CPU time (well below the broker's: the generator is not what is measured).
 
 Mosquitto runs with its defaults (``set_tcp_nodelay false``) except for the latency
 scenarios, for which it is restarted with ``set_tcp_nodelay true`` (asyncio, hence the
@@ -89,8 +102,9 @@ from pathlib import Path
 from typing import Any
 
 try:  # ``python -m bench.mqtt_throughput``
-    from bench import loadgen
+    from bench import connect_storm, loadgen
 except ImportError:  # ``python bench/mqtt_throughput.py`` (sys.path[0] == bench/)
+    import connect_storm  # type: ignore[no-redef]
     import loadgen  # type: ignore[no-redef]
 
 try:
@@ -387,6 +401,7 @@ class Options:
     settle: float  # seconds to let RSS settle / idle timeout unit
     repeat: int
     nap: float
+    storm_clients: int = 5000
 
 
 class ScenarioError(Exception):
@@ -603,6 +618,121 @@ def run_idle_rss(broker: Broker, opts: Options) -> dict[str, Any]:
     }
 
 
+def _fresh_rss(cmd: list[str], port: int, cwd: Path, env: dict[str, str],
+               settle: float) -> int:
+    """RSS (bytes) of ``cmd`` ``settle`` s after it accepts TCP connections on ``port``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    with open(cwd / "start.log", "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20.0
+        while True:
+            if proc.poll() is not None:
+                tail = (cwd / "start.log").read_text(errors="replace")[-300:]
+                raise ScenarioError(f"{cmd[-1]!r} exited with {proc.returncode}: {tail}")
+            try:
+                socket.create_connection((HOST, port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ScenarioError(f"no listener on {port} after 20 s") from None
+                time.sleep(0.02)
+        time.sleep(settle)
+        return rss_bytes([proc.pid])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _sleep_overshoot(conn: Any, seconds: float) -> None:
+    """Probe process: how late a 1 ms sleep wakes up, for ``seconds`` (the machine's
+    scheduling delay, which every process on the message path pays at each wake-up)."""
+    late = []
+    end = time.perf_counter() + seconds
+    while (t := time.perf_counter()) < end:
+        time.sleep(0.001)
+        late.append(time.perf_counter() - t - 0.001)
+    late.sort()
+    conn.send({f"sched_p{p}_ms": round(late[min(len(late) - 1, int(len(late) * p / 100))] * 1e3,
+                                       3) for p in (50, 99)})
+
+
+def run_latency(broker: Broker, opts: Options, *, qos: int) -> dict[str, Any]:
+    """``run_flow`` at ``--latency-rate`` with a scheduling probe beside it: a p99 near the
+    probe's says the tail is the machine's, not the broker's."""
+    n = int(opts.latency_rate * opts.latency_seconds)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    probe = ctx.Process(target=_sleep_overshoot, args=(child, opts.latency_seconds),
+                        daemon=True)
+    probe.start()
+    child.close()
+    try:
+        out = run_flow(broker, opts, qos=qos, size=64, messages=n, latency=True)
+        if parent.poll(opts.latency_seconds + 10):
+            out.update(parent.recv())
+    finally:
+        probe.join(5)
+        if probe.is_alive():
+            probe.kill()
+            probe.join(2)
+    out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def run_start_rss(broker: Broker, opts: Options) -> dict[str, Any]:
+    """RSS right after start per configuration, median of 3 fresh starts (MB)."""
+    env = dict(os.environ)
+    tree = getattr(broker, "repo", REPO)  # a gateway from another tree (--tree) starts from it
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
+    out: dict[str, Any] = {}
+    for name in (("mqtt_only",) if broker.kind == "mosquitto" else
+                 ("embedded_defaults", "mqtt_only")):
+        runs = []
+        for i in range(3):
+            cwd = broker.workdir / f"start-{name}-{i}"
+            port = 1883 if name == "embedded_defaults" else free_port()
+            if broker.kind == "mosquitto":
+                cmd = [broker.mosquitto_bin, "-p", str(port)]
+            elif name == "embedded_defaults":
+                cmd = [broker.python, "-m", "rapidmq_edge", "run"]
+            else:
+                cwd.mkdir(parents=True, exist_ok=True)
+                (cwd / "g.toml").write_text(
+                    f'[gateway]\ndata_dir = "{cwd / "data"}"\n'
+                    f'[mqtt]\nlisten = ["tcp://{HOST}:{port}"]\n')
+                cmd = [broker.python, "-m", "rapidmq_edge", "run", "--config",
+                       str(cwd / "g.toml")]
+            try:
+                runs.append(_fresh_rss(cmd, port, cwd, env, opts.settle))
+            except ScenarioError as exc:
+                out[f"{name}_error"] = str(exc)
+                break
+        if runs:
+            out[f"{name}_mb"] = round(sorted(runs)[len(runs) // 2] / 1024 / 1024, 2)
+    if "mqtt_only_mb" not in out:
+        raise ScenarioError(out.get("mqtt_only_error", "no start"))
+    out["rss_mb"] = out["mqtt_only_mb"]  # the key the ratio uses
+    return out
+
+
+def run_connect_storm(broker: Broker, opts: Options) -> dict[str, Any]:
+    """``storm_clients`` clients connect and subscribe at once (bench/connect_storm.py)."""
+    if broker.proc is None:
+        raise ScenarioError("broker not running")
+    res = connect_storm.connect_storm(HOST, broker.port, opts.storm_clients,
+                                      timeout=opts.scenario_timeout, broker_pid=broker.proc.pid)
+    res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    time.sleep(opts.settle)  # the clients' DISCONNECTs are handled before the next run
+    return res
+
+
 @dataclass
 class Scenario:
     """One named measurement and the key used for the gateway/mosquitto ratio."""
@@ -618,15 +748,17 @@ class Scenario:
 def scenarios(opts: Options) -> list[Scenario]:
     """All scenarios in execution order (idle RSS first, on a fresh broker)."""
     n, n1, nf = opts.messages, opts.qos1_messages, opts.fanout_messages
-    lat_n = int(opts.latency_rate * opts.latency_seconds)
     thr = ("msg_per_s", "broker_us_per_msg")
-    lat = ("p50", "p99")
+    lat = ("p99", "p50")  # runs alternate; the run with the median p99 is kept
 
     def flow(**kw: Any) -> Callable[[Broker, Options], dict[str, Any]]:
         return lambda b, o: run_flow(b, o, **kw)
 
     return [
         Scenario("rss_idle_clients", run_idle_rss, ("rss_mb",)),
+        Scenario("start_rss", run_start_rss, ("rss_mb",)),
+        Scenario("connect_storm", run_connect_storm, ("connect_s", "broker_us_per_connect"),
+                 True),
         Scenario("qos0_1to1_64B", flow(qos=0, size=64, messages=n), thr, True),
         Scenario("qos0_1to1_64B_acl10", flow(qos=0, size=64, messages=n), thr, True,
                  acl_rules=10),
@@ -634,18 +766,10 @@ def scenarios(opts: Options) -> list[Scenario]:
         Scenario("qos1_1to1_64B", flow(qos=1, size=64, messages=n1), thr, True),
         Scenario("qos1_1to1_1KiB", flow(qos=1, size=1024, messages=n1), thr, True),
         Scenario("qos0_fanout10_64B", flow(qos=0, size=64, messages=nf, subscribers=10), thr, True),
-        Scenario(
-            "latency_qos0_1000mps",
-            flow(qos=0, size=64, messages=lat_n, latency=True),
-            lat,
-            nodelay=True,
-        ),
-        Scenario(
-            "latency_qos1_1000mps",
-            flow(qos=1, size=64, messages=lat_n, latency=True),
-            lat,
-            nodelay=True,
-        ),
+        Scenario("latency_qos0_1000mps", lambda b, o: run_latency(b, o, qos=0), lat, True,
+                 nodelay=True),
+        Scenario("latency_qos1_1000mps", lambda b, o: run_latency(b, o, qos=1), lat, True,
+                 nodelay=True),
     ]
 
 
@@ -673,8 +797,10 @@ def summarise(broker: Broker, sc: Scenario, runs: list[dict[str, Any]],
         res = dict(good[(len(good) - 1) // 2])  # median (lower median for even counts)
         if len(runs) > 1:
             res["runs"] = [
-                {k: r[k] for k in (key, "broker_us_per_msg", "loss_pct", "broker_cpu_pct",
-                                   "loadavg_1m", "error") if k in r}
+                {k: r[k] for k in (key, "p50", "sched_p99_ms", "broker_us_per_msg",
+                                   "broker_us_per_connect", "loss_pct", "broker_cpu_pct",
+                                   "loadavg_1m", "error")
+                 if k in r}
                 for r in runs
             ]
         losses = [r["loss_pct"] for r in good if "loss_pct" in r]
@@ -747,6 +873,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--latency-seconds", type=float, help="(5)")
     ap.add_argument("--idle-clients", type=int, help="(1000)")
+    ap.add_argument("--storm-clients", type=int, help="clients of connect_storm (5000)")
     ap.add_argument("--repeat", type=int, help="runs per throughput scenario, median kept (3)")
     ap.add_argument("--scenario-timeout", type=float, default=90.0)
     ap.add_argument(
@@ -787,6 +914,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_seconds = args.latency_seconds or (0.5 if q else 5.0)
     args.repeat = args.repeat or (1 if q else 3)
     args.idle_clients = args.idle_clients if args.idle_clients is not None else 1000
+    args.storm_clients = args.storm_clients or (1000 if q else 5000)
     return args
 
 
@@ -815,7 +943,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                     f"{r.get('broker_us_per_msg')}us/msg "
                     f"lost{r.get('loss_pct_max', r.get('loss_pct'))}%")
             elif "p99" in r:
-                cells.append(f"p50 {r['p50']} p99 {r['p99']} ms")
+                cells.append(f"p50 {r['p50']} p99 {r['p99']} ms (sched {r.get('sched_p99_ms')})")
+            elif "connect_s" in r:
+                cells.append(f"{r['connect_s']} s, {r.get('broker_us_per_connect')} us cpu "
+                             f"(gen {r.get('generator_cpu_s')} s)")
+            elif "mqtt_only_mb" in r:
+                cells.append(f"{r.get('embedded_defaults_mb', '-')} / {r['mqtt_only_mb']} MB")
             elif "rss_mb" in r:
                 cells.append(f"{r['rss_mb']} MB")
             else:
@@ -847,8 +980,9 @@ def main(argv: list[str] | None = None) -> int:
         settle=0.34 if args.quick else 1.0,
         repeat=max(1, args.repeat),
         nap=max(0.0, args.sub_nap_ms / 1000),
+        storm_clients=args.storm_clients,
     )
-    limits = raise_nofile(args.idle_clients + 1024)
+    limits = raise_nofile(max(args.idle_clients, args.storm_clients) + 1024)
     wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
     all_sc = scenarios(opts)
     if args.only:
