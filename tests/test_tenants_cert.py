@@ -82,7 +82,7 @@ def gw(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
            "client_ca": str(certs.ca), "require_client_cert": False}
     https = free_port()
     add_token(tmp / "tokens.toml", "api", "acme.d1")  # the token's user: acme.d1
-    g = start_gateway(tmp, ("tls",), {
+    g = start_gateway(tmp, ("tls", "wss"), {
         "mqtt": {"tls": tls},
         "http": {"listen": [f"https://{LOOPBACK}:{https}"], "tls": tls,
                  "tokens_file": str(tmp / "tokens.toml")},
@@ -171,6 +171,20 @@ def test_https_client_certificate_is_cert_cn(gw: Gw, certs: Certs) -> None:
         assert ops.get(5.0).topic == "tenants/acme/d/acme.d2/h"
     finally:
         ops.disconnect()
+
+
+def test_wss_client_certificate_names_the_client(gw: Gw, certs: Certs) -> None:
+    """MQTT over wss://: the certificate reaches the connection through the WebSocket's
+    transport (without it use_cn_as_username would refuse the CONNECT)."""
+    c = paho(gw.ports["wss"], ws=True, ca=certs.ca, cert=certs.clients["bolt.d1"],
+             client_id=unique("wss"))
+    try:
+        assert c.subscribe("#", qos=1) == [1]
+        c.publish("d/bolt.d1/w", b"w", qos=1)  # ${cert_cn} = bolt.d1, tenant bolt
+        m = c.get(5.0)
+        assert (m.topic, m.payload) == ("d/bolt.d1/w", b"w")
+    finally:
+        c.disconnect()
 
 
 def test_without_a_certificate_a_client_is_refused(gw: Gw, certs: Certs) -> None:
