@@ -11,7 +11,7 @@ in its own process:
   (``call_soon_threadsafe``): how late it runs (the loop busy with something else: $SYS,
   status file, timers, GC, or the process waiting for a CPU);
 * ``thread_wakeup``: how late that thread's own 1 ms sleeps wake (the OS alone);
-* ``gc``: the collector's pauses.
+* ``gc``: the collector's pauses once the gateway runs (after its start's ``gc.freeze``).
 
 Wrapping two methods for timestamps is the only change to the gateway; a tail seen end to
 end but not ``inside`` is not the gateway's code. Usage::
@@ -77,7 +77,7 @@ def serve(argv: list[str], report: Path) -> None:
     def on_gc(phase: str, _info: dict[str, Any]) -> None:
         if phase == "start":
             gc_start[0] = pc()
-        else:
+        elif gc.get_freeze_count():  # running: not the collection before gc.freeze()
             gc_pauses.append(pc() - gc_start[0])
 
     gc.callbacks.append(on_gc)
