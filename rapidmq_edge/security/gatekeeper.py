@@ -91,7 +91,7 @@ class Gatekeeper:
             else:
                 self.cert_cns[client_id] = cert_cn
             if self.rbac is not None:  # rules bound to the old CN are bound again
-                self.rbac.policy().identity_changed(client_id)
+                self.rbac.policy().forget(client_id)
                 self._identity_epoch += 1
         return self.mountpoint_of(username)
 

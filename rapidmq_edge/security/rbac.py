@@ -446,8 +446,7 @@ class RbacPolicy:
             r.user is not None for r in config_role.rules)
         self._decisions: dict[tuple[object, ...], bool] = {}
         self._tenant_of = tenant_of
-        #: client id -> the subject CN of the TLS certificate it connected with
-        self._cert_cn_of = cert_cn_of
+        self._cert_cn_of = cert_cn_of  # client id -> its TLS client certificate's CN
         self.rule_count = sum(len(r.rules) for r in model.roles.values()) + (
             len(config_role.rules) if config_role else 0)
 
@@ -513,13 +512,8 @@ class RbacPolicy:
         d[key] = allowed
         return allowed
 
-    def forget(self, username: str | None, client_id: str) -> None:
-        """Drop what is cached for one client (its decisions age out of the bounded cache)."""
-        self._identities.pop((username, client_id), None)
-
-    def identity_changed(self, client_id: str) -> None:
-        """A client id connected with another certificate: its bound rules and the cached
-        decisions (all of them: this is rare, at CONNECT) are made again."""
+    def forget(self, client_id: str) -> None:
+        """Its identity changed (another certificate): bind its rules again, drop decisions."""
         for key in [k for k in self._identities if k[1] == client_id]:
             del self._identities[key]
         self._decisions.clear()
