@@ -232,3 +232,44 @@ def test_a_forward_queue_from_before_publishers_is_migrated(tmp_path: Path) -> N
     left, erased, rows = asyncio.run(run())
     assert erased == 2 and left == [b"\x02"]
     assert rows == [(b"\x02", None)]
+
+
+def test_a_large_store_is_scrubbed_without_vacuum(tmp_path: Path) -> None:
+    """Above the VACUUM bound a running store's erasure only deletes with secure_delete
+    and empties the WAL: the marker (in rows and in an overflow page) is gone from every
+    file all the same, the other rows stay and the queue keeps working."""
+    import asyncio
+
+    from rapidmq_edge.store.erase import scrub_live
+    from rapidmq_edge.store.forward_queue import ORIGIN_WHERE, ForwardQueue
+
+    path = tmp_path / "forward.db"
+
+    async def run() -> tuple[bool, int, list[int]]:
+        q = ForwardQueue(path, durability="normal")
+        try:
+            for i in range(2000):
+                mine = i % 100 == 7
+                q.put("cloud", 2, f"s/{i % 50}", MARKER if mine else b"p" * 100,
+                      origin=DEVICE if mine else "other")
+            q.put("cloud", 2, "s/big", MARKER * 500, origin=DEVICE)  # overflow pages
+            fut = q.commit_future()
+            assert fut is not None
+            await fut
+            assert _files_holding(tmp_path, MARKER)
+            erased = await q.erase_origin(DEVICE)
+            done = await scrub_live(q, path, [("DELETE FROM messages WHERE " + ORIGIN_WHERE,
+                                               (DEVICE, f"/{DEVICE}/"))], 0)
+            q.put("cloud", 2, "s/after", b"after", origin="other")  # still writing
+            fut = q.commit_future()
+            assert fut is not None
+            await fut
+            left = len(q.fetch("cloud", 5000))
+            return done.vacuumed, erased, [done.counts[0], left]
+        finally:
+            await q.close()
+
+    vacuumed, erased, (deleted, left) = asyncio.run(run())
+    assert not vacuumed and erased == 21 and deleted == 21 and left == 1981
+    assert _files_holding(tmp_path, MARKER) == []
+    assert _files_holding(tmp_path, DEVICE.encode()) == []

@@ -13,9 +13,9 @@ parts first and then to their files:
    and the feedback sampler drops its sampled rows;
 3. the forward queue takes out the messages it published (``ForwardQueue.erase_origin``);
 4. ``broker.db`` and ``forward.db`` are scrubbed on the stores' own connections, in their
-   writer threads (``store.erase.scrub_live``: secure_delete, checkpoint, VACUUM): off the
-   event loop, each store's group commits wait meanwhile; that pause is measured and
-   reported (``pause_ms``);
+   writer threads (``store.erase.scrub_live``: secure_delete, checkpoint, and VACUUM up to
+   ``VACUUM_MAX_BYTES``): off the event loop, each store's group commits wait meanwhile;
+   that pause is measured and reported (``pause_ms``);
 5. the other stores as the offline erasure does them (OTA feedback, RBAC grants, OSCORE
    context and token on request), in a thread;
 6. the same signed receipt, and the erasure request queued for every upstream.
@@ -33,7 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..mqtt import reasons as rc
-from ..store.erase import scrub_live
+from ..store.erase import Scrubbed, scrub_live
 from ..store.forward_queue import ORIGIN_WHERE
 from .erasure import (
     ErasureReport,
@@ -50,6 +50,12 @@ if TYPE_CHECKING:
 __all__ = ["ErasureGate", "LiveErasure"]
 
 log = logging.getLogger(__name__)
+
+#: a store file larger than this is not VACUUMed by a running gateway's erasure: VACUUM
+#: rewrites the file while the store's writer waits (~30 ms per MB measured on the 2-core
+#: test machine under load, bench/erasure_pause.py); the deletes' content is zeroed in
+#: place by secure_delete and the WAL emptied either way
+VACUUM_MAX_BYTES = 4 << 20
 
 
 class ErasureGate:
@@ -102,6 +108,7 @@ class LiveErasure:
         self.gw = gateway
         self.gate = gate
         self._lock = asyncio.Lock()
+        self._running: set[asyncio.Future[ErasureReport]] = set()
 
     async def erase(self, device: str, *, oscore: bool = False, token: str | None = None,
                     queue: str = "erase") -> ErasureReport:
@@ -127,14 +134,12 @@ class LiveErasure:
         if fq is not None:
             if queue == "erase":
                 n = await fq.erase_origin(device)
-                counts, held, clean = await scrub_live(
-                    fq, [("DELETE FROM messages WHERE " + ORIGIN_WHERE,
-                          (device, f"/{device}/"))])
-                pause["forward"] = held
-                _add(report, "forward:messages", max(n, counts[0]))
-                if not clean:
-                    report.reported.append("forward.db: a reader kept the WAL (emptied at "
-                                           "its next checkpoint)")
+                done = await scrub_live(
+                    fq, fq.path, [("DELETE FROM messages WHERE " + ORIGIN_WHERE,
+                                   (device, f"/{device}/"))], VACUUM_MAX_BYTES)
+                pause["forward"] = done.held
+                _add(report, "forward:messages", max(n, done.counts[0]))
+                _report_scrub(report, "forward.db", done)
             else:
                 n = await fq.count_origin(device)
                 if n:
@@ -145,14 +150,13 @@ class LiveErasure:
         if fut is not None:
             await asyncio.shield(fut)
         deletes = _broker_deletes(device)
-        counts, held, clean = await scrub_live(store, [(sql, p) for _t, sql, p in deletes])
-        pause["broker"] = held
-        for (table, _sql, _p), n in zip(deletes, counts, strict=True):
+        done = await scrub_live(store, store.path, [(sql, p) for _t, sql, p in deletes],
+                                VACUUM_MAX_BYTES)
+        pause["broker"] = done.held
+        for (table, _sql, _p), n in zip(deletes, done.counts, strict=True):
             if n > 0 and f"broker:{table}" not in report.erased:
                 _add(report, f"broker:{table}", n)  # rows the memory no longer had
-        if not clean:
-            report.reported.append("broker.db: a reader kept the WAL (emptied at its next "
-                                   "checkpoint)")
+        _report_scrub(report, "broker.db", done)
         await asyncio.to_thread(erase_files, gw.config, device, report, oscore=oscore,
                                 token=token)
         if oscore and gw.coap is not None:
@@ -202,6 +206,12 @@ class LiveErasure:
                 sampler.rows.clear()
                 sampler.rows.extend(rows)
 
+    def _finished(self, task: asyncio.Future[ErasureReport]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None and not isinstance(
+                task.exception(), ValueError | UnknownDevice):
+            log.error("erasure failed: %s", task.exception())
+
     def _request_upstream(self, report: ErasureReport, when: float) -> int:
         """Queue the erasure request for every upstream (through the running queue)."""
         gw = self.gw
@@ -241,14 +251,32 @@ class LiveErasure:
             return 400, {"error": "token: must be a token name"}
         if not isinstance(queue, str):
             return 400, {"error": 'queue: must be "erase" or "report"'}
+        # a client that goes away does not cancel an erasure halfway (aiohttp cancels the
+        # handler): it runs to its receipt
+        task = asyncio.ensure_future(self.erase(device, oscore=oscore, token=token,
+                                                queue=queue))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
         try:
-            report = await self.erase(device, oscore=oscore, token=token, queue=queue)
+            report = await asyncio.shield(task)
         except ValueError as exc:
             return 400, {"error": str(exc)}
         except UnknownDevice as exc:
             return 404, {"error": f"unknown device: {exc}"}
         log.info("erasure requested with token %r", token_name)
         return 200, report.as_dict()
+
+
+def _report_scrub(report: ErasureReport, name: str, done: Scrubbed) -> None:
+    if not done.wal_emptied:
+        report.reported.append(f"{name}: a reader kept the WAL (emptied at its next "
+                               "checkpoint)")
+    if not done.vacuumed:
+        report.reported.append(
+            f"{name}: not vacuumed while running ({done.size / 1e6:.1f} MB > "
+            f"{VACUUM_MAX_BYTES / 1e6:.1f} MB): the erased rows were zeroed in place "
+            "(secure_delete) and the WAL emptied; their free pages are reused, or given "
+            "back by an erasure with the gateway stopped")
 
 
 def _add(report: ErasureReport, key: str, n: int) -> None:

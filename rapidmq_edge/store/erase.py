@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["LiveStore", "scrub", "scrub_live"]
+__all__ = ["LiveStore", "Scrubbed", "scrub", "scrub_live"]
 
 #: checkpoint attempts while a reader of the store holds the WAL (then it is left to the
 #: store's next checkpoint and reported)
@@ -80,8 +81,19 @@ def _truncate_wal(db: sqlite3.Connection) -> bool:
     return False
 
 
-def _scrub_held(store: LiveStore, deletes: Sequence[tuple[str, Sequence[Any]]]
-                ) -> tuple[list[int], float, bool]:
+@dataclass(slots=True)
+class Scrubbed:
+    """What :func:`scrub_live` did."""
+
+    counts: list[int]  # rows deleted by each statement
+    held: float  # seconds the store's writer was held (its commits waited as long)
+    wal_emptied: bool  # False: a reader kept the WAL (emptied at its next checkpoint)
+    vacuumed: bool  # False: the file was larger than ``vacuum_max_bytes``
+    size: int  # bytes of the database file before
+
+
+def _scrub_held(store: LiveStore, deletes: Sequence[tuple[str, Sequence[Any]]],
+                path: Path, vacuum_max_bytes: int | None) -> Scrubbed:
     """In the store's writer thread: the deletes and the compaction, the writer held."""
     with store._lock:
         held = time.perf_counter()
@@ -91,17 +103,27 @@ def _scrub_held(store: LiveStore, deletes: Sequence[tuple[str, Sequence[Any]]]
         try:
             counts = _delete(db, deletes)
             clean = _truncate_wal(db)
-            db.execute("VACUUM")
-            clean = _truncate_wal(db) and clean
+            size = path.stat().st_size
+            vacuum = vacuum_max_bytes is None or size <= vacuum_max_bytes
+            if vacuum:
+                db.execute("VACUUM")
+                clean = _truncate_wal(db) and clean
         finally:
             db.execute(f"PRAGMA secure_delete={int(before)}")
-        return counts, time.perf_counter() - held, clean
+        return Scrubbed(counts, time.perf_counter() - held, clean, vacuum, size)
 
 
-async def scrub_live(store: LiveStore, deletes: Sequence[tuple[str, Sequence[Any]]]
-                     ) -> tuple[list[int], float, bool]:
-    """:func:`scrub` on a running store, off the event loop: (rows deleted by each
-    statement, seconds its writer was held, whether the WAL ended empty). Its group
-    commits wait meanwhile (they queue behind it in its one writer thread)."""
+async def scrub_live(store: LiveStore, path: Path,
+                     deletes: Sequence[tuple[str, Sequence[Any]]],
+                     vacuum_max_bytes: int | None = None) -> Scrubbed:
+    """:func:`scrub` on a running store (its file ``path``), off the event loop, in its one
+    writer thread: its group commits wait meanwhile, as long as :attr:`Scrubbed.held`.
+
+    The deletes run with ``secure_delete`` (their content, overflow pages included, is
+    zeroed in place) and the WAL is checkpointed empty: the bytes are gone from the files
+    without a ``VACUUM``. ``VACUUM`` (which rewrites the file: the pause grows with its
+    size) also gives the free pages back when the file is at most ``vacuum_max_bytes``
+    (None: always)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(store._writer, _scrub_held, store, deletes)
+    return await loop.run_in_executor(store._writer, _scrub_held, store, deletes, path,
+                                      vacuum_max_bytes)

@@ -66,6 +66,12 @@ _KINDS = {"dropped_oldest": "queue_full", "refused": "queue_full", "expired": "t
 ORIGIN_WHERE = "origin = ? OR (origin IS NULL AND instr('/' || topic || '/', ?) > 0)"
 
 
+def _ready_at(lane: Lane, mid: int) -> int:
+    """The position of ``mid`` among ``lane``'s ready ids, or -1."""
+    i = bisect_left(lane.ids, mid, lane.h)
+    return i if i < len(lane.ids) and lane.ids[i] == mid else -1
+
+
 def _select_origin(path: Path, where: str, params: tuple[str, str]) -> list[tuple[Any, ...]]:
     """(id, upstream, priority) of the stored rows ``where`` selects (own connection)."""
     db = connect(path)
@@ -521,8 +527,8 @@ class ForwardQueue(QueueBounds, QueueWriter):
                 lane.msgs -= 1
                 lane.bytes -= size
             else:
-                i = bisect_left(lane.ids, mid, lane.h)
-                if i >= len(lane.ids) or lane.ids[i] != mid:
+                i = _ready_at(lane, mid)
+                if i < 0:
                     continue  # acked or dropped meanwhile
                 size = lane.sizes[i]
                 lane.remove_range(mid, mid)
@@ -534,16 +540,17 @@ class ForwardQueue(QueueBounds, QueueWriter):
         """How many queued messages ``origin`` published (as ``erase_origin`` sees them)."""
         found = await self._origin_ids(origin)
         return sum(1 for mid, key in found.items() if (lane := self._lanes.get(key))
-                   is not None and (mid in lane.inflight or mid in lane.ids[lane.h:]))
+                   is not None and (mid in lane.inflight or _ready_at(lane, mid) >= 0))
 
     async def _origin_ids(self, origin: str) -> dict[int, tuple[str, int]]:
-        """id -> (upstream, class) of rows ``origin`` published, in memory and stored."""
+        """id -> (upstream, class) of rows ``origin`` published: stored (read in a thread)
+        and not yet committed (the cache holds only committed rows: not scanned)."""
         level = f"/{origin}/"
 
         def mine(r: Row) -> bool:
             return r[10] == origin or (r[10] is None and level in f"/{r[3]}/")
 
-        found = {r[0]: (r[1], r[2]) for rows in (self._writing, self._ins, self._cache)
+        found = {r[0]: (r[1], r[2]) for rows in (self._writing, self._ins)
                  for r in rows.values() if mine(r)}
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(None, _select_origin, self.path, ORIGIN_WHERE,
