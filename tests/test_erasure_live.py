@@ -83,6 +83,7 @@ def test_erase_while_running(tmp_path: Path,
     tokens = tmp_path / "tokens.toml"
     admin = add_token(tokens, "ops", "ops")
     viewer = add_token(tokens, "viewer", "viewer", role="read")
+    own = add_token(tokens, "dev-token", "dev", role="read")  # the device's: erased on request
     http_port = free_port()
     gw = gateway_factory({
         "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{free_port()}"]}],
@@ -136,7 +137,7 @@ def test_erase_while_running(tmp_path: Path,
     try:
         time.sleep(0.3)
         r = _cli("erase", "--config", str(gw.config_path), "--device", DEVICE,
-                 env={"RAPIDMQ_EDGE_TOKEN": admin})
+                 "--token", "dev-token", env={"RAPIDMQ_EDGE_TOKEN": admin})
         time.sleep(0.3)
     finally:
         steady.stop.set()
@@ -148,6 +149,9 @@ def test_erase_while_running(tmp_path: Path,
     assert erased["broker:retained"] == 1 and erased["broker:deliveries"] >= 5
     assert erased["forward:messages"] == 5  # room1 included: by publisher, not by topic
     assert set(report["pause_ms"]) == {"loop", "broker", "forward"}
+    assert "token dev-token" in report["removed"]
+    # the removed token no longer opens the API (the tokens file is reloaded)
+    assert wait_until(lambda: _post(api, own, {"device": DEVICE})[0] == 401, timeout=5)
     print("erasure pauses (ms):", report["pause_ms"], "longest PUBACK wait of another "
           f"client: {steady.longest * 1000:.1f} ms over {steady.sent} publishes")
 
