@@ -95,6 +95,12 @@ class Broker:
             (lambda: owner.generation) if hasattr(type(owner), "generation") else None)
         self._read_cache: dict[tuple[str | None, str, str], bool] = {}
         self._read_cache_gen = 0
+        #: per topic, the sessions a QoS 0 message without retain goes to as a plain
+        #: delivery (read check passed), or False when routing it needs the full path;
+        #: valid while the index's generation is ``_plans_gen`` (emptied when sessions come
+        #: and go, and with the read-check answers)
+        self._plans: dict[str, tuple[Session, ...] | bool] = {}
+        self._plans_gen = -1
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:
         #: the session store's and those of the stages behind the taps
         self.durable: tuple[Callable[[], asyncio.Future[Any] | None], ...] = (
@@ -182,6 +188,7 @@ class Broker:
                 self.end_session(old)
             session = self._new_session(client_id, version, expiry)
             self.sessions[client_id] = session
+        self._plans.clear()  # a new session, or a user name the read check sees
         was_persistent = session.persistent
         session.version = version
         session.expiry_interval = expiry
@@ -301,6 +308,7 @@ class Broker:
         session.inflight.clear()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        self._plans.clear()
         if self.store is not None and session.expiry_interval:
             self.store.delete_session(session.client_id)
         for d in leftovers:
@@ -377,6 +385,16 @@ class Broker:
     def route(self, msg: Message) -> int:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
         topic = msg.topic
+        if not msg.qos and not msg.retain:  # the hot path: the topic's plan, if it has one
+            plan = self._plan(topic)
+            if plan is not False:
+                n = 0
+                for session in plan:  # type: ignore[union-attr]
+                    if session.deliver_plain(msg):
+                        n += 1
+                    else:
+                        self.stats.publish_dropped += 1
+                return n
         per_client, groups = self.index.match(topic)
         sessions = self.sessions
         read_check = self.read_check
@@ -422,6 +440,43 @@ class Broker:
                 n += 1
         return n
 
+    def _plan(self, topic: str) -> tuple[Session, ...] | bool:
+        """The sessions a QoS 0 message without retain on ``topic`` is delivered to as
+        a plain delivery, in ``route``'s order; False when a match needs more (a shared
+        group, overlapping subscriptions, No Local, a subscription identifier)."""
+        plans = self._plans
+        gen = self.index.generation
+        if gen != self._plans_gen or len(plans) > READ_CACHE_SIZE:
+            plans.clear()
+            self._plans_gen = gen
+        cache = self._read_answers() if self.read_check is not None else None
+        plan = plans.get(topic)
+        if plan is not None:
+            return plan
+        per_client, groups = self.index.match(topic)
+        sessions: list[Session] = []
+        plan = False
+        if not groups:
+            for cid, subs in per_client.items():
+                session = self.sessions.get(cid)
+                if session is None:
+                    continue
+                if len(subs) != 1 or subs[0].options.no_local or subs[0].sub_id:
+                    break
+                if cache is not None:
+                    key = (session.username, cid, topic)
+                    allowed = cache.get(key)
+                    if allowed is None:
+                        assert self.read_check is not None
+                        allowed = cache[key] = self.read_check(session.username, cid, topic)
+                    if not allowed:
+                        continue
+                sessions.append(session)
+            else:
+                plan = tuple(sessions)
+        plans[topic] = plan
+        return plan
+
     def _read_answers(self) -> dict[tuple[str | None, str, str], bool]:
         """The cache of ``read_check``'s answers (bounded; emptied when the rules'
         generation moves)."""
@@ -431,9 +486,11 @@ class Broker:
             gen = gen_of()
             if gen != self._read_cache_gen:
                 cache.clear()
+                self._plans.clear()
                 self._read_cache_gen = gen
         if len(cache) > READ_CACHE_SIZE:
             cache.clear()
+            self._plans.clear()
         return cache
 
     def _deliver_shared(self, g: SharedGroup, msg: Message, exclude: str | None = None) -> bool:

@@ -156,8 +156,9 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self._paused_since = 0.0  # when write_paused was last set (a stall is timed from it)
         self._pressure_waiters: set[FlowControl] | None = None  # made on first use
         self._pressure: asyncio.TimerHandle | None = None
-        #: PUBLISH decisions of the ACL: (rules generation, {(topic, qos, retain): allowed})
-        self._acl_cache: tuple[int, dict[tuple[str, int, bool], bool]] | None = None
+        #: PUBLISH decisions of the ACL: (rules generation, {(topic, qos, retain): allowed});
+        #: at QoS 0 without retain the key is the topic alone
+        self._acl_cache: tuple[int, dict[str | tuple[str, int, bool], bool]] | None = None
         #: a tenant's invisible mountpoint (then this is a MountedConnection), else None
         self.mount: TenantMount | None = None
 
@@ -320,7 +321,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         cache = self._acl_cache
         if cache is None or cache[0] != gen or len(cache[1]) > ACL_CACHE_SIZE:
             cache = self._acl_cache = (gen, {})
-        key = (topic, qos, retain)
+        key: str | tuple[str, int, bool] = (topic, qos, retain) if qos or retain else topic
         allowed = cache[1].get(key)
         if allowed is None:
             allowed = cache[1][key] = access.can_publish(

@@ -53,12 +53,15 @@ class SubscriptionIndex:
         self._root = _Node()
         self._cache: dict[str, Match] = {}
         self.count = 0
+        #: moves with every add / remove (what the broker caches per topic depends on it)
+        self.generation = 0
 
     # -- changes -------------------------------------------------------------------
 
     def add(self, sub: Subscription) -> bool:
         """Add or replace ``sub``; return True when it replaced an existing one."""
         self._cache.clear()
+        self.generation += 1
         group, filt = parse_shared(sub.filter)
         if group is None:
             subs = self._subs_for(filt, create=True)
@@ -80,6 +83,7 @@ class SubscriptionIndex:
     def remove(self, client_id: str, full_filter: str) -> bool:
         """Remove one subscription; return True when it existed."""
         self._cache.clear()
+        self.generation += 1
         group, filt = parse_shared(full_filter)
         if group is None:
             subs = self._subs_for(filt, create=False)
