@@ -15,15 +15,8 @@ setup(
             extra_compile_args=["-O2", "-Wall"],
             optional=True,
         ),
-        # exact IEEE double arithmetic, as Python's: no FMA contraction, no fast-math
-        Extension(
-            "rapidmq_edge.intelligence._streamstep",
-            ["rapidmq_edge/intelligence/_streamstep.c"],
-            libraries=["m"],
-            extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
-            optional=True,
-        ),
-        # the per-stream anomaly detector's update; the same exact arithmetic rules
+        # the per-stream anomaly detector's update: exact IEEE double arithmetic, as
+        # Python's (no FMA contraction, no fast-math)
         Extension(
             "rapidmq_edge.intelligence._detectorstep",
             ["rapidmq_edge/intelligence/_detectorstep.c"],
