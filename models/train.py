@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from firmware_sim.datasets import (  # noqa: E402
     Dataset,
-    anomaly_dataset,
     client_dataset,
+    healthy_dataset,
     priority_dataset,
+    residual_dataset,
 )
 from firmware_sim.generator import generate  # noqa: E402
 from firmware_sim.quality import (  # noqa: E402
@@ -48,7 +49,7 @@ from rapidmq_edge.intelligence.features import (  # noqa: E402
     CLIENT_FEATURES,
     FEATURE_SPEC,
     MESSAGE_FEATURES,
-    STREAM_FEATURES,
+    RESIDUAL_FEATURES,
 )
 
 MODEL_VERSION = "1.0.0"
@@ -57,6 +58,12 @@ TRAIN = Scenario(seed=TRAIN_SEED, devices=300, duration=3 * 3600.0, coap_fractio
                  fault_rate=3.0, attackers=60, misconfigured=10, dashboards=4)
 HELDOUT = Scenario(seed=HELDOUT_SEED, devices=150, duration=3600.0, coap_fraction=0.2,
                    fault_rate=3.0, attackers=30, misconfigured=6, dashboards=2)
+#: healthy synthetic streams added to the anomaly model's training rows (labelled none;
+#: seeds 0-99 are the tests' and bench/anomaly_nab.py's, NAB is never used), and the ones
+#: its card reports on
+HEALTHY_TRAIN_SEEDS = range(10_000, 10_400)
+HEALTHY_HELDOUT_SEEDS = range(20_000, 20_100)
+HEALTHY_READINGS = 900
 INPUT_NAME = "features"
 OPSET = {"": 17, "ai.onnx.ml": 3}
 
@@ -76,12 +83,14 @@ SPECS: dict[str, tuple[Callable[[FleetRun], Dataset], tuple[str, ...], Callable[
                  rules.priority_rules,
                  "priority class of one message (critical / high / normal / bulk) from its "
                  "topic, payload head and MQTT flags"),
-    "anomaly": (anomaly_dataset, STREAM_FEATURES,
-                lambda: _forest(n_estimators=24, max_depth=12, min_samples_leaf=3,
+    "anomaly": (residual_dataset, RESIDUAL_FEATURES,
+                lambda: _forest(n_estimators=10, max_depth=10, min_samples_leaf=5,
                                 class_weight=None),
-                rules.anomaly_rules,
+                rules.residual_rules,
                 "fault kind of one sensor reading (none / drift / spike / stuck / burst) from "
-                "its stream's incremental state"),
+                "the stream detector's residual features; the gateway asks it about young "
+                "streams and readings inside an open episode "
+                "(rapidmq_edge/intelligence/fault_classifier.py)"),
     "threat": (client_dataset, CLIENT_FEATURES,
                lambda: _forest(n_estimators=16, max_depth=8, min_samples_leaf=2),
                rules.threat_rules,
@@ -123,6 +132,9 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
     """Fit, export, measure and document one model."""
     build, feat_names, factory, rule, purpose = SPECS[name]
     tr, ho = build(train_run), build(held_run)
+    healthy_q: dict[str, Any] | None = None
+    if name == "anomaly":  # realistic healthy streams beside the simulator's
+        tr = _concat(tr, healthy_dataset(HEALTHY_TRAIN_SEEDS, HEALTHY_READINGS))
     est = factory()
     t0 = time.perf_counter()
     est.fit(tr.X[tr.scored], tr.y[tr.scored])
@@ -132,6 +144,12 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
     sess = ort_session(onnx_path)
     pred, _ = predict(sess, ho.X)
     sk_pred = est.predict(ho.X)
+    if name == "anomaly":
+        hh = healthy_dataset(HEALTHY_HELDOUT_SEEDS, HEALTHY_READINGS)
+        hp, _ = predict(sess, hh.X)
+        healthy_q = {"streams": len(HEALTHY_HELDOUT_SEEDS), "readings": int(len(hh.y)),
+                     "flagged": round(float(np.mean(hp > 0)), 5),
+                     "rules_flagged": round(float(np.mean(rule(hh.X) > 0)), 5)}
     manifest = {
         "name": name,
         "version": MODEL_VERSION,
@@ -153,17 +171,26 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
         "estimator": f"sklearn {type(est).__name__}({_params(est)})",
         "rules_fallback": f"rapidmq_edge.intelligence.rules.{rule.__name__}",
         "training": {"scenario": TRAIN.to_dict(), "rows": int(tr.scored.sum()),
+                     **({"healthy_streams": {
+                         "seeds": [HEALTHY_TRAIN_SEEDS.start, HEALTHY_TRAIN_SEEDS.stop - 1],
+                         "readings_each": HEALTHY_READINGS}} if name == "anomaly" else {}),
                      "class_counts": _counts(tr.y[tr.scored], tr.labels)},
         "heldout": {"scenario": HELDOUT.to_dict(), "rows": int(len(ho.y)),
                     "metrics": quality(name, ho, pred),
                     "rules_metrics": quality(name, ho, rule(ho.X)),
-                    "onnx_matches_sklearn": round(float(np.mean(pred == sk_pred)), 6)},
+                    "onnx_matches_sklearn": round(float(np.mean(pred == sk_pred)), 6),
+                    **({"healthy_streams": healthy_q} if healthy_q else {})},
         "golden": _golden(ho, pred),
     }
     (out / f"{name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
     cost = inference_cost(sess, ho.X)
     (out / f"{name}.md").write_text(card(manifest, cost, fit_s))
     return {"manifest": manifest, "inference_us_per_msg": cost}
+
+
+def _concat(a: Dataset, b: Dataset) -> Dataset:
+    return Dataset(np.concatenate([a.X, b.X]), np.concatenate([a.y, b.y]), a.labels,
+                   np.concatenate([a.scored, b.scored]))
 
 
 def _params(est: Any) -> str:
@@ -256,20 +283,32 @@ def card(m: dict[str, Any], cost: dict[str, float], fit_s: float) -> str:
     return "\n".join(lines)
 
 
-#: why the anomaly model no longer runs in the gateway (issue 13)
+#: where the anomaly model runs in the gateway (issue 13)
 _ANOMALY_IN_PATH = [
-    "Not any more. On real telemetry this per-reading classifier failed: replayed through a",
-    "gateway, the Numenta Anomaly Benchmark scored -3,492 over its 58 files (flagging nothing",
-    "scores 0), 16-35 % of real readings flagged (daily cycles read as drift, coarse metrics",
-    "as stuck). The gateway now runs the per-stream online detector",
-    "(`rapidmq_edge/intelligence/stream_detector.py`, no training): NAB standard 67.0 over the",
-    "18 shared NAB files (65.6 on realKnownCause; 0.00 false positives per 1,000 points on",
-    "artificialNoAnomaly; NAB's numenta 58.1, ARTime 65.2 on the same files), the same",
-    "through a running gateway as offline (`bench/anomaly_nab.py`, `bench/nab_replay.py`,",
-    "`docs/benchmarks.md`). On this simulator's held-out run the detector, untrained, reads",
-    "per reading P 0.96 / R 0.80 and per episode P 1.00 / R 0.74 (its streams are young and",
-    "fault-dense; see docs/benchmarks.md). This model stays as the simulator's fault-kind",
-    "baseline (`bench/intelligence.py`).",
+    "Beside the per-stream online detector (`rapidmq_edge/intelligence/stream_detector.py`,",
+    "unsupervised), not instead of it (`rapidmq_edge/intelligence/fault_classifier.py`). The",
+    "runtime builds each reading's residual features from the detector's verdict and, for",
+    "readings of a young stream (fewer than 600 readings, while the detector's tails are",
+    "not learnt) or inside an open episode, runs this model in one onnxruntime call per",
+    "micro-batch: it names the fault kind, gives the reading's likelihood, and opens an",
+    "incident in a young stream on two readings in a row above 0.4 fault probability (a",
+    "spike: one), also inside an episode another fault opened. Mature streams open by the",
+    "detector alone, so real telemetry is judged by it.",
+    "",
+    "| | simulator held-out (seed 2002), detector + model | detector alone |",
+    "|---|---|---|",
+    "| per reading P / R | 0.987 / 0.955 | 0.96 / 0.80 |",
+    "| per episode P / R | 0.995 / 0.963 | 1.00 / 0.74 |",
+    "",
+    "Real data (`bench/anomaly_nab.py`, the 18 shared NAB files, never used in training):",
+    "NAB standard 67.0 overall, 65.6 realKnownCause, 0.00 false positives per 1,000 points",
+    "on artificialNoAnomaly (NAB's numenta 58.1, ARTime 65.2), unchanged by the model;",
+    "healthy synthetic streams 0.05-0.2 false episodes per two weeks, unchanged. Before",
+    "(issue 13), this model alone as a per-reading classifier scored -3,492 on all 58 NAB",
+    "files through a gateway. Limits: a 12-hour run of the held-out scenario, whose streams",
+    "mature, reads per episode R 0.31 (the detector's tails learn faults that come every",
+    "40-120 readings); on another fresh seed (4343) per reading 1.00 / 0.93, per episode",
+    "1.00 / 0.92 (`tests/test_stream_detector_classifier.py`).",
     "",
 ]
 

@@ -7,24 +7,24 @@ import json
 import cbor2
 import numpy as np
 
-from firmware_sim.datasets import anomaly_dataset
+from firmware_sim.datasets import healthy_stream, residual_dataset
 from firmware_sim.generator import generate
 from firmware_sim.scenario import FAULTS, PRIORITIES, THREATS, Scenario
 from rapidmq_edge.intelligence import rules
+from rapidmq_edge.intelligence.fault_classifier import ClassifiedTable
 from rapidmq_edge.intelligence.features import (
     ANOMALY_LABELS,
     CLIENT_FEATURES,
     MESSAGE_FEATURES,
     PRIORITY_LABELS,
-    STREAM_FEATURES,
+    RESIDUAL_FEATURES,
     THREAT_LABELS,
     ClientWindows,
-    StreamTable,
     message_features,
     reading_value,
 )
 
-S = {n: i for i, n in enumerate(STREAM_FEATURES)}
+S = {n: i for i, n in enumerate(RESIDUAL_FEATURES)}
 M = {n: i for i, n in enumerate(MESSAGE_FEATURES)}
 C = {n: i for i, n in enumerate(CLIENT_FEATURES)}
 
@@ -35,51 +35,66 @@ def _healthy(n: int, seed: int = 0, period: float = 10.0) -> tuple[np.ndarray, n
     return t, np.round(20 + rng.normal(0, 0.2, n), 2)
 
 
-def _feed(table: StreamTable, key: str, t: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([table.update_keys([key], [ti], [xi]) for ti, xi in zip(t, x,
-                                                                                  strict=True)])
+def _feed(table: ClassifiedTable, key: str, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Residual rows of readings fed one at a time (the detector first, as the runtime)."""
+    out = []
+    for ti, xi in zip(t.tolist(), x.tolist(), strict=True):
+        v = table.detectors.update([key], [ti], [xi])
+        out.append(table.rows([key], [ti], [xi], v, every=True)[1])
+    return np.concatenate(out)
 
 
 def test_labels_are_one_contract() -> None:
     assert PRIORITY_LABELS == PRIORITIES and ANOMALY_LABELS == FAULTS and THREAT_LABELS == THREATS
 
 
-def test_batched_stream_updates_equal_one_by_one() -> None:
+def test_batched_residual_rows_equal_one_by_one() -> None:
     run = generate(Scenario(seed=3, devices=20, duration=900.0, fault_rate=8.0))
-    one = anomaly_dataset(run, batch=1)
-    many = anomaly_dataset(run, batch=256)  # many readings of one stream per batch
-    assert one.X.shape == many.X.shape and len(one.X) > 500
-    np.testing.assert_allclose(one.X, many.X, rtol=1e-5, atol=1e-5)
+    one = residual_dataset(run, batch=1)
+    many = residual_dataset(run, batch=256)  # many readings of one stream per batch
+    assert one.X.shape == many.X.shape == (len(one.y), len(RESIDUAL_FEATURES))
+    assert len(one.X) > 500 and np.array_equal(one.X, many.X)
+    assert set(one.y.tolist()) == set(range(len(ANOMALY_LABELS)))  # every kind, labelled
 
 
-def test_stream_features_see_each_fault_kind() -> None:
+def test_residual_features_see_each_fault_kind() -> None:
     t, x = _healthy(80)
-    table = StreamTable()
+    table = ClassifiedTable()
     f = _feed(table, "a", t, x)
-    assert f[0].tolist() == [0.0] * len(STREAM_FEATURES)  # the first reading: no state yet
-    assert np.all(np.abs(f[40:, S["z_fast"]]) < 5) and f[-1, S["warm"]] == 1.0
-    spike = table.update_keys(["a"], [810.0], [20 + 10 * 0.2])[0]
-    assert spike[S["z_fast"]] > 6 and spike[S["dz"]] > 6
-    after = table.update_keys(["a"], [820.0], [20.0])[0]
-    assert abs(after[S["z_fast"]]) < 4  # the spike did not move the baselines much
+    assert f[0].tolist() == [0.0] * len(RESIDUAL_FEATURES)  # the first reading: no state yet
+    assert np.all(np.abs(f[40:, S["z"]]) < 6) and f[-1, S["age_log"]] == np.float32(np.log(80))
+    assert np.all(f[40:, S["dt_jitter"]] < 0.1)  # a regular stream
+    spike = _feed(table, "a", np.array([810.0]), np.array([20 + 10 * 0.2]))[0]
+    assert spike[S["z"]] > 6 and spike[S["dz"]] > 6 and spike[S["z_rel"]] > 6
+    after = _feed(table, "a", np.array([820.0]), np.array([20.0]))[0]
+    assert abs(after[S["z"]]) < 4  # the spike did not move the expected value much
     stuck = _feed(table, "a", 830.0 + 10 * np.arange(5), np.full(5, 20.05))
-    assert stuck[:, S["stuck"]].tolist() == [0, 1, 2, 3, 4]
-    # a stuck sensor does not shrink the noise estimate
-    healthy = table.update_keys(["a"], [880.0], [20.2])[0]
-    assert abs(healthy[S["z_fast"]]) < 3
+    assert np.allclose(np.expm1(stuck[:, S["run_log"]]), [0, 1, 2, 3, 4], atol=1e-5)
     burst = _feed(table, "a", 880.5 + 0.5 * np.arange(10), x[:10])
-    assert np.all(burst[:, S["log_dt"]] < -2) and burst[-1, S["burst"]] < -2
-    back = table.update_keys(["a"], [900.0], [20.0])[0]
-    assert abs(back[S["log_dt"]]) < 1.0  # the usual interval survived the burst
-    gap = table.update_keys(["a"], [900.0 + 500.0], [25.0])[0]
-    assert gap[S["gap"]] == 1 and gap[S["warm"]] == 0 and gap[S["z_slow"]] == 0
+    assert np.all(burst[1:, S["log_dt"]] < -2) and burst[-1, S["burst"]] > 2  # [0]: on time
+    gap = _feed(table, "a", np.array([900.0 + 500.0]), np.array([20.0]))[0]
+    assert gap[S["gap"]] == 1
     # a second stream grows the table without touching the first
     other = _feed(table, "b", t[:3], x[:3])
-    assert len(table) == 2 and other[0].tolist() == [0.0] * len(STREAM_FEATURES)
-    drift_t, drift_x = _healthy(60, seed=1)
-    drift_x = drift_x + 0.2 * 0.5 * np.maximum(np.arange(60) - 30, 0)
-    d = _feed(StreamTable(), "c", drift_t, drift_x)
-    assert d[-1, S["z_slow"]] > 5 and d[-1, S["slope"]] > 0.2
+    assert len(table) == 2 and other[0].tolist() == [0.0] * len(RESIDUAL_FEATURES)
+    drift_t, drift_x = _healthy(100, seed=1)
+    drift_x = drift_x + 0.2 * 0.5 * np.maximum(np.arange(100) - 60, 0)
+    d = _feed(ClassifiedTable(), "c", drift_t, drift_x)
+    assert d[-1, S["g_fast"]] > 3 and d[-1, S["slope"]] > 0.2
+
+
+def test_healthy_training_streams_are_seeded_and_varied() -> None:
+    """models/train.py's healthy streams: the same for a seed, and of every kind (cycles,
+    coarse values, heavy tails, irregular sampling, gaps) across seeds."""
+    assert healthy_stream(10_000, 50) == healthy_stream(10_000, 50)
+    kinds = {"coarse": 0, "irregular": 0, "gap": 0}
+    for seed in range(10_000, 10_040):
+        ts, xs = healthy_stream(seed, 400)
+        dt = np.diff(ts)
+        kinds["coarse"] += len(set(xs)) < 100
+        kinds["irregular"] += float(np.std(dt) / np.mean(dt)) > 0.5
+        kinds["gap"] += float(dt.max()) > 10 * float(np.median(dt))
+    assert all(n >= 3 for n in kinds.values()), kinds
 
 
 def test_reading_value_parses_json_and_cbor_only() -> None:
@@ -138,11 +153,11 @@ def test_rules_on_obvious_cases() -> None:
                           b'{"heartbeat":1}'])
     assert [PRIORITY_LABELS[i] for i in rules.priority_rules(X)] == [
         "critical", "bulk", "normal", "bulk"]
-    rows = np.zeros((4, len(STREAM_FEATURES)), np.float32)
-    rows[:, S["warm"]] = 1
-    rows[0, [S["z_fast"], S["dz"]]] = 9
-    rows[1, S["stuck"]] = 3
+    rows = np.zeros((5, len(RESIDUAL_FEATURES)), np.float32)
+    rows[:, S["age_log"]] = np.log1p(100)
+    rows[0, [S["z"], S["dz"]]] = 9
+    rows[1, S["run_log"]] = np.log1p(3)
     rows[2, S["log_dt"]] = -2
-    rows[3, S["z_slow"]] = 7
-    assert [ANOMALY_LABELS[i] for i in rules.anomaly_rules(rows)] == [
-        "spike", "stuck", "burst", "drift"]
+    rows[3, S["g_fast"]] = 5
+    assert [ANOMALY_LABELS[i] for i in rules.residual_rules(rows)] == [
+        "spike", "stuck", "burst", "drift", "none"]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from firmware_sim.datasets import anomaly_dataset, client_dataset, priority_dataset
+from firmware_sim.datasets import client_dataset, priority_dataset, residual_dataset
 from firmware_sim.generator import generate
 from firmware_sim.quality import (
     anomaly_quality,
@@ -20,20 +20,21 @@ from firmware_sim.quality import (
     threat_quality,
 )
 from firmware_sim.scenario import Scenario
+from rapidmq_edge.intelligence.fault_classifier import CombineParams
 from rapidmq_edge.intelligence.features import (
     ANOMALY_LABELS,
     CLIENT_FEATURES,
     FEATURE_SPEC,
     MESSAGE_FEATURES,
     PRIORITY_LABELS,
-    STREAM_FEATURES,
+    RESIDUAL_FEATURES,
     THREAT_LABELS,
 )
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CONTRACT = {
     "priority": (MESSAGE_FEATURES, PRIORITY_LABELS),
-    "anomaly": (STREAM_FEATURES, ANOMALY_LABELS),
+    "anomaly": (RESIDUAL_FEATURES, ANOMALY_LABELS),
     "threat": (CLIENT_FEATURES, THREAT_LABELS),
 }
 #: a fresh run with a seed used neither for training (1001) nor for the model cards (2002)
@@ -82,8 +83,12 @@ def test_priority_quality_on_a_fresh_run(fresh_run) -> None:  # type: ignore[no-
 
 
 def test_anomaly_quality_on_a_fresh_run(fresh_run) -> None:  # type: ignore[no-untyped-def]
-    ds = anomaly_dataset(fresh_run)
-    pred, _ = predict(ort_session(MODELS / "anomaly.onnx"), ds.X)
+    """Every reading's residual row, read at the gateway's fault threshold (the combined
+    verdicts, per reading and per episode, are tests/test_stream_detector_classifier.py's)."""
+    ds = residual_dataset(fresh_run)
+    probs = ort_session(MODELS / "anomaly.onnx").run(None, {"features": ds.X})[1]
+    fault = 1.0 - probs[:, 0] > CombineParams().p_fault
+    pred = np.where(fault, 1 + np.argmax(probs[:, 1:], axis=1), 0)
     q = anomaly_quality(ds.y, pred, ds.scored, ds.labels)
     assert q["any_fault"]["precision"] >= 0.95 and q["any_fault"]["recall"] >= 0.95, q
     for kind in ANOMALY_LABELS[1:]:

@@ -3,8 +3,9 @@
 Pure numpy + stdlib, no I/O. Three feature sets, each a float32 matrix with one row per
 message (or per client window) whose columns are named in ``*_FEATURES``:
 
-* :class:`~.streams.StreamTable` - per sensor stream (one topic), updated incrementally:
-  the input of the **anomaly** model (in :mod:`.streams`, re-exported here).
+* :data:`~.fault_classifier.RESIDUAL_FEATURES` - per sensor reading, the stream
+  detector's verdict as residual features (:class:`~.fault_classifier.ResidualState`): the
+  input of the **anomaly** model, the fault-kind classifier (re-exported here).
 * :func:`message_features` - per message, stateless: the input of the **priority** model.
 * :class:`ClientWindows` - per client and tumbling time window: the input of the
   **threat** (client-behaviour) model.
@@ -25,16 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from .streams import (
-    STREAM_FEATURES,
-    TEMPLATE,
-    StreamTable,
-    reading_value,
-)
+from .fault_classifier import ANOMALY_LABELS, RESIDUAL_FEATURES
+from .streams import TEMPLATE, reading_value
 
 __all__ = [
     "ANOMALY_LABELS", "CLIENT_FEATURES", "FEATURE_SPEC", "MESSAGE_FEATURES", "PRIORITY_LABELS",
-    "STREAM_FEATURES", "THREAT_LABELS", "ClientWindowRows", "ClientWindows", "StreamTable",
+    "RESIDUAL_FEATURES", "THREAT_LABELS", "ClientWindowRows", "ClientWindows",
     "message_features", "reading_value",
 ]
 
@@ -42,7 +39,6 @@ FEATURE_SPEC = "rmqe-features/1"
 
 #: class labels of the three models, in output order
 PRIORITY_LABELS: tuple[str, ...] = ("critical", "high", "normal", "bulk")
-ANOMALY_LABELS: tuple[str, ...] = ("none", "drift", "spike", "stuck", "burst")
 THREAT_LABELS: tuple[str, ...] = ("benign", "credential_guessing", "topic_scanning", "flood")
 
 # =========================================================================== messages

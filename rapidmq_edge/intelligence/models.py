@@ -27,7 +27,7 @@ from .features import (
     FEATURE_SPEC,
     MESSAGE_FEATURES,
     PRIORITY_LABELS,
-    STREAM_FEATURES,
+    RESIDUAL_FEATURES,
     THREAT_LABELS,
 )
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...],
                            Callable[[np.ndarray], np.ndarray]]] = {
     "priority": (MESSAGE_FEATURES, PRIORITY_LABELS, rules.priority_rules),
-    "anomaly": (STREAM_FEATURES, ANOMALY_LABELS, rules.anomaly_rules),
+    "anomaly": (RESIDUAL_FEATURES, ANOMALY_LABELS, rules.residual_rules),
     "threat": (CLIENT_FEATURES, THREAT_LABELS, rules.threat_rules),
 }
 
@@ -91,6 +91,18 @@ class Scorer:
         assert self.rule is not None
         out = self.rule(X)
         return out, np.ones(len(out), dtype=np.float32)
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities ``[N, labels]`` (the rules' label: probability 1)."""
+        if self.session is not None:
+            if self.outputs is None:
+                self.outputs = [o.name for o in self.session.get_outputs()]
+            probs: np.ndarray = self.session.run(self.outputs[1:2], {"features": X})[0]
+            return probs
+        assert self.rule is not None
+        out = np.zeros((len(X), len(self.labels)), dtype=np.float32)
+        out[np.arange(len(X)), self.rule(X)] = 1.0
+        return out
 
     def predict_labels(self, X: np.ndarray) -> list[int]:
         """:meth:`predict`'s labels alone (no confidences to gather), as a list."""

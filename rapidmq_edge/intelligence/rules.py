@@ -15,24 +15,24 @@ from .features import (
     CLIENT_FEATURES,
     MESSAGE_FEATURES,
     PRIORITY_LABELS,
-    STREAM_FEATURES,
+    RESIDUAL_FEATURES,
     THREAT_LABELS,
 )
 
 _M = {name: i for i, name in enumerate(MESSAGE_FEATURES)}
-_S = {name: i for i, name in enumerate(STREAM_FEATURES)}
 _C = {name: i for i, name in enumerate(CLIENT_FEATURES)}
+_R = {name: i for i, name in enumerate(RESIDUAL_FEATURES)}
 
-#: |z| of a single reading against the fast mean that counts as a spike
+#: |residual| and |change from the previous reading|, in the detector's scales, of a spike
 SPIKE_Z = 6.0
-#: |z| against the slow mean that counts as drift
-DRIFT_Z = 5.0
+#: |smoothed residual| (g_fast) of a drift or level shift
+DRIFT_Z = 4.0
 #: equal consecutive readings that count as a stuck sensor
 STUCK_REPEATS = 2
 #: log(interval / usual interval) below which a reading is part of a burst (1/4.5 of usual)
 BURST_LOG_DT = -1.5
-#: readings (of 32) a stream needs before the rules judge it
-WARM = 0.5
+#: readings a stream needs before the rules judge it
+WARM = 20
 #: per 10 s window: refused logins; topics/filters touched; wildcard or $ filters; refusals;
 #: publications; connections
 AUTH_FAILURES, TOPICS_TOUCHED, BROAD_FILTERS, DENIED, FLOOD_PUBLISHES, FLOOD_CONNECTS = (
@@ -58,15 +58,16 @@ def priority_rules(X: np.ndarray) -> np.ndarray:
     return out
 
 
-def anomaly_rules(X: np.ndarray) -> np.ndarray:
-    """Fault class indices (:data:`ANOMALY_LABELS`) from :class:`StreamTable` rows."""
-    warm = X[:, _S["warm"]] >= WARM
+def residual_rules(X: np.ndarray) -> np.ndarray:
+    """Fault class indices (:data:`ANOMALY_LABELS`) from residual feature rows
+    (:data:`RESIDUAL_FEATURES`): fixed thresholds in the stream detector's scales."""
+    warm = X[:, _R["age_log"]] >= np.log1p(WARM)
     out = np.zeros(len(X), dtype=np.int64)
-    out[warm & (np.abs(X[:, _S["z_slow"]]) >= DRIFT_Z)] = ANOMALY_LABELS.index("drift")
-    out[warm & (X[:, _S["log_dt"]] <= BURST_LOG_DT)] = ANOMALY_LABELS.index("burst")
-    out[warm & (np.abs(X[:, _S["z_fast"]]) >= SPIKE_Z)
-        & (np.abs(X[:, _S["dz"]]) >= SPIKE_Z)] = ANOMALY_LABELS.index("spike")
-    out[warm & (X[:, _S["stuck"]] >= STUCK_REPEATS)] = ANOMALY_LABELS.index("stuck")
+    out[warm & (np.abs(X[:, _R["g_fast"]]) >= DRIFT_Z)] = ANOMALY_LABELS.index("drift")
+    out[warm & (X[:, _R["log_dt"]] <= BURST_LOG_DT)] = ANOMALY_LABELS.index("burst")
+    out[warm & (np.abs(X[:, _R["z"]]) >= SPIKE_Z)
+        & (np.abs(X[:, _R["dz"]]) >= SPIKE_Z)] = ANOMALY_LABELS.index("spike")
+    out[warm & (X[:, _R["run_log"]] >= np.log1p(STUCK_REPEATS))] = ANOMALY_LABELS.index("stuck")
     return out
 
 

@@ -27,9 +27,10 @@ from functools import partial
 
 import numpy as np
 
+from .fault_classifier import ClassifiedTable
 from .features import PAYLOAD_HEAD, message_features
 from .models import Scorer, Shadow
-from .stream_detector import DetectorParams, DetectorTable, Verdict
+from .stream_detector import DetectorParams, Verdict
 from .streams import PARSE, TEMPLATE, reading_time, reading_value, value_span
 
 #: remembered priority labels, and JSON value layouts, before each cache starts over
@@ -54,10 +55,15 @@ class BatchScorer:
     """Features and models for micro-batches; counts what its shortcuts saved."""
 
     def __init__(self, priority: Scorer, detector: DetectorParams | None,
-                 values_needed: bool) -> None:
-        """``detector``: the anomaly detector's parameters (None: no anomaly detection)."""
+                 values_needed: bool, anomaly: Scorer | None = None) -> None:
+        """``detector``: the anomaly detector's parameters (None: no anomaly detection);
+        ``anomaly``: the fault-kind classifier beside it (None or not an ONNX model: the
+        detector alone)."""
         self.priority = priority
-        self.detectors = DetectorTable(detector) if detector is not None else None
+        proba = (anomaly.probabilities if anomaly is not None and anomaly.source == "model"
+                 else None)
+        self.detectors = (ClassifiedTable(detector, proba) if detector is not None
+                          else None)
         self.values_needed = values_needed or detector is not None
         self.device_times = 0  # readings judged on their own "ts"
         self._labels: dict[tuple[str, bytes, int, int, bool], int] = {}

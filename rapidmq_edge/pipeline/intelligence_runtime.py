@@ -105,6 +105,9 @@ class IntelligenceRuntime:
                          if s.anomaly != "off" else None)
         self.incidents = Incidents(s.alerts_per_stream_hour, s.streams,
                                    self.detector.p_open if self.detector else 0.0)
+        #: the fault-kind classifier beside the detector (young streams, open episodes)
+        self.anomaly = (load_scorer(s.models_dir, "anomaly", "model")
+                        if self.detector is not None else None)
         self.threat = (ota["threat"] if s.threat == "model" and "threat" in ota
                        else load_scorer(s.models_dir, "threat", s.threat))
         self.watch = (ClientWatch(self.threat, s.threat_action, s.ban_s, s.threat_min_events,
@@ -122,7 +125,8 @@ class IntelligenceRuntime:
         ] if forwarder is not None else []
         self._values_needed = s.anomaly != "off" or s.summarising
         #: features + models of a batch (the worker's side, :mod:`.scoring`)
-        self.scorer = BatchScorer(self.priority, self.detector, self._values_needed)
+        self.scorer = BatchScorer(self.priority, self.detector, self._values_needed,
+                                  self.anomaly)
         #: shadow candidates and atomic swaps of the priority and threat models (OTA)
         self.models = ModelControl(self)
         self.summariser = Summariser(s.summary_window_s)
@@ -537,7 +541,9 @@ class IntelligenceRuntime:
                              "fallback": sc.fallback, **self.models.shadow_status(sc.name)}
                    for sc in (self.priority, self.threat)},
                 "anomaly": {"source": "detector" if self.detector is not None else "off",
-                            "version": DETECTOR_VERSION, "fallback": False},
+                            "version": DETECTOR_VERSION, "fallback": False,
+                            "classifier": self.anomaly.version if self.anomaly is not None
+                            and self.anomaly.source == "model" else "off"},
             },
             "fallback_active": bool(self.fallback),
             "scored": self.scored,

@@ -1,0 +1,286 @@
+"""The fault-kind classifier beside the stream detector: residual features, combination.
+
+The stream detector (:mod:`.stream_detector`) is unsupervised and self-calibrating: it
+needs a few hundred readings before its tails are learnt, and an episode it opened hides
+the next fault of the same stream. The **anomaly** ONNX model fills those two gaps. It
+reads each reading's *residual features* (:data:`RESIDUAL_FEATURES`: the detector's own
+expected value and band turned into a signed residual in scales, the change from the
+previous reading, smoothed residuals and slope, the detector's p-value, kind and episode,
+the run of equal readings, the resolution in scales, the interval against the usual one,
+the stream's age; all scale-free) and names the fault kind (:data:`ANOMALY_LABELS`). It
+was trained on the simulator's faults and on realistic healthy synthetic streams (daily
+and weekly cycles, coarse values, heavy tails, irregular sampling, gaps), never on NAB
+(``models/train.py``).
+
+:func:`combine` merges the two per reading (pure, no I/O):
+
+* a **young** stream (fewer than ``DetectorParams.warmup`` readings, tails not learnt)
+  and a reading **inside an open episode** read by the classifier: its fault probability
+  is the reading's likelihood, its label the kind;
+* the classifier **opens** an incident on a young stream, or inside an open episode,
+  when its fault probability rises above :attr:`CombineParams.p_fault` (the previous
+  reading of the stream was below it), so a fault that follows another inside one
+  episode is an incident of its own; the incident stays open until
+  ``DetectorParams.calm_readings`` readings in a row read normal;
+* a mature stream outside an episode reads by the detector alone (NAB and the healthy
+  streams are judged by it, unchanged but for the young openings).
+
+:class:`ClassifiedTable` runs the detector table, builds the residual rows of the readings
+that need the classifier (young or in an episode), scores them in one onnxruntime run per
+micro-batch and combines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .stream_detector import KINDS, DetectorParams, DetectorTable, Verdict
+
+__all__ = ["ANOMALY_LABELS", "RESIDUAL_FEATURES", "ClassifiedTable", "CombineParams",
+           "ResidualState", "combine"]
+
+#: the classifier's labels, in output order (the simulator's fault kinds)
+ANOMALY_LABELS: tuple[str, ...] = ("none", "drift", "spike", "stuck", "burst")
+#: the detector's kind a classifier label is announced as
+LABEL_KIND: tuple[str, ...] = ("none", "level_shift", "spike", "stuck", "burst")
+
+#: the classifier's input columns, in order
+RESIDUAL_FEATURES: tuple[str, ...] = (
+    "age_log",        # log1p(readings seen before this one)
+    "z",              # (x - expected) / scale (scale = the detector's band / 8), clipped
+    "dz",             # (x - previous x) / scale, clipped
+    "z_rel",          # |z| / the stream's mean |z| so far
+    "g_fast",         # EWMA 0.3 of z clipped at +-5
+    "g_slow",         # EWMA 0.05 of z clipped at +-5
+    "slope",          # EWMA 0.2 of dz clipped at +-5
+    "log_p",          # -log10 of the detector's p-value (1 - likelihood), at most 12
+    "det_kind",       # the detector's kind: 0 none, 1 + index in KINDS
+    "in_episode",     # 1 when the detector's episode was open before this reading
+    "run_log",        # log1p(equal readings in a row)
+    "run_ratio",      # that run / the longest run seen before (at least 1)
+    "res_scales",     # the smallest change seen / scale (the resolution), at most 10
+    "log_dt",         # log(interval) - the stream's usual log(interval), clipped +-5
+    "burst",          # EWMA 0.2 of -log_dt
+    "dt_jitter",      # the stream's mean |log_dt| so far (0: regular sampling)
+    "gap",            # 1 when the interval is over 10x the usual one
+)
+_NF = len(RESIDUAL_FEATURES)
+_KIND_CODE = {k: i + 1 for i, k in enumerate(KINDS)}
+_SPIKE = ANOMALY_LABELS.index("spike")
+_LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CombineParams:
+    """How the classifier's word is combined with the detector's."""
+
+    p_fault: float = 0.3    # fault probability over which a reading reads as anomalous
+    p_new: float = 0.4      # ... over which it opens (the previous reading was not over it)
+    min_age: int = 20       # readings a stream needs before the classifier may open
+    persist: int = 2        # readings in a row over p_new that open (a spike: one)
+    young: int = 600        # a stream younger than this reads by the classifier, which
+    #                         may open incidents in it (twice the detector's warmup)
+
+
+class ResidualState:
+    """Per stream: what the residual features need between readings (fixed size)."""
+
+    __slots__ = ("n", "last_x", "last_t", "log_step", "res", "run", "run_max", "g_fast",
+                 "g_slow", "slope", "absz", "burst", "jitter", "in_ep", "fault", "opened",
+                 "open", "calm")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.last_x = self.last_t = self.log_step = 0.0
+        self.res = math.inf
+        self.run = 0
+        self.run_max = 1.0
+        self.g_fast = self.g_slow = self.slope = self.absz = self.burst = 0.0
+        self.jitter = 0.0
+        self.in_ep = False   # the detector's episode, after the previous reading
+        self.fault = 0       # readings in a row the classifier has called a fault
+        self.opened = False  # ... and whether that run opened an incident
+        self.open = False    # an incident the classifier opened is open
+        self.calm = 0
+
+    def row(self, t: float, x: float, v: Verdict, out: list[float]) -> None:
+        """Append this reading's residual features to ``out``, then learn it."""
+        n = self.n
+        s = (v.hi - v.lo) * 0.125
+        e = v.expected
+        if not (s > 0.0 and e == e):
+            s = 0.0
+        if n == 0:
+            dt = 0.0
+            z = dz = 0.0
+            ldt = 0.0
+        else:
+            dt = t - self.last_t
+            if dt < 1e-6:
+                dt = 1e-6
+            if n == 1:
+                self.log_step = math.log(dt)
+            ldt = math.log(dt) - self.log_step
+            ldt = -5.0 if ldt < -5.0 else 5.0 if ldt > 5.0 else ldt
+            d = x - self.last_x
+            if d != 0.0 and abs(d) < self.res:
+                self.res = abs(d)
+            if s > 0.0:
+                z = (x - e) / s
+                dz = d / s
+                z = -100.0 if z < -100.0 else 100.0 if z > 100.0 else z
+                dz = -100.0 if dz < -100.0 else 100.0 if dz > 100.0 else dz
+            else:
+                z = dz = 0.0
+        gap = n >= 2 and ldt > math.log(10.0)
+        run = self.run + 1 if n and x == self.last_x and not gap else 0
+        az = abs(z)
+        zc = -5.0 if z < -5.0 else 5.0 if z > 5.0 else z
+        dzc = -5.0 if dz < -5.0 else 5.0 if dz > 5.0 else dz
+        g_fast = self.g_fast + 0.3 * (zc - self.g_fast)
+        g_slow = self.g_slow + 0.05 * (zc - self.g_slow)
+        slope = self.slope + 0.2 * (dzc - self.slope)
+        burst = self.burst + 0.2 * (-ldt - self.burst)
+        p = 1.0 - v.likelihood
+        lp = 12.0 if p < 1e-12 else -math.log(p) / _LN10
+        res = self.res / s if s > 0.0 and self.res < math.inf else 0.0
+        out += (math.log1p(n), z, dz, az / self.absz if self.absz > 0.0 else 0.0, g_fast,
+                g_slow, slope, lp, float(_KIND_CODE.get(v.kind, 0)), float(self.in_ep),
+                math.log1p(run), run / self.run_max, 10.0 if res > 10.0 else res, ldt, burst,
+                self.jitter, float(gap))
+        # learn
+        if n >= 2:
+            self.log_step += 0.05 * (-0.5 if ldt < -0.5 else 0.5 if ldt > 0.5 else ldt)
+        if run == 0 and self.run > 0 and self.run > self.run_max:
+            self.run_max = float(self.run)
+        self.run = run
+        a = 0.02 if n > 50 else 1.0 / (n + 1)
+        self.absz += a * ((az if az < 5.0 else 5.0) - self.absz)
+        if n >= 2:
+            aj = -ldt if ldt < 0.0 else ldt
+            self.jitter += a * ((aj if aj < 3.0 else 3.0) - self.jitter)
+        self.g_fast, self.g_slow, self.slope, self.burst = g_fast, g_slow, slope, burst
+        self.in_ep = v.in_episode
+        self.n = n + 1
+        self.last_t, self.last_x = t, x
+
+
+def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineParams,
+            calm_readings: int, p_open: float) -> Verdict:
+    """The reading's verdict from the detector's ``v`` (updated in place and returned) and
+    the classifier's class probabilities ``probs``; updates the stream's classifier state
+    ``st`` (after :meth:`ResidualState.row`)."""
+    pf = 1.0 - probs[0]
+    fault = pf > prm.p_fault
+    new = pf > prm.p_new
+    opens = by_detector = v.opens
+    best = max(range(1, len(probs)), key=probs.__getitem__)
+    if new:
+        st.fault += 1
+        # persistent evidence (two readings in a row) opens; a spike is one reading
+        if (not st.opened and not opens and prm.min_age < st.n <= prm.young
+                and (st.fault >= prm.persist or best == _SPIKE)):
+            opens = v.opens = True
+            st.opened = True
+    else:
+        st.fault = 0
+        st.opened = False
+    if opens and not v.in_episode:
+        st.open = True
+        st.calm = 0
+    elif st.open:
+        if fault:
+            st.calm = 0
+        else:
+            st.calm += 1
+            if st.calm >= calm_readings:
+                st.open = False
+    # on the detector's likelihood scale: p_fault reads as its p_open (an opening of the
+    # detector's keeps its own evidence)
+    lik = 1.0 - p_open ** (pf / prm.p_fault)
+    if by_detector and v.likelihood > lik:
+        lik = v.likelihood
+    v.likelihood = lik
+    if fault:
+        v.kind = LABEL_KIND[best]
+    elif not opens:
+        v.kind = "none"
+    if st.open:
+        v.in_episode = True
+    v.score = 0.5 + 0.5 * lik if opens else 0.49 * lik
+    return v
+
+
+class ClassifiedTable:
+    """A :class:`DetectorTable` whose young and in-episode readings are also read by the
+    fault-kind classifier (``predict_proba(X) -> probabilities``, e.g. an onnxruntime
+    session's; None: the detector alone)."""
+
+    def __init__(self, params: DetectorParams | None = None,
+                 predict_proba: Any = None, combine_params: CombineParams | None = None
+                 ) -> None:
+        self.prm = params or DetectorParams()
+        self.detectors = DetectorTable(self.prm)
+        self.cprm = combine_params or CombineParams(young=2 * self.prm.warmup)
+        self.predict_proba = predict_proba
+        self._states: dict[Hashable, ResidualState] = {}
+        self._dets = self.detectors._dets  # the stream keys (erasure looks them up here)
+        self.classified = 0  # readings the classifier read
+
+    def __len__(self) -> int:
+        return len(self.detectors)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop a stream's state."""
+        self.detectors.forget(key)
+        self._states.pop(key, None)
+
+    def rows(self, keys: Sequence[Hashable], ts: Sequence[float], xs: Sequence[float],
+             verdicts: Sequence[Verdict], every: bool = False
+             ) -> tuple[list[int], np.ndarray, list[ResidualState]]:
+        """The residual rows of the readings that need the classifier (``every``: of all
+        readings, for training): (their positions, float32 rows, every reading's stream
+        state)."""
+        states = self._states
+        young = math.inf if every else self.cprm.young
+        buf: list[float] = []
+        pos: list[int] = []
+        sts: list[ResidualState] = []
+        for i, (k, t, x, v) in enumerate(zip(keys, ts, xs, verdicts, strict=True)):
+            st = states.get(k)
+            if st is None:
+                st = states[k] = ResidualState()
+            sts.append(st)
+            if not (math.isfinite(t) and math.isfinite(x)):
+                continue
+            if st.n < young or st.in_ep or st.open or v.in_episode:
+                pos.append(i)
+            elif st.fault:
+                st.fault = 0
+                st.opened = False
+            st.row(t, x, v, buf) if (pos and pos[-1] == i) else st.row(t, x, v, [])
+        X = np.asarray(buf, dtype=np.float32).reshape(len(pos), _NF)
+        return pos, X, sts
+
+    def update(self, keys: Sequence[Hashable], ts: Sequence[float],
+               xs: Sequence[float]) -> list[Verdict]:
+        """Combined verdicts of readings ``xs`` of streams ``keys`` at times ``ts``."""
+        verdicts = self.detectors.update(keys, ts, xs)
+        if self.predict_proba is None:
+            return verdicts
+        pos, X, sts = self.rows(keys, ts, xs, verdicts)
+        if not pos:
+            return verdicts
+        P = self.predict_proba(X).tolist()
+        self.classified += len(pos)
+        calm = self.prm.calm_readings
+        p_open = self.prm.p_open
+        cp = self.cprm
+        for i, probs in zip(pos, P, strict=True):
+            verdicts[i] = combine(verdicts[i], sts[i], probs, cp, calm, p_open)
+        return verdicts
