@@ -75,6 +75,9 @@ Usage::
     python3 bench/mqtt_throughput.py --out              # full run, also writes
                                                         # bench/results/mqtt_throughput.json
     python3 bench/mqtt_throughput.py --gateway-cmd mosquitto   # debug: 2nd Mosquitto
+    python3 bench/mqtt_throughput.py --tree before=/tmp/old   # + a gateway from another
+                                                # tree (git archive + its built *.so),
+                                                # alternating with the others
 
 Linux only (``/proc``, ``fork``).  Loopback only.
 """
@@ -193,6 +196,7 @@ class Broker:
     ever_up: bool = False
     error: str = ""
     pids: list[int] = field(default_factory=list)
+    repo: Path = REPO  # the source tree a gateway runs from (PYTHONPATH)
 
     def _command(self) -> list[str]:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +264,7 @@ class Broker:
         env = dict(os.environ)
         if self.kind == "rapidmq":
             env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+                p for p in (str(self.repo), env.get("PYTHONPATH", "")) if p
             )
         with open(self.log_path, "ab") as log:
             try:
@@ -892,6 +896,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="rapidmq",
         help="debug: 'mosquitto' runs a 2nd Mosquitto in place of the gateway",
     )
+    ap.add_argument(
+        "--tree", action="append", default=[], metavar="ROLE=PATH",
+        help="also run a gateway from the source tree PATH as ROLE (repeatable), in turn "
+             "with the other brokers: before/after comparisons in one invocation",
+    )
     ap.add_argument("--python", default=sys.executable, help="interpreter for the gateway")
     ap.add_argument("--mosquitto", default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
     ap.add_argument("--gateway-start-timeout", type=float, default=20.0)
@@ -957,6 +966,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         if isinstance(rat, dict):
             rat = "/".join(str(v) for v in rat.values())
         lines.append(f"{name:24} {cells[0]:>40} {cells[1]:>40} {rat!s:>8}")
+        for who, r in sc.items():  # gateways from other trees (--tree)
+            if who not in ("mosquitto", "gateway", "ratio") and isinstance(r, dict) and (
+                    "msg_per_s" in r):
+                lines.append(f"{'  ' + who:24} {r['msg_per_s']:,.0f}/s "
+                             f"cpu{r.get('broker_cpu_pct')}% {r.get('broker_us_per_msg')}us/msg "
+                             f"lost{r.get('loss_pct_max', r.get('loss_pct'))}%")
     lines.append(f"(! = broker CPU < {SATURATED_PCT:.0f}%: not saturated, a lower bound; "
                  "lost = the worst run's QoS 0 loss; ratio = gateway/mosquitto rate and "
                  "CPU efficiency, mosquitto us/msg / gateway us/msg)")
@@ -1006,6 +1021,21 @@ def main(argv: list[str] | None = None) -> int:
             python=args.python,
             start_timeout=10.0 if kind == "mosquitto" else args.gateway_start_timeout,
         )
+    trees: dict[str, Broker] = {}  # run first in each round: before, after, Mosquitto
+    for spec in args.tree:
+        role, _, path = spec.partition("=")
+        if not role or not path or role in brokers or role in trees or not (
+                Path(path) / "rapidmq_edge").is_dir():
+            print(f"--tree {spec!r}: want ROLE=PATH, a new role and a source tree",
+                  file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return 2
+        trees[role] = Broker(
+            name=role, kind="rapidmq", workdir=tmp / role, mosquitto_bin=args.mosquitto,
+            python=args.python, start_timeout=args.gateway_start_timeout,
+            repo=Path(path).resolve(),
+        )
+    brokers = {**trees, **brokers}
 
     def _on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1020,6 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "mosquitto": mosquitto_version(args.mosquitto),
             "gateway_cmd": args.gateway_cmd,
+            "trees": {b.name: str(b.repo) for b in brokers.values() if b.kind == "rapidmq"},
             "psutil": psutil is not None,
             "nofile": limits,
             "pinned": opts.pin,

@@ -185,7 +185,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
                 self._held.append(p)
                 continue
             try:
-                self._dispatch(p)
+                if p.type == PUBLISH:  # the hot path, without the dispatch
+                    self._on_publish(p)  # type: ignore[arg-type]
+                else:
+                    self._dispatch(p)
             except MqttError as exc:
                 self._protocol_failure(exc)
                 return
@@ -382,7 +385,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
         (what ``send_delivery`` does for such a delivery, without one)."""
         if m.expires_at is not None or self.alias_max_out:
             return self.send_delivery(Delivery(m, 0))
-        wire = self._wire0(m, False)
+        cached = m.wire
+        wire = cached.get((self.v5, False)) if cached is not None else None
+        if wire is None:
+            wire = self._wire0(m, False)
         if len(wire) > self.max_out_size:
             log.debug("dropping %d byte message for %s: above its maximum packet size",
                       len(wire), self.client_id)
