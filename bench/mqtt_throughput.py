@@ -693,7 +693,7 @@ def run_latency(broker: Broker, opts: Options, *, qos: int) -> dict[str, Any]:
 def run_start_rss(broker: Broker, opts: Options) -> dict[str, Any]:
     """RSS right after start per configuration, median of 3 fresh starts (MB)."""
     env = dict(os.environ)
-    tree = getattr(broker, "repo", REPO)  # a gateway from another tree (--tree) starts from it
+    tree = broker.repo  # a gateway from another tree (--tree) starts from it
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
     out: dict[str, Any] = {}
     for name in (("mqtt_only",) if broker.kind == "mosquitto" else
