@@ -90,6 +90,7 @@ def test_erase_while_running(tmp_path: Path,
         "forward": [{"filter": "sensors/#", "upstream": "cloud", "qos": 1}],
         "persistence": {"durability": "fsync"},
         "http": {"listen": [f"http://127.0.0.1:{http_port}"], "tokens_file": str(tokens)},
+        "retention": [{"filter": "sensors/#", "retention_s": 3600}],  # its index forgets too
     })
     KeyStore(gw.data_dir / "keys").create_identity()
     api = f"http://127.0.0.1:{http_port}/api/v1/erase"

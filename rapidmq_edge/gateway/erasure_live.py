@@ -180,6 +180,8 @@ class LiveErasure:
                 _add(report, f"broker:{kind}", n)
             elif n:
                 report.reported.append("its connection was closed")
+        if gw.retention is not None:  # its index must not keep the erased messages
+            gw.retention.compact(gw.broker.retained)
         gw.watch.clients.pop(device, None)
         kept = [c for c in gw.watch.closes if c[1] != device]
         if len(kept) != len(gw.watch.closes):

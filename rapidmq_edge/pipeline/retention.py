@@ -160,13 +160,14 @@ class Retention:
             queued = sum(s.drop_expired(now) for s in list(broker.sessions.values())
                          if s.queue)
         if self._filed_retained > _COMPACT_FACTOR * len(broker.retained) + _COMPACT_MIN:
-            self._compact(broker.retained)
+            self.compact(broker.retained)
         self.drops["retained_expired"] += gone
         self.drops["session_expired"] += queued
         return gone + queued
 
-    def _compact(self, retained: dict[str, Message]) -> None:
-        """Drop the stale entries (a topic retained over and over before it expires)."""
+    def compact(self, retained: dict[str, Message]) -> None:
+        """Drop the index's stale entries (a topic retained over and over before it
+        expires; messages an erasure removed): those not in ``retained`` any more."""
         for second, slot in list(self._wheel.items()):
             live = [m for m in slot if retained.get(m.topic) is m]
             self._filed_retained -= len(slot) - len(live)
