@@ -44,7 +44,7 @@ from ..store.queue_writer import add_origin
 from .datadir import lock_data_dir
 
 __all__ = ["ErasureReport", "UnknownDevice", "check_ids", "erase_device", "erase_files",
-           "finish"]
+           "erasure_requests", "finish"]
 
 RECEIPTS = Path("audit") / "erasures.jsonl"
 _LEVEL = "instr('/' || {col} || '/', ?) > 0"
@@ -177,29 +177,35 @@ def _receipt(data_dir: Path, report: ErasureReport, passphrase: bytes | None,
     return doc
 
 
-def _request_upstream(config: Config, report: ErasureReport, now: float) -> int:
-    """Queue the erasure request for every upstream; how many were queued."""
-    fw = config.forwarding
-    if not fw.upstreams:
-        return 0
+def erasure_requests(config: Config, report: ErasureReport) -> list[tuple[str, str, bytes]]:
+    """(upstream, topic, payload) of the erasure request for every upstream: the receipt's
+    fields, on ``<topic_prefix>erasure``."""
     receipt = report.receipt or {}
     payload = json.dumps({"type": "erasure", "gateway": config.gateway.id,
                           "device_sha256": report.device_sha256, "at": receipt.get("at"),
                           "erased": report.erased, "receipt_seq": receipt.get("seq")},
                          sort_keys=True).encode()
+    return [(u.name, u.topic_prefix.replace("{gateway_id}", config.gateway.id) + "erasure",
+             payload) for u in config.forwarding.upstreams]
+
+
+def _request_upstream(config: Config, report: ErasureReport, now: float) -> int:
+    """Queue the erasure request for every upstream; how many were queued."""
+    requests = erasure_requests(config, report)
+    if not requests:
+        return 0
     db = sqlite3.connect(config.gateway.data_dir / "forward.db")
     try:
         db.executescript(QUEUE_SCHEMA)
         with db:
-            for u in fw.upstreams:
-                topic = u.topic_prefix.replace("{gateway_id}", config.gateway.id) + "erasure"
+            for upstream, topic, payload in requests:
                 size = len(topic.encode()) + len(payload)
                 db.execute("INSERT INTO messages (upstream, priority, topic, payload, qos, "
                            "props, created, expires_at, size) VALUES (?, 0, ?, ?, 1, ?, ?, "
-                           "NULL, ?)", (u.name, topic, payload, b"", now, size))
+                           "NULL, ?)", (upstream, topic, payload, b"", now, size))
     finally:
         db.close()
-    return len(fw.upstreams)
+    return len(requests)
 
 
 def _forward_deletes(device: str) -> list[tuple[str, str, list[Any]]]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from .erasure import (
     _broker_deletes,
     check_ids,
     erase_files,
+    erasure_requests,
     finish,
 )
 
@@ -164,7 +164,7 @@ class LiveErasure:
                                    "memory until the gateway restarts")
         report.pause_ms = {k: round(v * 1000, 3) for k, v in pause.items()}
         await asyncio.to_thread(finish, gw.config, device, report, None, when)
-        queued = self._request_upstream(report, when)
+        queued = self._request_upstream(report)
         if queued:
             report.reported.append(f"erasure request queued for {queued} upstream(s)")
         log.info("erasure: client %s erased (%d rows, %d files; writer paused %s ms)",
@@ -214,24 +214,18 @@ class LiveErasure:
                 task.exception(), ValueError | UnknownDevice):
             log.error("erasure failed: %s", task.exception())
 
-    def _request_upstream(self, report: ErasureReport, when: float) -> int:
+    def _request_upstream(self, report: ErasureReport) -> int:
         """Queue the erasure request for every upstream (through the running queue)."""
         gw = self.gw
         if gw.forward is None:
             return 0
-        receipt = report.receipt or {}
-        payload = json.dumps({"type": "erasure", "gateway": gw.config.gateway.id,
-                              "device_sha256": report.device_sha256, "at": receipt.get("at"),
-                              "erased": report.erased, "receipt_seq": receipt.get("seq")},
-                             sort_keys=True).encode()
         n = 0
-        for u in gw.config.forwarding.upstreams:
-            topic = u.topic_prefix.replace("{gateway_id}", gw.config.gateway.id) + "erasure"
+        for upstream, topic, payload in erasure_requests(gw.config, report):
             try:
-                gw.forward.queue.put(u.name, 0, topic, payload, 1)
+                gw.forward.queue.put(upstream, 0, topic, payload, 1)
                 n += 1
             except Exception as exc:  # QueueFull: reported, the receipt stands
-                report.reported.append(f"erasure request for {u.name} not queued: {exc}")
+                report.reported.append(f"erasure request for {upstream} not queued: {exc}")
         return n
 
     async def http(self, body: Any, token_name: str) -> tuple[int, dict[str, Any]]:
