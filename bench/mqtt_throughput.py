@@ -953,7 +953,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                     f"lost{r.get('loss_pct_max', r.get('loss_pct'))}%")
             elif "p99" in r:
                 cells.append(f"p50 {r['p50']} p99 {r['p99']} ms (sched {r.get('sched_p99_ms')})")
-            elif "connect_s" in r:
+            elif "generator_cpu_s" in r:  # connect_storm
                 cells.append(f"{r['connect_s']} s, {r.get('broker_us_per_connect')} us cpu "
                              f"(gen {r.get('generator_cpu_s')} s)")
             elif "mqtt_only_mb" in r:
