@@ -31,6 +31,8 @@ def valid_topic_filter(filt: str) -> bool:
     """True when ``filt`` is a well-formed filter: ``+`` fills a level, ``#`` is last."""
     if not filt or "\x00" in filt or len(filt.encode()) > MAX_TOPIC_BYTES:
         return False
+    if "+" not in filt and "#" not in filt:  # no wildcard: nothing more to check
+        return True
     levels = filt.split("/")
     for i, level in enumerate(levels):
         if "#" in level and (level != "#" or i != len(levels) - 1):
