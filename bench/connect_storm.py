@@ -31,29 +31,19 @@ import sys
 import time
 from typing import Any
 
+try:  # ``python -m bench.connect_storm``
+    from bench import loadgen
+except ImportError:  # ``python bench/connect_storm.py`` (sys.path[0] == bench/)
+    import loadgen  # type: ignore[no-redef]
+
 EXPECTED = bytes.fromhex("200200009003000100")  # CONNACK accepted + SUBACK QoS 0 granted
 KEEPALIVE = 600
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str) -> bytes:
-    raw = s.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
 def handshake_bytes(client_id: str, topic: str) -> bytes:
     """CONNECT (3.1.1, clean session) followed by SUBSCRIBE (packet id 1, QoS 0)."""
-    body = _str("MQTT") + bytes([4, 0x02]) + KEEPALIVE.to_bytes(2, "big") + _str(client_id)
-    sub = (1).to_bytes(2, "big") + _str(topic) + b"\x00"
-    return b"\x10" + _varint(len(body)) + body + b"\x82" + _varint(len(sub)) + sub
+    return (loadgen.connect_packet(client_id, keepalive=KEEPALIVE)
+            + loadgen.subscribe_packet(1, topic, 0))
 
 
 def _storm(host: str, port: int, first: int, count: int, inflight: int, start_at: float,
