@@ -68,14 +68,18 @@ class _Steady(threading.Thread):
         self.stop = threading.Event()
         self.sent = 0
         self.longest = 0.0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            t = time.perf_counter()
-            self.client.publish("sensors/steady", b"S%d" % self.sent, qos=1, timeout=10)
-            self.longest = max(self.longest, time.perf_counter() - t)
-            self.sent += 1
-            time.sleep(0.005)
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                self.client.publish("sensors/steady", b"S%d" % self.sent, qos=1, timeout=10)
+                self.longest = max(self.longest, time.perf_counter() - t)
+                self.sent += 1
+                time.sleep(0.005)
+        except BaseException as exc:  # a PUBACK that never came: the test says so
+            self.error = exc
 
 
 def test_erase_while_running(tmp_path: Path,
@@ -91,6 +95,9 @@ def test_erase_while_running(tmp_path: Path,
         "persistence": {"durability": "fsync"},
         "http": {"listen": [f"http://127.0.0.1:{http_port}"], "tokens_file": str(tokens)},
         "retention": [{"filter": "sensors/#", "retention_s": 3600}],  # its index forgets too
+        # its detector streams are forgotten too
+        "intelligence": {"enabled": True, "priority": "rules", "health": False,
+                         "threat": "off"},
     })
     KeyStore(gw.data_dir / "keys").create_identity()
     api = f"http://127.0.0.1:{http_port}/api/v1/erase"
@@ -116,6 +123,8 @@ def test_erase_while_running(tmp_path: Path,
     for i in range(3):
         dev.publish(f"sensors/{DEVICE}/temp", MARKER + b"-%d" % i, qos=1)
     dev.publish("sensors/room1/temp", MARKER + b"-room", qos=1)  # its id is no level here
+    for v in (b'{"value": 21.5}', b'{"value": 21.7}'):  # readings: a detector stream
+        dev.publish(f"sensors/{DEVICE}/reading", v, qos=1)
     other = PahoClient(gw.port, "dev-other")
     other.publish("sensors/dev-other/temp", b"OTHER-KEEP", qos=1, retain=True)
     other.publish("sensors/room1/hum", b"OTHER-ROOM", qos=1)
@@ -148,7 +157,8 @@ def test_erase_while_running(tmp_path: Path,
     erased = report["erased"]
     assert erased["broker:sessions"] == 1 and erased["broker:subscriptions"] == 1
     assert erased["broker:retained"] == 1 and erased["broker:deliveries"] >= 5
-    assert erased["forward:messages"] == 5  # room1 included: by publisher, not by topic
+    assert erased["forward:messages"] == 7  # room1 included: by publisher, not by topic
+    assert erased["intelligence:streams"] >= 1, report
     assert set(report["pause_ms"]) == {"loop", "broker", "forward"}
     assert "token dev-token" in report["removed"]
     # the removed token no longer opens the API (the tokens file is reloaded)
@@ -159,9 +169,16 @@ def test_erase_while_running(tmp_path: Path,
     # the device was disconnected, its Will not sent; the other client was served all along
     assert dev.disconnected.wait(5)
     dev.disconnect()
-    assert steady.sent > 20 and steady.longest < 5.0
-    got = watcher.drain(0.3)
-    assert not [m for m in got if m.topic.startswith("status/")]
+    assert steady.error is None and steady.sent > 5 and steady.longest < 5.0, vars(steady)
+    got: list[Any] = []
+
+    def all_delivered() -> bool:
+        got.extend(watcher.drain())
+        return len([m for m in got if m.topic == "sensors/steady"]) >= steady.sent
+
+    assert wait_until(all_delivered, timeout=5), (len(got), steady.sent)
+    got.extend(watcher.drain(0.2))
+    assert not [m for m in got if m.topic.startswith("status/")]  # no Will
     assert len([m for m in got if m.topic == "sensors/steady"]) == steady.sent
 
     # nothing left on disk (WAL included), while the gateway runs
