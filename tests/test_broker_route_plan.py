@@ -96,3 +96,19 @@ def test_what_the_plan_leaves_to_the_full_path() -> None:
     _send(broker, b"plain", origin="a")  # now only c's plain subscription: a plan
     assert got["c"][-1] == b"plain" and got["a"] == [b"1", b"3"]
     assert broker._plans.get("t/1") == (c.session,)
+
+
+def test_plan_follows_a_session_resumed_under_another_user_name() -> None:
+    """The read check sees the user name: a session resumed by another user is asked again
+    (the plan of its topics goes when a session is opened)."""
+    broker = Broker(BrokerLimits(), read_check=lambda user, cid, topic: user != "mallory")
+    got: list[bytes] = []
+    link = LocalClient(broker, "a", lambda m, _r: got.append(m.payload), username="alice")
+    session, _ = broker.open_session(link, "a", False, 60, 5, "alice")  # a lasting session
+    broker.subscribe(session, "t/1", SubOptions(0), None)
+    assert _send(broker, b"1") == 1
+    broker.detach(session)
+    again, present = broker.open_session(link, "a", False, 60, 5, "mallory")
+    assert present and again is session
+    assert _send(broker, b"2") == 0
+    assert got == [b"1"]
