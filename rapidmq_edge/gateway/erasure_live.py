@@ -89,11 +89,10 @@ class ErasureGate:
         if self.inner is not None:
             self.inner.closed(link, client_id)
 
-    def __getattr__(self, name: str) -> Any:  # the watch's own attributes (``recent``)
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
+    @property
+    def recent(self) -> Any:
+        """The threat watch's recent verdicts (why a connection ended), or None."""
+        return getattr(self.inner, "recent", None)
 
 
 def _names(device: str, topic: str) -> bool:
