@@ -352,3 +352,26 @@ def test_protector_one_message_sessions_all_verify(tmp_path: Path, gw: str) -> N
         ing.publish(*row)
     out, reports = ing.finish()
     assert sorted(v.payload for v in out) == [b"x%d" % i for i in range(5)] and not reports
+
+
+@pytest.mark.parametrize("batch_timeout", [None, 30.0])
+def test_message_waits_for_its_session_header_as_long_as_for_its_batch(
+        batch_timeout: float | None) -> None:
+    """A session header comes late like a batch header (a broker re-sending what a dead
+    consumer left unacknowledged after its ack wait): with --batch-timeout its messages wait
+    that long, not --grace (they were reported unverifiable while the header was on its way)."""
+    stream, ids, recs = _stream(True, n=3)
+    now = [0.0]
+    ing = Ingest(ids, recs, grace=1.0, chain_start=0, batch_timeout=batch_timeout,
+                 clock=lambda: now[0])
+    for item in stream[1:]:  # messages and batch; the session header is late
+        ing.publish(*item)
+    now[0] = 5.0
+    out, reports = ing.poll()
+    if batch_timeout is None:  # the grace rule: reported, never accepted
+        assert not out and [r.detail for r in reports] == ["session header never arrived"] * 3
+        return
+    assert not out and not reports and len(ing.waiting_ids()) == 3
+    ing.publish(*stream[0])
+    out, reports = ing.poll()
+    assert [v.payload for v in out] == [b"v10", b"v11", b"v12"] and not reports

@@ -130,7 +130,8 @@ class Ingest:
         self.defer_missing = defer_missing
         self.deferred: list[tuple[str, str, int]] = []  # (message id, gateway, batch seq)
         #: a message no batch covers is reported ``missing-batch`` after this many seconds,
-        #: and a gap in the batch seq too (None: ``unverifiable`` / the gap after ``grace``)
+        #: a gap in the batch seq and a message without its session header too (None:
+        #: ``unverifiable`` / the gap / the session after ``grace``)
         self.batch_timeout = batch_timeout
         #: batches / session headers accepted since the last :meth:`take_control`
         self.accepted: list[tuple[str, bytes, str, int | None]] = []
@@ -208,8 +209,11 @@ class Ingest:
             else:  # "ids" manifest: a batch verifies only as a whole
                 self._report("unverifiable", "its signed batch is incomplete (ids manifest: "
                              "every message of the batch is needed)", mid, _gw(mid), seq)
+        # a session header travels like a batch header (class 0, newest first after an
+        # outage, redelivered late by a broker): its messages wait as long as for a batch
+        header_wait = self.batch_timeout or self.grace
         for mid, (_t, _p, b, t0) in list(self._no_session.items()):
-            if now - t0 >= self.grace:
+            if now - t0 >= header_wait:
                 del self._no_session[mid]
                 self._proof.pop(mid, None)
                 self._report("unverifiable", "session header never arrived", mid, _gw(mid),
