@@ -21,8 +21,9 @@
  * are the Python codec's by construction; tests/test_mqtt_framing.py and fuzz/mqtt_framing.py
  * check both readers against each other.
  *
- * ``topics`` is a list (of any length >= 1) used as a direct-mapped cache of topic strings:
- * a PUBLISH to a topic seen recently gets the same str object (its hash already computed).
+ * ``topics`` is a list (of any length >= 1) used as a direct-mapped cache of topic strings
+ * (ASCII ones): a PUBLISH to a topic seen recently gets the same str object (its hash already
+ * computed). The codec shares one list between all its readers.
  *
  * Without a compiler the package uses the Python codec alone (same packets, slower).
  */

@@ -67,6 +67,9 @@ _ACK_CLASSES: dict[int, type[Puback | Pubrec | Pubrel | Pubcomp]] = {
 }
 _PINGRESP_BYTES = b"\xd0\x00"
 _PINGREQ_BYTES = b"\xc0\x00"
+#: the C lane's topic cache, shared by every reader (a topic is a value: whoever published
+#: it first, the same bytes give an equal str; an idle connection costs nothing)
+_TOPICS: list[str | None] = [None] * TOPIC_SLOTS
 
 
 class PacketReader:
@@ -82,7 +85,7 @@ class PacketReader:
     packets and errors either way. ``accelerated=False`` keeps to the Python code.
     """
 
-    __slots__ = ("_buf", "max_packet_size", "version", "error", "_scan", "_topics")
+    __slots__ = ("_buf", "max_packet_size", "version", "error", "_scan")
 
     def __init__(self, max_packet_size: int = 268_435_460, version: int = 0,
                  accelerated: bool = True) -> None:
@@ -92,7 +95,6 @@ class PacketReader:
         #: set when an error follows packets returned by the same ``feed`` call
         self.error: Exception | None = None
         self._scan: Scan | None = SCAN if accelerated else None
-        self._topics: list[str | None] | None = None  # the C lane's topic cache
 
     def feed(self, data: bytes) -> list[Packet]:
         """Append ``data`` and return every complete packet now available.
@@ -120,11 +122,8 @@ class PacketReader:
         v5 = version == MQTT_5
         max_size = self.max_packet_size
         scan = self._scan if version else None
-        topics = self._topics
         if scan is not None:
-            if topics is None:
-                topics = self._topics = [None] * TOPIC_SLOTS
-            pos = scan(buf, 0, v5, max_size, out, topics)
+            pos = scan(buf, 0, v5, max_size, out, _TOPICS)
             if pos >= 0:  # the C lane read every complete frame
                 if pos:
                     del buf[:pos]
@@ -135,8 +134,7 @@ class PacketReader:
         try:
             while n - pos >= 2:
                 if scan is not None and not handoff:
-                    assert topics is not None
-                    at = scan(buf, pos, v5, max_size, out, topics)
+                    at = scan(buf, pos, v5, max_size, out, _TOPICS)
                     if at >= 0:
                         pos = at
                         break
@@ -187,8 +185,6 @@ class PacketReader:
                             version = self.version = packet.protocol_level  # type: ignore[union-attr]
                             v5 = version == MQTT_5
                             scan = self._scan
-                            if scan is not None and topics is None:
-                                topics = self._topics = [None] * TOPIC_SLOTS
                 finally:
                     body.release()
                 out.append(packet)

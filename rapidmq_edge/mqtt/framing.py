@@ -22,8 +22,8 @@ __all__ = ["SCAN", "TOPIC_SLOTS", "Scan"]
 #: frame at pos is for the Python codec); see _framing.c
 Scan = Callable[[bytearray, int, bool, int, list[Packet], list[str | None]], int]
 
-#: entries of a reader's topic cache (the same topic gets the same str object)
-TOPIC_SLOTS = 16
+#: entries of the readers' topic cache (a recent topic gets the same str object)
+TOPIC_SLOTS = 256
 
 
 def _load() -> Scan | None:
