@@ -24,6 +24,14 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
             optional=True,
         ),
+        # the anomaly classifier's residual rows and combination; the same arithmetic rules
+        Extension(
+            "rapidmq_edge.intelligence._residualstep",
+            ["rapidmq_edge/intelligence/_residualstep.c"],
+            libraries=["m"],
+            extra_compile_args=["-O2", "-Wall", "-ffp-contract=off", "-fno-fast-math"],
+            optional=True,
+        ),
         # MQTT framing and the PUBLISH / PUBACK fast lane of PacketReader (Python API only)
         Extension(
             "rapidmq_edge.mqtt._framing",

@@ -15,6 +15,7 @@ import pytest
 from firmware_sim.datasets import healthy_stream
 from firmware_sim.generator import generate
 from firmware_sim.scenario import Scenario
+from rapidmq_edge.intelligence import fault_classifier
 from rapidmq_edge.intelligence.fault_classifier import (
     LABEL_KIND,
     ClassifiedTable,
@@ -140,3 +141,38 @@ def test_a_fault_inside_an_open_episode_is_an_incident_of_its_own(proba: Any) ->
     assert any(160 <= i <= 170 and k == "stuck" for i, k in opens), opens
     assert all(v.in_episode for v in vs[100:190])
     assert table.classified == len(ts)  # a young stream: every reading read by the model
+
+
+def test_kernel_equals_the_python_loop(proba: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_residualstep.c`` gives the Python loop's residual rows and combined verdicts bit
+    for bit (a simulator run with every fault kind, gaps, CBOR devices; micro-batches with
+    many readings of one stream; non-finite readings), and the verdicts do not depend on
+    how readings are batched."""
+    assert fault_classifier._KERNEL is not None  # built here (setup.py), as in CI
+    run = generate(Scenario(seed=77, devices=30, duration=1200.0, coap_fraction=0.3,
+                            fault_rate=6.0, outage_rate=1.0, attackers=0, misconfigured=0,
+                            dashboards=0))
+    msgs = [m for m in run.messages if m.value is not None]
+    base = run.scenario.start_epoch
+    keys = [m.topic for m in msgs]
+    ts = [base + m.t for m in msgs]
+    xs = [float(m.value) for m in msgs]
+    xs[100] = float("nan")
+    tables = {}
+    for name, kernel in (("c", fault_classifier._KERNEL), ("py", None)):
+        monkeypatch.setattr(fault_classifier, "_KERNEL", kernel)
+        tables[name] = (ClassifiedTable(None, proba), ClassifiedTable())
+    got: dict[str, tuple[list[Verdict], list[Any]]] = {"c": ([], []), "py": ([], [])}
+    for i in range(0, len(msgs), 97):
+        part = slice(i, i + 97)
+        for name, (combined, plain) in tables.items():
+            got[name][0].extend(combined.update(keys[part], ts[part], xs[part]))
+            v = plain.detectors.update(keys[part], ts[part], xs[part])
+            got[name][1].append(plain.rows(keys[part], ts[part], xs[part], v, every=True)[1])
+    assert got["c"][0] == got["py"][0]
+    one = ClassifiedTable(None, proba)  # reading by reading: the same verdicts
+    assert [one.update([k], [t], [x])[0] for k, t, x in zip(keys, ts, xs, strict=True)
+            ] == got["c"][0]
+    assert any(v.opens for v in got["c"][0]) and tables["c"][0].classified > 1000
+    for a, b in zip(got["c"][1], got["py"][1], strict=True):
+        assert a.tobytes() == b.tobytes()

@@ -14,25 +14,29 @@ and weekly cycles, coarse values, heavy tails, irregular sampling, gaps), never 
 
 :func:`combine` merges the two per reading (pure, no I/O):
 
-* a **young** stream (fewer than ``DetectorParams.warmup`` readings, tails not learnt)
-  and a reading **inside an open episode** read by the classifier: its fault probability
-  is the reading's likelihood, its label the kind;
-* the classifier **opens** an incident on a young stream, or inside an open episode,
-  when its fault probability rises above :attr:`CombineParams.p_fault` (the previous
-  reading of the stream was below it), so a fault that follows another inside one
-  episode is an incident of its own; the incident stays open until
-  ``DetectorParams.calm_readings`` readings in a row read normal;
-* a mature stream outside an episode reads by the detector alone (NAB and the healthy
-  streams are judged by it, unchanged but for the young openings).
+* a **young** stream (fewer than :attr:`CombineParams.young` = 450 readings, 1.5 times
+  the detector's warmup) and a reading **inside the detector's episode** are read by the
+  classifier: its fault probability is the reading's likelihood (``p_fault`` reads as
+  the detector's ``p_open``), its label the kind;
+* the classifier **opens** an incident in a young stream (also inside an open episode,
+  so a fault that follows another is an incident of its own) on evidence that persists:
+  ``persist`` = 2 readings in a row over ``p_new``, a drift or level shift over
+  ``p_drift``, or one reading over ``p_spike`` named a spike; one incident per run of
+  such readings; it stays open (``in_episode``) until ``calm_readings`` readings in a
+  row read normal or the classifier stops reading the stream;
+* a mature stream outside an episode reads by the detector alone, so the classifier
+  never opens an incident there (real telemetry is judged by the detector).
 
 :class:`ClassifiedTable` runs the detector table, builds the residual rows of the readings
-that need the classifier (young or in an episode), scores them in one onnxruntime run per
-micro-batch and combines.
+that need the classifier, scores them in one onnxruntime run per micro-batch and combines
+them in order; the verdicts do not depend on how readings are batched. The rows and the
+combination run in C (``_residualstep.c``, bit for bit the Python loop) when built.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +76,7 @@ RESIDUAL_FEATURES: tuple[str, ...] = (
 _NF = len(RESIDUAL_FEATURES)
 _KIND_CODE = {k: i + 1 for i, k in enumerate(KINDS)}
 _SPIKE = ANOMALY_LABELS.index("spike")
+_DRIFT = ANOMALY_LABELS.index("drift")
 _LN10 = math.log(10.0)
 
 
@@ -82,9 +87,11 @@ class CombineParams:
     p_fault: float = 0.3    # fault probability over which a reading reads as anomalous
     p_new: float = 0.4      # ... over which it opens (the previous reading was not over it)
     min_age: int = 20       # readings a stream needs before the classifier may open
-    persist: int = 2        # readings in a row over p_new that open (a spike: one)
-    young: int = 600        # a stream younger than this reads by the classifier, which
-    #                         may open incidents in it (twice the detector's warmup)
+    persist: int = 2        # readings in a row over p_new that open, or one ...
+    p_spike: float = 0.5    # ... over this when the kind is spike (heavy tails' outliers)
+    p_drift: float = 0.6    # a drift or level shift opens over this (young daily cycles)
+    young: int = 450        # a stream younger than this reads by the classifier, which
+    #                         may open incidents in it (1.5 x the detector's warmup)
 
 
 class ResidualState:
@@ -92,7 +99,7 @@ class ResidualState:
 
     __slots__ = ("n", "last_x", "last_t", "log_step", "res", "run", "run_max", "g_fast",
                  "g_slow", "slope", "absz", "burst", "jitter", "in_ep", "fault", "opened",
-                 "open", "calm")
+                 "open", "calm", "last_n")
 
     def __init__(self) -> None:
         self.n = 0
@@ -107,6 +114,7 @@ class ResidualState:
         self.opened = False  # ... and whether that run opened an incident
         self.open = False    # an incident the classifier opened is open
         self.calm = 0
+        self.last_n = -1     # the age of the last reading combined
 
     def row(self, t: float, x: float, v: Verdict, out: list[float]) -> None:
         """Append this reading's residual features to ``out``, then learn it."""
@@ -171,10 +179,16 @@ class ResidualState:
 
 
 def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineParams,
-            calm_readings: int, p_open: float) -> Verdict:
-    """The reading's verdict from the detector's ``v`` (updated in place and returned) and
-    the classifier's class probabilities ``probs``; updates the stream's classifier state
-    ``st`` (after :meth:`ResidualState.row`)."""
+            calm_readings: int, p_open: float, n: int) -> Verdict:
+    """The verdict of a stream's reading ``n`` (readings before it) from the detector's
+    ``v`` (updated in place and returned) and the classifier's class probabilities
+    ``probs``; updates the stream's classifier state ``st``. Readings of a stream are
+    combined in order; one the classifier did not read (a mature stream outside an
+    episode) ends its fault run and its incident (whatever the micro-batches were)."""
+    if n != st.last_n + 1:
+        st.fault = 0
+        st.opened = st.open = False
+    st.last_n = n
     pf = 1.0 - probs[0]
     fault = pf > prm.p_fault
     new = pf > prm.p_new
@@ -183,8 +197,9 @@ def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineP
     if new:
         st.fault += 1
         # persistent evidence (two readings in a row) opens; a spike is one reading
-        if (not st.opened and not opens and prm.min_age < st.n <= prm.young
-                and (st.fault >= prm.persist or best == _SPIKE)):
+        if (not st.opened and not opens and prm.min_age < n + 1 <= prm.young
+                and ((st.fault >= prm.persist and (best != _DRIFT or pf > prm.p_drift))
+                     or (best == _SPIKE and pf > prm.p_spike))):
             opens = v.opens = True
             st.opened = True
     else:
@@ -216,6 +231,24 @@ def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineP
     return v
 
 
+def _load_kernel() -> Any:
+    """The optional C kernel (``_residualstep.c``: :meth:`ResidualState.row`, the row loop
+    of :meth:`ClassifiedTable.rows` and :func:`combine`, bit for bit), configured; None
+    (the Python loop) when it is not built or ``RAPIDMQ_EDGE_PURE_PYTHON`` is set."""
+    if os.environ.get("RAPIDMQ_EDGE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _residualstep  # type: ignore[attr-defined]
+    except ImportError:  # not built here (no compiler): the Python loop
+        return None
+    _residualstep.configure(KINDS, LABEL_KIND, "none")
+    return _residualstep
+
+
+#: the ``_residualstep`` module, or None when :class:`ClassifiedTable` runs in Python
+_KERNEL = _load_kernel()
+
+
 class ClassifiedTable:
     """A :class:`DetectorTable` whose young and in-episode readings are also read by the
     fault-kind classifier (``predict_proba(X) -> probabilities``, e.g. an onnxruntime
@@ -226,9 +259,10 @@ class ClassifiedTable:
                  ) -> None:
         self.prm = params or DetectorParams()
         self.detectors = DetectorTable(self.prm)
-        self.cprm = combine_params or CombineParams(young=2 * self.prm.warmup)
+        self.cprm = combine_params or CombineParams(young=3 * self.prm.warmup // 2)
         self.predict_proba = predict_proba
-        self._states: dict[Hashable, ResidualState] = {}
+        self._kernel = _KERNEL
+        self._states: dict[Hashable, Any] = {}  # ResidualState, or the kernel's State
         self._dets = self.detectors._dets  # the stream keys (erasure looks them up here)
         self.classified = 0  # readings the classifier read
 
@@ -242,15 +276,18 @@ class ClassifiedTable:
 
     def rows(self, keys: Sequence[Hashable], ts: Sequence[float], xs: Sequence[float],
              verdicts: Sequence[Verdict], every: bool = False
-             ) -> tuple[list[int], np.ndarray, list[ResidualState]]:
+             ) -> tuple[list[int], np.ndarray, list[Any]]:
         """The residual rows of the readings that need the classifier (``every``: of all
         readings, for training): (their positions, float32 rows, every reading's stream
         state)."""
         states = self._states
         young = math.inf if every else self.cprm.young
+        if self._kernel is not None:
+            kpos, raw, ksts = self._kernel.rows(states, keys, ts, xs, verdicts, float(young))
+            return kpos, np.frombuffer(raw, dtype=np.float32).reshape(len(kpos), _NF), ksts
         buf: list[float] = []
         pos: list[int] = []
-        sts: list[ResidualState] = []
+        sts: list[Any] = []
         for i, (k, t, x, v) in enumerate(zip(keys, ts, xs, verdicts, strict=True)):
             st = states.get(k)
             if st is None:
@@ -258,11 +295,8 @@ class ClassifiedTable:
             sts.append(st)
             if not (math.isfinite(t) and math.isfinite(x)):
                 continue
-            if st.n < young or st.in_ep or st.open or v.in_episode:
+            if st.n < young or st.in_ep or v.in_episode:
                 pos.append(i)
-            elif st.fault:
-                st.fault = 0
-                st.opened = False
             st.row(t, x, v, buf) if (pos and pos[-1] == i) else st.row(t, x, v, [])
         X = np.asarray(buf, dtype=np.float32).reshape(len(pos), _NF)
         return pos, X, sts
@@ -276,11 +310,18 @@ class ClassifiedTable:
         pos, X, sts = self.rows(keys, ts, xs, verdicts)
         if not pos:
             return verdicts
-        P = self.predict_proba(X).tolist()
+        probs_all = self.predict_proba(X)
         self.classified += len(pos)
         calm = self.prm.calm_readings
         p_open = self.prm.p_open
         cp = self.cprm
-        for i, probs in zip(pos, P, strict=True):
-            verdicts[i] = combine(verdicts[i], sts[i], probs, cp, calm, p_open)
+        if self._kernel is not None:
+            self._kernel.combine(verdicts, pos, np.ascontiguousarray(probs_all, np.float32),
+                                 X, sts, cp.p_fault, cp.p_new, float(cp.min_age),
+                                 float(cp.persist), float(cp.young), float(calm), p_open,
+                                 float(_SPIKE), cp.p_spike, cp.p_drift)
+            return verdicts
+        ages = np.rint(np.expm1(X[:, 0].astype(np.float64))).astype(np.int64).tolist()
+        for i, probs, n in zip(pos, probs_all.tolist(), ages, strict=True):
+            verdicts[i] = combine(verdicts[i], sts[i], probs, cp, calm, p_open, n)
         return verdicts
