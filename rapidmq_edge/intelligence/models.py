@@ -77,7 +77,7 @@ class Scorer:
     session: Any = None
     rule: Callable[[np.ndarray], np.ndarray] | None = None
     fallback: str | None = None
-    path: Path | None = None  # the verified ONNX file (for :mod:`.healthy_region`)
+    path: Path | None = None  # the verified ONNX file
     outputs: list[str] | None = None  # named, run() skips listing them per call (~1 µs)
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
