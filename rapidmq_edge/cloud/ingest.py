@@ -25,6 +25,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -39,7 +40,7 @@ from .state import SqliteStore, Step, Store
 from .subscriber import Delivery, Subscriber
 from .verify import Ingest, Report, carried_id
 
-__all__ = ["IngestOptions", "filters_for", "open_store", "run_ingest"]
+__all__ = ["IngestOptions", "filters_for", "in_partition", "open_store", "run_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ def gateway_of(prefix: str, topic: str) -> str | None:
     return gw if sep and rest.startswith(tail[1:]) else None
 
 
+def in_partition(gateway_id: str, part: tuple[int, int]) -> bool:
+    """Whether ``gateway_id`` belongs to partition ``part`` = (index, count): CRC-32 mod count."""
+    return zlib.crc32(gateway_id.encode()) % part[1] == part[0]
+
+
 def _row(d: Delivery) -> tuple[str, str, bytes]:
     """(message id or "", topic, payload) of a delivery: the id from the ``rmq-id`` property
     (MQTT 5) or the unwrapped id frame (3.1.1); a malformed frame stays as it came (no id:
@@ -180,6 +186,7 @@ async def run_ingest(
         # separate JSONL states in a group cannot tell a message another consumer has
         report_missing=opts.group is None or store.shared,
         batch_timeout=opts.batch_timeout,
+        owns=None if opts.partition is None else partial(in_partition, part=opts.partition),
     )
     for kind, payload in restored.control:
         ingest.add_control(kind, payload)
@@ -216,8 +223,7 @@ async def run_ingest(
         if opts.partition is None:
             return True
         gw = gateway_of(opts.prefix, d.topic)
-        index, count = opts.partition
-        return gw is None or zlib.crc32(gw.encode()) % count == index
+        return gw is None or in_partition(gw, opts.partition)
 
     async def step(items: list[Delivery], final: bool = False) -> None:
         rows = [_row(d) for d in items if mine(d)]

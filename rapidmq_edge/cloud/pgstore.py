@@ -8,6 +8,7 @@ message (signed header + manifest): the audit chain that ``audit verify --db`` c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,9 @@ CREATE TABLE IF NOT EXISTS cloud_consumers (consumer TEXT PRIMARY KEY,
     beat TIMESTAMPTZ NOT NULL DEFAULT now());
 """
 
+#: how long a skipped ``cloud_control.pos`` is asked for again, and how many at most per read
+GAP_WAIT = 30.0
+MAX_GAPS = 1_000
 _LOCK = 0x726D71  # advisory lock: concurrent CREATE TABLE IF NOT EXISTS can collide
 
 
@@ -49,6 +53,9 @@ class PgStore:
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        #: positions below the cursor not seen yet (pos -> when first missed): see
+        #: :meth:`control_since`
+        self._gaps: dict[int, float] = {}
 
     @classmethod
     async def connect(cls, dsn: str) -> PgStore:
@@ -62,15 +69,22 @@ class PgStore:
         return cls(conn)
 
     async def restore(self, consumer: str, horizon: float) -> Restored:
-        control = [(r[0], bytes(r[1])) for r in await self.conn.fetch(
-            "SELECT kind, payload FROM cloud_control WHERE kind = 'session' OR received >= "
-            "now() - make_interval(secs => $1) ORDER BY pos", horizon)]
-        pending = [(r[0], r[1], bytes(r[2])) for r in await self.conn.fetch(
-            "SELECT id, topic, payload FROM cloud_pending WHERE consumer = $1 ORDER BY arrived",
-            consumer)]
-        cursor = await self.conn.fetchval("SELECT COALESCE(MAX(pos), 0) FROM cloud_control")
+        async with self.conn.transaction(isolation="repeatable_read"):  # one snapshot
+            control = [(r[0], bytes(r[1])) for r in await self.conn.fetch(
+                "SELECT kind, payload FROM cloud_control WHERE kind = 'session' OR received >= "
+                "now() - make_interval(secs => $1) ORDER BY pos", horizon)]
+            pending = [(r[0], r[1], bytes(r[2])) for r in await self.conn.fetch(
+                "SELECT id, topic, payload FROM cloud_pending WHERE consumer = $1 "
+                "ORDER BY arrived", consumer)]
+            cursor = int(await self.conn.fetchval(
+                "SELECT COALESCE(MAX(pos), 0) FROM cloud_control"))
+            seen = {r[0] for r in await self.conn.fetch(
+                "SELECT pos FROM cloud_control WHERE pos > $1", cursor - MAX_GAPS)}
+        now = time.monotonic()  # positions taken by transactions still open: gaps
+        self._gaps = {p: now for p in range(max(1, cursor - MAX_GAPS + 1), cursor + 1)
+                      if p not in seen}
         await self._beat(consumer)
-        return Restored(control, pending, int(cursor))
+        return Restored(control, pending, cursor)
 
     async def _beat(self, consumer: str) -> None:
         await self.conn.execute(
@@ -93,9 +107,25 @@ class PgStore:
         return [r[0] for r in rows]
 
     async def control_since(self, cursor: int) -> tuple[list[tuple[str, bytes]], int]:
+        """Headers stored after ``cursor``, and the new cursor. ``pos`` is a sequence taken at
+        INSERT and seen at COMMIT: with several consumers committing, pos 41 can become
+        visible after pos 42 was read. Every pos skipped over is kept as a gap and asked for
+        again (for :data:`GAP_WAIT` s: a rolled back or conflicting insert never fills it)."""
+        gaps = self._gaps
         rows = await self.conn.fetch(
-            "SELECT pos, kind, payload FROM cloud_control WHERE pos > $1 ORDER BY pos", cursor)
-        return [(r[1], bytes(r[2])) for r in rows], (int(rows[-1][0]) if rows else cursor)
+            "SELECT pos, kind, payload FROM cloud_control WHERE pos > $1 "
+            "OR pos = ANY($2::bigint[]) ORDER BY pos", cursor, list(gaps))
+        now = time.monotonic()
+        out = []
+        for pos, kind, payload in rows:
+            if gaps.pop(pos, None) is None and pos > cursor:
+                for missed in range(max(cursor + 1, pos - MAX_GAPS), pos):
+                    gaps[missed] = now
+                cursor = pos
+            out.append((kind, bytes(payload)))
+        for pos in [p for p, t in gaps.items() if now - t > GAP_WAIT]:
+            del gaps[pos]
+        return out, cursor
 
     async def commit(self, consumer: str, step: Step) -> int:
         c = self.conn

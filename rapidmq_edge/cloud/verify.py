@@ -116,6 +116,7 @@ class Ingest:
         report_missing: bool = True,
         defer_missing: bool = False,
         batch_timeout: float | None = None,
+        owns: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identities = identities
@@ -133,6 +134,9 @@ class Ingest:
         #: a gap in the batch seq and a message without its session header too (None:
         #: ``unverifiable`` / the gap / the session after ``grace``)
         self.batch_timeout = batch_timeout
+        #: the gateways this consumer handles (``--partition``; None: all): batches of other
+        #: gateways (read from a shared state) are ignored, their chains are not its to judge
+        self.owns = owns
         #: batches / session headers accepted since the last :meth:`take_control`
         self.accepted: list[tuple[str, bytes, str, int | None]] = []
         self._control_seen: set[bytes] = set()
@@ -330,6 +334,8 @@ class Ingest:
             self._report("tampered", f"batch: {exc}")
             return
         gw_id = header.gateway_id
+        if self.owns is not None and not self.owns(gw_id):
+            return  # another partition's gateway
         ids = [f"{gw_id}:{q}" for q in qids]
         if len(ids) != header.count or not ids or ids[0] != header.first_id \
                 or ids[-1] != header.last_id:
