@@ -36,11 +36,12 @@ from ..mqtt.id_frame import IdFrameError
 from ..mqtt.packets import MQTT_5
 from ..telemetry import RepeatedLog
 from .sinks import JsonlSink
-from .state import SqliteStore, Step, Store
+from .state import Restored, SqliteStore, Step, Store
 from .subscriber import Delivery, Subscriber
-from .verify import Ingest, Report, carried_id
+from .verify import Ingest, Report, carried_id, sid_of_header, sid_of_message
 
-__all__ = ["IngestOptions", "filters_for", "in_partition", "open_store", "run_ingest"]
+__all__ = ["IngestOptions", "filters_for", "in_partition", "open_store", "restore_into",
+           "run_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class IngestOptions:
     batch_timeout: float | None = None
     max_pending: int = 100_000  # bound of the waiting messages (oldest: missing-batch)
     chunk: int = 512  # messages per commit / acknowledgement
-    horizon: float = 6 * 3600.0  # batch headers reloaded at start (seconds back)
+    #: headers reloaded at start (seconds back; plus each gateway's newest session header and
+    #: the older session headers of waiting messages)
+    horizon: float = 6 * 3600.0
     lease: float = 60.0  # a silent consumer's waiting messages are adopted after this
     #: (index, count): handle only the gateways whose id hashes to ``index`` (brokers without
     #: shared subscriptions: every consumer subscribes to all, each keeps its share)
@@ -129,6 +132,36 @@ def gateway_of(prefix: str, topic: str) -> str | None:
     return gw if sep and rest.startswith(tail[1:]) else None
 
 
+async def restore_into(store: Store, ingest: Ingest, consumer: str, horizon: float,
+                       page: int = 500) -> Restored:
+    """Feed ``ingest`` the stored headers a restarted consumer needs, bounded by ``horizon``:
+    batches and session headers stored within it, the newest session header of each gateway
+    (a session may outlive the horizon), and older session headers only where one of the
+    consumer's waiting messages is sealed in that session (found by a paged scan that keeps
+    just those). Returns the restore (waiting messages, cursor); they are not fed yet."""
+    restored = await store.restore(consumer, horizon)
+    known: set[bytes] = set()
+    for kind, payload in restored.control:
+        ingest.add_control(kind, payload)
+        sid = sid_of_header(payload) if kind == "session" else None
+        if sid is not None:
+            known.add(sid)
+    need = {s for _, _, p in restored.pending if (s := sid_of_message(p)) is not None} - known
+    after = 0
+    while need:
+        rows = await store.old_sessions(horizon, after, page)
+        for pos, payload in rows:
+            after = pos
+            sid = sid_of_header(payload)
+            if sid in need:
+                need.discard(sid)
+                ingest.add_control("session", payload)
+        if len(rows) < page:
+            break
+    ingest.take_control()  # stored already
+    return restored
+
+
 def in_partition(gateway_id: str, part: tuple[int, int]) -> bool:
     """Whether ``gateway_id`` belongs to partition ``part`` = (index, count): CRC-32 mod count."""
     return zlib.crc32(gateway_id.encode()) % part[1] == part[0]
@@ -178,7 +211,6 @@ async def run_ingest(
     identities, recipients = load_keys(opts)
     client_id = opts.client_id or default_client_id(opts)
     store = await open_store(opts.out)
-    restored = await store.restore(client_id, opts.horizon)
     written: set[str] = set()  # of the chunk being fed: already in the sink
     ingest = Ingest(
         identities, recipients, prefix=opts.prefix, grace=opts.grace,
@@ -188,9 +220,7 @@ async def run_ingest(
         batch_timeout=opts.batch_timeout,
         owns=None if opts.partition is None else partial(in_partition, part=opts.partition),
     )
-    for kind, payload in restored.control:
-        ingest.add_control(kind, payload)
-    ingest.take_control()  # stored already
+    restored = await restore_into(store, ingest, client_id, opts.horizon)
     cursor = restored.cursor
     staged: set[str] = set()
 

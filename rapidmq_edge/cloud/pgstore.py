@@ -71,8 +71,10 @@ class PgStore:
     async def restore(self, consumer: str, horizon: float) -> Restored:
         async with self.conn.transaction(isolation="repeatable_read"):  # one snapshot
             control = [(r[0], bytes(r[1])) for r in await self.conn.fetch(
-                "SELECT kind, payload FROM cloud_control WHERE kind = 'session' OR received >= "
-                "now() - make_interval(secs => $1) ORDER BY pos", horizon)]
+                "SELECT kind, payload FROM cloud_control WHERE received >= "
+                "now() - make_interval(secs => $1) OR pos IN (SELECT DISTINCT ON (gateway) "
+                "pos FROM cloud_control WHERE kind = 'session' ORDER BY gateway, pos DESC) "
+                "ORDER BY pos", horizon)]
             pending = [(r[0], r[1], bytes(r[2])) for r in await self.conn.fetch(
                 "SELECT id, topic, payload FROM cloud_pending WHERE consumer = $1 "
                 "ORDER BY arrived", consumer)]
@@ -85,6 +87,13 @@ class PgStore:
                       if p not in seen}
         await self._beat(consumer)
         return Restored(control, pending, cursor)
+
+    async def old_sessions(self, horizon: float, after: int,
+                           limit: int) -> list[tuple[int, bytes]]:
+        return [(int(r[0]), bytes(r[1])) for r in await self.conn.fetch(
+            "SELECT pos, payload FROM cloud_control WHERE kind = 'session' AND received < "
+            "now() - make_interval(secs => $1) AND pos > $2 ORDER BY pos LIMIT $3",
+            horizon, after, limit)]
 
     async def _beat(self, consumer: str) -> None:
         await self.conn.execute(

@@ -72,6 +72,8 @@ class Store(Protocol):
     async def written(self, ids: Sequence[str]) -> set[str]: ...
     async def unaccounted(self, ids: Sequence[str]) -> list[str]: ...
     async def control_since(self, cursor: int) -> tuple[list[tuple[str, bytes]], int]: ...
+    async def old_sessions(self, horizon: float, after: int,
+                           limit: int) -> list[tuple[int, bytes]]: ...
     async def commit(self, consumer: str, step: Step) -> int: ...
     async def adopt(self, consumer: str, lease: float) -> list[Pending]: ...
     async def close(self) -> None: ...
@@ -139,7 +141,8 @@ class SqliteStore:
     async def restore(self, consumer: str, horizon: float) -> Restored:
         since = time.time() - horizon
         control = [(str(k), bytes(p)) for k, p in self.db.execute(
-            "SELECT kind, payload FROM cloud_control WHERE received >= ? OR kind = 'session' "
+            "SELECT kind, payload FROM cloud_control WHERE received >= ? OR pos IN "
+            "(SELECT MAX(pos) FROM cloud_control WHERE kind = 'session' GROUP BY gateway) "
             "ORDER BY pos", (since,))]
         pending = [(str(i), str(t), bytes(p)) for i, t, p in self.db.execute(
             "SELECT id, topic, payload FROM cloud_pending WHERE consumer = ? ORDER BY arrived",
@@ -168,6 +171,12 @@ class SqliteStore:
         known |= self._present(
             "SELECT message_id FROM cloud_reports WHERE message_id IN ({})", ids)
         return [i for i in ids if i not in known]
+
+    async def old_sessions(self, horizon: float, after: int,
+                           limit: int) -> list[tuple[int, bytes]]:
+        return [(int(pos), bytes(p)) for pos, p in self.db.execute(
+            "SELECT pos, payload FROM cloud_control WHERE kind = 'session' AND received < ? "
+            "AND pos > ? ORDER BY pos LIMIT ?", (time.time() - horizon, after, limit))]
 
     async def control_since(self, cursor: int) -> tuple[list[tuple[str, bytes]], int]:
         rows = self.db.execute(

@@ -25,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..crypto import cose
 from ..crypto.batch import BatchHeader, verify_batch
 from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX, decode_batch_message, fast_leaf
 from ..crypto.e2e import device_context, is_device_envelope, open_device_message
-from ..crypto.envelope import Opener, parse_envelope
+from ..crypto.envelope import Opener, parse_envelope, parse_session_header
 from ..crypto.errors import (
     CryptoError,
     MalformedError,
@@ -38,12 +39,12 @@ from ..crypto.errors import (
     UnknownKeyError,
     WrongRecipientError,
 )
-from ..crypto.keys import RecipientKeyring, VerifierKeyring
+from ..crypto.keys import KID_SIZE, RecipientKeyring, VerifierKeyring
 from ..crypto.merkle import MerkleTree
 from ..crypto.signed_session import is_signed_session, open_signed_session
 from ..mqtt.id_frame import IdFrameError, decode_id_frame, is_id_frame
 
-__all__ = ["Ingest", "Report", "Verified", "carried_id"]
+__all__ = ["Ingest", "Report", "Verified", "carried_id", "sid_of_header", "sid_of_message"]
 
 HEARTBEAT_SUFFIX = "_heartbeat"
 
@@ -539,6 +540,22 @@ def _sid_of(payload: bytes) -> bytes | None:
     try:
         return parse_envelope(payload)[0]
     except MalformedError:
+        return None
+
+
+def sid_of_message(payload: bytes) -> bytes | None:
+    """Session id of a gateway session envelope (None: not one)."""
+    return _sid_of(payload)
+
+
+def sid_of_header(payload: bytes) -> bytes | None:
+    """Session id a (gateway-signed) session header announces, *not verified* (to pick the
+    stored headers a restarted consumer needs; they are verified when added). None: malformed."""
+    try:
+        if is_signed_session(payload):
+            payload = cose.parse_sign1_ml_dsa_65(payload, "signed session", KID_SIZE)[2]
+        return parse_session_header(payload)[0].session_id
+    except (CryptoError, ValueError, TypeError, IndexError, KeyError):
         return None
 
 
