@@ -41,7 +41,8 @@ venv: $(STAMP)
 
 # Re-installs whenever pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml setup.py rapidmq_edge/crypto/_fastpath.c \
-          rapidmq_edge/intelligence/_detectorstep.c rapidmq_edge/intelligence/_residualstep.c
+          rapidmq_edge/intelligence/_detectorstep.c rapidmq_edge/intelligence/_residualstep.c \
+          rapidmq_edge/mqtt/_framing.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@
