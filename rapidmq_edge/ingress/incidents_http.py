@@ -8,13 +8,12 @@ channel; this module does the HTTP part: the token (``admin`` role), the body si
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from ..security.tokens import Token
+from .admin_http import Authenticate, admin_json, answer
 
 __all__ = ["MAX_BODY", "VerdictHook", "add_incident_routes"]
 
@@ -23,11 +22,6 @@ MAX_BODY = 16 * 1024
 
 #: (incident id, parsed JSON body, the token's name) -> (HTTP status, JSON answer)
 VerdictHook = Callable[[str, Any, str], Awaitable[tuple[int, dict[str, Any]]]]
-Authenticate = Callable[[web.Request], "Token | web.Response"]
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"ok": False, "error": message}, status=status)
 
 
 def add_incident_routes(app: web.Application, hook: VerdictHook, authenticate: Authenticate,
@@ -35,24 +29,10 @@ def add_incident_routes(app: web.Application, hook: VerdictHook, authenticate: A
     """Add ``POST {api}/incidents/{id}`` to ``app``."""
 
     async def verdict(request: web.Request) -> web.Response:
-        auth = authenticate(request)
-        if isinstance(auth, web.Response):
-            return auth
-        if auth.role != "admin":
-            return _error(403, f"token {auth.name!r} has the {auth.role} role: verdicts "
-                               "need an admin token")
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return _error(413, f"body larger than {MAX_BODY} bytes")
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            return _error(413, f"body larger than {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return _error(400, f"body is not JSON: {exc}")
-        status, doc = await hook(request.match_info["incident"], body, auth.name)
-        if status >= 400:
-            return _error(status, str(doc.get("error", "refused")))
-        return web.json_response({"ok": True, **doc}, status=status)
+        got = await admin_json(request, authenticate, MAX_BODY, "verdicts")
+        if isinstance(got, web.Response):
+            return got
+        token, body = got
+        return answer(*await hook(request.match_info["incident"], body, token.name))
 
     app.router.add_post(f"{api}/incidents/{{incident}}", verdict)
