@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from ..config.access import TENANT_SOURCES
 from ..mqtt.topics import parse_shared
 
 __all__ = ["TENANT_SOURCES", "TenantScope", "valid_tenant"]
-
-TENANT_SOURCES = ("none", "username_prefix", "user_attribute", "certificate")
 
 
 def valid_tenant(name: str) -> bool:
