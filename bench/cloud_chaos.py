@@ -57,8 +57,8 @@ def main() -> None:
             run = tmp / name.split(" ")[0].replace("+", "-")
             run.mkdir()
             res = run_nats_chaos(run, pg.create_db(), messages=args.messages, rate=args.rate,
-                                 rounds=args.rounds, seed=args.seed, settle=60.0,
-                                 observe=True, kinds=kinds)
+                                 rounds=args.rounds, seed=args.seed, settle=90.0,
+                                 batch_timeout=30.0, observe=True, kinds=kinds)
             runs.append(dict(res.summary(), run=name, silent=res.silent,
                              other_reports=sorted({r[0] for r in res.unexpected_reports})))
     finally:
