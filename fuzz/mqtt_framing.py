@@ -6,8 +6,9 @@ the maximum packet size to 64 bytes; bits 0x7C (``(mode >> 2) & 0x1F``) pick a c
 (0: the whole stream at once, else that many bytes per ``feed``).
 
 Invariant: a reader with the C lane and a reader without it, fed the same chunks, return
-the same packets (``raw`` bytes included), raise or keep the same error (type and message)
-and leave the same bytes buffered. The C lane hands every frame it does not fully
+the same packets (``raw`` bytes included), raise or keep the same error (type and message),
+leave the same bytes buffered and end at the same protocol level (the lane reads a first
+CONNECT itself). The C lane hands every frame it does not fully
 understand to the Python codec, so any difference is a bug of the lane (a frame it accepted
 that the codec refuses or reads otherwise, or a frame boundary it got wrong). Without the
 extension built, the check compares the Python codec with itself (and says so).
@@ -34,12 +35,13 @@ _VERSIONS = (0, 3, 4, 5)
 _SMALL_MAX = 64
 _DEFAULT_MAX = 268_435_460
 
-Outcome = tuple[list[Packet], list[bytes | None], str | None, int]
+Outcome = tuple[list[Packet], list[bytes | None], str | None, int, int]
 
 
 def read(data: bytes, version: int, max_size: int, chunk: int, accelerated: bool) -> Outcome:
     """Feed ``data`` in chunks of ``chunk`` bytes (0: at once) until the first error:
-    (packets, their raw bytes, ``"Type: message"`` of the error or None, bytes left)."""
+    (packets, their raw bytes, ``"Type: message"`` of the error or None, bytes left, the
+    reader's protocol level)."""
     reader = PacketReader(max_size, version, accelerated=accelerated)
     packets: list[Packet] = []
     step = chunk or max(1, len(data))
@@ -57,7 +59,7 @@ def read(data: bytes, version: int, max_size: int, chunk: int, accelerated: bool
             error = f"{type(err).__name__}: {err}"
             break
     raws = [getattr(p, "raw", None) for p in packets]
-    return packets, raws, error, reader.buffered
+    return packets, raws, error, reader.buffered, reader.version
 
 
 def check_stream(data: bytes, version: int, max_size: int = _DEFAULT_MAX,
@@ -69,6 +71,7 @@ def check_stream(data: bytes, version: int, max_size: int = _DEFAULT_MAX,
     assert fast[1] == slow[1], f"raw bytes: C lane {fast[1]!r}, Python {slow[1]!r}"
     assert fast[2] == slow[2], f"error: C lane {fast[2]!r}, Python {slow[2]!r}"
     assert fast[3] == slow[3], f"left: C lane {fast[3]}, Python {slow[3]}"
+    assert fast[4] == slow[4], f"version: C lane {fast[4]}, Python {slow[4]}"
     for a, b in zip(fast[0], slow[0], strict=True):
         assert type(a) is type(b), f"classes {type(a)} / {type(b)}"
 

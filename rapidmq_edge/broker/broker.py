@@ -17,7 +17,7 @@ from typing import Any
 
 from ..mqtt import reasons as rc
 from ..mqtt.packets import SubOptions
-from ..mqtt.topics import is_wildcard, parse_shared, topic_matches, valid_topic_filter
+from ..mqtt.topics import is_wildcard, topic_matches, valid_subscription_filter
 from ..store.session_store import SessionStore
 from .message import Delivery, Message
 from .persistence import ONLINE, load, retained_row, subscription_row
@@ -534,16 +534,12 @@ class Broker:
     # -- subscriptions -------------------------------------------------------------
 
     def subscribe(
-        self, session: Session, filt: str, opts: SubOptions, sub_id: int | None
+        self, session: Session, filt: str, opts: SubOptions, sub_id: int | None,
+        checked: bool = False,
     ) -> tuple[int, bool]:
-        """Add a subscription; return (granted QoS or reason code, existed before)."""
-        if not valid_topic_filter(filt):
-            return rc.TOPIC_FILTER_INVALID, False
-        try:
-            group, inner = parse_shared(filt)
-        except ValueError:
-            return rc.TOPIC_FILTER_INVALID, False
-        if group is not None and not valid_topic_filter(inner):
+        """Add a subscription; return (granted QoS or reason code, existed before).
+        ``checked``: the caller found ``valid_subscription_filter(filt)`` true."""
+        if not checked and not valid_subscription_filter(filt):
             return rc.TOPIC_FILTER_INVALID, False
         qos = min(opts.qos, self.limits.max_qos)
         if qos != opts.qos:
@@ -576,14 +572,16 @@ class Broker:
             return
         if opts.retain_handling == 1 and existed:
             return
-        now = time.time()
-        sub = session.subscriptions.get(filt)
-        sub_ids = (sub.sub_id,) if sub is not None and sub.sub_id else ()
         if is_wildcard(filt):
             matches = [m for t, m in self.retained.items() if topic_matches(filt, t)]
         else:
             m = self.retained.get(filt)
-            matches = [m] if m is not None else []
+            if m is None:  # the common case: nothing retained there
+                return
+            matches = [m]
+        now = time.time()
+        sub = session.subscriptions.get(filt)
+        sub_ids = (sub.sub_id,) if sub is not None and sub.sub_id else ()
         for m in matches:
             if m.expired(now):
                 self.retained.pop(m.topic, None)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..mqtt import reasons as rc
-from ..mqtt.codec import PacketReader, encode, encode_publish
+from ..mqtt.codec import PacketReader, encode, encode_publish, suback_bytes
 from ..mqtt.errors import MqttError, UnsupportedProtocolVersion
 from ..mqtt.mountpoint import TenantMount
 from ..mqtt.packets import (
@@ -485,7 +485,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
             if not allowed:
                 codes.append(rc.NOT_AUTHORIZED if self.v5 else 0x80)
                 continue
-            code, existed = broker.subscribe(session, filt, opts, sub_id)
+            code, existed = broker.subscribe(session, filt, opts, sub_id, checked=True)
             if code >= 0x80:
                 codes.append(code if self.v5 else 0x80)
                 continue
@@ -494,6 +494,14 @@ class ClientConnection(ConnectHandshake, FlowControl):
         fut = None
         if granted and session.persistent and session.store is not None:
             fut = session.store.commit_future()  # SUBACK: the subscriptions are stored
+        if fut is None and not self._acks:  # the SUBACK goes out now (as _queue_ack would)
+            self._write(suback_bytes(p.packet_id, codes, self.v5))
+            subs = session.subscriptions
+            for filt, existed in granted:
+                sub = subs.get(filt)
+                if sub is not None:
+                    broker.send_retained(session, filt, sub.options, existed)
+            return
 
         def send_retained() -> None:  # after the SUBACK
             s = self.session

@@ -59,7 +59,7 @@ from .properties import (
 )
 from .topics import valid_topic_name
 
-__all__ = ["PacketReader", "decode_packet", "encode", "encode_publish"]
+__all__ = ["PacketReader", "decode_packet", "encode", "encode_publish", "suback_bytes"]
 
 _U16 = struct.Struct("!H")
 _ACK_CLASSES: dict[int, type[Puback | Pubrec | Pubrel | Pubcomp]] = {
@@ -121,9 +121,12 @@ class PacketReader:
         version = self.version
         v5 = version == MQTT_5
         max_size = self.max_packet_size
-        scan = self._scan if version else None
+        scan = self._scan
         if scan is not None:
-            pos = scan(buf, 0, v5, max_size, out, _TOPICS)
+            pos = scan(buf, 0, version, max_size, out, _TOPICS)
+            if not version and out:  # the C lane read the CONNECT (and went on with its level)
+                version = self.version = out[0].protocol_level  # type: ignore[union-attr]
+                v5 = version == MQTT_5
             if pos >= 0:  # the C lane read every complete frame
                 if pos:
                     del buf[:pos]
@@ -134,7 +137,7 @@ class PacketReader:
         try:
             while n - pos >= 2:
                 if scan is not None and not handoff:
-                    at = scan(buf, pos, v5, max_size, out, _TOPICS)
+                    at = scan(buf, pos, version, max_size, out, _TOPICS)
                     if at >= 0:
                         pos = at
                         break
@@ -184,7 +187,6 @@ class PacketReader:
                         if packet.type == CONNECT:
                             version = self.version = packet.protocol_level  # type: ignore[union-attr]
                             v5 = version == MQTT_5
-                            scan = self._scan
                 finally:
                     body.release()
                 out.append(packet)
@@ -504,6 +506,16 @@ def encode_publish(
     if props is not None:
         head += props
     return bytes((first,)) + encode_varint(len(head) + len(payload)) + head + payload
+
+
+def suback_bytes(packet_id: int, codes: list[int], v5: bool) -> bytes:
+    """A SUBACK without properties: the bytes of ``encode(Suback(packet_id, codes), v)``,
+    for one filter (the common case) without building the packet."""
+    if len(codes) == 1:
+        if v5:
+            return bytes((0x90, 4, packet_id >> 8, packet_id & 0xFF, 0, codes[0]))
+        return bytes((0x90, 3, packet_id >> 8, packet_id & 0xFF, codes[0]))
+    return encode(Suback(packet_id, codes), MQTT_5 if v5 else 4)
 
 
 def encode(packet: Packet, version: int) -> bytes:
