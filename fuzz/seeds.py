@@ -176,6 +176,36 @@ def mqtt_framing_seeds() -> Iterator[Seed]:
         if version:
             lead = encode(Publish("lead/in", b"x"), version)
             yield f"malformed-{name}", mode(0) + connect_bytes(version) + lead + data
+    # a connection's first read (CONNECT + SUBSCRIBE, the lane's connect path) and the forms
+    # of both it leaves to the codec
+    from rapidmq_edge.mqtt.packets import Connect, SubOptions, Subscribe, Will
+    from tests.malformed_corpus import connect_raw
+
+    for level in (4, 5):
+        e = b"\x00" if level == 5 else b""
+        sub = encode(Subscribe(1, [("bench/storm/1", SubOptions(0)), ("a/+/#", SubOptions(2)),
+                                   ("$share/g/t", SubOptions(1))]), level)
+        tail = encode(Publish("a/b", b"x", 1, False, False, 2), level)
+        connects = {
+            "plain": encode(Connect(level, "cs-1", True, 600), level),
+            "user-password": encode(Connect(level, "c", False, 0, None, "u", b"pw"), level),
+            "empty-id": encode(Connect(level, "", True, 60), level),
+            "will": encode(Connect(level, "w", True, 60, Will("w/t", b"bye", 1)), level),
+            "password-only": connect_raw(level, 0x42, b"\x00\x01c\x00\x02pw"),
+        }
+        subs = {
+            "ok": sub,
+            "qos3": b"\x82" + bytes((6 + len(e),)) + b"\x00\x01" + e + b"\x00\x01a\x03",
+            "reserved": b"\x82" + bytes((6 + len(e),)) + b"\x00\x01" + e + b"\x00\x01a\xc0",
+            "no-filter": b"\x82" + bytes((2 + len(e),)) + b"\x00\x01" + e,
+            "nl-share": b"\x82" + bytes((13 + len(e),)) + b"\x00\x01" + e
+            + b"\x00\x08$share/a\x04",
+        }
+        for cname, connect in connects.items():
+            for sname, frame in subs.items():
+                for chunk in (0, 1, 5):
+                    yield (f"{level}-connect-{cname}-sub-{sname}-chunk{chunk}",
+                           mode(0, chunk) + connect + frame + tail)
 
 
 # --------------------------------------------------------------------------- CoAP
