@@ -8,9 +8,14 @@ invocation: the same run with the node kills left out (the reference: what the p
 when the cluster stays up). Per run: sent / device-acknowledged / rows / lost (acknowledged,
 no row) / reported missing / duplicated / unencrypted / other reports / seconds.
 
+``--source``: the consumers' source, side by side in one invocation by default: ``mqtt`` (a
+3.1.1 session each, ``--partition I/2``) and ``jetstream`` (both pull from one durable on the
+cluster's ``$MQTT_msgs`` stream). ``--no-reference`` leaves the runs without node kills out.
+
 Prints one JSON document with ``loadavg_before_after`` (2 shared cores).
 
     python3 bench/cloud_chaos.py [--messages 3000] [--rate 200] [--rounds 2]
+        [--source mqtt,jetstream] [--no-reference] [--seed 16]
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--source", default="mqtt,jetstream",
+                    help="comma-separated: mqtt, jetstream (default: both)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="only the runs with node kills")
     args = ap.parse_args()
 
     from tests.cloud_helpers import PgServer, pg_bin
@@ -52,15 +61,19 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     try:
         pg.start()
-        for name, kinds in (("node+gateway+consumer", ("node", "gateway", "consumer")),
-                            ("gateway+consumer (reference)", ("gateway", "consumer"))):
-            run = tmp / name.split(" ")[0].replace("+", "-")
-            run.mkdir()
-            res = run_nats_chaos(run, pg.create_db(), messages=args.messages, rate=args.rate,
-                                 rounds=args.rounds, seed=args.seed, settle=90.0,
-                                 batch_timeout=30.0, observe=True, kinds=kinds)
-            runs.append(dict(res.summary(), run=name, silent=res.silent,
-                             other_reports=sorted({r[0] for r in res.unexpected_reports})))
+        plans = [("node+gateway+consumer", ("node", "gateway", "consumer"))]
+        if not args.no_reference:
+            plans.append(("gateway+consumer (reference)", ("gateway", "consumer")))
+        for name, kinds in plans:
+            for source in args.source.split(","):
+                run = tmp / f"{source}-{name.split(' ')[0].replace('+', '-')}"
+                run.mkdir()
+                res = run_nats_chaos(run, pg.create_db(), messages=args.messages,
+                                     rate=args.rate, rounds=args.rounds, seed=args.seed,
+                                     settle=90.0, batch_timeout=30.0, observe=True,
+                                     kinds=kinds, source=source)
+                runs.append(dict(res.summary(), run=name, source=source, silent=res.silent,
+                                 other_reports=sorted({r[0] for r in res.unexpected_reports})))
     finally:
         pg.stop()
         shutil.rmtree(tmp, ignore_errors=True)

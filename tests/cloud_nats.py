@@ -81,6 +81,10 @@ class NatsCluster:
     def url(self, i: int) -> str:
         return f"mqtt://{LOOPBACK}:{self.mqtt_ports[i]}"
 
+    def nats_urls(self) -> str:
+        """``--servers`` of the JetStream source: every node's client URL."""
+        return ",".join(f"nats://{LOOPBACK}:{p}" for p in self.client_ports)
+
     def start_node(self, i: int) -> None:
         with open(self.tmp / f"nats{i}.log", "ab") as log:
             self.procs[i] = subprocess.Popen([NATS_BIN, "-c", str(self.confs[i])], stdout=log,
@@ -197,6 +201,7 @@ class NatsChaosResult(ChaosResult):
     observed: set[str] = field(default_factory=set)  # message ids the observer received
     row_ids: set[str] = field(default_factory=set)  # message ids in PostgreSQL
     missing_reported: set[str] = field(default_factory=set)  # ids reported missing-message
+    by_consumer: dict[str, int] = field(default_factory=dict)  # rows each consumer wrote
 
     @property
     def silent(self) -> int:
@@ -216,6 +221,7 @@ class NatsChaosResult(ChaosResult):
         out["missing_reported_then_written"] = len(self.missing_reported & self.row_ids)
         if self.observed:
             out["cluster_delivered_not_in_pg"] = len(self.observed - self.row_ids)
+        out["rows_by_consumer"] = dict(sorted(self.by_consumer.items()))
         return out
 
 
@@ -247,9 +253,14 @@ def run_nats_chaos(tmp: Path, dsn: str, *, messages: int = 900, rate: float = 20
                    rounds: int = 1, seed: int = 16, settle: float = 30.0,
                    observe: bool = False,
                    kinds: tuple[str, ...] = ("node", "gateway", "consumer"),
-                   batch_timeout: float = 10.0) -> NatsChaosResult:
+                   batch_timeout: float = 10.0, source: str = "mqtt",
+                   ack_wait: float = 3.0) -> NatsChaosResult:
     """One run; ``rounds`` x (gateway, the owning consumer, the gateway's node: SIGKILL and
-    restart). ``kills`` in the result names each, with the node that was killed."""
+    restart). ``kills`` in the result names each, with the node that was killed.
+
+    ``source``: "mqtt" (each consumer a 3.1.1 session, ``--partition I/2``) or "jetstream"
+    (both pull from one durable on ``$MQTT_msgs``; ``--partition I/2`` names the judge of
+    the gateway's chain only; ``ack_wait``: redelivery of what the killed one held)."""
     rng = random.Random(seed)
     cluster = NatsCluster(tmp)
     keys = make_keys(tmp)
@@ -265,6 +276,12 @@ def run_nats_chaos(tmp: Path, dsn: str, *, messages: int = 900, rate: float = 20
     cons = [Consumer(tmp, cluster.mqtt_ports[i + 1], ck, dsn, f"ingest{i}", "--protocol", "4",
                      "--batch-timeout", f"{batch_timeout:g}", "--partition", f"{i}/2")
             for i in range(2)]
+    if source == "jetstream":
+        for c in cons:
+            at = c.args.index("--upstream")
+            del c.args[at:at + 2]  # the nodes' client URLs instead
+            c.args += ["--source", "jetstream", "--servers", cluster.nats_urls(),
+                       "--durable", "ingest", "--ack-wait", f"{ack_wait:g}"]
     kills: list[str] = []
     t0 = time.monotonic()
     devices: Devices | None = None
@@ -312,13 +329,14 @@ def run_nats_chaos(tmp: Path, dsn: str, *, messages: int = 900, rate: float = 20
                 break  # (a batch header can come before its messages: drained first)
             time.sleep(0.5)
         time.sleep(1.5)  # consumers past --grace: late copies or reports would show now
-        rows = asyncio.run(pg_rows(dsn, "SELECT payload, encrypted, id FROM messages"))
+        rows = asyncio.run(pg_rows(dsn, "SELECT payload, encrypted, id, consumer FROM messages"))
         raw = asyncio.run(pg_rows(dsn, "SELECT kind, detail, message_id FROM cloud_reports"))
         return NatsChaosResult(
             devices.sent, acked, Counter(bytes(r[0]).decode() for r in rows),
             sum(1 for r in rows if not r[1]), [(r[0], r[1]) for r in raw], kills,
             time.monotonic() - t0, set(observer.ids) if observer is not None else set(),
-            {r[2] for r in rows}, {r[2] for r in raw if r[0] == "missing-message"})
+            {r[2] for r in rows}, {r[2] for r in raw if r[0] == "missing-message"},
+            dict(Counter(r[3] for r in rows)))
     finally:
         if observer is not None:
             observer.close()

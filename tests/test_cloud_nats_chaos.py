@@ -1,17 +1,16 @@
 """End-to-end chaos on the 3-node NATS JetStream cluster, bounded for CI (issue 16, part 4):
 devices -> gateway (encrypt + sign, MQTT 3.1.1 upstream with the id frame) -> NATS (MQTT
-listeners, R3 MQTT streams) -> 2 consumers (``--protocol 4 --partition I/2``) -> PostgreSQL,
-while the gateway, the consumer owning its partition and the node the gateway is on are each
-SIGKILLed and restarted (the node first: the cluster's elections and session reloads then
-overlap the run). ``python3 bench/cloud_chaos.py`` runs it longer.
+listeners, R3 MQTT streams) -> 2 consumers pulling from ONE JetStream durable on the cluster's
+own ``$MQTT_msgs`` stream (``--source jetstream``) -> PostgreSQL, while the node the gateway is
+on, the gateway and a consumer are each SIGKILLed and restarted (the node first: the cluster's
+elections overlap the run). ``python3 bench/cloud_chaos.py`` runs it longer, next to the
+MQTT-session source.
 
 What is asserted: every device-acknowledged message is in PostgreSQL exactly once, verified and
-decrypted — or, if the cluster lost it after acknowledging it, reported ``missing-message`` by
-the consumers (the signed batch lists it): nothing is lost silently, nothing unverified or
-tampered is written, nothing else is reported. nats-server 2.9.10 (Debian's) does lose a few
-acknowledged messages for a resumed MQTT session around a node kill (docs/cloud.md: an
-independent subscriber on the cluster received them, the consumer's session never did); the
-count is printed, and a run on a build without that loss reads ``lost 0``."""
+decrypted — 0 lost, nothing reported missing, tampered or unverifiable — and both consumers
+wrote a share (one durable spreads the messages). The MQTT-session source is not run here: on
+nats-server 2.9.10 its session layer loses or stalls messages around reconnects (docs/cloud.md,
+bench numbers in docs/benchmarks.md), which is why the JetStream source exists."""
 
 from __future__ import annotations
 
@@ -25,19 +24,21 @@ from .cloud_nats import nats_available, run_nats_chaos
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-def test_nats_cluster_chaos_every_device_acked_message_lands_once_or_is_reported(
+def test_nats_cluster_chaos_jetstream_source_every_device_acked_message_lands_once(
     tmp_path: Path, pg_dsn: str,  # noqa: F811
 ) -> None:
     if not nats_available():
         pytest.skip("nats-server not installed")
-    res = run_nats_chaos(tmp_path, pg_dsn, messages=900, rate=200.0, settle=30.0, observe=True)
+    res = run_nats_chaos(tmp_path, pg_dsn, messages=900, rate=200.0, settle=30.0,
+                         source="jetstream", ack_wait=3.0)
     summary = res.summary()
     print(summary)
     assert [k.split("@")[0] for k in res.kills] == ["node0", "gateway", "consumer"], summary
     assert len(res.acked) >= 600, summary  # most were acknowledged despite the kills
-    assert res.silent == 0, (sorted(res.lost)[:20], summary)
-    assert len(res.lost) <= 40, summary  # the cluster's loss stays a handful, not a stream
+    assert not res.lost, (sorted(res.lost)[:20], summary)  # 0 lost: every acked one a row
     assert not res.duplicated, summary
     assert res.unencrypted == 0, summary  # every row came sealed and was decrypted
     assert set(res.rows) <= {f"m{i}" for i in range(res.sent)}, summary
-    assert not res.unexpected_reports, (res.unexpected_reports[:5], summary)
+    assert not res.bad_reports, (res.bad_reports[:5], summary)  # nothing reported at all
+    # one durable, two processes: both took a share of the messages (scale-out)
+    assert set(res.by_consumer) == {"ingest0", "ingest1"}, summary

@@ -27,7 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cloud = sub.add_parser("cloud", help="cloud-side consumer of protected forwarded data")
     csub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION")
     p = csub.add_parser("ingest", help="subscribe, verify batches, decrypt, write, report")
-    p.add_argument("--upstream", required=True, metavar="URL", help="mqtt://host:port")
+    p.add_argument("--source", choices=("mqtt", "jetstream"), default="mqtt",
+                   help="mqtt: a persistent MQTT session on --upstream (default); jetstream: "
+                        "a durable pull consumer on the NATS cluster's own MQTT stream")
+    p.add_argument("--upstream", metavar="URL", help="mqtt://host:port (--source mqtt)")
+    p.add_argument("--servers", metavar="URLS",
+                   help="jetstream: nats://a:4222,nats://b:4222,... (the cluster's nodes)")
+    p.add_argument("--stream", default="$MQTT_msgs",
+                   help="jetstream: the stream to read (default: %(default)s, where NATS' "
+                        "MQTT listener keeps QoS 1 messages)")
+    p.add_argument("--durable", metavar="NAME",
+                   help="jetstream: the durable consumer; N processes with one NAME share it")
+    p.add_argument("--ack-wait", type=float, default=10.0, metavar="S",
+                   help="jetstream: a fetched message not acknowledged (committed) within S "
+                        "seconds is redelivered, to any consumer (default: %(default)s)")
+    p.add_argument("--max-ack-pending", type=int, default=4096, metavar="N",
+                   help="jetstream: bound of fetched, unacknowledged messages across the "
+                        "durable (default: %(default)s)")
     p.add_argument("--keys-dir", required=True, type=Path, metavar="DIR",
                    help="recipient keys (keys init --recipient) and trusted identity keys")
     p.add_argument("--trust", type=Path, action="append", default=[], metavar="FILE",
@@ -85,8 +101,20 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     out = args.out if "://" in args.out else Path(args.out)
+    if args.source == "mqtt" and not args.upstream:
+        print("rapidmq-edge cloud ingest: --upstream URL is required with --source mqtt",
+              file=sys.stderr)
+        return 2
+    if args.source == "jetstream" and not (args.servers and args.durable):
+        print("rapidmq-edge cloud ingest: --source jetstream needs --servers URLS and "
+              "--durable NAME", file=sys.stderr)
+        return 2
     opts = IngestOptions(
-        upstream=args.upstream, keys_dir=args.keys_dir, out=out, trust=tuple(args.trust),
+        upstream=args.upstream or "", source=args.source,
+        servers=tuple(u.strip() for u in (args.servers or "").split(",") if u.strip()),
+        stream=args.stream, durable=args.durable, ack_wait=args.ack_wait,
+        max_ack_pending=args.max_ack_pending,
+        keys_dir=args.keys_dir, out=out, trust=tuple(args.trust),
         prefix=args.prefix, group=args.group, client_id=args.client_id,
         username=args.username, password=args.password, reports=args.reports,
         grace=args.grace, chain_start=args.chain_start, idle_exit=args.idle_exit,
@@ -106,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         waiter = asyncio.ensure_future(ready.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
-            print("cloud ingest: subscribed", file=sys.stderr, flush=True)
+            print("cloud ingest: subscribed", file=sys.stderr, flush=True)  # tests wait for it
         waiter.cancel()
         return await task
 
@@ -116,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"rapidmq-edge cloud ingest: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if not type(exc).__module__.startswith("asyncpg"):
+        if not type(exc).__module__.startswith(("asyncpg", "nats")):
             raise
-        print(f"rapidmq-edge cloud ingest: PostgreSQL: {exc}", file=sys.stderr)
+        peer = "PostgreSQL" if type(exc).__module__.startswith("asyncpg") else "NATS"
+        print(f"rapidmq-edge cloud ingest: {peer}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(counts, sort_keys=True))
     return 1 if any(v for k, v in counts.items() if k not in _BENIGN) else 0

@@ -1,8 +1,11 @@
 """``rapidmq-edge cloud ingest``: subscribe upstream, verify, decrypt, write, report.
 
-I/O shell around :class:`~rapidmq_edge.cloud.verify.Ingest`: one :class:`Subscriber` on a
-persistent session (data under a shared subscription when ``group`` is set), a durable
-:class:`~rapidmq_edge.cloud.state.Store` and a report stream (JSON lines).
+I/O shell around :class:`~rapidmq_edge.cloud.verify.Ingest`: one source — a
+:class:`Subscriber` on a persistent MQTT session (data under a shared subscription when
+``group`` is set) or a :class:`~rapidmq_edge.cloud.jetstream_source.JetStreamSource` (a durable
+pull consumer on NATS' own MQTT stream) — a durable :class:`~rapidmq_edge.cloud.state.Store`
+and a report stream (JSON lines). Both sources hand over :class:`Delivery` items and take them
+back through ``acknowledge`` after the commit.
 
 Acknowledge after it is safe: each chunk of received messages is verified, then committed in
 one transaction (rows, reports, batch headers, messages still waiting for their batch), and
@@ -23,11 +26,11 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from ..crypto.batch_message import BATCH_SUFFIX, SESSION_SUFFIX
 from ..crypto.keys import IdentityPublicKey, RecipientKeyring, VerifierKeyring
@@ -40,7 +43,7 @@ from .state import Restored, SqliteStore, Step, Store
 from .subscriber import Delivery, Subscriber
 from .verify import Ingest, Report, carried_id, sid_of_header, sid_of_message
 
-__all__ = ["IngestOptions", "filters_for", "in_partition", "open_store", "restore_into",
+__all__ = ["IngestOptions", "Source", "filters_for", "in_partition", "open_store", "restore_into",
            "run_ingest"]
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,28 @@ class IngestOptions:
     #: (index, count): handle only the gateways whose id hashes to ``index`` (brokers without
     #: shared subscriptions: every consumer subscribes to all, each keeps its share)
     partition: tuple[int, int] | None = None
+    #: "mqtt" (a session on ``upstream``) or "jetstream" (a durable pull consumer)
+    source: str = "mqtt"
+    servers: tuple[str, ...] = ()  # jetstream: nats:// URLs of the cluster
+    stream: str = "$MQTT_msgs"  # jetstream: NATS' MQTT message stream
+    durable: str | None = None  # jetstream: the durable consumer every process pulls from
+    ack_wait: float = 10.0  # jetstream: redelivered if not acknowledged (committed) by then
+    max_ack_pending: int = 4096  # jetstream: fetched, unacknowledged, across the durable
+
+
+class Source(Protocol):
+    """What :func:`run_ingest` consumes: an MQTT session or a JetStream durable."""
+
+    subscribed: asyncio.Event
+    received: int
+
+    async def take(self, limit: int, timeout: float) -> list[Delivery]: ...
+
+    async def acknowledge(self, items: Sequence[Delivery]) -> int: ...
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def filters_for(prefix: str, group: str | None,
@@ -118,9 +143,32 @@ def default_client_id(opts: IngestOptions) -> str:
     out = f"rmq-ingest-{os.uname().nodename}"
     if opts.group:
         out += f"-{opts.group}"
+    if opts.durable:
+        out += f"-{opts.durable}"
     if opts.partition is not None:
         out += f"-p{opts.partition[0]}"
     return out
+
+
+def open_source(opts: IngestOptions, client_id: str, shared_state: bool) -> Source:
+    """The source ``opts`` names (``--source``)."""
+    if opts.source == "jetstream":
+        from .jetstream_source import JetStreamSource, filter_to_subject
+
+        return JetStreamSource(
+            opts.servers, opts.stream, opts.durable or "",
+            filter_to_subject(filters_for(opts.prefix, None)[0][0]),
+            ack_wait=opts.ack_wait, max_ack_pending=opts.max_ack_pending,
+            fetch=max(16, min(opts.chunk, opts.max_ack_pending)), user=opts.username,
+            password=opts.password, name=client_id)
+    if opts.source != "mqtt":
+        raise ValueError(f"unknown source {opts.source!r} (mqtt or jetstream)")
+    return Subscriber(
+        opts.upstream, client_id,
+        filters_for(opts.prefix, opts.group, shared_state and opts.partition is None), None,
+        username=opts.username, password=opts.password, version=opts.protocol,
+        session_expiry=opts.session_expiry, receive_maximum=max(opts.chunk * 2, 64),
+    )
 
 
 def gateway_of(prefix: str, topic: str) -> str | None:
@@ -210,6 +258,10 @@ async def run_ingest(
     state at ``stop`` (a restart resumes them); ``idle_exit`` reports them (a batch run)."""
     identities, recipients = load_keys(opts)
     client_id = opts.client_id or default_client_id(opts)
+    # a JetStream durable hands any message to any consumer: every consumer keeps every batch;
+    # --partition then only names the judge of a gateway's chain (its batch-seq gaps)
+    shared_log = opts.source == "jetstream"
+    part = None if opts.partition is None else partial(in_partition, part=opts.partition)
     store = await open_store(opts.out)
     written: set[str] = set()  # of the chunk being fed: already in the sink
     ingest = Ingest(
@@ -218,7 +270,7 @@ async def run_ingest(
         # separate JSONL states in a group cannot tell a message another consumer has
         report_missing=opts.group is None or store.shared,
         batch_timeout=opts.batch_timeout,
-        owns=None if opts.partition is None else partial(in_partition, part=opts.partition),
+        owns=None if shared_log else part, judges=part if shared_log else None,
     )
     restored = await restore_into(store, ingest, client_id, opts.horizon)
     cursor = restored.cursor
@@ -250,7 +302,7 @@ async def run_ingest(
                 on_report(r)
 
     def mine(d: Delivery) -> bool:
-        if opts.partition is None:
+        if opts.partition is None or shared_log:
             return True
         gw = gateway_of(opts.prefix, d.topic)
         return gw is None or in_partition(gw, opts.partition)
@@ -287,14 +339,13 @@ async def run_ingest(
             staged.difference_update(unstage)
             staged.update(stage)
         emit(reports)
-        sub.ack(items)  # after the commit, in arrival order
+        await sub.acknowledge(items)  # after the commit, in arrival order
 
-    sub = Subscriber(
-        opts.upstream, client_id,
-        filters_for(opts.prefix, opts.group, store.shared and opts.partition is None), None,
-        username=opts.username, password=opts.password, version=opts.protocol,
-        session_expiry=opts.session_expiry, receive_maximum=max(opts.chunk * 2, 64),
-    )
+    try:
+        sub = open_source(opts, client_id, store.shared)
+    except ValueError:
+        await store.close()
+        raise
     task = asyncio.get_running_loop().create_task(sub.run())
     last = time.monotonic()
 

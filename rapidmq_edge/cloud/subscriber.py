@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..mqtt.codec import PacketReader, encode
@@ -47,6 +48,7 @@ class Delivery:
     qos: int
     packet_id: int | None
     conn: int  # connection generation: an ack for an older connection is dropped
+    handle: Any = None  # the source's own ack handle (a JetStream message)
 
 
 def _user_props(props: dict[str, object]) -> dict[str, str]:
@@ -103,6 +105,11 @@ class Subscriber:
             return 0
         w.write(b"".join(acks))
         return len(acks)
+
+    async def acknowledge(self, items: Sequence[Delivery]) -> int:
+        """:meth:`ack` behind the interface every ingest source has
+        (:class:`~rapidmq_edge.cloud.jetstream_source.JetStreamSource`)."""
+        return self.ack(items)
 
     async def run(self) -> None:
         """Connect and receive until :meth:`stop`; reconnect after a lost connection."""

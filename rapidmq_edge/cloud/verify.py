@@ -118,6 +118,7 @@ class Ingest:
         defer_missing: bool = False,
         batch_timeout: float | None = None,
         owns: Callable[[str], bool] | None = None,
+        judges: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identities = identities
@@ -138,6 +139,10 @@ class Ingest:
         #: the gateways this consumer handles (``--partition``; None: all): batches of other
         #: gateways (read from a shared state) are ignored, their chains are not its to judge
         self.owns = owns
+        #: the gateways whose batch-seq gaps this consumer reports (None: all): with a shared
+        #: JetStream durable any consumer gets any message, so every one keeps every batch
+        #: (``owns`` None) and only the judge of a gateway's chain reports its gaps
+        self.judges = judges
         #: batches / session headers accepted since the last :meth:`take_control`
         self.accepted: list[tuple[str, bytes, str, int | None]] = []
         self._control_seen: set[bytes] = set()
@@ -391,8 +396,9 @@ class Ingest:
                 if now - b.arrived < (self.batch_timeout or self.grace):
                     return  # the missing ones may still come (class 0 drains newest first,
                     # a restarted consumer or gateway sends late)
-                self._report("missing-batch", f"batches {expect}..{s - 1} never arrived",
-                             gateway_id=gw_id, batch=expect)
+                if self.judges is None or self.judges(gw_id):
+                    self._report("missing-batch", f"batches {expect}..{s - 1} never arrived",
+                                 gateway_id=gw_id, batch=expect)
             elif prev is not None and b.header.prev_root != prev.header.root:
                 self._report("chain-broken", f"batch {s} does not link to batch {s - 1}",
                              gateway_id=gw_id, batch=s)
