@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
@@ -27,7 +27,6 @@ from .session import Session
 
 if TYPE_CHECKING:
     from .connection import Transport
-    from .session import Link
 
 __all__ = ["ConnectHandshake", "REFUSED_CONNECT_WAIT"]
 
@@ -182,7 +181,7 @@ class ConnectHandshake:
         self.username = p.username
         self.keep_alive = ka = terms.keep_alive
         session, present = broker.open_session(
-            cast("Link", self),  # the ClientConnection this is mixed into
+            self,  # type: ignore[arg-type]  # the ClientConnection this is mixed into (a Link)
             client_id, p.clean_start, terms.session_expiry, p.protocol_level, p.username,
         )
         self.session = session
@@ -203,12 +202,13 @@ class ConnectHandshake:
 
             self.mount = mount
             self.__class__ = MountedConnection  # type: ignore[assignment]
-        self._cancel_keep_alive()
         if ka:
-            self._arm_keep_alive(ka * 1.5)
-        if present:
+            self._arm_keep_alive(ka * 1.5)  # (replaces the CONNECT deadline)
+        else:
+            self._cancel_keep_alive()
+        if present:  # (a new session has nothing queued)
             session.resend_inflight()
-        session.pump()
+            session.pump()
         log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
 
     def _connack_committed(self, fut: asyncio.Future[None]) -> None:

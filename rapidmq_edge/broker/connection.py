@@ -126,7 +126,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self.aliases_out: dict[str, int] = {}
         self.aliases_in: dict[int, str] = {}
         self.keep_alive = 0
-        self.last_rx = self.loop.time()
+        self.last_rx = now = self.loop.time()
         wheel = broker.wheel
         if wheel is None or wheel.loop is not self.loop:
             wheel = broker.wheel = TimerWheel(self.loop)
@@ -146,7 +146,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
         self.publish_burst = float(settings.publish_burst or max(1.0, settings.publish_rate))
         self._tokens = self.publish_burst
         self._linger = False  # close() half-closes: the peer reads our DISCONNECT first
-        self._token_time = self.loop.time()
+        self._token_time = now
         self._paused = False
         self._ack_backlog = False  # 3.1.1: reading paused until pending acks drain
         self._held: list[Packet] | None = None

@@ -62,7 +62,17 @@ class SubscriptionIndex:
         """Add or replace ``sub``; return True when it replaced an existing one."""
         self._cache.clear()
         self.generation += 1
-        group, filt = parse_shared(sub.filter)
+        filt = sub.filter
+        if "+" not in filt and "#" not in filt and not filt.startswith("$share/"):
+            subs = self._exact.get(filt)  # the common case: a plain filter, no node to walk
+            if subs is None:
+                subs = self._exact[filt] = {}
+            existed = sub.client_id in subs
+            subs[sub.client_id] = sub
+            if not existed:
+                self.count += 1
+            return existed
+        group, filt = parse_shared(filt)
         if group is None:
             subs = self._subs_for(filt, create=True)
             assert subs is not None
