@@ -218,16 +218,16 @@ class Shadow:
              active_seconds: float) -> None:
         """The active scorer gave ``labels``/``conf`` for ``X`` in ``active_seconds``."""
         try:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             try:
                 c_lab, c_conf = self.candidate.predict(X)
             except Exception as exc:  # the candidate's failure, counted against it
                 self.sink.feed(labels, conf, None, None,
-                               cand_seconds=time.perf_counter() - t0,
+                               cand_seconds=time.thread_time() - t0,
                                active_seconds=active_seconds, exceptions=1,
                                error=f"{type(exc).__name__}: {exc}")
                 return
-            self.sink.feed(labels, conf, c_lab, c_conf, cand_seconds=time.perf_counter() - t0,
+            self.sink.feed(labels, conf, c_lab, c_conf, cand_seconds=time.thread_time() - t0,
                            active_seconds=active_seconds)
         except Exception:
             self._failed()
@@ -245,18 +245,18 @@ class Shadow:
             if miss:
                 uniq = list({keys[i]: i for i in miss}.values())
                 X = rows(uniq)
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 a_lab, a_conf = active.predict(X)
-                t1 = time.perf_counter()
+                t1 = time.thread_time()
                 try:
                     c_lab, c_conf = self.candidate.predict(X)
                 except Exception as exc:
                     self.sink.feed(a_lab, a_conf, None, None,
-                                   cand_seconds=time.perf_counter() - t1,
+                                   cand_seconds=time.thread_time() - t1,
                                    active_seconds=t1 - t0, rows_run=len(uniq), exceptions=1,
                                    error=f"{type(exc).__name__}: {exc}")
                     return
-                t2 = time.perf_counter()
+                t2 = time.thread_time()
                 if len(known) + len(uniq) > limit:
                     known.clear()
                 for i, al, ac, cl, cc in zip(uniq, a_lab.tolist(), a_conf.tolist(),

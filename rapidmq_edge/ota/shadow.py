@@ -10,7 +10,8 @@ evaluator keeps what the gate judges:
   "significant shift"); the Kolmogorov-Smirnov distance of the binned distributions is
   reported beside it;
 - **cost**: µs per scored row of the candidate and of the active model, measured on the
-  same rows;
+  same rows in the scoring thread's CPU time (another process taking the core does not
+  make one of them look slower);
 - **exceptions**: candidate runs that raised (each counts against it; the message path
   never sees them).
 
