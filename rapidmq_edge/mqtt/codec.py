@@ -80,9 +80,10 @@ class PacketReader:
     by the owner. A declared Remaining Length above ``max_packet_size`` raises
     :class:`PacketTooLarge` as soon as the fixed header is read.
 
-    Once the version is known, the optional C lane (:mod:`.framing`) decodes the frames it
-    fully understands and hands every other frame to the Python code below: the same
-    packets and errors either way. ``accelerated=False`` keeps to the Python code.
+    The optional C lane (:mod:`.framing`) decodes the frames it fully understands (also a
+    first CONNECT, which sets the version) and hands every other frame to the Python code
+    below: the same packets and errors either way. ``accelerated=False`` keeps to the
+    Python code.
     """
 
     __slots__ = ("_buf", "max_packet_size", "version", "error", "_scan")
