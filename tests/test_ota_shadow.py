@@ -234,3 +234,20 @@ def test_small_and_large_batches_accumulate_the_same() -> None:
     assert one.labels_cand == many.labels_cand and one.shift == many.shift > 0
     with pytest.raises(ValueError, match="candidate labels"):
         one.feed([1, 2], [0.5, 0.5], [1], [0.5])
+
+
+def test_forget_labels_starts_the_caches_over(tmp_path: Path) -> None:
+    """An erasure's ``forget_labels``: the label cache and the shadow's per-key answers
+    (keyed by topic) start over; the same labels come back, computed again."""
+    active = load_scorer(MODELS, "priority", "model")
+    bs = BatchScorer(active, None, False)
+    bs.shadow = Shadow(active, ShadowEvaluator("priority", ShadowGate(min_messages=1)))
+    r = bs.score(*_batch(64))
+    assert r.shadow is not None
+    r.shadow()  # after the batch is acknowledged
+    first, hits = r.priority, bs.cache_hits
+    assert bs.score(*_batch(64)).priority == first and bs.cache_hits == hits + 64
+    assert bs.shadow.known
+    bs.forget_labels()
+    assert not bs.shadow.known
+    assert bs.score(*_batch(64)).priority == first and bs.cache_hits == hits + 64

@@ -10,7 +10,8 @@ parts first and then to their files:
    in-flight and queued messages, its retained messages and pending Will, its messages
    queued for other clients), the dashboard's counters and client list forget it, the
    intelligence runtime forgets the streams on topics naming it (``DetectorTable.forget``)
-   and the feedback sampler drops its sampled rows;
+   and starts its label caches over (``BatchScorer.forget_labels``: keyed by topic), and
+   the feedback sampler drops its sampled rows;
 3. the forward queue takes out the messages it published (``ForwardQueue.erase_origin``);
 4. ``broker.db`` and ``forward.db`` are scrubbed on the stores' own connections, in their
    writer threads (``store.erase.scrub_live``: secure_delete, checkpoint, and VACUUM up to
@@ -199,6 +200,7 @@ class LiveErasure:
                     table.forget(key)
                 if streams:
                     _add(report, "intelligence:streams", len(streams))
+            rt.scorer.forget_labels()  # its keys hold topics naming the device
         sampler = gw.feedback.sampler if gw.feedback is not None else None
         if sampler is not None:
             rows = [r for r in sampler.rows if not _names(device, r.topic)]

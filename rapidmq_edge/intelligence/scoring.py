@@ -81,6 +81,14 @@ class BatchScorer:
         with self._swap_lock:
             self._next = priority
 
+    def forget_labels(self) -> None:
+        """Start the label caches over (an erasure: their keys hold topics). Safe from
+        another thread: a batch in progress finishes with the caches it started with."""
+        self._labels = {}
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.known = {}
+
     def score(self, topics: Sequence[str], payloads: Sequence[bytes], qos: Sequence[int],
               retain: Sequence[bool], times: Sequence[float], need: Sequence[int]) -> Scored:
         """Priority labels for the messages ``need`` indexes (ascending), readings and
