@@ -5,15 +5,25 @@ tests/test_cloud_nats_chaos.py."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rapidmq_edge.cli.cloud import register, run
-from rapidmq_edge.cloud.jetstream_source import filter_to_subject, subject_to_topic
+from rapidmq_edge.cloud.jetstream_source import (
+    JetStreamSource,
+    filter_to_subject,
+    subject_to_topic,
+)
+from rapidmq_edge.cloud.subscriber import Delivery
 from rapidmq_edge.cloud.verify import Ingest
 from rapidmq_edge.crypto.keys import RecipientKeyring
 
+from .cloud_nats import NATS_BIN, nats_available
+from .conftest import LOOPBACK, free_port, wait_for_port
 from .test_cloud_shared_state import GW, _batches
 
 
@@ -67,3 +77,80 @@ def test_cli_jetstream_source_needs_servers_and_durable(
         assert run(parser.parse_args(base + extra)) == 2
         assert reason in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()  # refused before anything was opened
+
+
+@pytest.fixture
+def nats_js(tmp_path: Path) -> Iterator[str]:
+    """One JetStream nats-server on 127.0.0.1 (its URL); stopped at the end."""
+    if not nats_available():
+        pytest.skip("nats-server not installed")
+    port = free_port()
+    proc = subprocess.Popen([NATS_BIN, "-js", "-sd", str(tmp_path / "js"), "-a", LOOPBACK,
+                             "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for_port(LOOPBACK, port, 10), "nats-server did not listen"
+        yield f"nats://{LOOPBACK}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _take(src: JetStreamSource, n: int, timeout: float) -> list[Delivery]:
+    out: list[Delivery] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(out) < n and asyncio.get_running_loop().time() < deadline:
+        out += await src.take(n - len(out), 0.2)
+    return out
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(60)
+def test_what_a_dead_consumer_left_unacknowledged_goes_to_the_other_one(nats_js: str) -> None:
+    """Two sources on ONE durable (the stream built like NATS' MQTT one: interest retention,
+    ``Nmqtt-Pub`` headers): A fetches 6, acknowledges (= committed) 3 and dies; B gets exactly
+    the other 3 after ``ack_wait``, topics mapped back; once B acknowledges them the interest
+    stream holds nothing. Fails if acks were sent before the commit (B would get none) or
+    never (B would get all 6)."""
+    import nats
+    from nats.js.api import RetentionPolicy
+
+    async def main() -> None:
+        nc = await nats.connect(nats_js)
+        js = nc.jetstream()
+        await js.add_stream(name="$MQTT_msgs", subjects=["$MQTT.msgs.>"],
+                            retention=RetentionPolicy.INTEREST)
+
+        def source() -> JetStreamSource:
+            return JetStreamSource([nats_js], "$MQTT_msgs", "ingest", "$MQTT.msgs.edge.*.>",
+                                   ack_wait=1.0, fetch=4)
+
+        a, b = source(), source()
+        task = asyncio.ensure_future(a.run())
+        await asyncio.wait_for(a.subscribed.wait(), 10)
+        for i in range(6):
+            await js.publish(f"$MQTT.msgs.edge.{GW}./.t{i}", b"p%d" % i,
+                             headers={"Nmqtt-Pub": "1"})
+        got = await _take(a, 6, 10)
+        assert [(d.topic, d.payload, d.qos) for d in got] == [
+            (f"edge/{GW}//t{i}", b"p%d" % i, 1) for i in range(6)]
+        assert await a.acknowledge(got[:3]) == 3
+        a.stop()
+        await asyncio.wait_for(task, 10)
+        task = asyncio.ensure_future(b.run())
+        try:
+            again = await _take(b, 3, 6)  # redelivered after ack_wait: the 3 unacknowledged
+            assert sorted(d.payload for d in again) == [b"p3", b"p4", b"p5"]
+            assert await b.acknowledge(again) == 3
+            assert await _take(b, 1, 2.5) == []  # past ack_wait: nothing acknowledged comes back
+            for _ in range(50):
+                if (await js.stream_info("$MQTT_msgs")).state.messages == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await js.stream_info("$MQTT_msgs")).state.messages == 0
+        finally:
+            b.stop()
+            await asyncio.wait_for(task, 10)
+            await nc.close()
+
+    asyncio.run(main())
