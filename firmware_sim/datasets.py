@@ -61,12 +61,15 @@ def residual_dataset(run: FleetRun, batch: int = REPLAY_BATCH) -> Dataset:
     return Dataset(X, y, ANOMALY_LABELS, scored)
 
 
-def healthy_stream(seed: int, n: int) -> tuple[list[float], list[float]]:
+def healthy_stream(seed: int, n: int, noise_kind: str | None = None
+                   ) -> tuple[list[float], list[float]]:
     """Times and values of one realistic healthy stream, drawn from ``seed``: a sampling
     step of 5 s to 15 min, regular or exponential, now and then a gap of 12-200 steps; a
     level anywhere, Gaussian, Laplace or Student-t noise (df 2.5, 3), AR(1) correlated or
     not; a daily cycle (sine or square) and a weekly one or not; values quantised to 0.3-4
-    noise sds or not. Seeds 0-99 are the tests' and benchmarks'; training uses others."""
+    noise sds or not. Seeds 0-99 are the tests' and benchmarks'; training uses others.
+    ``noise_kind`` ("gauss", "t3", "t2", "laplace") overrides the drawn noise (the other
+    draws unchanged)."""
     rng = random.Random(seed)
     step = rng.choice([5.0, 10.0, 30.0, 60.0, 300.0, 300.0, 600.0, 900.0])
     irregular = rng.random() < 0.3
@@ -75,6 +78,8 @@ def healthy_stream(seed: int, n: int) -> tuple[list[float], list[float]]:
     amp_d = sd * rng.choice([0.0, 0.0, rng.uniform(1.0, 15.0)])
     amp_w = sd * rng.choice([0.0, 0.0, 0.0, rng.uniform(1.0, 6.0)])
     noise = rng.choice(["gauss", "gauss", "t3", "laplace", "t2"])
+    if noise_kind is not None:
+        noise = noise_kind
     q = rng.choice([0.0, 0.0, sd * rng.uniform(0.3, 1.5), sd * rng.uniform(1.5, 4.0)])
     ar = rng.choice([0.0, 0.0, rng.uniform(0.3, 0.95)])
     square = rng.random() < 0.1
@@ -108,12 +113,15 @@ def healthy_stream(seed: int, n: int) -> tuple[list[float], list[float]]:
     return ts, xs
 
 
-def healthy_dataset(seeds: Sequence[int], n: int = 900) -> Dataset:
+def healthy_dataset(seeds: Sequence[int], n: int = 900,
+                    noise_kinds: Sequence[str] | None = None) -> Dataset:
     """Residual rows of :func:`healthy_stream` ``seeds`` (``n`` readings each), all
-    labelled ``none``: what the fault classifier must leave alone on real telemetry."""
+    labelled ``none``: what the fault classifier must leave alone on real telemetry;
+    ``noise_kinds``: the i-th seed's noise is ``noise_kinds[i % len]``."""
     parts = []
-    for seed in seeds:
-        ts, xs = healthy_stream(seed, n)
+    for i, seed in enumerate(seeds):
+        ts, xs = healthy_stream(seed, n, noise_kinds[i % len(noise_kinds)]
+                                if noise_kinds else None)
         keys = [0] * n
         table = ClassifiedTable()
         parts.append(table.rows(keys, ts, xs, table.detectors.update(keys, ts, xs),

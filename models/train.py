@@ -62,6 +62,14 @@ HELDOUT = Scenario(seed=HELDOUT_SEED, devices=150, duration=3600.0, coap_fractio
 #: seeds 0-99 are the tests' and bench/anomaly_nab.py's, NAB is never used), and the ones
 #: its card reports on
 HEALTHY_TRAIN_SEEDS = range(10_000, 10_400)
+#: more of them with heavy-tailed noise only (Student-t 3 / 2.5, Laplace, in turn): a young
+#: heavy-tailed stream's outlier must not read as a spike fault
+HEAVY_TRAIN_SEEDS = range(11_000, 11_400)
+HEAVY_NOISE = ("t3", "laplace", "t2")
+#: more simulator runs for the anomaly model (the TRAIN scenario with these seeds; the
+#: thresholds are chosen on 3003-3006 and reported on 2002, 4343, 5454, 6565:
+#: bench/anomaly_select.py)
+EXTRA_TRAIN_SEEDS = (1002, 1003, 1004)
 HEALTHY_HELDOUT_SEEDS = range(20_000, 20_100)
 HEALTHY_READINGS = 900
 INPUT_NAME = "features"
@@ -133,8 +141,13 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
     build, feat_names, factory, rule, purpose = SPECS[name]
     tr, ho = build(train_run), build(held_run)
     healthy_q: dict[str, Any] | None = None
-    if name == "anomaly":  # realistic healthy streams beside the simulator's
+    if name == "anomaly":  # more simulator runs, realistic healthy streams beside them
+        for seed in EXTRA_TRAIN_SEEDS:
+            tr = _concat(tr, build(generate(_with_seed(TRAIN, seed))))
         tr = _concat(tr, healthy_dataset(HEALTHY_TRAIN_SEEDS, HEALTHY_READINGS))
+        if len(HEAVY_TRAIN_SEEDS):
+            tr = _concat(tr, healthy_dataset(HEAVY_TRAIN_SEEDS, HEALTHY_READINGS,
+                                             HEAVY_NOISE))
     est = factory()
     t0 = time.perf_counter()
     est.fit(tr.X[tr.scored], tr.y[tr.scored])
@@ -171,9 +184,13 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
         "estimator": f"sklearn {type(est).__name__}({_params(est)})",
         "rules_fallback": f"rapidmq_edge.intelligence.rules.{rule.__name__}",
         "training": {"scenario": TRAIN.to_dict(), "rows": int(tr.scored.sum()),
-                     **({"healthy_streams": {
+                     **({"extra_scenario_seeds": list(EXTRA_TRAIN_SEEDS),
+                         "healthy_streams": {
                          "seeds": [HEALTHY_TRAIN_SEEDS.start, HEALTHY_TRAIN_SEEDS.stop - 1],
-                         "readings_each": HEALTHY_READINGS}} if name == "anomaly" else {}),
+                         "readings_each": HEALTHY_READINGS},
+                         "heavy_tailed_healthy_streams": {
+                         "seeds": [HEAVY_TRAIN_SEEDS.start, HEAVY_TRAIN_SEEDS.stop - 1],
+                         "noise": list(HEAVY_NOISE)}} if name == "anomaly" else {}),
                      "class_counts": _counts(tr.y[tr.scored], tr.labels)},
         "heldout": {"scenario": HELDOUT.to_dict(), "rows": int(len(ho.y)),
                     "metrics": quality(name, ho, pred),
@@ -186,6 +203,10 @@ def train_one(name: str, train_run: FleetRun, held_run: FleetRun, out: Path) -> 
     cost = inference_cost(sess, ho.X)
     (out / f"{name}.md").write_text(card(manifest, cost, fit_s))
     return {"manifest": manifest, "inference_us_per_msg": cost}
+
+
+def _with_seed(sc: Scenario, seed: int) -> Scenario:
+    return Scenario(**{**sc.to_dict(), "seed": seed})
 
 
 def _concat(a: Dataset, b: Dataset) -> Dataset:
@@ -292,29 +313,39 @@ _ANOMALY_IN_PATH = [
     "not learnt) or inside the detector's episode, runs this model in one onnxruntime call",
     "per micro-batch: it names the fault kind and gives the reading's likelihood (fault",
     "probability 0.3 reads as the detector's p_open). In a young stream it opens an",
-    "incident, also inside an open episode, on two readings in a row above 0.4, a drift",
-    "above 0.6, or one reading named a spike above 0.5. Mature streams open by the",
+    "incident, also inside an open episode, on three readings in a row above 0.5 (a drift",
+    "above 0.7), or one reading named a spike above 0.8. Mature streams open by the",
     "detector alone, so real telemetry is judged by it.",
     "",
-    "| (`bench/anomaly_nab.py --sim --healthy`) | detector + this model | detector alone |",
+    "Training: the simulator's runs with seeds 1001-1004 (the TRAIN scenario), 400",
+    "realistic healthy streams (seeds 10,000-10,399) and 400 heavy-tailed ones (Student-t",
+    "3 / 2.5, Laplace; seeds 11,000-11,399), never NAB. The opening thresholds were chosen",
+    "on validation runs (simulator seeds 3003-3006 and healthy streams 30,000-30,059, with",
+    "at most 0.05 classifier openings per 1,000 healthy readings), never on the runs below",
+    "(`bench/anomaly_select.py`). Per episode, a fault interrupted by single readings of a",
+    "second series on the same topic is one fault.",
+    "",
+    "| (`bench/anomaly_select.py`, `bench/anomaly_nab.py --sim --healthy`) | detector + "
+    "this model | detector alone |",
     "|---|---|---|",
-    "| simulator held-out (seed 2002), per reading P / R | 0.987 / 0.955 | 0.959 / 0.796 |",
-    "| simulator held-out, per episode P / R | 1.000 / 0.955 | 1.000 / 0.742 |",
+    "| held-out run (seed 2002), per reading P / R | 0.988 / 0.970 | 0.959 / 0.796 |",
+    "| held-out run, per episode P / R | 1.000 / 0.901 | 1.000 / 0.742 |",
+    "| untouched seeds 4343 / 5454 / 6565, per reading P / R, mean (worst) | "
+    "0.994 (0.989) / 0.977 (0.971) | |",
+    "| untouched seeds, per episode P / R, mean (worst) | 0.997 (0.991) / 0.894 (0.849) | |",
     "| NAB (18 shared files, never trained on), all / realKnownCause | 66.6 / 65.0 | "
     "67.0 / 65.6 |",
     "| NAB false positives per 1,000 points, artificialNoAnomaly | 0.00 | 0.00 |",
-    "| healthy synthetic streams, false episodes per two weeks | 0.05-0.35 (Student-t3 "
-    "0.35, Laplace 0.15) | 0.05-0.20 (t3 0.20, Laplace 0.10) |",
+    "| healthy synthetic streams, false episodes per two weeks | 0.05-0.15, Student-t3 "
+    "0.30 | 0.05-0.15, t3 0.20 |",
     "",
-    "NAB's numenta scores 58.1 and ARTime 65.2 on the same files; this model alone, as the",
-    "earlier per-reading classifier, scored -3,492 over all 58 NAB files through a gateway.",
-    "Limits: the young-stream openings cost NAB 0.4 points and heavy-tailed healthy",
-    "streams 0.05-0.15 false episodes per two weeks (a 6-15 sigma spike in a young stream",
-    "looks like a Student-t outlier); the thresholds were chosen on the held-out run, and on",
-    "a fresh seed (4343) per reading 1.00 / 0.93, per episode 1.00 / 0.91",
-    "(`tests/test_stream_detector_classifier.py`); a 12-hour run of the held-out scenario,",
-    "whose streams mature, reads per episode 0.99 / 0.29 (the detector's tails learn faults",
-    "that come every 40-120 readings).",
+    "NAB's numenta scores 58.1 and ARTime 65.2 on the same files; the earlier per-reading",
+    "classifier scored -3,492 over all 58 NAB files through a gateway. Not met: per",
+    "episode recall 0.95 (spikes: a one-reading 6-15 sigma spike in a young stream reads",
+    "like a Student-t outlier, and the healthy budget sets the spike bar at 0.8; with the",
+    "earlier bars 0.4 / 0.5 / 0.6 per episode R 0.93 on the untouched seeds but more false",
+    "openings on heavy-tailed streams); Student-t3 healthy streams 0.30 false episodes per",
+    "two weeks against 0.20 for the detector alone.",
     "",
 ]
 
