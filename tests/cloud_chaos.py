@@ -86,6 +86,10 @@ class Devices(threading.Thread):
                             protocol=mqtt.MQTTv311)
             done: set[int] = set()  # mids acknowledged (no lock around paho's own calls)
             c.on_publish = lambda _c, _u, mid, *_a, done=done: done.add(mid)
+            # no reconnect inside paho: it would re-send unacknowledged messages (QoS 1 is
+            # at least once), which the gateway rightly takes as new ones; a new client
+            # goes on with the next payloads instead
+            c.reconnect_delay_set(3600, 3600)
             try:
                 c.connect(LOOPBACK, self.port, keepalive=10)
             except OSError:
