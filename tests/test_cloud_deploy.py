@@ -55,3 +55,13 @@ def test_kubernetes_deployment_runs_replicas_in_one_group() -> None:
         [a.replace("$(RMQ_OUT)", "postgresql://u@db/x") for a in args])
     assert parsed.out == "postgresql://u@db/x" and parsed.session_expiry == 600
     assert parsed.group == "ingest" and parsed.lease == 60.0
+
+
+def test_kubernetes_jetstream_replicas_share_one_durable() -> None:
+    doc = yaml.safe_load((DEPLOY / "kubernetes" / "cloud-ingest-jetstream.yaml").read_text())
+    assert doc["kind"] == "Deployment" and doc["spec"]["replicas"] >= 2
+    args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = build_parser().parse_args(
+        [a.replace("$(RMQ_OUT)", "postgresql://u@db/x") for a in args])
+    assert parsed.source == "jetstream" and parsed.durable == "rapidmq-ingest"
+    assert len(parsed.servers.split(",")) == 3 and parsed.out == "postgresql://u@db/x"
