@@ -11,7 +11,12 @@ in its own process:
   (``call_soon_threadsafe``): how late it runs (the loop busy with something else: $SYS,
   status file, timers, GC, or the process waiting for a CPU);
 * ``thread_wakeup``: how late that thread's own 1 ms sleeps wake (the OS alone);
-* ``gc``: the collector's pauses once the gateway runs (after its start's ``gc.freeze``).
+* ``gc``: the collector's pauses once the gateway runs (after its start's ``gc.freeze``);
+* ``arrival``: from the publisher's send (the ``time.monotonic_ns()`` at the start of its
+  payload) to ``data_received``: the kernel and the gateway's wake-up;
+* ``written``: from the publisher's send to the return of the delivery's
+  ``transport.write`` (uvloop sends at once when the socket's buffer is empty); the rest
+  of the end-to-end time is the subscriber's side.
 
 Wrapping two methods for timestamps is the only change to the gateway; a tail seen end to
 end but not ``inside`` is not the gateway's code. Usage::
@@ -50,6 +55,7 @@ def serve(argv: list[str], report: Path) -> None:
     """Run ``rapidmq-edge run ARGV`` in this process with the recorders; write ``report``
     at exit."""
     sys.path.insert(0, str(REPO))
+    from rapidmq_edge.broker.broker import Broker
     from rapidmq_edge.broker.connection import ClientConnection
     from rapidmq_edge.gateway import process
 
@@ -59,19 +65,35 @@ def serve(argv: list[str], report: Path) -> None:
     loop_late: list[float] = []
     wake_late: list[float] = []
     gc_pauses: list[float] = []
+    arrival: list[float] = []
+    written: list[float] = []
+    last_in_ns = [0]
+    stamp = [0]  # the publisher's send time of the last message routed
     data_received, flush = ClientConnection.data_received, ClientConnection._flush
+    publish = Broker.publish
 
     def timed_data_received(self: Any, data: bytes) -> None:
         last_in[0] = pc()
+        last_in_ns[0] = time.monotonic_ns()
         data_received(self, data)
 
+    def timed_publish(self: Any, msg: Any) -> int:
+        if len(msg.payload) >= 8:
+            stamp[0] = int.from_bytes(msg.payload[:8], "big")
+            arrival.append((last_in_ns[0] - stamp[0]) / 1e9)
+        return publish(self, msg)
+
     def timed_flush(self: Any) -> None:
-        if self._out and last_in[0]:
+        delivery = bool(self._out and last_in[0])
+        if delivery:
             inside.append(pc() - last_in[0])
         flush(self)
+        if delivery and self.client_id.startswith("lg-sub") and stamp[0]:
+            written.append((time.monotonic_ns() - stamp[0]) / 1e9)
 
     ClientConnection.data_received = timed_data_received  # type: ignore[method-assign]
     ClientConnection._flush = timed_flush  # type: ignore[method-assign]
+    Broker.publish = timed_publish  # type: ignore[method-assign]
     gc_start = [0.0]
 
     def on_gc(phase: str, _info: dict[str, Any]) -> None:
@@ -105,7 +127,8 @@ def serve(argv: list[str], report: Path) -> None:
 
     def write() -> None:
         report.write_text(json.dumps({
-            "inside": _q(inside), "loop_callback": _q(loop_late[1000:]),
+            "inside": _q(inside), "arrival": _q(arrival), "written": _q(written),
+            "loop_callback": _q(loop_late[1000:]),
             "thread_wakeup": _q(wake_late[1000:]),
             "gc": {"pauses": len(gc_pauses), "total_ms": round(sum(gc_pauses) * 1e3, 2),
                    "max_ms": round(max(gc_pauses, default=0.0) * 1e3, 2)},

@@ -168,33 +168,48 @@ class ClientConnection(ConnectHandshake, FlowControl):
         """Feed bytes from the network."""
         if self.closed:
             return
-        self.last_rx = self.loop.time()
-        self.broker.stats.bytes_received += len(data)
-        reader = self.reader
-        if not self.version and b"\x00\x04MQTT\x05" in data[:16]:
-            self.v5 = True  # a CONNECT for 5.0, even if it fails to decode
+        broker = self.broker
+        # What these bytes make any connection write (deliveries, acknowledgements) goes to
+        # the sockets when they are processed, not from a call_soon on the next loop turn:
+        # that turn first runs every timer that is due, which made ~1 % of the deliveries
+        # at 1,000 msg/s 0.1-0.2 ms later. Still one write per connection per read.
+        own = broker.flush_queue is None
+        if own:
+            broker.flush_queue = []
         try:
-            packets = reader.feed(data)
-        except MqttError as exc:
-            self._protocol_failure(exc)
-            return
-        for p in packets:
-            if self.closed:
-                return
-            if self._held is not None:  # CONNECT still being authenticated
-                self._held.append(p)
-                continue
+            self.last_rx = self.loop.time()
+            broker.stats.bytes_received += len(data)
+            reader = self.reader
+            if not self.version and b"\x00\x04MQTT\x05" in data[:16]:
+                self.v5 = True  # a CONNECT for 5.0, even if it fails to decode
             try:
-                if p.type == PUBLISH:  # the hot path, without the dispatch
-                    self._on_publish(p)  # type: ignore[arg-type]
-                else:
-                    self._dispatch(p)
+                packets = reader.feed(data)
             except MqttError as exc:
                 self._protocol_failure(exc)
                 return
-        if reader.error is not None and not self.closed:
-            err = reader.error
-            self._protocol_failure(err if isinstance(err, MqttError) else MqttError(str(err)))
+            for p in packets:
+                if self.closed:
+                    return
+                if self._held is not None:  # CONNECT still being authenticated
+                    self._held.append(p)
+                    continue
+                try:
+                    if p.type == PUBLISH:  # the hot path, without the dispatch
+                        self._on_publish(p)  # type: ignore[arg-type]
+                    else:
+                        self._dispatch(p)
+                except MqttError as exc:
+                    self._protocol_failure(exc)
+                    return
+            if reader.error is not None and not self.closed:
+                err = reader.error
+                self._protocol_failure(err if isinstance(err, MqttError) else MqttError(str(err)))
+        finally:
+            if own:
+                queue = broker.flush_queue or ()
+                broker.flush_queue = None
+                for c in queue:
+                    c._flush()
 
     def _dispatch(self, p: Packet) -> None:
         t = p.type
@@ -632,7 +647,11 @@ class ClientConnection(ConnectHandshake, FlowControl):
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            queue = self.broker.flush_queue
+            if queue is not None:  # written at the end of the data_received running now
+                queue.append(self)
+            else:
+                self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         if self._connack is not None:  # nothing goes out before it (_connack_committed)
