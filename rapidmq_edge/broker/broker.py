@@ -85,8 +85,9 @@ class Broker:
         #: connections whose socket was full when routing wrote to them (backpressure)
         self.blocked_links: list[Any] = []
         #: while a connection processes the bytes it read: the connections that queued
-        #: output meanwhile, flushed when it is done (None: output goes out via call_soon)
-        self.flush_queue: list[Any] | None = None
+        #: output meanwhile, flushed when it is done (None: output goes out via call_soon;
+        #: the empty tuple, connection.WRITE_NOW: at once)
+        self.flush_queue: list[Any] | tuple[()] | None = None
         #: the connections' keep-alive / CONNECT deadlines (made by the first connection)
         self.wheel: TimerWheel | None = None
         #: the ACL's "read" check at delivery: (username, client id, topic) -> allowed

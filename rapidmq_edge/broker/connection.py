@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 LINGER = 1.0  # longest a connection stays half-closed after a DISCONNECT with a reason
 FLUSH_AT = 64 * 1024  # output queued in one loop turn that is written at once
+#: ``Broker.flush_queue`` while a lone packet is processed: output is written at once
+WRITE_NOW: tuple[()] = ()
 ACL_CACHE_SIZE = 1000  # PUBLISH decisions cached per client (then the cache starts anew)
 
 
@@ -187,6 +189,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
             except MqttError as exc:
                 self._protocol_failure(exc)
                 return
+            if own and len(packets) == 1:
+                # a lone packet (a paced publisher): its delivery goes out as it is made,
+                # before the acknowledgement is built; batching has nothing to gather
+                broker.flush_queue = WRITE_NOW
             for p in packets:
                 if self.closed:
                     return
@@ -648,10 +654,12 @@ class ClientConnection(ConnectHandshake, FlowControl):
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             queue = self.broker.flush_queue
-            if queue is not None:  # written at the end of the data_received running now
+            if isinstance(queue, list):  # written at the end of the data_received running now
                 queue.append(self)
-            else:
+            elif queue is None:
                 self.loop.call_soon(self._flush)
+            else:  # WRITE_NOW
+                self._flush()
 
     def _flush(self) -> None:
         if self._connack is not None:  # nothing goes out before it (_connack_committed)
