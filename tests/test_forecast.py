@@ -308,8 +308,9 @@ def test_drain_eta_through_a_real_gateway(
     mosquitto_factory: Callable[..., MosquittoBroker],
 ) -> None:
     """A real outage and a capped drain: a device at ~100 msg/s, the upstream away for
-    ~15 s, then back with the uplink capped at 200 msg/s (a net drain of ~100 msg/s). From 5 s after the acks start,
-    the ETA in ``status`` is within ±25 % of when the backlog is really gone."""
+    ~15 s, then back with the uplink capped at 200 msg/s (a net drain of ~100 msg/s). From
+    5 s after the acks start, the ETA in ``status`` is within ±25 % of when the backlog is
+    really gone."""
     up_port = free_port()
     gw = gateway_factory({
         "upstream": [{"name": "cloud", "urls": [f"mqtt://127.0.0.1:{up_port}"],
