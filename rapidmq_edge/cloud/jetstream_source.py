@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .subscriber import Delivery
+from .subscriber import Delivery, Inbox
 
 __all__ = ["MQTT_STREAM", "MQTT_SUBJECTS", "JetStreamSource", "filter_to_subject",
            "subject_to_topic"]
@@ -76,19 +76,14 @@ class JetStreamSource:
         self.received = 0
         self.native = 0  # stored messages without the Nmqtt-Pub header (published over NATS)
         self._stop = asyncio.Event()
-        self._queue: list[Delivery] = []
-        self._arrived = asyncio.Event()
+        self._inbox = Inbox()
         self._room = asyncio.Event()
         self._room.set()
 
     async def take(self, limit: int, timeout: float) -> list[Delivery]:
         """Up to ``limit`` fetched deliveries (waits at most ``timeout`` s for the first)."""
-        if not self._queue:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-        out, self._queue = self._queue[:limit], self._queue[limit:]
-        if len(self._queue) < self.fetch:
+        out = await self._inbox.take(limit, timeout)
+        if len(self._inbox) < self.fetch:
             self._room.set()
         return out
 
@@ -132,7 +127,7 @@ class JetStreamSource:
                 log.warning("jetstream %s/%s: %s; retrying", self.stream, self.durable, exc)
             finally:
                 self.subscribed.clear()
-                self._queue = []  # not acknowledged: redelivered after ack_wait
+                self._inbox.drop()  # not acknowledged: redelivered after ack_wait
                 if nc is not None:
                     with contextlib.suppress(Exception):
                         await nc.close()
@@ -177,11 +172,8 @@ class JetStreamSource:
                 log.debug("fetch: %s", exc)
                 await asyncio.sleep(0.2)
                 continue
-            for m in msgs:
-                self._queue.append(self._delivery(m))
-            if msgs:
-                self._arrived.set()
-            if len(self._queue) >= self.fetch:
+            self._inbox.put([self._delivery(m) for m in msgs])
+            if len(self._inbox) >= self.fetch:
                 self._room.clear()
 
     def _delivery(self, m: Any) -> Delivery:

@@ -51,6 +51,38 @@ class Delivery:
     handle: Any = None  # the source's own ack handle (a JetStream message)
 
 
+class Inbox:
+    """Deliveries received and not taken yet (both sources: the MQTT subscriber and the
+    JetStream pull consumer)."""
+
+    def __init__(self) -> None:
+        self.items: list[Delivery] = []
+        self._arrived = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, items: Sequence[Delivery]) -> None:
+        """Queue ``items`` and wake a waiting :meth:`take`."""
+        if items:
+            self.items.extend(items)
+            self._arrived.set()
+
+    def drop(self) -> None:
+        """Forget what is queued (the connection that brought it is gone: not acknowledged,
+        it comes again)."""
+        self.items = []
+
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
+        """Up to ``limit`` deliveries (waits at most ``timeout`` s for the first)."""
+        if not self.items:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        out, self.items = self.items[:limit], self.items[limit:]
+        return out
+
+
 def _user_props(props: dict[str, object]) -> dict[str, str]:
     pairs = props.get("user_property") or []
     return {str(k): str(v) for k, v in pairs}  # type: ignore[attr-defined]
@@ -81,19 +113,13 @@ class Subscriber:
         self.received = 0
         self.session_present = False
         self._stop = asyncio.Event()
-        self._queue: list[Delivery] = []
-        self._arrived = asyncio.Event()
+        self._inbox = Inbox()
         self._conn = 0
         self._writer: asyncio.StreamWriter | None = None
 
     async def take(self, limit: int, timeout: float) -> list[Delivery]:
         """Up to ``limit`` queued deliveries (waits at most ``timeout`` s for the first)."""
-        if not self._queue:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-        out, self._queue = self._queue[:limit], self._queue[limit:]
-        return out
+        return await self._inbox.take(limit, timeout)
 
     def ack(self, items: Sequence[Delivery]) -> int:
         """PUBACK the QoS 1 ``items`` (in the given order) that came on the live connection;
@@ -138,7 +164,7 @@ class Subscriber:
         v = self.version
         codec = PacketReader(version=v)
         self._conn += 1
-        self._queue = []  # not acknowledged on the old connection: the broker redelivers
+        self._inbox.drop()  # not acknowledged on the old connection: the broker redelivers
         conn = self._conn
         props: dict[str, object] = {}
         if v == MQTT_5:
@@ -173,9 +199,8 @@ class Subscriber:
                             self.received += 1
                             user = _user_props(p.properties) if v == MQTT_5 else {}
                             if self.on_publish is None:
-                                self._queue.append(Delivery(p.topic, p.payload, user, p.qos,
-                                                            p.packet_id, conn))
-                                self._arrived.set()
+                                self._inbox.put([Delivery(p.topic, p.payload, user, p.qos,
+                                                          p.packet_id, conn)])
                                 continue
                             self.on_publish(p.topic, p.payload, user)
                             if p.qos:

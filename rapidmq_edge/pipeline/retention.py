@@ -97,12 +97,7 @@ class Retention:
             self._last_second = second
             self._file_second(second)
         if msg.retain and msg.payload:
-            slot = self._wheel.get(second)
-            if slot is None:
-                self._wheel[second] = [msg]
-            else:
-                slot.append(msg)
-            self._filed_retained += 1
+            self._file_retained(second, msg)
 
     def _file_retained(self, second: int, msg: Message) -> None:
         slot = self._wheel.get(second)
