@@ -616,56 +616,10 @@ class Broker:
                     self.store.save_session(s.client_id, s.version, s.expiry_interval, now)
             await self.store.close()
 
-    def erase_client(self, client_id: str) -> dict[str, int]:
-        """Forget what is held about ``client_id`` (an erasure): its connection closed
-        (DISCONNECT 0x98) without its Will, its session (queue, in-flight, QoS 2 state),
-        the retained messages it published (rows stored before origins were kept: those
-        on a topic with the id as a level) and its messages queued or in flight to other
-        sessions; the same rows deleted from the store. Counts by kind."""
-        out = {"connections": 0, "sessions": 0, "subscriptions": 0, "retained": 0,
-               "deliveries": 0}
-        session = self.sessions.get(client_id)
-        if session is not None:
-            session.will = None
-            link = session.link
-            if link is not None:
-                out["connections"] = 1
-                disconnect = getattr(link, "disconnect", None)
-                if disconnect is not None:
-                    disconnect(rc.ADMINISTRATIVE_ACTION, "erased")
-                self.detach(session)
-            out["deliveries"] += len(session.queue) + len(session.inflight)
-            out["subscriptions"] = len(session.subscriptions)
-            if self.store is not None:
-                self.store.delete_session(client_id)  # whatever its expiry now
-            self.end_session(session)
-            out["sessions"] = 1
-        level = f"/{client_id}/"
-        for topic, m in list(self.retained.items()):
-            if m.origin == client_id or (m.origin is None and level in f"/{topic}/"):
-                del self.retained[topic]
-                if self.store is not None:
-                    self.store.delete_retained(topic)
-                out["retained"] += 1
-        for other in self.sessions.values():
-            mine = [d for d in other.queue if d.message.origin == client_id]
-            if mine:
-                other.queue = type(other.queue)(
-                    d for d in other.queue if d.message.origin != client_id)
-                other.queued_bytes -= sum(len(d.message.payload) for d in mine)
-            for pid, d in list(other.inflight.items()):
-                if d.message.origin == client_id:
-                    del other.inflight[pid]  # a late PUBACK / PUBCOMP finds nothing
-                    mine.append(d)
-            if self.store is not None and other.persistent:
-                for d in mine:
-                    if d.seq:
-                        self.store.delete_delivery(other.client_id, d.seq)
-            out["deliveries"] += len(mine)
+    def forget_reads(self, client_id: str) -> None:
+        """Drop the cached read decisions of ``client_id`` (an erasure)."""
         for key in [k for k in self._read_cache if k[1] == client_id]:
             del self._read_cache[key]
-        return out
-
 
 
 def _will_delay(will: object) -> int:

@@ -6,7 +6,7 @@ parts first and then to their files:
 
 1. the client id is refused at CONNECT while the erasure runs (:class:`ErasureGate`);
 2. on the event loop, in one step (nothing else runs in between): the broker forgets the
-   client (``Broker.erase_client``: its connection closed without its Will, its session,
+   client (``broker.erasure.erase_client``: its connection closed without its Will, its session,
    in-flight and queued messages, its retained messages and pending Will, its messages
    queued for other clients), the dashboard's counters and client list forget it, the
    intelligence runtime forgets the streams on topics naming it (``DetectorTable.forget``)
@@ -32,6 +32,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..broker.erasure import erase_client
 from ..mqtt import reasons as rc
 from ..store.erase import Scrubbed, scrub_live
 from ..store.forward_queue import ORIGIN_WHERE
@@ -175,7 +176,7 @@ class LiveErasure:
     def _forget_in_memory(self, device: str, report: ErasureReport) -> None:
         """Everything held in memory, in one step on the loop."""
         gw = self.gw
-        for kind, n in gw.broker.erase_client(device).items():
+        for kind, n in erase_client(gw.broker, device).items():
             if n and kind != "connections":
                 _add(report, f"broker:{kind}", n)
             elif n:
