@@ -116,23 +116,42 @@ class PacketReader:
 
     def _feed(self, data: bytes, out: list[Packet]) -> None:
         buf = self._buf
-        buf += data
-        pos = 0
-        n = len(buf)
         version = self.version
-        v5 = version == MQTT_5
         max_size = self.max_packet_size
         scan = self._scan
+        if scan is not None and version and not buf:
+            # the common read: nothing left over from the last one, the C lane reads ``data``
+            # itself; only what follows its last complete frame is kept
+            pos = scan(data, 0, version, max_size, out, _TOPICS)
+            if pos >= 0:
+                if pos < len(data):
+                    buf += data[pos:]
+                return
+            buf += data
+            self._decode(~pos, out)
+            return
+        buf += data
+        pos = 0
         if scan is not None:
             pos = scan(buf, 0, version, max_size, out, _TOPICS)
             if not version and out:  # the C lane read the CONNECT (and went on with its level)
-                version = self.version = out[0].protocol_level  # type: ignore[union-attr]
-                v5 = version == MQTT_5
+                self.version = out[0].protocol_level  # type: ignore[union-attr]
             if pos >= 0:  # the C lane read every complete frame
                 if pos:
                     del buf[:pos]
                 return
             pos = ~pos
+        self._decode(pos, out)
+
+    def _decode(self, pos: int, out: list[Packet]) -> None:
+        """Decode the buffer's frames from ``pos`` on (the C lane declined the frame there,
+        or there is no C lane), then drop the bytes read."""
+        buf = self._buf
+        n = len(buf)
+        version = self.version
+        v5 = version == MQTT_5
+        max_size = self.max_packet_size
+        scan = self._scan
         handoff = True  # the frame at pos is for the Python code (the C lane declined it)
         view = memoryview(buf)  # one view per call; each packet's body is a slice of it
         try:

@@ -21,7 +21,7 @@ __all__ = ["SCAN", "SUB_OPTIONS", "TOPIC_SLOTS", "Scan"]
 
 #: scan(buf, pos, version, max_size, out, topics) -> pos (rest incomplete) or -pos - 1 (the
 #: frame at pos is for the Python codec); version 0: the first packet, a CONNECT; see _framing.c
-Scan = Callable[[bytearray, int, int, int, list[Packet], list[str | None]], int]
+Scan = Callable[[bytes | bytearray, int, int, int, list[Packet], list[str | None]], int]
 
 
 def _sub_options(v5: bool) -> tuple[SubOptions | None, ...]:
