@@ -1,5 +1,5 @@
-"""The broker's per-topic route plan (QoS 0 without retain: the sessions to deliver to, the
-read check already answered) follows every change that alters routing: subscriptions
+"""The broker's per-topic route plan (messages without retain: the sessions to deliver to and
+their subscriptions' QoS, the read check already answered) follows every change that alters routing: subscriptions
 added and removed, sessions ended and replaced, read rules changing generation, and the
 subscription kinds it must leave to the full path (No Local, subscription identifiers,
 overlapping subscriptions, shared groups). Real broker, real in-process clients
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rapidmq_edge.broker.broker import Broker, BrokerLimits
 from rapidmq_edge.broker.local import LocalClient
-from rapidmq_edge.broker.message import Message
+from rapidmq_edge.broker.message import Delivery, Message
 from rapidmq_edge.mqtt.packets import SubOptions
 
 
@@ -95,7 +95,7 @@ def test_what_the_plan_leaves_to_the_full_path() -> None:
     d2.unsubscribe("$share/g/t/1")
     _send(broker, b"plain", origin="a")  # now only c's plain subscription: a plan
     assert got["c"][-1] == b"plain" and got["a"] == [b"1", b"3"]
-    assert broker._plans.get("t/1") == (c.session,)
+    assert broker._plans.get("t/1") == ((c.session,), (0,))
 
 
 def test_plan_follows_a_session_resumed_under_another_user_name() -> None:
@@ -112,3 +112,32 @@ def test_plan_follows_a_session_resumed_under_another_user_name() -> None:
     assert present and again is session
     assert _send(broker, b"2") == 0
     assert got == [b"1"]
+
+
+class QosLink(LocalClient):
+    """A local session that records each delivery's QoS and packet id."""
+
+    def __init__(self, broker: Broker, cid: str) -> None:
+        self.seen: list[tuple[bytes, int, int]] = []
+        super().__init__(broker, cid, lambda m, _r: None)
+
+    def send_delivery(self, d: Delivery) -> bool:
+        self.seen.append((d.message.payload, d.qos, d.packet_id))
+        return True
+
+
+def test_plan_grants_each_subscription_its_qos() -> None:
+    """QoS 1 and 2 messages take the plan too: each session gets min(message, subscription)
+    QoS, a packet id when above 0 (what route's full path gives)."""
+    broker = Broker(BrokerLimits())
+    links = {q: QosLink(broker, f"s{q}") for q in (0, 1, 2)}
+    for q, link in links.items():
+        broker.subscribe(link.session, "t/1", SubOptions(q), None)
+    for i, qos in enumerate((1, 2, 1, 0)):
+        assert broker.publish(Message("t/1", b"%d" % i, qos)) == 3
+    assert broker._plans.get("t/1") == (tuple(lk.session for lk in links.values()), (0, 1, 2))
+    assert [s[:2] for s in links[0].seen] == [(b"0", 0), (b"1", 0), (b"2", 0), (b"3", 0)]
+    assert [s[:2] for s in links[1].seen] == [(b"0", 1), (b"1", 1), (b"2", 1), (b"3", 0)]
+    assert [s[:2] for s in links[2].seen] == [(b"0", 1), (b"1", 2), (b"2", 1), (b"3", 0)]
+    assert [s[2] for s in links[2].seen[:3]] == [1, 2, 3]  # in flight, ids allocated
+    assert set(links[2].session.inflight) == {1, 2, 3}

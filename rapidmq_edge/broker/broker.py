@@ -28,6 +28,8 @@ from .timer_wheel import TimerWheel
 log = logging.getLogger(__name__)
 
 READ_CACHE_SIZE = 50_000  # cached read-check answers (then the cache starts anew)
+#: a topic's route for messages without retain: its sessions and their subscriptions' QoS
+Plan = tuple[tuple[Session, ...], tuple[int, ...]]
 
 
 @dataclass(slots=True)
@@ -75,6 +77,7 @@ class Broker:
         taps: Sequence[Callable[[Message], None]] = (),
         durable: Sequence[Callable[[], asyncio.Future[Any] | None]] = (),
         read_check: Callable[[str | None, str, str], bool] | None = None,
+        observers: Sequence[Callable[[Message], None]] = (),
     ) -> None:
         self.limits = limits
         self.store = store
@@ -103,7 +106,7 @@ class Broker:
         #: delivery (read check passed), or False when routing it needs the full path;
         #: valid while the index's generation is ``_plans_gen`` (emptied when sessions come
         #: and go, and with the read-check answers)
-        self._plans: dict[str, tuple[Session, ...] | bool] = {}
+        self._plans: dict[str, Plan | bool] = {}
         self._plans_gen = -1
         #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:
         #: the session store's and those of the stages behind the taps
@@ -113,6 +116,9 @@ class Broker:
         #: called in order with every message accepted for routing: the pipeline's stages
         #: (each may raise PublishRefused: then nothing else happens)
         self.taps = tuple(taps)
+        #: called with every message once it is routed (counters that never refuse: after
+        #: the deliveries, which do not wait for them)
+        self.observers = tuple(observers)
         #: restored sessions: the expiry time left (<= 0: expired while the gateway was down)
         self._expiry_left: dict[str, float] = {}
         if store is not None:
@@ -335,7 +341,8 @@ class Broker:
     # -- publishing ----------------------------------------------------------------
 
     def publish(self, msg: Message) -> int:
-        """Store a retained message if flagged, then route; return the number of receivers."""
+        """Pass ``msg`` through the taps, store it if retained, route it, tell the observers;
+        return the number of receivers."""
         st = self.stats
         st.messages_received += 1
         st.received_by_qos[msg.qos] += 1
@@ -346,6 +353,8 @@ class Broker:
         n = self.route(msg)
         if not n:
             st.no_subscribers += 1
+        for observe in self.observers:
+            observe(msg)
         return n
 
     def commit_future(self) -> asyncio.Future[Any] | None:
@@ -389,12 +398,21 @@ class Broker:
     def route(self, msg: Message) -> int:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
         topic = msg.topic
-        if not msg.qos and not msg.retain:  # the hot path: the topic's plan, if it has one
+        if not msg.retain:  # the hot path: the topic's plan, if it has one
             plan = self._plan(topic)
             if plan is not False:
+                sessions, grants = plan  # type: ignore[misc]
                 n = 0
-                for session in plan:  # type: ignore[union-attr]
-                    if session.deliver_plain(msg):
+                if not msg.qos:
+                    for session in sessions:
+                        if session.deliver_plain(msg):
+                            n += 1
+                        else:
+                            self.stats.publish_dropped += 1
+                    return n
+                for session, granted in zip(sessions, grants, strict=True):
+                    qos = msg.qos if msg.qos < granted else granted
+                    if session.deliver(Delivery(msg, qos)) if qos else session.deliver_plain(msg):
                         n += 1
                     else:
                         self.stats.publish_dropped += 1
@@ -444,22 +462,24 @@ class Broker:
                 n += 1
         return n
 
-    def _plan(self, topic: str) -> tuple[Session, ...] | bool:
-        """The sessions a QoS 0 message without retain on ``topic`` is delivered to as
-        a plain delivery, in ``route``'s order; False when a match needs more (a shared
-        group, overlapping subscriptions, No Local, a subscription identifier)."""
+    def _plan(self, topic: str) -> Plan | bool:
+        """The sessions a message without retain on ``topic`` is delivered to, in
+        ``route``'s order, with their subscriptions' QoS (a QoS 0 delivery is a plain
+        one); False when a match needs more (a shared group, overlapping subscriptions,
+        No Local, a subscription identifier)."""
         plans = self._plans
         gen = self.index.generation
         if gen != self._plans_gen or len(plans) > READ_CACHE_SIZE:
             plans.clear()
             self._plans_gen = gen
         cache = self._read_answers() if self.read_check is not None else None
-        plan = plans.get(topic)
-        if plan is not None:
-            return plan
+        known = plans.get(topic)
+        if known is not None:
+            return known
         per_client, groups = self.index.match(topic)
         sessions: list[Session] = []
-        plan = False
+        grants: list[int] = []
+        plan: Plan | bool = False
         if not groups:
             for cid, subs in per_client.items():
                 session = self.sessions.get(cid)
@@ -476,8 +496,9 @@ class Broker:
                     if not allowed:
                         continue
                 sessions.append(session)
+                grants.append(subs[0].options.qos)
             else:
-                plan = tuple(sessions)
+                plan = (tuple(sessions), tuple(grants))
         plans[topic] = plan
         return plan
 

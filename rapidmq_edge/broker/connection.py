@@ -342,10 +342,14 @@ class ClientConnection(ConnectHandshake, FlowControl):
         the rules' ``generation`` stays (RBAC edits change it; the static ACL never does)."""
         access = self.access
         gen = getattr(access, "generation", 0)
+        key: str | tuple[str, int, bool] = (topic, qos, retain) if qos or retain else topic
         cache = self._acl_cache
+        if cache is not None and cache[0] == gen:
+            allowed = cache[1].get(key)
+            if allowed is not None:
+                return allowed
         if cache is None or cache[0] != gen or len(cache[1]) > ACL_CACHE_SIZE:
             cache = self._acl_cache = (gen, {})
-        key: str | tuple[str, int, bool] = (topic, qos, retain) if qos or retain else topic
         allowed = cache[1].get(key)
         if allowed is None:
             allowed = cache[1][key] = access.can_publish(
@@ -358,6 +362,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
             return
         code = reason if self.v5 else 0
         if p.qos == 1:
+            if not code and fut is None and not self._acks and (msg is None or msg.refused is None):
+                pid = p.packet_id  # encode(Puback(pid), v) without building it
+                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+                return
             self._queue_ack(Puback(p.packet_id, code), fut, None, msg)
             return
         session = self.session
@@ -425,9 +433,11 @@ class ClientConnection(ConnectHandshake, FlowControl):
     def send_delivery(self, d: Delivery) -> bool:
         """Write a PUBLISH for ``d``; False when it is expired or too large to send."""
         m = d.message
-        now = time.time()
-        if m.expires_at is not None and now >= m.expires_at:
-            return False
+        now = 0.0  # read only for an expiry
+        if m.expires_at is not None:
+            now = time.time()
+            if now >= m.expires_at:
+                return False
         v5 = self.v5
         if d.qos == 0 and not d.sub_ids and m.expires_at is None and not self.alias_max_out:
             wire = self._wire0(m, d.retain)
@@ -643,6 +653,11 @@ class ClientConnection(ConnectHandshake, FlowControl):
 
     def _write(self, data: bytes) -> None:
         if self.closed:
+            return
+        if self.broker.flush_queue is WRITE_NOW and not self._out and self._connack is None:
+            # a lone packet's write with nothing before it: straight to the socket
+            self.broker.stats.bytes_sent += len(data)
+            self.transport.write(data)
             return
         self._out.append(data)
         self._out_size += len(data)

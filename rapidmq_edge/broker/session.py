@@ -150,10 +150,11 @@ class Session:
     def _allocate_pid(self) -> int:
         pid = self._next_pid
         inflight = self.inflight
-        for _ in range(65536):
-            if pid not in inflight:
-                break
-            pid = pid + 1 if pid < 65535 else 1
+        if pid in inflight:
+            for _ in range(65536):
+                if pid not in inflight:
+                    break
+                pid = pid + 1 if pid < 65535 else 1
         self._next_pid = pid + 1 if pid < 65535 else 1
         return pid
 

@@ -129,16 +129,15 @@ class Gateway:
         if self.intelligence is not None:
             taps = [self.intelligence.tap]
             durable.append(self.intelligence.commit_future)
-        # counts per topic and publisher for the dashboard (first: it never refuses)
+        # counts per topic and publisher for the dashboard: once a message is routed
         self.traffic = TrafficCounter()
-        taps.insert(0, self.traffic)
         # [[retention]]: bounds every message's expiry before anything stores it
         self.retention = Retention(c.retention, c.auth.tenant_mountpoint) if c.retention else None
         if self.retention is not None:
             taps.insert(0, self.retention)
         self.access = Gatekeeper.from_config(c)
         self.broker = Broker(broker_limits(c), self.store, taps, durable,
-                             self.access.read_check)
+                             self.access.read_check, (self.traffic,))
         # the uplink side: one client per upstream draining the queue, downstream rules
         self.uplinks: list[UplinkClient] = []
         self.forward_status: ForwardingStatus | None = None
