@@ -5,7 +5,8 @@ paced publisher and a subscriber in their own processes) against a gateway that 
 in its own process:
 
 * ``inside``: per delivery, the time from the PUBLISH reaching
-  ``ClientConnection.data_received`` to the delivery's hand-over to the socket (``_flush``):
+  ``ClientConnection.data_received`` to the delivery's hand-over to the socket (``_flush``,
+  or ``_write`` itself for a read holding one packet):
   the gateway's processing, its output batching and deferred flush included;
 * ``loop_callback``: a thread asks the event loop every millisecond to run a callback
   (``call_soon_threadsafe``): how late it runs (the loop busy with something else: $SYS,
@@ -70,6 +71,8 @@ def serve(argv: list[str], report: Path) -> None:
     last_in_ns = [0]
     stamp = [0]  # the publisher's send time of the last message routed
     data_received, flush = ClientConnection.data_received, ClientConnection._flush
+    conn_write = ClientConnection._write
+    from rapidmq_edge.broker.connection import WRITE_NOW
     publish = Broker.publish
 
     def timed_data_received(self: Any, data: bytes) -> None:
@@ -91,8 +94,20 @@ def serve(argv: list[str], report: Path) -> None:
         if delivery and self.client_id.startswith("lg-sub") and stamp[0]:
             written.append((time.monotonic_ns() - stamp[0]) / 1e9)
 
+    def timed_write(self: Any, data: bytes) -> None:
+        # a lone packet's write goes to the socket from _write itself, without _flush
+        direct = (self.broker.flush_queue is WRITE_NOW and not self._out
+                  and self._connack is None and last_in[0] and not self.closed
+                  and self.client_id.startswith("lg-sub"))  # a delivery, not an ack
+        if direct:
+            inside.append(pc() - last_in[0])
+        conn_write(self, data)
+        if direct and stamp[0]:
+            written.append((time.monotonic_ns() - stamp[0]) / 1e9)
+
     ClientConnection.data_received = timed_data_received  # type: ignore[method-assign]
     ClientConnection._flush = timed_flush  # type: ignore[method-assign]
+    ClientConnection._write = timed_write  # type: ignore[method-assign]
     Broker.publish = timed_publish  # type: ignore[method-assign]
     gc_start = [0.0]
 
