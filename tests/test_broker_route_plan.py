@@ -1,9 +1,9 @@
 """The broker's per-topic route plan (messages without retain: the sessions to deliver to and
-their subscriptions' QoS, the read check already answered) follows every change that alters routing: subscriptions
-added and removed, sessions ended and replaced, read rules changing generation, and the
-subscription kinds it must leave to the full path (No Local, subscription identifiers,
-overlapping subscriptions, shared groups). Real broker, real in-process clients
-(:class:`~rapidmq_edge.broker.local.LocalClient`)."""
+their subscriptions' QoS, the read check already answered) follows every change that alters
+routing: subscriptions added and removed, sessions ended and replaced, read rules changing
+generation, and the subscription kinds it must leave to the full path (No Local,
+subscription identifiers, overlapping subscriptions, shared groups). Real broker, real
+in-process clients (:class:`~rapidmq_edge.broker.local.LocalClient`)."""
 
 from __future__ import annotations
 
@@ -141,3 +141,6 @@ def test_plan_grants_each_subscription_its_qos() -> None:
     assert [s[:2] for s in links[2].seen] == [(b"0", 1), (b"1", 2), (b"2", 1), (b"3", 0)]
     assert [s[2] for s in links[2].seen[:3]] == [1, 2, 3]  # in flight, ids allocated
     assert set(links[2].session.inflight) == {1, 2, 3}
+    broker.subscribe(links[2].session, "t/1", SubOptions(0), None)  # re-subscribed at QoS 0
+    assert broker.publish(Message("t/1", b"4", 1)) == 3
+    assert links[2].seen[-1][:2] == (b"4", 0) and links[1].seen[-1][:2] == (b"4", 1)
