@@ -7,6 +7,7 @@ streams left to the detector alone."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,10 @@ def test_simulator_faults_per_reading_and_per_episode(proba: Any) -> None:
     both = _quality(msgs, _verdicts(ClassifiedTable(None, proba), msgs, base))
     alone = _quality(msgs, _verdicts(DetectorTable(), msgs, base))
     assert both["faults"] > 60, both
-    # per reading the 0.95 target; per episode its spikes fall short (bench/anomaly_nab.py
-    # v5: 0.85-0.92 on untouched seeds with the thresholds chosen on validation runs)
+    # per reading the 0.95 target; per episode 0.91 here (69 of 76 faults, 0.87 before
+    # the tail columns; bench/anomaly_select.py: 0.92 on the untouched seeds, not 0.95)
     assert min(both["reading_p"], both["reading_r"], both["episode_p"]) >= 0.95, both
-    assert both["episode_r"] >= 0.85, both
+    assert both["episode_r"] >= 0.88, both
     # the classifier is what gets there: the detector alone misses many more
     assert both["reading_r"] > alone["reading_r"] + 0.05, (both, alone)
     assert both["episode_r"] > alone["episode_r"] + 0.1, (both, alone)
@@ -183,3 +184,38 @@ def test_kernel_equals_the_python_loop(proba: Any, monkeypatch: pytest.MonkeyPat
     assert any(v.opens for v in got["c"][0]) and tables["c"][0].classified > 1000
     for a, b in zip(got["c"][1], got["py"][1], strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+def test_a_streams_own_tails_tell_a_spike_from_its_usual_outliers() -> None:
+    """The tail columns: a 10-sigma jump in a Gaussian stream is far beyond anything it
+    showed (z_max_ratio high, tail_log low); the same jump in a stream that has shown such
+    outliers before is not."""
+    col = {n: i for i, n in enumerate(fault_classifier.RESIDUAL_FEATURES)}
+    rng = random.Random(3)
+    ts = [1_700_000_000.0 + 10.0 * i for i in range(201)]
+    calm = [20.0 + rng.gauss(0.0, 0.5) for _ in ts]
+    wild = [x + (5.0 if i % 2 else -5.0) * (i % 17 == 3) for i, x in enumerate(calm)]
+    last = {}
+    for name, xs in (("calm", calm), ("wild", wild)):
+        xs = xs[:200] + [calm[200] + 5.0]
+        table = ClassifiedTable()
+        for t, x in zip(ts, xs, strict=True):
+            v = table.detectors.update([name], [t], [x])
+            row = table.rows([name], [t], [x], v, every=True)[1][0]
+        last[name] = row
+    c, w = last["calm"], last["wild"]
+    assert c[col["z"]] > 6 and c[col["z_max_ratio"]] > 1.5 and c[col["tail_log"]] < -2, c
+    assert w[col["z_max_ratio"]] < 1.2 and w[col["tail_log"]] > -1.6, w
+    assert w[col["tail_log"]] > c[col["tail_log"]] + 0.8
+
+
+def test_an_anomaly_model_of_other_columns_is_refused(tmp_path: Path) -> None:
+    """The runtime checks the manifest's columns: the 17-column model this one replaced
+    (no tail columns) falls back to the rules."""
+    for f in ("anomaly.onnx", "anomaly.json"):
+        (tmp_path / f).write_bytes((MODELS / f).read_bytes())
+    man = json.loads((tmp_path / "anomaly.json").read_text())
+    man["input"]["feature_names"] = man["input"]["feature_names"][:17]
+    (tmp_path / "anomaly.json").write_text(json.dumps(man))
+    sc = load_scorer(tmp_path, "anomaly", "model")
+    assert sc.source == "rules" and "feature names" in sc.fallback

@@ -8,7 +8,7 @@
  *       -> (positions: list[int], rows: bytes (float32, NF per row), states: list[State])
  *   combine(verdicts: list, positions, probs (float32 C-contiguous [m, nlab]),
  *           rows (float32 [m, NF], the ones rows() gave), states, p_fault, p_new, min_age,
- *           persist, young, calm_readings, p_open, spike, p_spike, p_drift)
+ *           persist, young, calm_readings, p_open, spike, p_spike, p_drift, relabel)
  *       -> None (the verdicts are updated in place)
  *
  * Without a compiler the package uses the Python loop (same rows and verdicts, slower).
@@ -17,7 +17,12 @@
 #include <Python.h>
 #include <math.h>
 
-#define NF 17
+#define NF 19
+#define NTAIL 11
+
+/* fault_classifier.TAIL_EDGES */
+static const double TAIL_EDGES[NTAIL] = {2.0, 2.828427, 4.0, 5.656854, 8.0, 11.313708,
+                                         16.0, 22.627417, 32.0, 45.254834, 64.0};
 #define NKIND 6
 #define NLAB 5
 #define DRIFT 1 /* ANOMALY_LABELS.index("drift") */
@@ -29,9 +34,11 @@ typedef struct {
     long long run;
     double run_max, g_fast, g_slow, slope, absz, burst, jitter;
     int in_ep;
-    long long fault;
+    long long fault, label, same, open_label;
     int opened, open;
     long long calm, last_n;
+    double zmax;
+    long long tail[NTAIL];
 } rs_t;
 
 typedef struct {
@@ -64,10 +71,13 @@ rs_init(rs_t *s)
     s->run_max = 1.0;
     s->g_fast = s->g_slow = s->slope = s->absz = s->burst = s->jitter = 0.0;
     s->in_ep = 0;
-    s->fault = 0;
+    s->fault = s->label = s->same = s->open_label = 0;
     s->opened = s->open = 0;
     s->calm = 0;
     s->last_n = -1;
+    s->zmax = 0.0;
+    for (int j = 0; j < NTAIL; j++)
+        s->tail[j] = 0;
 }
 
 static PyObject *
@@ -222,6 +232,13 @@ rs_row(mod_state *ms, rs_t *st, double t, double x, PyObject *v, float *out)
     double p = 1.0 - lik;
     double lp = p < 1e-12 ? 12.0 : -log(p) / log(10.0);
     double res = (s > 0.0 && st->res < INFINITY) ? st->res / s : 0.0;
+    double zr = az / (st->zmax > 1.0 ? st->zmax : 1.0);
+    double half = 0.5 * az;
+    int kt = -1;
+    for (int j = 0; j < NTAIL; j++)
+        if (half >= TAIL_EDGES[j])
+            kt = j;
+    double tl = kt >= 0 ? log10(((double)st->tail[kt] + 0.5) / ((double)n + 1.0)) : 0.0;
     if (out != NULL) {
         out[0] = (float)log1p((double)n);
         out[1] = (float)z;
@@ -240,6 +257,8 @@ rs_row(mod_state *ms, rs_t *st, double t, double x, PyObject *v, float *out)
         out[14] = (float)burst;
         out[15] = (float)st->jitter;
         out[16] = (float)(gap ? 1.0 : 0.0);
+        out[17] = (float)(zr > 20.0 ? 20.0 : zr);
+        out[18] = (float)tl;
     }
     /* learn */
     if (n >= 2)
@@ -253,6 +272,11 @@ rs_row(mod_state *ms, rs_t *st, double t, double x, PyObject *v, float *out)
         double aj = ldt < 0.0 ? -ldt : ldt;
         st->jitter += a * ((aj < 3.0 ? aj : 3.0) - st->jitter);
     }
+    if (az > st->zmax)
+        st->zmax = az;
+    for (int j = 0; j < NTAIL; j++)
+        if (az >= TAIL_EDGES[j])
+            st->tail[j] += 1;
     st->g_fast = g_fast;
     st->g_slow = g_slow;
     st->slope = slope;
@@ -391,15 +415,16 @@ rs_combine(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "_residualstep.configure() was not called");
         return NULL;
     }
-    if (nargs != 15 || !PyList_Check(args[0]) || !PyList_Check(args[1])
+    if (nargs != 16 || !PyList_Check(args[0]) || !PyList_Check(args[1])
         || !PyList_Check(args[4])) {
         PyErr_SetString(PyExc_TypeError,
                         "combine(verdicts, positions, probs, rows, states, p_fault, p_new, "
-                        "min_age, persist, young, calm_readings, p_open, spike, p_spike, p_drift)");
+                        "min_age, persist, young, calm_readings, p_open, spike, p_spike, p_drift, "
+                        "relabel)");
         return NULL;
     }
-    double prm[10];
-    for (int j = 0; j < 10; j++) {
+    double prm[11];
+    for (int j = 0; j < 11; j++) {
         prm[j] = PyFloat_AsDouble(args[5 + j]);
         if (prm[j] == -1.0 && PyErr_Occurred())
             return NULL;
@@ -408,6 +433,7 @@ rs_combine(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
            young = prm[4], calm_readings = prm[5], p_open = prm[6];
     long spike = (long)prm[7];
     double p_spike = prm[8], p_drift = prm[9];
+    int relabel = prm[10] != 0.0;
     PyObject *verdicts = args[0], *positions = args[1], *sts = args[4];
     Py_ssize_t m = PyList_GET_SIZE(positions);
     Py_buffer view, rview;
@@ -449,7 +475,7 @@ rs_combine(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         /* the reading's age, from its row (exact while young) */
         long long age = llround(expm1((double)R[j * NF]));
         if (age != st->last_n + 1) {
-            st->fault = 0;
+            st->fault = st->same = 0;
             st->opened = st->open = 0;
         }
         st->last_n = age;
@@ -468,18 +494,28 @@ rs_combine(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                 best = c;
         if (nw) {
             st->fault += 1;
-            if (!st->opened && !opens && min_age < (double)(age + 1)
-                && (double)(age + 1) <= young
-                && (((double)st->fault >= persist && (best != DRIFT || pf > p_drift))
-                    || (best == spike && pf > p_spike))) {
+            if ((long long)best == st->label)
+                st->same += 1;
+            else {
+                st->label = best;
+                st->same = 1;
+            }
+            if (!opens && min_age < (double)(age + 1) && (double)(age + 1) <= young
+                && ((!st->opened && (double)st->fault >= persist
+                     && (best != DRIFT || pf > p_drift))
+                    || (relabel && st->opened && (long long)best != st->open_label
+                        && (double)st->same >= persist && (best != DRIFT || pf > p_drift))
+                    || (best == spike && pf > p_spike
+                        && (!st->opened || (relabel && st->same == 1))))) {
                 opens = 1;
                 if (PyObject_SetAttr(v, ms->s_opens, Py_True) < 0)
                     goto done;
                 st->opened = 1;
+                st->open_label = best;
             }
         }
         else {
-            st->fault = 0;
+            st->fault = st->same = 0;
             st->opened = 0;
         }
         if (opens && !in_episode) {
@@ -556,7 +592,8 @@ static PyMethodDef rs_methods[] = {
      "rows(states, keys, ts, xs, verdicts, young) -> (positions, float32 bytes, states)"},
     {"combine", (PyCFunction)(void (*)(void))rs_combine, METH_FASTCALL,
      "combine(verdicts, positions, probs, rows, states, p_fault, p_new, min_age, persist, "
-     "young, calm_readings, p_open, spike, p_spike, p_drift): fault_classifier.combine for "
+     "young, calm_readings, p_open, spike, p_spike, p_drift, relabel): "
+     "fault_classifier.combine for "
      "each "
      "position"},
     {NULL, NULL, 0, NULL},

@@ -7,10 +7,12 @@ reads each reading's *residual features* (:data:`RESIDUAL_FEATURES`: the detecto
 expected value and band turned into a signed residual in scales, the change from the
 previous reading, smoothed residuals and slope, the detector's p-value, kind and episode,
 the run of equal readings, the resolution in scales, the interval against the usual one,
-the stream's age; all scale-free) and names the fault kind (:data:`ANOMALY_LABELS`). It
-was trained on the simulator's faults and on realistic healthy synthetic streams (daily
-and weekly cycles, coarse values, heavy tails, irregular sampling, gaps), never on NAB
-(``models/train.py``).
+the stream's age, and the stream's own tails: this residual against the largest one
+before and the share of earlier readings at least half as far out, so a 10-scale jump is
+a spike in a stream that never went past 3 and an outlier in one that has shown 6s; all
+scale-free) and names the fault kind (:data:`ANOMALY_LABELS`). It was trained on the
+simulator's faults and on realistic healthy synthetic streams (daily and weekly cycles,
+coarse values, heavy tails, irregular sampling, gaps), never on NAB (``models/train.py``).
 
 :func:`combine` merges the two per reading (pure, no I/O):
 
@@ -20,11 +22,13 @@ and weekly cycles, coarse values, heavy tails, irregular sampling, gaps), never 
   the detector's ``p_open``), its label the kind;
 * the classifier **opens** an incident in a young stream (also inside an open episode,
   so a fault that follows another is an incident of its own) on evidence that persists:
-  ``persist`` = 3 readings in a row over ``p_new`` = 0.5 (a drift or level shift over
-  ``p_drift`` = 0.7), or one reading over ``p_spike`` = 0.8 named a spike (thresholds
-  chosen on validation runs: ``bench/anomaly_select.py``); one incident per run of
-  such readings; it stays open (``in_episode``) until ``calm_readings`` readings in a
-  row read normal or the classifier stops reading the stream;
+  ``persist`` = 3 readings in a row over ``p_new`` = 0.35 (a drift or level shift over
+  ``p_drift`` = 0.7), or one reading over ``p_spike`` = 0.7 named a spike (thresholds
+  chosen on validation runs: ``bench/anomaly_select.py``); one incident per run of such
+  readings, and another when the run's kind changes (``relabel``: a spike, or ``persist``
+  readings in a row of another kind, in a run that opened: a fault following another);
+  it stays open (``in_episode``) until ``calm_readings`` readings in a row read normal or
+  the classifier stops reading the stream;
 * a mature stream outside an episode reads by the detector alone, so the classifier
   never opens an incident there (real telemetry is judged by the detector).
 
@@ -73,12 +77,18 @@ RESIDUAL_FEATURES: tuple[str, ...] = (
     "burst",          # EWMA 0.2 of -log_dt
     "dt_jitter",      # the stream's mean |log_dt| so far (0: regular sampling)
     "gap",            # 1 when the interval is over 10x the usual one
+    "z_max_ratio",    # |z| / the largest |z| seen before (at least 1), at most 20
+    "tail_log",       # log10 of the share of readings before with |z| at least |z| / 2
+    #                   ((count + 0.5) / (n + 1); 0 when |z| < 4): the stream's own tails
 )
 _NF = len(RESIDUAL_FEATURES)
 _KIND_CODE = {k: i + 1 for i, k in enumerate(KINDS)}
 _SPIKE = ANOMALY_LABELS.index("spike")
 _DRIFT = ANOMALY_LABELS.index("drift")
 _LN10 = math.log(10.0)
+#: |z| bin edges of the tail counts (2^(1 + k/2), written out so C and Python agree)
+TAIL_EDGES: tuple[float, ...] = (2.0, 2.828427, 4.0, 5.656854, 8.0, 11.313708, 16.0,
+                                 22.627417, 32.0, 45.254834, 64.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +96,15 @@ class CombineParams:
     """How the classifier's word is combined with the detector's."""
 
     # p_new, persist, p_spike, p_drift and young were chosen on validation runs (simulator
-    # seeds 3003-3006 and healthy streams 30,000-30,059), never on the reported held-out
-    # runs or NAB: bench/anomaly_select.py
+    # seeds 3003-3006, healthy streams 30,000-30,059 and heavy-tailed ones 31,000-31,059),
+    # never on the reported held-out runs or NAB: bench/anomaly_select.py
     p_fault: float = 0.3    # fault probability over which a reading reads as anomalous
-    p_new: float = 0.5      # ... over which it opens (the previous reading was not over it)
+    p_new: float = 0.35     # ... over which it opens (the previous reading was not over it)
     min_age: int = 20       # readings a stream needs before the classifier may open
     persist: int = 3        # readings in a row over p_new that open, or one ...
-    p_spike: float = 0.8    # ... over this when the kind is spike (heavy tails' outliers)
+    p_spike: float = 0.7    # ... over this when the kind is spike (heavy tails' outliers)
     p_drift: float = 0.7    # a drift or level shift opens over this (young daily cycles)
+    relabel: bool = True    # a fault run that opened opens again when its kind changes
     young: int = 450        # a stream younger than this reads by the classifier, which
     #                         may open incidents in it (1.5 x the detector's warmup)
 
@@ -103,7 +114,8 @@ class ResidualState:
 
     __slots__ = ("n", "last_x", "last_t", "log_step", "res", "run", "run_max", "g_fast",
                  "g_slow", "slope", "absz", "burst", "jitter", "in_ep", "fault", "opened",
-                 "open", "calm", "last_n")
+                 "open", "calm", "last_n", "zmax", "tail", "label", "same",
+                 "open_label")
 
     def __init__(self) -> None:
         self.n = 0
@@ -116,9 +128,14 @@ class ResidualState:
         self.in_ep = False   # the detector's episode, after the previous reading
         self.fault = 0       # readings in a row the classifier has called a fault
         self.opened = False  # ... and whether that run opened an incident
+        self.label = 0       # the label of the run's last reading ...
+        self.same = 0        # ... readings in a row with it
+        self.open_label = 0  # the label the run's last incident opened with
         self.open = False    # an incident the classifier opened is open
         self.calm = 0
         self.last_n = -1     # the age of the last reading combined
+        self.zmax = 0.0      # the largest |z| seen
+        self.tail = [0] * len(TAIL_EDGES)  # readings seen with |z| >= each edge
 
     def row(self, t: float, x: float, v: Verdict, out: list[float]) -> None:
         """Append this reading's residual features to ``out``, then learn it."""
@@ -161,10 +178,17 @@ class ResidualState:
         p = 1.0 - v.likelihood
         lp = 12.0 if p < 1e-12 else -math.log(p) / _LN10
         res = self.res / s if s > 0.0 and self.res < math.inf else 0.0
+        zr = az / (self.zmax if self.zmax > 1.0 else 1.0)
+        half = 0.5 * az
+        k = -1
+        for j, edge in enumerate(TAIL_EDGES):
+            if half >= edge:
+                k = j
+        tl = math.log10((self.tail[k] + 0.5) / (n + 1.0)) if k >= 0 else 0.0
         out += (math.log1p(n), z, dz, az / self.absz if self.absz > 0.0 else 0.0, g_fast,
                 g_slow, slope, lp, float(_KIND_CODE.get(v.kind, 0)), float(self.in_ep),
                 math.log1p(run), run / self.run_max, 10.0 if res > 10.0 else res, ldt, burst,
-                self.jitter, float(gap))
+                self.jitter, float(gap), 20.0 if zr > 20.0 else zr, tl)
         # learn
         if n >= 2:
             self.log_step += 0.05 * (-0.5 if ldt < -0.5 else 0.5 if ldt > 0.5 else ldt)
@@ -173,6 +197,11 @@ class ResidualState:
         self.run = run
         a = 0.02 if n > 50 else 1.0 / (n + 1)
         self.absz += a * ((az if az < 5.0 else 5.0) - self.absz)
+        if az > self.zmax:
+            self.zmax = az
+        for j, edge in enumerate(TAIL_EDGES):
+            if az >= edge:
+                self.tail[j] += 1
         if n >= 2:
             aj = -ldt if ldt < 0.0 else ldt
             self.jitter += a * ((aj if aj < 3.0 else 3.0) - self.jitter)
@@ -190,7 +219,7 @@ def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineP
     combined in order; one the classifier did not read (a mature stream outside an
     episode) ends its fault run and its incident (whatever the micro-batches were)."""
     if n != st.last_n + 1:
-        st.fault = 0
+        st.fault = st.same = 0
         st.opened = st.open = False
     st.last_n = n
     pf = 1.0 - probs[0]
@@ -200,14 +229,24 @@ def combine(v: Verdict, st: ResidualState, probs: Sequence[float], prm: CombineP
     best = max(range(1, len(probs)), key=probs.__getitem__)
     if new:
         st.fault += 1
-        # persistent evidence (two readings in a row) opens; a spike is one reading
-        if (not st.opened and not opens and prm.min_age < n + 1 <= prm.young
-                and ((st.fault >= prm.persist and (best != _DRIFT or pf > prm.p_drift))
-                     or (best == _SPIKE and pf > prm.p_spike))):
+        if best == st.label:
+            st.same += 1
+        else:
+            st.label, st.same = best, 1
+        # persistent evidence (readings in a row) opens; a spike is one reading; a run
+        # that opened opens again when its kind changes (a fault following another)
+        if (not opens and prm.min_age < n + 1 <= prm.young
+                and ((not st.opened and st.fault >= prm.persist
+                      and (best != _DRIFT or pf > prm.p_drift))
+                     or (prm.relabel and st.opened and best != st.open_label
+                         and st.same >= prm.persist and (best != _DRIFT or pf > prm.p_drift))
+                     or (best == _SPIKE and pf > prm.p_spike
+                         and (not st.opened or (prm.relabel and st.same == 1))))):
             opens = v.opens = True
             st.opened = True
+            st.open_label = best
     else:
-        st.fault = 0
+        st.fault = st.same = 0
         st.opened = False
     if opens and not v.in_episode:
         st.open = True
@@ -323,7 +362,7 @@ class ClassifiedTable:
             self._kernel.combine(verdicts, pos, np.ascontiguousarray(probs_all, np.float32),
                                  X, sts, cp.p_fault, cp.p_new, float(cp.min_age),
                                  float(cp.persist), float(cp.young), float(calm), p_open,
-                                 float(_SPIKE), cp.p_spike, cp.p_drift)
+                                 float(_SPIKE), cp.p_spike, cp.p_drift, float(cp.relabel))
             return verdicts
         ages = np.rint(np.expm1(X[:, 0].astype(np.float64))).astype(np.int64).tolist()
         for i, probs, n in zip(pos, probs_all.tolist(), ages, strict=True):
