@@ -322,6 +322,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from firmware_sim.quality import fault_spans  # noqa: E402
 from rapidmq_edge.intelligence import stream_detector  # noqa: E402
 from rapidmq_edge.intelligence.fault_classifier import (  # noqa: E402
     ClassifiedTable,
@@ -652,21 +653,7 @@ def sim_score(msgs: list[Any], verdicts: list[Verdict], prm: DetectorParams,
     covered: list[tuple[str, bool, int]] = []
     true_opens = false_opens = 0
     for idx in by_stream.values():
-        spans: list[list[Any]] = []
-        k = 0
-        while k < len(idx):
-            f = msgs[idx[k]].fault
-            if f == "none":
-                k += 1
-                continue
-            s = k
-            while k + 1 < len(idx) and (
-                    msgs[idx[k + 1]].fault == f
-                    or (merge and k + 2 < len(idx) and msgs[idx[k + 1]].fault == "none"
-                        and msgs[idx[k + 2]].fault == f)):
-                k += 1
-            spans.append([f, s, k, False])
-            k += 1
+        spans = fault_spans([msgs[j].fault for j in idx], merge)
         for pos, j in enumerate(idx):
             if verdicts[j].opens:
                 hit = [sp for sp in spans if sp[1] <= pos <= sp[2] + SIM_AFTER]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,28 @@ def predict(session: Any, X: np.ndarray, batch: int = 4096) -> tuple[np.ndarray,
     if not labels:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     return np.concatenate(labels).astype(np.int64), np.concatenate(probs)
+
+
+def fault_spans(faults: Sequence[str], merge: bool = True) -> list[list[Any]]:
+    """The faults in one stream's readings, given their ``fault`` labels in order: one
+    ``[kind, first, last, False]`` each (positions in the stream; the flag is for the caller
+    to mark it detected). ``merge``: a fault interrupted by single healthy readings is one
+    fault (a second healthy series of a device on the same topic interleaves with it)."""
+    spans: list[list[Any]] = []
+    k = 0
+    n = len(faults)
+    while k < n:
+        f = faults[k]
+        if f == "none":
+            k += 1
+            continue
+        s = k
+        while k + 1 < n and (faults[k + 1] == f or (
+                merge and k + 2 < n and faults[k + 1] == "none" and faults[k + 2] == f)):
+            k += 1
+        spans.append([f, s, k, False])
+        k += 1
+    return spans
 
 
 def per_class(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:

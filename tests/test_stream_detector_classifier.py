@@ -16,6 +16,7 @@ import pytest
 
 from firmware_sim.datasets import healthy_stream
 from firmware_sim.generator import generate
+from firmware_sim.quality import fault_spans
 from firmware_sim.scenario import Scenario
 from rapidmq_edge.intelligence import fault_classifier
 from rapidmq_edge.intelligence.fault_classifier import (
@@ -66,22 +67,9 @@ def _quality(msgs: list[Any], verdicts: list[Verdict]) -> dict[str, Any]:
         by_stream.setdefault(m.topic, []).append(j)
     found = faults = true_opens = false_opens = named = 0
     for idx in by_stream.values():
-        spans = []
-        k = 0
-        while k < len(idx):
-            f = msgs[idx[k]].fault
-            if f == "none":
-                k += 1
-                continue
-            s = k
-            # one fault, even when single readings of a second series on the same topic
-            # interrupt it (as bench/anomaly_nab.py's sim_score counts)
-            while k + 1 < len(idx) and (msgs[idx[k + 1]].fault == f or (
-                    k + 2 < len(idx) and msgs[idx[k + 1]].fault == "none"
-                    and msgs[idx[k + 2]].fault == f)):
-                k += 1
-            spans.append([f, s, k, False])
-            k += 1
+        # one fault, even when single readings of a second series on the same topic
+        # interrupt it (as bench/anomaly_nab.py's sim_score counts)
+        spans = fault_spans([msgs[j].fault for j in idx])
         for pos, j in enumerate(idx):
             if verdicts[j].opens:
                 hit = [sp for sp in spans if sp[1] <= pos <= sp[2] + AFTER]
