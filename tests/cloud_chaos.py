@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,26 @@ def _restart_broker(broker: MosquittoBroker, hard: bool) -> None:
     assert wait_for_port(LOOPBACK, broker.port, 10), broker.log()
 
 
+def kill_rounds(kinds: tuple[str, ...], rounds: int, span: float, rng: random.Random,
+                t0: float, kill: Callable[[str], str]) -> list[str]:
+    """``rounds`` rounds over ``span`` seconds, each killing every one of ``kinds`` in turn
+    after a random pause: ``kill(what)`` does it and names what it killed; returns the
+    kills as ``name@seconds#round``."""
+    kills: list[str] = []
+    for r in range(rounds):
+        for what in kinds:
+            time.sleep(span / (len(kinds) * rounds + 1) * rng.uniform(0.6, 1.2))
+            kills.append(f"{kill(what)}@{time.monotonic() - t0:.1f}s#{r}")
+    return kills
+
+
+def restart_consumer(c: Consumer, rng: random.Random) -> None:
+    """SIGKILL a consumer, then start it again after up to half a second."""
+    c.kill9()
+    time.sleep(rng.uniform(0.0, 0.5))
+    c.start(wait=False)
+
+
 def run_chaos(tmp: Path, dsn: str, *, messages: int = 1500, rate: float = 300.0,
               consumers: int = 2, rounds: int = 1, seed: int = 16,
               settle: float = 30.0, broker_kill: bool = False, share: bool = False,
@@ -163,7 +184,6 @@ def run_chaos(tmp: Path, dsn: str, *, messages: int = 1500, rate: float = 300.0,
     cons = [Consumer(tmp, broker.port, ck, dsn, f"chaos{i}", "--batch-timeout", "120",
                      *(("--group", "g") if share else ("--partition", f"{i}/{consumers}")))
             for i in range(consumers)]
-    kills: list[str] = []
     t0 = time.monotonic()
     devices: Devices | None = None
     try:
@@ -173,19 +193,17 @@ def run_chaos(tmp: Path, dsn: str, *, messages: int = 1500, rate: float = 300.0,
         devices = Devices(gw.port, messages, rate)
         devices.start()
         span = messages / rate
-        for r in range(rounds):
-            for what in kinds:
-                time.sleep(span / (len(kinds) * rounds + 1) * rng.uniform(0.6, 1.2))
-                if what == "gateway":
-                    gw.restart(hard=True)
-                elif what == "consumer":
-                    victim = cons[rng.randrange(len(cons))]
-                    victim.kill9()
-                    time.sleep(rng.uniform(0.0, 0.5))
-                    victim.start(wait=False)
-                else:
-                    _restart_broker(broker, broker_kill)
-                kills.append(f"{what}@{time.monotonic() - t0:.1f}s#{r}")
+
+        def kill(what: str) -> str:
+            if what == "gateway":
+                gw.restart(hard=True)
+            elif what == "consumer":
+                restart_consumer(cons[rng.randrange(len(cons))], rng)
+            else:
+                _restart_broker(broker, broker_kill)
+            return what
+
+        kills = kill_rounds(kinds, rounds, span, rng, t0, kill)
         devices.join(span * 3 + 30)
         acked = set(devices.acked)
         deadline = time.monotonic() + settle

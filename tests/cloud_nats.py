@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from rapidmq_edge.mqtt.id_frame import decode_id_frame, is_id_frame
 
-from .cloud_chaos import ChaosResult, Devices
+from .cloud_chaos import ChaosResult, Devices, kill_rounds, restart_consumer
 from .cloud_helpers import CloudKeys, Consumer, pg_rows
 from .conftest import LOOPBACK, wait_for_port
 from .crypto_e2e_helpers import GW, gateway_config, make_keys
@@ -282,7 +282,6 @@ def run_nats_chaos(tmp: Path, dsn: str, *, messages: int = 900, rate: float = 20
             del c.args[at:at + 2]  # the nodes' client URLs instead
             c.args += ["--source", "jetstream", "--servers", cluster.nats_urls(),
                        "--durable", "ingest", "--ack-wait", f"{ack_wait:g}"]
-    kills: list[str] = []
     t0 = time.monotonic()
     devices: Devices | None = None
     observer: Observer | None = None
@@ -296,23 +295,22 @@ def run_nats_chaos(tmp: Path, dsn: str, *, messages: int = 900, rate: float = 20
         devices = Devices(gw.port, messages, rate)
         devices.start()
         span = messages / rate
-        for r in range(rounds):
-            for what in kinds:
-                time.sleep(span / (len(kinds) * rounds + 1) * rng.uniform(0.6, 1.2))
-                if what == "gateway":
-                    gw.restart(hard=True)
-                elif what == "consumer":
-                    cons[owner].kill9()
-                    time.sleep(rng.uniform(0.0, 0.5))
-                    cons[owner].start(wait=False)
-                else:
-                    node = _wait_connected(cluster, "gw-up", 10)
-                    assert node is not None, "the gateway is on no node"
-                    cluster.kill9(node)
-                    what = f"node{node}"
-                    time.sleep(rng.uniform(0.5, 1.5))
-                    cluster.start_node(node)
-                kills.append(f"{what}@{time.monotonic() - t0:.1f}s#{r}")
+
+        def kill(what: str) -> str:
+            if what == "gateway":
+                gw.restart(hard=True)
+            elif what == "consumer":
+                restart_consumer(cons[owner], rng)
+            else:
+                node = _wait_connected(cluster, "gw-up", 10)
+                assert node is not None, "the gateway is on no node"
+                cluster.kill9(node)
+                time.sleep(rng.uniform(0.5, 1.5))
+                cluster.start_node(node)
+                return f"node{node}"
+            return what
+
+        kills = kill_rounds(kinds, rounds, span, rng, t0, kill)
         devices.join(span * 3 + 30)
         acked = set(devices.acked)
         # until every acknowledged message is a row, or each one missing (listed in a signed
