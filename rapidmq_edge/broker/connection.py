@@ -342,14 +342,10 @@ class ClientConnection(ConnectHandshake, FlowControl):
         the rules' ``generation`` stays (RBAC edits change it; the static ACL never does)."""
         access = self.access
         gen = getattr(access, "generation", 0)
-        key: str | tuple[str, int, bool] = (topic, qos, retain) if qos or retain else topic
         cache = self._acl_cache
-        if cache is not None and cache[0] == gen:
-            allowed = cache[1].get(key)
-            if allowed is not None:
-                return allowed
         if cache is None or cache[0] != gen or len(cache[1]) > ACL_CACHE_SIZE:
             cache = self._acl_cache = (gen, {})
+        key: str | tuple[str, int, bool] = (topic, qos, retain) if qos or retain else topic
         allowed = cache[1].get(key)
         if allowed is None:
             allowed = cache[1][key] = access.can_publish(
@@ -362,10 +358,6 @@ class ClientConnection(ConnectHandshake, FlowControl):
             return
         code = reason if self.v5 else 0
         if p.qos == 1:
-            if not code and fut is None and not self._acks and (msg is None or msg.refused is None):
-                pid = p.packet_id  # encode(Puback(pid), v) without building it
-                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
-                return
             self._queue_ack(Puback(p.packet_id, code), fut, None, msg)
             return
         session = self.session
