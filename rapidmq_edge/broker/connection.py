@@ -646,7 +646,7 @@ class ClientConnection(ConnectHandshake, FlowControl):
     def _write(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.broker.flush_queue is WRITE_NOW and not self._out and self._connack is None:
+        if not self._out and self.broker.flush_queue is WRITE_NOW and self._connack is None:
             # a lone packet's write with nothing before it: straight to the socket
             self.broker.stats.bytes_sent += len(data)
             self.transport.write(data)
