@@ -48,8 +48,11 @@ class GatewayProcess:
     ``config`` is merged over the defaults (anonymous allowed, $SYS every second).
     """
 
-    def __init__(self, tmp: Path, config: dict[str, Any] | None = None, ws: bool = False) -> None:
+    def __init__(self, tmp: Path, config: dict[str, Any] | None = None, ws: bool = False,
+                 launcher: list[str] | None = None) -> None:
         self.tmp = tmp
+        #: what runs ``rapidmq-edge``'s command line (``run --config ...`` follows)
+        self.launcher = launcher or [sys.executable, "-m", "rapidmq_edge"]
         self.port = _free_port()
         self.ws_port = _free_port() if ws else None
         listen = [f"tcp://{LOOPBACK}:{self.port}"]
@@ -76,7 +79,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rapidmq_edge", "run", "--config", str(self.config_path)],
+            [*self.launcher, "run", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )

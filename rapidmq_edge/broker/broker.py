@@ -399,7 +399,7 @@ class Broker:
         """Deliver ``msg`` to every matching subscription; return the number of receivers."""
         topic = msg.topic
         if not msg.retain:  # the hot path: the topic's plan, if it has one
-            plan = self._plan(topic)
+            plan = self.plan(topic)
             if plan is not False:
                 sessions, grants = plan  # type: ignore[misc]
                 n = 0
@@ -462,7 +462,7 @@ class Broker:
                 n += 1
         return n
 
-    def _plan(self, topic: str) -> Plan | bool:
+    def plan(self, topic: str) -> Plan | bool:
         """The sessions a message without retain on ``topic`` is delivered to, in
         ``route``'s order, with their subscriptions' QoS (a QoS 0 delivery is a plain
         one); False when a match needs more (a shared group, overlapping subscriptions,

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..mqtt import reasons as rc
-from ..mqtt.codec import PacketReader, encode, encode_publish, suback_bytes
+from ..mqtt.codec import PacketReader, encode, encode_publish, encode_varint, suback_bytes
 from ..mqtt.errors import MqttError, UnsupportedProtocolVersion
 from ..mqtt.mountpoint import TenantMount
 from ..mqtt.packets import (
@@ -68,6 +69,7 @@ FLUSH_AT = 64 * 1024  # output queued in one loop turn that is written at once
 #: ``Broker.flush_queue`` while a lone packet is processed: output is written at once
 WRITE_NOW: tuple[()] = ()
 ACL_CACHE_SIZE = 1000  # PUBLISH decisions cached per client (then the cache starts anew)
+_U16 = struct.Struct("!H")
 
 
 class Transport(Protocol):
@@ -82,6 +84,9 @@ class Transport(Protocol):
 
 class ClientConnection(ConnectHandshake, FlowControl):
     """Server side of one network connection."""
+
+    #: PUBLISHes to a topic with a route plan may take ``_forward_planned``
+    forward_planned = True
 
     __slots__ = (
         "broker", "access", "settings", "transport", "peer", "on_close", "listener", "watch",
@@ -310,6 +315,9 @@ class ClientConnection(ConnectHandshake, FlowControl):
             broker.stats.acl_denied += 1
             log.info("client %s not authorised to publish to %s", self.client_id, topic)
             return self._ack_publish(p, rc.NOT_AUTHORIZED, None)
+        if (p.qos < 2 and not props and not p.retain and not broker.taps
+                and self.forward_planned and self._forward_planned(p)):
+            return None
         if self.watch is not None:
             self.watch.published(self.client_id, topic, len(p.payload), True)
         expiry = None
@@ -336,6 +344,90 @@ class ClientConnection(ConnectHandshake, FlowControl):
             fut = broker.commit_future()
             self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut,
                               msg)
+
+    def _forward_planned(self, p: Publish) -> bool:
+        """The rest of ``_on_publish`` for a QoS 0/1 PUBLISH without retain flag or
+        properties whose topic has a route plan (``Broker.plan``) and whose every delivery
+        can be written now to a client of the same protocol: the deliveries are written
+        first, then the message, the in-flight records, the counts, the observers and the
+        acknowledgement are made as ``_on_publish``, ``Broker.publish`` and
+        ``Session.deliver`` make them, so a subscriber does not wait for them. False, with
+        nothing done, when the PUBLISH needs the general path."""
+        broker = self.broker
+        topic = p.topic
+        plan = broker.plan(topic)
+        if plan is False:
+            return False
+        sessions, grants = plan  # type: ignore[misc]
+        qos = p.qos
+        v5 = self.v5
+        links: list[ClientConnection] = []
+        for target in sessions:  # a client of another protocol, with topic aliases: no
+            link = target.link
+            if (type(link) is not ClientConnection or link.v5 is not v5  # type: ignore[comparison-overlap]
+                    or link.alias_max_out or link.closed):
+                return False
+            links.append(link)  # type: ignore[arg-type]
+        payload = p.payload
+        if qos:
+            for i, link in enumerate(links):
+                target = sessions[i]
+                if grants[i] < qos or target.queue or len(target.inflight) >= link.send_quota:
+                    return False
+            tb = topic.encode()  # the PUBLISH around its packet identifier
+            n = 4 + len(tb) + len(payload) + v5
+            pre = (bytes((0x32, n)) if n < 128 else b"\x32" + encode_varint(n)) + \
+                _U16.pack(len(tb)) + tb
+            post = b"\x00" + payload if v5 else payload
+            size = len(pre) + 2 + len(post)
+            for link in links:
+                if size > link.max_out_size:
+                    return False
+            pids = []
+            for i, link in enumerate(links):
+                pid = sessions[i].allocate_pid()
+                link._write(pre + _U16.pack(pid) + post)
+                pids.append(pid)
+        else:
+            raw = p.raw  # a PUBLISH received at QoS 0 is its own bytes
+            if raw is None:
+                return False
+            for link in links:
+                if len(raw) > link.max_out_size or link.congested():
+                    return False
+            for link in links:
+                link._write(raw)
+        # the rest of what _on_publish, Broker.publish, route and Session.deliver do
+        if self.watch is not None:
+            self.watch.published(self.client_id, topic, len(payload), True)
+        msg = Message(topic, payload, qos, False, p.properties, None, self.client_id)
+        st = broker.stats
+        st.messages_received += 1
+        st.received_by_qos[qos] += 1
+        if links:
+            st.messages_sent += len(links)
+            st.sent_by_qos[qos] += len(links)
+        else:
+            st.no_subscribers += 1
+        if qos:
+            for i, pid in enumerate(pids):
+                d = Delivery(msg, qos)
+                sessions[i].track(d, pid)
+                d.sent = True
+        else:
+            msg.wire = {(v5, False): raw}  # type: ignore[dict-item]
+        for link in links:
+            if link.write_paused:
+                link._block_publisher()
+        for observe in broker.observers:
+            observe(msg)
+        blocked = broker.blocked_links
+        if blocked:
+            self._wait_for_subscribers(blocked)
+        if qos:
+            self._ack_publish(p, rc.SUCCESS if links else rc.NO_MATCHING_SUBSCRIBERS,
+                              broker.commit_future(), msg)
+        return True
 
     def _may_publish(self, topic: str, qos: int, retain: bool) -> bool:
         """The ACL's PUBLISH decision, cached per (topic, QoS, retain) for this client while

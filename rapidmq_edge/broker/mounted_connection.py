@@ -23,6 +23,7 @@ class MountedConnection(ClientConnection):
 
     __slots__ = ()
 
+    forward_planned = False  # its topics are mounted: every PUBLISH takes _on_publish
     mount: TenantMount
 
     def _on_publish(self, p: Publish) -> None:

@@ -135,7 +135,14 @@ class Session:
         return True
 
     def _send(self, link: Link, d: Delivery) -> None:
-        pid = self._allocate_pid()
+        pid = self.allocate_pid()
+        self.track(d, pid)
+        if not link.send_delivery(d):
+            self.complete(pid)
+
+    def track(self, d: Delivery, pid: int) -> None:
+        """Put ``d`` in flight under ``pid`` (from :meth:`allocate_pid`), stored if the
+        session is persistent."""
         d.packet_id = pid
         self.inflight[pid] = d
         store = self.store
@@ -144,10 +151,9 @@ class Session:
                 self._seq += 1
                 d.seq = self._seq
             store.save_delivery(self.client_id, d.seq, delivery_row(d))
-        if not link.send_delivery(d):
-            self.complete(pid)
 
-    def _allocate_pid(self) -> int:
+    def allocate_pid(self) -> int:
+        """The next packet identifier not in flight (then :meth:`track` the delivery)."""
         pid = self._next_pid
         inflight = self.inflight
         if pid in inflight:
