@@ -422,6 +422,9 @@ def run_subscriber(
                 "p99": round(percentile(vals, 99), 3),
                 "max": round(vals[-1], 3) if vals else float("nan"),
             }
+            # every sample, in whole µs: runs of a benchmark pool them (a p99 over 5,000
+            # samples moves ~10 % between runs; over several runs' samples much less)
+            result["latency_us"] = [round(v * 1e3) for v in vals]
         return result
     finally:
         sel.close()
