@@ -556,7 +556,8 @@ def encode(packet: Packet, version: int) -> bytes:
             body += bytes((packet.reason_code,))
             if packet.properties:
                 body += encode_properties(packet.properties)
-        return _frame(first, body)
+            return _frame(first, body)
+        return bytes((first, len(body))) + body
     if t == PINGRESP:
         return _PINGRESP_BYTES
     if t == PINGREQ:

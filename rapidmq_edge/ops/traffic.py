@@ -52,8 +52,17 @@ class TrafficCounter:
 
     def __call__(self, msg: Message) -> None:
         n = len(msg.payload)
-        _count(self.topics, msg.topic, n, self.max_keys)
-        _count(self.origins, msg.origin or "$edge", n, self.max_keys)
+        c = self.topics.get(msg.topic)
+        if c is None:
+            c = _counter(self.topics, msg.topic, self.max_keys)
+        c[0] += 1
+        c[1] += n
+        origin = msg.origin or "$edge"
+        c = self.origins.get(origin)
+        if c is None:
+            c = _counter(self.origins, origin, self.max_keys)
+        c[0] += 1
+        c[1] += n
 
     def by_protocol(self) -> dict[str, list[int]]:
         """Protocol -> [messages, bytes] so far."""
@@ -65,16 +74,15 @@ class TrafficCounter:
         return out
 
 
-def _count(table: dict[str, list[int]], key: str, size: int, limit: int) -> None:
-    c = table.get(key)
-    if c is None:
-        if len(table) >= limit:
-            key = OTHER
-            c = table.get(key)
-        if c is None:
-            c = table[key] = [0, 0]
-    c[0] += 1
-    c[1] += size
+def _counter(table: dict[str, list[int]], key: str, limit: int) -> list[int]:
+    """The [messages, bytes] of a key not in ``table`` yet (``OTHER``'s once it is full)."""
+    if len(table) >= limit:
+        key = OTHER
+        c = table.get(key)
+        if c is not None:
+            return c
+    c = table[key] = [0, 0]
+    return c
 
 
 @dataclass(slots=True)
