@@ -8,6 +8,10 @@ protocol rules that need connection state, split by concern:
 * :mod:`.flow_control`: acks ordered behind commits, publish rate, backpressure;
 * this module: packet dispatch, PUBLISH in (topic aliases, authorisation), deliveries out,
   SUBSCRIBE/UNSUBSCRIBE, keep-alive, DISCONNECT and closing, output buffering.
+
+A plain QoS 0/1 PUBLISH to a topic with a route plan takes ``_forward_planned``: its
+deliveries are written first and its bookkeeping made after, byte for byte what the general
+path sends (``tests/test_broker_forward_planned.py`` runs a scenario both ways).
 """
 
 from __future__ import annotations
