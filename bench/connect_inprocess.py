@@ -28,37 +28,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import asyncio, gc, json, os, statistics, sys, tempfile, time
-from pathlib import Path
+import asyncio, gc, json, os, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
 import uvloop
 from connect_storm import handshake_bytes
-from rapidmq_edge.config.document import load_config
-from rapidmq_edge.gateway.assembly import Gateway
-from rapidmq_edge.ingress.mqtt_server import MqttStreamProtocol
-
-class Stub:
-    __slots__ = ("n",)
-    def __init__(self): self.n = 0
-    def write(self, d): self.n += len(d)
-    def close(self): pass
-    def get_write_buffer_size(self): return 0
-    def set_write_buffer_limits(self, high=None, low=None): pass
-    def pause_reading(self): pass
-    def resume_reading(self): pass
-    def is_closing(self): return False
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 40000) if name == "peername" else default
+from inprocess import StubTransport, attach, build_gateway
 
 async def main(clients, batches):
-    d = Path(tempfile.mkdtemp(prefix="rapidmq-inproc-"))
-    (d / "g.toml").write_text(
-        f'[gateway]\nid = "b"\ndata_dir = "{d / "data"}"\n[mqtt]\n'
-        'listen = ["tcp://127.0.0.1:1"]\nmax_connections = 1000000\n'
-        '[auth]\nallow_anonymous = true\n')
-    gw = Gateway(load_config(d / "g.toml"))
-    gw.broker.start()
+    gw = build_gateway(max_connections=1000000)
     gc.collect()
     gc.freeze()  # as gateway/process.py does once started
     per = []
@@ -67,8 +45,7 @@ async def main(clients, batches):
         conns = []
         t0 = time.process_time()
         for i in range(clients):
-            p = MqttStreamProtocol(gw._connection, gw.registry, "tcp://127.0.0.1:1")
-            p.connection_made(Stub())
+            p = attach(gw, StubTransport())
             p.data_received(data[i])
             conns.append(p)
             if i % 64 == 63:

@@ -29,33 +29,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import asyncio, gc, json, sys, tempfile
-from pathlib import Path
+import asyncio, gc, json, sys
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
 import uvloop
+from inprocess import StubTransport, attach, build_gateway
 from mqtt_throughput import gateway_acl
-from rapidmq_edge.config.document import load_config
-from rapidmq_edge.gateway.assembly import Gateway
-from rapidmq_edge.ingress.mqtt_server import MqttStreamProtocol
 
 QOS, ACL, BATCH = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 TOPIC, PAYLOAD, WARM, COUNT = "bench/ops", b"x" * 64, 500, 2000
-
-
-class Stub:
-    def __init__(self): self.out, self.on_write = [], None
-    def write(self, d):
-        self.out.append(bytes(d))
-        if self.on_write is not None: self.on_write()
-    def close(self): pass
-    def get_write_buffer_size(self): return 0
-    def set_write_buffer_limits(self, high=None, low=None): pass
-    def pause_reading(self): pass
-    def resume_reading(self): pass
-    def is_closing(self): return False
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 def packet(first, body):
@@ -89,16 +71,11 @@ def pubacks(out):
 
 
 async def main():
-    d = Path(tempfile.mkdtemp(prefix="rapidmq-ops-"))
-    (d / "g.toml").write_text(
-        f'[gateway]\nid = "b"\ndata_dir = "{d / "data"}"\n[mqtt]\n'
-        'listen = ["tcp://127.0.0.1:1"]\nmax_connections = 1000\nmax_queued_messages = 100000\n'
-        '[auth]\nallow_anonymous = true\n' + gateway_acl(ACL))
-    gw = Gateway(load_config(d / "g.toml"))
-    gw.broker.start()
+    gw = build_gateway(gateway_acl(ACL))
     def client(cid):
-        p = MqttStreamProtocol(gw._connection, gw.registry, "tcp://127.0.0.1:1")
-        t = Stub(); p.connection_made(t); p.data_received(connect(cid))
+        t = StubTransport(keep=True)
+        p = attach(gw, t)
+        p.data_received(connect(cid))
         return p, t
     sub, st = client("sub")
     sub.data_received(packet(0x82, b"\x00\x01" + len(TOPIC).to_bytes(2, "big") + TOPIC.encode()
