@@ -247,3 +247,20 @@ def test_a_throttle_never_goes_below_twice_the_clients_normal_rate() -> None:
     assert link.rates and link.rates[0] >= 40  # not below what it normally sends
 
 
+
+
+def test_threat_watch_judges_evidence_whose_window_ended_before_the_tick() -> None:
+    """A busy loop may tick late: a scan whose 10 s window completed before the next tick is
+    still judged on it (the tick used to drop completed windows first, and with them the
+    evidence of a client that did nothing more)."""
+    now = [105.0]
+    watch = ClientWatch(load_scorer(MODELS, "threat", "rules"), ban_s=30.0,
+                        clock=lambda: now[0])
+    link = _Link()
+    watch.connected(link, "scan", None, 0)
+    for i in range(12):
+        now[0] += 0.3
+        watch.subscribed("scan", f"cmd/{i:04d}/ota", False)
+    now[0] = 112.0  # the window [100, 110) is over; the tick comes only now
+    got = [(v.client, v.label, v.action) for v in watch.tick()]
+    assert got == [("scan", "topic_scanning", "disconnected")] and link.reasons == [0x87]

@@ -258,7 +258,6 @@ class ClientWatch:
         if len(self.paces) > 100_000:  # forget clients gone for long
             self.paces = {c: p for c, p in self.paces.items()
                           if c in self.links or (p.away_since or now) > now - MAX_AWAY}
-        self.windows.flush(now)  # completed windows are not needed any more
         model = self._model(active, now)
         out = []
         for cid in active:
@@ -268,6 +267,10 @@ class ClientWatch:
             v = self._judge(cid, now, *model.get(cid, (0, 0.0)))
             if v is not None:
                 out.append(v)
+        # completed windows are not needed any more, once judged: a tick that comes late
+        # (a busy loop) judges an active client on the window its evidence is in, even
+        # when that window has ended since
+        self.windows.flush(now)
         return out
 
     def _model(self, active: set[str], now: float) -> dict[str, tuple[int, float]]:
