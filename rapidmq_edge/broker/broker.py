@@ -351,11 +351,15 @@ class Broker:
         if msg.retain:
             self._retain(msg)
         n = self.route(msg)
+        self.routed(msg, n)
+        return n
+
+    def routed(self, msg: Message, n: int) -> None:
+        """``msg`` went to ``n`` receivers: count a message nobody got, tell the observers."""
         if not n:
-            st.no_subscribers += 1
+            self.stats.no_subscribers += 1
         for observe in self.observers:
             observe(msg)
-        return n
 
     def commit_future(self) -> asyncio.Future[Any] | None:
         """Resolved when every durable change made so far is committed (None: nothing to wait).

@@ -229,11 +229,8 @@ class PublishPath:
         st = broker.stats
         st.messages_received += 1
         st.received_by_qos[qos] += 1
-        if links:
-            st.messages_sent += len(links)
-            st.sent_by_qos[qos] += len(links)
-        else:
-            st.no_subscribers += 1
+        st.messages_sent += len(links)
+        st.sent_by_qos[qos] += len(links)
         if qos:
             for i, pid in enumerate(pids):
                 d = Delivery(msg, qos)
@@ -244,8 +241,7 @@ class PublishPath:
         for link in links:
             if link.write_paused:
                 link._block_publisher()
-        for observe in broker.observers:
-            observe(msg)
+        broker.routed(msg, len(links))
         blocked = broker.blocked_links
         if blocked:
             self._wait_for_subscribers(blocked)
