@@ -13,8 +13,9 @@ signature or manifest), ``wrong-key`` (session header / device envelope for a ke
 batch signed by an unknown identity), ``unverifiable`` (no signed batch covers the message
 within ``grace`` seconds, or its session header never came), ``missing-message`` (a signed
 batch lists an id that did not arrive within ``grace``), ``missing-batch`` (a gap in the batch
-sequence), ``chain-broken`` (prev_root does not link), ``replay`` (an envelope sequence number
-accepted before), ``duplicate`` (same id again; dropped, informational).
+sequence, or no batch covered a message within ``batch_timeout``: that message still waits and
+verifies if its batch comes later), ``chain-broken`` (prev_root does not link), ``replay`` (an
+envelope sequence number accepted before), ``duplicate`` (same id again; dropped, informational).
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ class Ingest:
         #: missing-message candidates go to :attr:`deferred` (checked against shared state)
         self.defer_missing = defer_missing
         self.deferred: list[tuple[str, str, int]] = []  # (message id, gateway, batch seq)
-        #: a message no batch covers is reported ``missing-batch`` after this many seconds,
-        #: a gap in the batch seq and a message without its session header too (None:
-        #: ``unverifiable`` / the gap / the session after ``grace``)
+        #: a message no batch covers is reported ``missing-batch`` after this many seconds
+        #: (and waits on: a later batch still verifies it), a gap in the batch seq and a
+        #: message without its session header too (None: ``unverifiable`` / the gap / the
+        #: session after ``grace``)
         self.batch_timeout = batch_timeout
         #: the gateways this consumer handles (``--partition``; None: all): batches of other
         #: gateways (read from a shared state) are ignored, their chains are not its to judge
@@ -151,6 +153,8 @@ class Ingest:
         self.delivered: set[str] = set()
         self._arrived: set[str] = set()  # ids seen (verified or not) of batches not yet closed
         self._waiting: dict[str, list[tuple[str, bytes, float]]] = {}
+        #: waiting messages already reported ``missing-batch`` (they wait on for the batch)
+        self._overdue: set[str] = set()
         self._no_session: dict[str, tuple[str, bytes, _Batch, float]] = {}
         #: session headers / batches for keys not held (yet): retried after set_keys
         self._held: list[tuple[str, bytes, float, str]] = []
@@ -210,11 +214,17 @@ class Ingest:
                 else self.batch_timeout
             if now - cands[0][2] < wait:
                 continue
-            del self._waiting[mid]
             if seq is None and self.batch_timeout is not None:
-                self._report("missing-batch", f"no signed batch covered this message within "
-                             f"{self.batch_timeout:g} s", mid, _gw(mid))
-            elif seq is None:
+                # reported, and kept: a batch held up longer than this (an outage of the
+                # gateway's uplink) still verifies it; --max-pending bounds the waiting set
+                if mid not in self._overdue:
+                    self._overdue.add(mid)
+                    self._report("missing-batch", f"no signed batch covered this message "
+                                 f"within {self.batch_timeout:g} s (it waits on for one)",
+                                 mid, _gw(mid))
+                continue
+            del self._waiting[mid]
+            if seq is None:
                 self._report("unverifiable", "no signed batch covers this message", mid, _gw(mid))
             else:  # "ids" manifest: a batch verifies only as a whole
                 self._report("unverifiable", "its signed batch is incomplete (ids manifest: "
@@ -244,6 +254,8 @@ class Ingest:
                 # closed: later copies are caught by the sink (seen) instead of memory
                 arrived.difference_update(b.ids)
                 self.delivered.difference_update(b.ids)
+        if self._overdue:
+            self._overdue.intersection_update(self._waiting)
         out, reports = self._out, self._reports
         self._out, self._reports = [], []
         return out, reports
