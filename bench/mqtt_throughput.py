@@ -77,6 +77,7 @@ Usage::
     python3 bench/mqtt_throughput.py --out              # full run, also writes
                                                         # bench/results/mqtt_throughput.json
     python3 bench/mqtt_throughput.py --gateway-cmd mosquitto   # debug: 2nd Mosquitto
+    python3 bench/mqtt_throughput.py --busy ...   # one core kept busy: the other state
     python3 bench/mqtt_throughput.py --tree before=/tmp/old   # + a gateway from another
                                                 # tree (git archive + its built *.so),
                                                 # alternating with the others
@@ -918,6 +919,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pin", action="store_true", help="pin brokers to CPU 0 and load generator to CPU 1"
     )
     ap.add_argument(
+        "--busy", action="store_true",
+        help="keep one core busy (a spinning process) for the whole run: the machine's "
+             "'busy' state, where idle CPUs wake faster (docs/benchmarks.md, p99 section)",
+    )
+    ap.add_argument(
         "--out",
         nargs="?",
         const=str(DEFAULT_OUT),
@@ -945,7 +951,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      "checks that everything works, NOT a measurement")
     lines.append(f"load average at start {result['meta'].get('loadavg_at_start')}, "
                  f"at end {result['meta'].get('loadavg_at_end')} (2 cores; targets are for "
-                 "a quiet machine)")
+                 "a quiet machine)" + ("; --busy: one core kept busy" if result["meta"].get(
+                     "busy_core") else ""))
     lines.append(f"{'scenario':24} {'mosquitto':>40} {'gateway':>40} {'ratio':>8}")
     for name, sc in result["scenarios"].items():
         cells = []
@@ -1064,6 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
             "psutil": psutil is not None,
             "nofile": limits,
             "pinned": opts.pin,
+            "busy_core": args.busy,
             "smoke": bool(args.quick),
             "note": (
                 "SMOKE RUN (--quick): too short for the brokers to be CPU-bound; not a "
@@ -1082,6 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     rc = 0
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
         for b in brokers.values():
             if not b.start():
@@ -1105,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
         result["meta"]["interrupted"] = True
         rc = 130
     finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait(5)
         for proc in list(_CHILDREN):
             _reap([proc])
         for b in brokers.values():
