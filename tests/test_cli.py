@@ -31,6 +31,7 @@ def run_cli(
         cwd=cwd or ROOT,
         env=env,
         timeout=60,
+        start_new_session=True,  # no controlling terminal, as under CI, cron or a pipe
     )
 
 
@@ -79,6 +80,22 @@ def test_user_add_password_stdin(tmp_path: Path) -> None:
     assert result.returncode == 2 and "empty password" in result.stderr
 
 
+def test_a_secret_piped_without_its_option_is_a_clear_error(tmp_path: Path) -> None:
+    """Piping a password without --password-stdin (no terminal to ask on) says what to do,
+    stores nothing and shows no traceback; the same for a key passphrase."""
+    users = tmp_path / "users.toml"
+    result = run_cli("user", "add", "alice", "--users-file", str(users), stdin="s3cret\n")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "error: no terminal to ask for the password on: pipe it to --password-stdin")
+    assert not users.exists()
+    result = run_cli("keys", "init", "--data-dir", str(tmp_path / "d"), "--ask-passphrase",
+                     stdin="pw\n")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "no terminal to ask for the key passphrase on: give --passphrase-file" in result.stderr
+    assert not (tmp_path / "d" / "keys").exists() or not any((tmp_path / "d" / "keys").iterdir())
+
+
 def test_user_add_via_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -109,6 +126,7 @@ def test_user_add_prompts_twice(
     users = tmp_path / "users.toml"
     answers = iter(["pw", "pw", "pw", "other", ""])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    monkeypatch.setattr("rapidmq_edge.cli.common.has_terminal", lambda: True)
     assert cli.main(["user", "add", "carol", "--users-file", str(users)]) == 0
     assert cli.main(["user", "add", "carol", "--users-file", str(users)]) == 2
     assert "do not match" in capsys.readouterr().err

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from .common import fail
+from .common import ask_secret, fail
 
 __all__ = ["handles", "register", "run"]
 
@@ -106,10 +105,7 @@ def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         return line.removesuffix("\n").removesuffix("\r")
-    first = getpass.getpass("Password: ")
-    if first and getpass.getpass("Repeat password: ") != first:
-        raise ValueError("passwords do not match")
-    return first
+    return ask_secret("password", "pipe it to --password-stdin", confirm=True)
 
 
 def _cmd_user(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import logging.handlers
 import sys
@@ -33,3 +34,29 @@ def fail(message: str, code: int = 2) -> int:
     """Print ``error: message`` to stderr and return the exit ``code``."""
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def has_terminal() -> bool:
+    """Whether this process has a controlling terminal (what ``getpass`` reads from)."""
+    try:
+        with open("/dev/tty"):
+            return True
+    except OSError:
+        return False
+
+
+def ask_secret(what: str, instead: str, confirm: bool = False) -> str:
+    """Ask for a secret (``what``: "password") on the terminal, twice with ``confirm``.
+
+    ValueError, naming ``instead`` (the option that reads it otherwise), when there is no
+    terminal to ask on: getpass would then read the secret from a pipe with its echo on.
+    """
+    if not has_terminal():
+        raise ValueError(f"no terminal to ask for the {what} on: {instead}")
+    try:
+        first = getpass.getpass(f"{what[:1].upper()}{what[1:]}: ")
+        if confirm and first and getpass.getpass(f"Repeat {what}: ") != first:
+            raise ValueError(f"{what}s do not match")
+    except EOFError:
+        raise ValueError(f"no {what} given") from None
+    return first

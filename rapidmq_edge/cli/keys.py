@@ -8,11 +8,12 @@ Keys live in ``<data_dir>/keys``; the batch chain in ``<data_dir>/audit/chain.sq
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 import time
 from pathlib import Path
+
+from .common import ask_secret
 
 __all__ = ["CHAIN_FILE", "KEYS_DIR", "handles", "register", "run"]
 
@@ -104,9 +105,8 @@ def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes | None
         line = Path(args.passphrase_file).read_text().splitlines()
         return line[0].encode() if line and line[0] else None
     if getattr(args, "ask_passphrase", False):
-        first = getpass.getpass("Key passphrase: ")
-        if confirm and getpass.getpass("Repeat passphrase: ") != first:
-            raise ValueError("passphrases do not match")
+        first = ask_secret("key passphrase", "give --passphrase-file FILE or set "
+                           f"{PASSPHRASE_ENV}", confirm=confirm)
         return first.encode() or None
     env = os.environ.get(PASSPHRASE_ENV)
     return env.encode() if env else None
