@@ -156,8 +156,8 @@ def render(data: dict[str, Any], now: float | None = None,
     if live is None:
         stale = age > 3 * float(data.get("interval", 5)) + 5
         head = f"NOT RUNNING? (status is {_age(age)} old)" if stale else "running"
-    elif live.state == "running":
-        head = f"running (pid {live.pid})"
+    elif live.state == "running":  # the figures are the last snapshot's, not this moment's
+        head = f"running (pid {live.pid}); figures from {_age(max(age, 0.0))} ago"
     elif live.state == "stale":
         head = f"RUNNING (pid {live.pid}), but {live.why}"
     else:
