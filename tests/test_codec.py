@@ -629,3 +629,11 @@ def test_corpus_rejected_when_fed_byte_by_byte(name: str, version: int, data: by
             reader.feed(data[i:i + 1])
         if reader.error is not None:
             raise reader.error
+
+
+def test_reason_codes_are_described_in_words_for_logs() -> None:
+    from rapidmq_edge.mqtt import reasons as rc
+
+    assert rc.describe(rc.BAD_USER_NAME_OR_PASSWORD) == "bad user name or password (0x86)"
+    assert rc.describe(rc.CONNECTION_RATE_EXCEEDED) == "connection rate exceeded (0x9f)"
+    assert rc.describe(0xFF) == "reason 0xff"  # not a reason code

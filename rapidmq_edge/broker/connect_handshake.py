@@ -160,7 +160,7 @@ class ConnectHandshake:
         if self.watch is not None:
             self.watch.connected(self, client_id, p.username, reason)
         if reason:
-            log.info("client %s (%s) refused: reason 0x%02x", client_id, self.peer, reason)
+            log.info("client %s (%s) refused: %s", client_id, self.peer, rc.describe(reason))
             return self._refuse(reason)
         # the client's identity for role rules; its tenant's mountpoint when invisible
         prefix = self.access.accept_identity(client_id, p.username, cn)

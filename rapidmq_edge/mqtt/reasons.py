@@ -65,3 +65,16 @@ V311_CONNACK: dict[int, int] = {
 def v311_connack_code(reason: int) -> int:
     """Map a 5.0 CONNACK reason code to the nearest 3.1.1 return code."""
     return V311_CONNACK.get(reason, 0x03)
+
+
+#: reason code -> its name in words ("bad user name or password"), for logs and errors
+NAMES: dict[int, str] = {
+    v: k.lower().replace("_", " ") for k, v in list(globals().items())
+    if k.isupper() and isinstance(v, int) and k not in ("GRANTED_QOS_1", "GRANTED_QOS_2")
+}
+
+
+def describe(reason: int) -> str:
+    """``reason`` in words with its code: "bad user name or password (0x86)"."""
+    name = NAMES.get(reason)
+    return f"{name} (0x{reason:02x})" if name else f"reason 0x{reason:02x}"

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..mqtt import reasons as rc
 from ..mqtt.codec import encode
 from ..mqtt.packets import (
     DISCONNECT,
@@ -475,7 +476,7 @@ class OtaLink:
                 if item is not None and not item.done.done():
                     if p.reason_code >= 0x80:
                         item.done.set_exception(PublishRefused(
-                            f"PUBLISH to {item.topic} refused (0x{p.reason_code:02x})"))
+                            f"PUBLISH to {item.topic} refused: {rc.describe(p.reason_code)}"))
                     else:
                         item.done.set_result(None)
             elif t == PUBREL:
@@ -491,7 +492,7 @@ class OtaLink:
                                 self.client_id, p.reason_codes)
             elif t == DISCONNECT:
                 assert isinstance(p, Disconnect)
-                self.last_error = f"server DISCONNECT reason 0x{p.reason_code:02x}"
+                self.last_error = f"server DISCONNECT: {rc.describe(p.reason_code)}"
                 conn.abort()
         if out:
             conn.write(b"".join(out))

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..mqtt import reasons as rc
 from ..mqtt.codec import encode, encode_publish
 from ..mqtt.errors import MqttError
 from ..mqtt.id_frame import FRAME_PROPS, encode_id_frame
@@ -323,7 +324,7 @@ class MessageFlow:
                     log.warning("uplink %s: subscription refused: %s", self.name, p.reason_codes)
             elif t == DISCONNECT:
                 assert isinstance(p, Disconnect)
-                self.last_error = f"server DISCONNECT reason 0x{p.reason_code:02x}"
+                self.last_error = f"server DISCONNECT: {rc.describe(p.reason_code)}"
                 conn.abort()
         if out:
             conn.write(b"".join(out))
