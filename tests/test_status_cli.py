@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rapidmq_edge.ops.status import assess, lock_holder
+from rapidmq_edge.ops.status import assess, lock_holder, render
 
 from .gateway_proc import GatewayProcess
 
@@ -93,3 +93,13 @@ def test_assess_states() -> None:
     other = assess(8, fresh, now)
     assert other.state == "stale" and "pid 7" in other.why and other.exit_code == 1
     assert assess(7, {**fresh, "written_at": 900.0}, now).state == "stale"
+
+
+def test_render_says_when_an_upstream_last_acknowledged() -> None:
+    up = {"current_url": "mqtt://u:1883", "connected": True, "last_heartbeat": None,
+          "last_puback": None, "queued": 0, "oldest_age": 0, "inflight": 0, "acked": 0}
+    doc = {"gateway": "gw", "written_at": 1000.0, "broker": {},
+           "forwarding": {"queued": 0, "queued_bytes": 0, "drops": {}, "upstreams": {"c": up}}}
+    assert "no heartbeat yet; last PUBACK never\n" in render(doc, now=1001.0)
+    up["last_puback"] = 990.0
+    assert "; last PUBACK 11 s ago\n" in render(doc, now=1001.0)

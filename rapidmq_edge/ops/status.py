@@ -212,7 +212,7 @@ def render(data: dict[str, Any], now: float | None = None,
         pub = up.get("last_puback")
         lines.append(
             f"  upstream {name}: {state}; {hb_text}; last PUBACK "
-            f"{_age(now - pub) if pub else 'never'} ago"
+            + (f"{_age(now - pub)} ago" if pub else "never")
         )
         lines.append(
             f"    queued {up['queued']} (oldest {_age(up['oldest_age'])}), in flight "
