@@ -11,6 +11,7 @@ import datetime
 import heapq
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -318,7 +319,7 @@ def test_failover_skips_dead_first_url(mosquitto_factory: Callable[..., Mosquitt
 
 def test_failover_when_broker_killed_mid_stream(
         mosquitto_factory: Callable[..., MosquittoBroker],
-        subscribers: Callable[..., Subscriber]) -> None:
+        subscribers: Callable[..., Subscriber], caplog: pytest.LogCaptureFixture) -> None:
     a = mosquitto_factory(UNLIMITED)
     b = mosquitto_factory(UNLIMITED)
     # QoS 0 consumers: Mosquitto writes them out at once (a QoS 1 consumer only gets 20 in
@@ -349,6 +350,12 @@ def test_failover_when_broker_killed_mid_stream(
         assert client.failovers >= 1 and client.reconnects >= 1
         assert src.acked == set(range(n))
         assert_no_leases(src)
+        # the operator is told when it went, not only that a reconnect later failed
+        lost = [r.getMessage() for r in caplog.records if "lost the connection" in
+                r.getMessage()]
+        assert lost and re.fullmatch(
+            rf"uplink cloud: lost the connection to {re.escape(url(a.port))} \(.+\); "
+            r"\d+ in flight go again", lost[0]), lost
 
     asyncio.run(main())
     got = Counter(sub_a.ids) + Counter(sub_b.ids)

@@ -327,6 +327,9 @@ class UplinkClient(MessageFlow):
             self.connected = False
             if not self._stopping and not self._switching:
                 self.policy.observe_failure(url.raw, FailureKind.LOST, len(self._inflight))
+                why = conn.lost_with or self.last_error or "closed by the server"
+                log.warning("uplink %s: lost the connection to %s (%s); %d in flight go "
+                            "again", self.name, url.raw, why, len(self._inflight))
             self._lost()
     async def _keepalive(self, conn: UplinkProtocol, keep_alive: int) -> None:
         tick = min(1.0, keep_alive / 4)

@@ -61,6 +61,8 @@ class UplinkProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
+        #: the error the connection was lost with (None: closed cleanly, or still open)
+        self.lost_with: Exception | None = None
         self.active = False
         self.pending: list[Packet] = []
         self.last_rx = time.monotonic()
@@ -111,6 +113,7 @@ class UplinkProtocol(asyncio.Protocol):
             self.client._on_packets(self, packets)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_with = exc
         if not self.connack.done():
             self.connack.set_exception(exc or ConnectionError("connection closed before CONNACK"))
         if not self.closed.done():
