@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import heapq
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -363,11 +364,13 @@ def test_failover_when_broker_killed_mid_stream(
     assert -1 not in got  # duplicates, if any, are re-sends of the same queue id
 
 
-def test_upstream_down_at_start(tmp_path: Path, subscribers: Callable[..., Subscriber]) -> None:
+def test_upstream_down_at_start(tmp_path: Path, subscribers: Callable[..., Subscriber],
+                                caplog: pytest.LogCaptureFixture) -> None:
     if shutil.which(MOSQUITTO_BIN) is None:
         pytest.skip("mosquitto not installed")
     port = free_port()
     brokers: list[MosquittoBroker] = []
+    caplog.set_level(logging.INFO, logger="rapidmq_edge.uplink")
 
     async def main() -> None:
         src = MemorySource()
@@ -389,6 +392,12 @@ def test_upstream_down_at_start(tmp_path: Path, subscribers: Callable[..., Subsc
     finally:
         for b in brokers:
             b.stop()
+    # the failed attempts: one line when they began, their count when the broker answered
+    lines = [r.getMessage() for r in caplog.records if url(port) in r.getMessage()]
+    assert len([m for m in lines if "failed" in m]) == 1, lines
+    again = [m for m in lines if "reachable again" in m]
+    assert len(again) == 1 and re.search(r"after (\d+) occurrence", again[0]), lines
+    assert int(re.findall(r"after (\d+) occurrence", again[0])[0]) >= 3, again
 
 
 def test_half_open_detected_by_keep_alive(mosquitto_factory: Callable[..., MosquittoBroker],

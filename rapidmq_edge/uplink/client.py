@@ -296,7 +296,8 @@ class UplinkClient(MessageFlow):
         self.sessions += 1
         self.current_url = url.raw
         self.last_error = None
-        self._repeats.clear(url.raw)
+        # (the failed attempts before it, if any, are counted in this line)
+        self._repeats.clear(url.raw, "uplink %s: %s reachable again", self.name, url.raw)
         log.info("uplink %s: connected to %s (session present: %s)",
                  self.name, url.raw, connack.session_present)
         self._resume(conn, connack.session_present)
