@@ -56,8 +56,9 @@ def test_static_files_fit_the_budget_and_ship_in_the_wheel() -> None:
 
 def test_login_sets_a_strict_httponly_cookie_and_wrong_tokens_are_refused(
         gw: DashboardGateway) -> None:
-    status, headers, _ = gw.get("/dashboard")
+    status, headers, page = gw.get("/dashboard")
     assert status == 200 and "Token" in gw.get("/dashboard/login")[2].decode()
+    assert gw.get("/")[::2] == (200, page)  # a browser pointed at the listener lands here
     status, headers = gw.login("rmq_wrong")
     assert status == 401 and "set-cookie" not in headers
     assert gw.get("/dashboard/events")[0] == 401

@@ -78,6 +78,7 @@ class Dashboard:
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
+        r.add_get("/", self.root)  # a browser pointed at the listener finds the dashboard
         r.add_get(BASE, self.page)
         r.add_get(BASE + "/", self.page)
         r.add_get(BASE + "/login", self.login_page)
@@ -86,6 +87,10 @@ class Dashboard:
         r.add_get(BASE + "/events", self.events)
         r.add_get(BASE + "/snapshot", self.snapshot)
         r.add_get(BASE + "/static/{name:.+}", self.static)
+
+    async def root(self, request: web.Request) -> web.Response:
+        """``/``: to the dashboard."""
+        return _see_other(BASE)
 
     def start(self) -> None:
         self.feed.start()
