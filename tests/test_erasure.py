@@ -69,6 +69,7 @@ def test_erase_device(tmp_path: Path, gateway_factory: Callable[..., GatewayProc
     assert erased["broker:sessions"] == 1 and erased["broker:subscriptions"] == 1
     assert erased["broker:retained"] == 1 and erased["broker:deliveries"] >= 4
     assert erased["forward:messages"] >= 4
+    assert any("already forwarded upstream" in r for r in report["reported"])
     assert _files_holding(data, MARKER) == []
     assert _files_holding(data, DEVICE.encode()) == []
     assert not [p for p in data.rglob("*-wal") if p.stat().st_size > 0]
@@ -111,6 +112,18 @@ def test_erase_refused_while_running_without_http(gateway: GatewayProcess) -> No
     r = _cli("erase", "--config", str(gateway.config_path), "--device", "x")
     assert r.returncode == 1 and "without an HTTP API" in r.stderr
     assert "nothing was erased" in r.stderr
+
+
+def test_erasure_on_a_local_broker_claims_nothing_forwarded(gateway: GatewayProcess) -> None:
+    dev = PahoClient(gateway.port, DEVICE)
+    dev.publish(f"state/{DEVICE}", MARKER, qos=1, retain=True)
+    dev.disconnect()
+    gateway.stop()
+    r = _cli("erase", "--config", str(gateway.config_path), "--device", DEVICE)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["erased"]["broker:retained"] == 1
+    assert not [x for x in report["reported"] if "upstream" in x], report["reported"]
 
 
 def test_a_store_from_before_origins_is_migrated(tmp_path: Path) -> None:

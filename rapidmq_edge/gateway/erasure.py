@@ -282,8 +282,9 @@ def finish(config: Config, device: str, report: ErasureReport, passphrase: bytes
         raise UnknownDevice(f"nothing is held about {device!r} in {data_dir}")
     for hit in _files_naming(data_dir, device.encode()):
         report.reported.append(f"{hit.relative_to(data_dir)} still holds the id")
-    report.reported.append("messages already forwarded upstream: an erasure request "
-                           "tells the cloud side")
+    if config.forwarding.forward:  # (a local broker only has forwarded nothing)
+        report.reported.append("messages already forwarded upstream: an erasure request "
+                               "tells the cloud side")
     report.receipt = _receipt(data_dir, report, passphrase, when)
 
 
