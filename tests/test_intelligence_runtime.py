@@ -264,3 +264,24 @@ def test_threat_watch_judges_evidence_whose_window_ended_before_the_tick() -> No
     now[0] = 112.0  # the window [100, 110) is over; the tick comes only now
     got = [(v.client, v.label, v.action) for v in watch.tick()]
     assert got == [("scan", "topic_scanning", "disconnected")] and link.reasons == [0x87]
+
+
+def test_threat_watch_judges_the_window_a_clients_next_event_closed_before_the_tick() -> None:
+    """Evidence after the last tick in a window that the client's own next event closed
+    (in the next window, before any tick) is judged at the next tick, on that window's
+    counts (it used to be dropped unjudged, and the tick saw only the new window)."""
+    now = [100.0]
+    watch = ClientWatch(load_scorer(MODELS, "threat", "rules"), ban_s=30.0,
+                        clock=lambda: now[0])
+    link = _Link()
+    watch.connected(link, "scan", None, 0)
+    watch.subscribed("scan", "cmd/0000/ota", False)
+    assert watch.tick() == []  # one refusal so far: nothing to say
+    for i in range(1, 12):  # the scan, after that tick and before the window's end
+        now[0] = 101.0 + 0.7 * i
+        watch.subscribed("scan", f"cmd/{i:04d}/ota", False)
+    now[0] = 110.05
+    watch.published("scan", "a/b", 10, True)  # window [110, 120) opens: [100, 110) closes
+    now[0] = 110.2
+    got = [(v.client, v.label, v.action) for v in watch.tick()]
+    assert got == [("scan", "topic_scanning", "disconnected")] and link.reasons == [0x87]

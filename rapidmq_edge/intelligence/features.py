@@ -244,6 +244,10 @@ class WindowCounts:
     pub_topics: set[str] = field(default_factory=set)
     filters: set[str] = field(default_factory=set)
 
+    def events(self) -> int:
+        """Connects, disconnects, publishes and subscribes counted."""
+        return self.connects + self.disconnects + self.publishes + self.subscribes
+
     def row(self, window: float) -> list[float]:
         lg = math.log1p
         return [
@@ -282,6 +286,9 @@ class ClientWindows:
         self.window = window
         self._open: dict[str, WindowCounts] = {}
         self._done: list[tuple[str, int, list[float]]] = []
+        #: windows a client's own next event closed (the last per client), until
+        #: :meth:`take_closed`: a judge ticking after the boundary still sees their evidence
+        self._closed: dict[str, WindowCounts] = {}
 
     def _acc(self, client: str, t: float) -> WindowCounts:
         k = int(t // self.window)
@@ -289,9 +296,16 @@ class ClientWindows:
         if acc is None or acc.window != k:
             if acc is not None:
                 self._done.append((client, acc.window, acc.row(self.window)))
+                self._closed[client] = acc
             acc = self._open[client] = WindowCounts(k, t)
         acc.last = t
         return acc
+
+    def take_closed(self) -> dict[str, WindowCounts]:
+        """The windows closed by their client's next event since the last call (one per
+        client, the latest), and forget them."""
+        closed, self._closed = self._closed, {}
+        return closed
 
     def connect(self, client: str, t: float, ok: bool, username: str | None = None) -> None:
         """A CONNECT attempt; ``ok`` False when the credentials were refused."""
@@ -327,15 +341,14 @@ class ClientWindows:
 
     def restart(self, client: str, t: float) -> None:
         """Forget the client's open window so far: it is judged on what it does from ``t``."""
+        self._closed.pop(client, None)
         if client in self._open:
             self._open[client] = WindowCounts(int(t // self.window), t, t)
 
     def events(self, client: str) -> int:
         """Events (connects, disconnects, publishes, subscribes) in the client's open window."""
         acc = self._open.get(client)
-        if acc is None:
-            return 0
-        return acc.connects + acc.disconnects + acc.publishes + acc.subscribes
+        return 0 if acc is None else acc.events()
 
     def counts(self, client: str) -> WindowCounts | None:
         """What the client did in its open window so far (None when it has none)."""

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..mqtt import reasons as rc
-from .features import THREAT_LABELS, ClientWindows
+from .features import THREAT_LABELS, ClientWindows, WindowCounts
 from .models import Scorer, Shadow
 
 log = logging.getLogger(__name__)
@@ -258,13 +258,21 @@ class ClientWatch:
         if len(self.paces) > 100_000:  # forget clients gone for long
             self.paces = {c: p for c, p in self.paces.items()
                           if c in self.links or (p.away_since or now) > now - MAX_AWAY}
+        # a window the client's own next event closed since the last tick: its evidence
+        # after that tick is judged too (on that window's counts), before the open one's
+        closed = {c: w for c, w in self.windows.take_closed().items() if c in active}
         model = self._model(active, now)
+        before = self._score(
+            [(c, w) for c, w in closed.items() if w.events() >= self.min_events])
         out = []
         for cid in active:
             ban = self.banned.get(cid)
             if ban is not None and ban[0] > now:
                 continue  # already dealt with
-            v = self._judge(cid, now, *model.get(cid, (0, 0.0)))
+            w = closed.get(cid)
+            v = None if w is None else self._ban_for(cid, now, w, *before.get(cid, (0, 0.0)))
+            if v is None:
+                v = self._judge(cid, now, *model.get(cid, (0, 0.0)))
             if v is not None:
                 out.append(v)
         # completed windows are not needed any more, once judged: a tick that comes late
@@ -282,9 +290,20 @@ class ClientWatch:
                 if row is not None:
                     clients.append(cid)
                     rows.append(row)
-        if not rows:
+        return self._predict(clients, np.concatenate(rows) if rows else None)
+
+    def _score(self, windows: list[tuple[str, WindowCounts]]) -> dict[str, tuple[int, float]]:
+        """The threat model's (label, probability) of these (client, window)s."""
+        if not windows:
             return {}
-        X = np.concatenate(rows)
+        span = self.windows.window
+        return self._predict([c for c, _ in windows], np.asarray(
+            [w.row(span) for _, w in windows], dtype=np.float32))
+
+    def _predict(self, clients: list[str], X: np.ndarray | None
+                 ) -> dict[str, tuple[int, float]]:
+        if X is None:
+            return {}
         t0 = time.thread_time()  # CPU time: the shadow compares costs
         labels, conf = self.scorer.predict(X)
         self.scored += len(clients)
@@ -294,30 +313,39 @@ class ClientWatch:
                 zip(clients, labels.tolist(), conf.tolist(), strict=True)}
 
     def _judge(self, cid: str, now: float, label_i: int, conf: float) -> Verdict | None:
-        ev = self.ev
         w = self.windows.counts(cid)
+        if w is not None:
+            v = self._ban_for(cid, now, w, label_i, conf)
+            if v is not None:
+                return v
+        return self._pace(cid, now, conf, {"model": THREAT_LABELS[label_i],
+                                           "model_probability": round(conf, 3)})
+
+    def _ban_for(self, cid: str, now: float, w: WindowCounts, label_i: int,
+                 conf: float) -> Verdict | None:
+        """A ban when window ``w`` of ``cid`` holds the evidence of an attack, else None."""
+        ev = self.ev
         model = THREAT_LABELS[label_i] if conf >= self.throttle_confidence else "benign"
         evidence: dict[str, Any] = {"model": THREAT_LABELS[label_i],
                                     "model_probability": round(conf, 3)}
-        if w is not None:
-            if w.failures >= ev.auth_failures and (
-                    model == "credential_guessing" or w.failures >= 3 * ev.auth_failures):
-                evidence.update(auth_failures=w.failures, connects=w.connects,
-                                usernames=len(w.usernames))
-                return self._ban(cid, "credential_guessing", max(conf, 0.5), evidence, now)
-            denied = w.pub_denied + w.sub_denied
-            filters = len(w.filters)
-            if (denied >= ev.denied or filters >= ev.filters
-                    or (w.wildcards + w.sys_subs >= 3 and denied >= 1)) and (
-                    model == "topic_scanning" or denied >= 3 * ev.denied
-                    or filters >= 3 * ev.filters):
-                evidence.update(denied=denied, filters=filters, broad_filters=w.wildcards
-                                + w.sys_subs, topics=len(w.pub_topics))
-                return self._ban(cid, "topic_scanning", max(conf, 0.5), evidence, now)
-            if w.connects - w.failures >= ev.connects:
-                evidence.update(connects=w.connects)
-                return self._ban(cid, "flood", max(conf, 0.5), evidence, now)
-        return self._pace(cid, now, conf, evidence)
+        if w.failures >= ev.auth_failures and (
+                model == "credential_guessing" or w.failures >= 3 * ev.auth_failures):
+            evidence.update(auth_failures=w.failures, connects=w.connects,
+                            usernames=len(w.usernames))
+            return self._ban(cid, "credential_guessing", max(conf, 0.5), evidence, now)
+        denied = w.pub_denied + w.sub_denied
+        filters = len(w.filters)
+        if (denied >= ev.denied or filters >= ev.filters
+                or (w.wildcards + w.sys_subs >= 3 and denied >= 1)) and (
+                model == "topic_scanning" or denied >= 3 * ev.denied
+                or filters >= 3 * ev.filters):
+            evidence.update(denied=denied, filters=filters, broad_filters=w.wildcards
+                            + w.sys_subs, topics=len(w.pub_topics))
+            return self._ban(cid, "topic_scanning", max(conf, 0.5), evidence, now)
+        if w.connects - w.failures >= ev.connects:
+            evidence.update(connects=w.connects)
+            return self._ban(cid, "flood", max(conf, 0.5), evidence, now)
+        return None
 
     def _pace(self, cid: str, now: float, conf: float,
               evidence: dict[str, Any]) -> Verdict | None:
