@@ -328,6 +328,8 @@ def test_failover_when_broker_killed_mid_stream(
     sub_a = subscribers(a.port, "up/#", 0)
     sub_b = subscribers(b.port, "up/#", 0)
     n = 5000
+    # (an earlier test in this process may have set the root logger's level higher)
+    caplog.set_level(logging.WARNING, logger="rapidmq_edge.uplink")
 
     async def main() -> None:
         src = MemorySource()
