@@ -208,7 +208,10 @@ class Ingest:
             else:
                 keep.append(item)
         self._held = keep
+        overdue = self._overdue
         for mid, cands in list(self._waiting.items()):
+            if mid in overdue:
+                continue  # reported; waits on for its batch (which takes it out of overdue)
             seq = self._owner_any(mid).get(mid)
             wait = self.grace if seq is not None or self.batch_timeout is None \
                 else self.batch_timeout
@@ -217,11 +220,10 @@ class Ingest:
             if seq is None and self.batch_timeout is not None:
                 # reported, and kept: a batch held up longer than this (an outage of the
                 # gateway's uplink) still verifies it; --max-pending bounds the waiting set
-                if mid not in self._overdue:
-                    self._overdue.add(mid)
-                    self._report("missing-batch", f"no signed batch covered this message "
-                                 f"within {self.batch_timeout:g} s (it waits on for one)",
-                                 mid, _gw(mid))
+                overdue.add(mid)
+                self._report("missing-batch", f"no signed batch covered this message "
+                             f"within {self.batch_timeout:g} s (it waits on for one)",
+                             mid, _gw(mid))
                 continue
             del self._waiting[mid]
             if seq is None:
@@ -380,6 +382,8 @@ class Ingest:
         self._remember("batch", payload, gw_id, header.seq)
         for m in ids:
             gw.owner[m] = header.seq
+        if self._overdue:
+            self._overdue.difference_update(ids)  # their batch came: judged as usual again
         if leaf_list is None:
             for m in ids:
                 cands = self._waiting.get(m)
