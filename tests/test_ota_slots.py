@@ -330,6 +330,8 @@ def test_model_cli_list_and_rollback_while_stopped(tmp_path: Path) -> None:
     assert rows["threat"]["version"].startswith("7.0.0-ota+") and \
         rows["threat"]["previous"] == "shipped"
     assert rows["priority"]["source"] == "shipped" and rows["priority"]["state"] == "shipped"
+    # the anomaly detector's classifier runs too: listed, with why it has no slot
+    assert rows["anomaly"]["source"] == "shipped" and "over the air" in rows["anomaly"]["reason"]
     out = cli("rollback", "threat")
     assert out.returncode == 0 and "not running" in out.stderr, out.stderr
     st = store.state("threat")

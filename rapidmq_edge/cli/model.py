@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config
+from ..gateway.updates import RUNTIME_COMPONENTS
 from ..ota.slots import SlotError, SlotStore
 from .common import fail
 from .model_train import register_train, run_train
@@ -27,7 +28,7 @@ from .model_train import register_train, run_train
 __all__ = ["handles", "register", "run"]
 
 #: the models in the message path, listed even without any slot
-COMPONENTS = ("priority", "threat")
+COMPONENTS = ("priority", "anomaly", "threat")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -104,6 +105,8 @@ def model_rows(slots: SlotStore, models_dir: Path) -> list[dict[str, Any]]:
                 row["previous"] = f"slot {st.previous} {prev.version} (sequence {prev.sequence})"
             else:
                 row["previous"] = "shipped"
+        if component not in RUNTIME_COMPONENTS and st.active is None and not st.reason:
+            row["reason"] = "ships with the gateway (a running one does not swap it over the air)"
         if st.candidate is not None:
             with_info = slots.info(component, st.candidate)
             row["candidate"] = (f"slot {st.candidate} {with_info.version} "

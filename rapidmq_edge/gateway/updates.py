@@ -23,7 +23,8 @@ __all__ = ["build_feedback", "build_ota_agent"]
 
 log = logging.getLogger("rapidmq_edge")
 
-#: the model slots the runtime can swap (the anomaly detector has no model in the path)
+#: the model slots the runtime can swap (not the anomaly detector's fault-kind classifier,
+#: which the stream table holds: it ships with the gateway)
 RUNTIME_COMPONENTS = ("priority", "threat")
 
 
