@@ -39,8 +39,9 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def _audit(data_dir: Path, trust: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rapidmq_edge", "audit", "verify", "--chain",
-         str(data_dir / "forward.db"), "--public-key", str(trust), "--gateway-id", GW],
+        # no --chain: the default is the gateway's own (forward.db)
+        [sys.executable, "-m", "rapidmq_edge", "audit", "verify", "--data-dir",
+         str(data_dir), "--public-key", str(trust), "--gateway-id", GW],
         capture_output=True, text=True, timeout=30,
     )
 

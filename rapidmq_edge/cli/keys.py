@@ -2,7 +2,8 @@
 
 ``register(sub)`` adds the subcommands to the main parser; ``run(args)`` executes them (returns
 an exit code: 0 ok, 1 failure such as a broken chain or wrong passphrase, 2 usage/config error).
-Keys live in ``<data_dir>/keys``; the batch chain in ``<data_dir>/audit/chain.sqlite``.
+Keys live in ``<data_dir>/keys``; a gateway's batch chain in ``<data_dir>/forward.db`` (a standalone
+one, :class:`~rapidmq_edge.crypto.batchlog.BatchLog`'s, in ``<data_dir>/audit/chain.sqlite``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ver = asub.add_parser("verify", help="verify a whole chain; name the first broken link")
     _where(ver)
     ver.add_argument(
-        "--chain", type=Path, metavar="FILE", help="default: DATA_DIR/audit/chain.sqlite"
-    )
+        "--chain", type=Path, metavar="FILE",
+        help="default: the gateway's, in DATA_DIR/forward.db (else DATA_DIR/audit/chain.sqlite)")
     ver.add_argument(
         "--public-key",
         type=Path,
@@ -94,6 +95,23 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
         return Path(load_config(args.config).gateway.data_dir)
     return Path("./data")
+
+
+def _default_chain(data_dir: Path) -> Path:
+    """The gateway's chain: ``forward.db`` once a rule signed (the chain is kept there, in the
+    queue's transactions); else a standalone ``audit/chain.sqlite``."""
+    import sqlite3
+
+    fwd = data_dir / "forward.db"
+    if fwd.exists():
+        db = sqlite3.connect(f"file:{fwd}?mode=ro", uri=True)
+        try:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'batches'").fetchone():
+                return fwd
+        finally:
+            db.close()
+    return data_dir / CHAIN_FILE
 
 
 def _keys_dir(args: argparse.Namespace) -> Path:
@@ -213,7 +231,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from ..crypto.keys import IdentityPublicKey, VerifierKeyring
     from ..crypto.keystore import KeyStore
 
-    chain = Path(args.chain) if args.chain is not None else _data_dir(args) / CHAIN_FILE
+    chain = Path(args.chain) if args.chain is not None else _default_chain(_data_dir(args))
     if args.public_key:
         ring = VerifierKeyring(
             IdentityPublicKey.from_cose(Path(p).read_bytes()) for p in args.public_key
@@ -260,5 +278,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
