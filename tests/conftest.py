@@ -134,6 +134,22 @@ def _start_mosquitto(tmp_dir: Path, extra_conf: str = "", attempts: int = 3) -> 
     raise RuntimeError(f"mosquitto did not start after {attempts} attempts:\n{last_log}")
 
 
+def start_mosquitto_on(tmp: Path, port: int, extra_conf: str = "") -> MosquittoBroker:
+    """Start mosquitto on a given port (the fixture always picks its own)."""
+    conf = tmp / f"late-{port}.conf"
+    log_path = tmp / f"late-{port}.log"
+    conf.write_text(f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\n" + extra_conf)
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed by MosquittoBroker.stop()
+    proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdin=subprocess.DEVNULL,
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    broker = MosquittoBroker(LOOPBACK, port, proc, conf, log_path, log_file)
+    if not wait_for_port(LOOPBACK, port, 5):
+        broker.stop()
+        raise RuntimeError(f"mosquitto did not start on {port}: {broker.log()}")
+    return broker
+
+
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
     """Start any number of mosquitto brokers: ``mosquitto_factory(extra_conf="...")``.

@@ -32,7 +32,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from rapidmq_edge.mqtt.properties import encode_properties
 from rapidmq_edge.uplink import Backoff, Outgoing, UplinkClient
 
-from .conftest import LOOPBACK, MOSQUITTO_BIN, MosquittoBroker, free_port, wait_for_port
+from .conftest import (
+    LOOPBACK,
+    MOSQUITTO_BIN,
+    MosquittoBroker,
+    free_port,
+    start_mosquitto_on,
+    wait_for_port,
+)
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
@@ -191,22 +198,6 @@ async def run_client(client: UplinkClient, body: Callable[[], Any], timeout: flo
 
 def assert_no_leases(src: MemorySource) -> None:
     assert not src.leased, f"{len(src.leased)} messages still leased after stop"
-
-
-def start_mosquitto_on(tmp: Path, port: int, extra_conf: str = "") -> MosquittoBroker:
-    """Start mosquitto on a given port (the fixture always picks its own)."""
-    conf = tmp / f"late-{port}.conf"
-    log_path = tmp / f"late-{port}.log"
-    conf.write_text(f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n"
-                    "log_dest stderr\n" + extra_conf)
-    log_file = open(log_path, "wb")  # noqa: SIM115 - closed by MosquittoBroker.stop()
-    proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                            stdout=log_file, stderr=subprocess.STDOUT)
-    broker = MosquittoBroker(LOOPBACK, port, proc, conf, log_path, log_file)
-    if not wait_for_port(LOOPBACK, port, 5):
-        broker.stop()
-        raise RuntimeError(f"mosquitto did not start on {port}: {broker.log()}")
-    return broker
 
 
 # =========================================================================== unit

@@ -30,6 +30,7 @@ from ..mqtt.packets import (
     SubOptions,
     Subscribe,
 )
+from ..telemetry import RepeatedLog
 
 __all__ = ["Delivery", "Subscriber"]
 
@@ -116,6 +117,7 @@ class Subscriber:
         self._inbox = Inbox()
         self._conn = 0
         self._writer: asyncio.StreamWriter | None = None
+        self._repeats = RepeatedLog(log)  # a long outage: one line, then counts
 
     async def take(self, limit: int, timeout: float) -> list[Delivery]:
         """Up to ``limit`` queued deliveries (waits at most ``timeout`` s for the first)."""
@@ -145,7 +147,8 @@ class Subscriber:
                 await self._session()
                 delay = 0.2
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
-                log.warning("upstream %s:%d: %s; reconnecting", self.host, self.port, exc)
+                self._repeats("session", logging.WARNING, "upstream %s:%d: %s; reconnecting",
+                              self.host, self.port, exc)
             except Exception:  # a bug must not end the consumer silently
                 log.exception("upstream %s:%d: unexpected error; reconnecting",
                               self.host, self.port)
@@ -214,6 +217,8 @@ class Subscriber:
                             if bad:
                                 raise ConnectionError(f"SUBACK refused: {bad}")
                             self.subscribed.set()
+                            self._repeats.clear("session", "upstream %s:%d: subscribed again",
+                                                self.host, self.port)
                     if acks:
                         writer.write(b"".join(acks))
             finally:
