@@ -47,3 +47,27 @@ def test_an_outage_is_one_warning_then_one_line_with_its_count(
     assert len(again) == 1, lines
     count = re.search(r"after (\d+) occurrence", again[0])
     assert count is not None and int(count[1]) >= 3, again
+
+
+def test_the_jetstream_source_through_an_outage_logs_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No node reachable for 3 s: one warning (the NATS client's attempts, which used to be
+    its default traceback per attempt, two a second), however many attempts; and stop()
+    ends it while it is still trying (the client retries a first connect for ever: a
+    consumer asked to stop during an outage never did)."""
+    from rapidmq_edge.cloud.jetstream_source import JetStreamSource
+
+    caplog.set_level(logging.INFO)
+    port = free_port()
+
+    async def main() -> None:
+        src = JetStreamSource([f"nats://{LOOPBACK}:{port}"], "S", "d", "x.>")
+        task = asyncio.create_task(src.run())
+        await asyncio.sleep(3.0)
+        src.stop()
+        await asyncio.wait_for(task, 3)
+
+    asyncio.run(main())
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("rapidmq_edge")]
+    assert len(ours) == 1 and "nats client: ConnectionRefusedError" in ours[0], ours
+    assert not [r for r in caplog.records if r.name.startswith("nats")], "library tracebacks"

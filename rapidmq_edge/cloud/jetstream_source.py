@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from ..telemetry import RepeatedLog
 from .subscriber import Delivery, Inbox
 
 __all__ = ["MQTT_STREAM", "MQTT_SUBJECTS", "JetStreamSource", "filter_to_subject",
@@ -74,6 +75,7 @@ class JetStreamSource:
         self.user, self.password, self.name = user, password, name
         self.subscribed = asyncio.Event()
         self.received = 0
+        self._repeats = RepeatedLog(log)  # an outage: one line, then counts
         self.native = 0  # stored messages without the Nmqtt-Pub header (published over NATS)
         self._stop = asyncio.Event()
         self._inbox = Inbox()
@@ -105,6 +107,11 @@ class JetStreamSource:
         """Ask :meth:`run` to return."""
         self._stop.set()
 
+    async def _client_error(self, exc: Exception) -> None:
+        """The NATS client's own errors (each failed attempt to reach a node): counted, one
+        line a minute, instead of its default traceback per attempt."""
+        self._repeats("client", logging.WARNING, "jetstream: nats client: %r", exc)
+
     async def run(self) -> None:
         """Connect, make sure the durable exists, fetch until :meth:`stop`; reconnects."""
         import nats
@@ -113,18 +120,31 @@ class JetStreamSource:
         while not self._stop.is_set():
             nc: Any = None
             try:
-                nc = await nats.connect(
+                # the client retries a first connect for ever: stop() must end that too
+                connecting = asyncio.ensure_future(nats.connect(
                     servers=self.servers, user=self.user, password=self.password,
                     name=self.name, connect_timeout=2, reconnect_time_wait=0.5,
-                    max_reconnect_attempts=-1, allow_reconnect=True)
+                    max_reconnect_attempts=-1, allow_reconnect=True,
+                    error_cb=self._client_error))
+                stopping = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not connecting.done():
+                    connecting.cancel()
+                    await asyncio.gather(connecting, return_exceptions=True)
+                    break
+                nc = connecting.result()
                 js = nc.jetstream(timeout=5)
                 await self._ensure(js)
                 psub = await js.pull_subscribe_bind(self.durable, self.stream)
                 self.subscribed.set()
+                self._repeats.clear("session", "jetstream %s/%s: bound again", self.stream,
+                                    self.durable)
                 delay = 0.2
                 await self._pull(nc, psub)
             except Exception as exc:  # a node down, no JetStream leader yet, ...
-                log.warning("jetstream %s/%s: %s; retrying", self.stream, self.durable, exc)
+                self._repeats("session", logging.WARNING, "jetstream %s/%s: %s; retrying",
+                              self.stream, self.durable, exc)
             finally:
                 self.subscribed.clear()
                 self._inbox.drop()  # not acknowledged: redelivered after ack_wait
