@@ -37,6 +37,7 @@ from .conftest import (
     MosquittoBroker,
     _require_binary,
     free_port,
+    start_mosquitto_on,
     wait_for_port,
 )
 from .ota_fetch_runner import dump_plan
@@ -64,21 +65,11 @@ def start_broker(tmp: Path, port: int | None = None) -> MosquittoBroker:
     """Mosquitto with persistence (retained messages survive a restart on the same port)."""
     _require_binary(MOSQUITTO_BIN)
     port = port or free_port()
-    conf = tmp / f"mosq-{port}.conf"
-    log_path = tmp / f"mosq-{port}.log"
     store = tmp / f"store-{port}"
     store.mkdir(exist_ok=True)
-    conf.write_text(f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence true\n"
-                    f"persistence_location {store}/\nautosave_interval 0\nlog_dest stderr\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    log_file = open(log_path, "ab")  # noqa: SIM115 - closed by MosquittoBroker.stop()
-    proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                            stdout=log_file, stderr=subprocess.STDOUT)
-    broker = MosquittoBroker(LOOPBACK, port, proc, conf, log_path, log_file)
-    if not wait_for_port(LOOPBACK, port, 5):
-        broker.stop()
-        raise RuntimeError(f"mosquitto did not start on {port}: {broker.log()}")
-    return broker
+    return start_mosquitto_on(tmp, port, f"persistence true\npersistence_location {store}/\n"
+                              "autosave_interval 0\n"
+                              + ("user root\n" if os.geteuid() == 0 else ""))
 
 
 @pytest.fixture
