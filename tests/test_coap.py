@@ -612,6 +612,43 @@ asyncio.run(main())
     return (p.stdout.decode() + p.stderr.decode()).strip()
 
 
+def test_oscore_devices_provisioned_and_removed_while_the_gateway_runs(
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    """A device provisioned while the gateway runs is served within seconds, no restart (it
+    used to need one); one whose context is removed is refused from then on (an erasure
+    used to leave it served until a restart)."""
+    import shutil
+    import sys
+
+    oscore_dir = tmp_path / "oscore"
+    oscore_dir.mkdir()
+    g = CoapGateway(gateway_factory, oscore_dir=str(oscore_dir), require_oscore=True)
+    added = subprocess.run(
+        [sys.executable, "-m", "rapidmq_edge", "oscore", "add", "late", "--oscore-dir",
+         str(oscore_dir)], capture_output=True, text=True, timeout=30)
+    assert added.returncode == 0, added.stderr
+    dev = tmp_path / "device-late"
+    dev.mkdir()
+    (dev / "secret.json").write_text(added.stdout)
+    url = g.url("ps/data/late/t")
+
+    def answers(want_ok: bool) -> str:  # bounded: the gateway looks every 2 s
+        deadline = time.monotonic() + 10
+        while True:
+            out = _oscore_client(dev, url, "PUT", b"1")
+            if out.startswith("2.") == want_ok or time.monotonic() > deadline:
+                return out
+            time.sleep(0.5)
+
+    assert answers(True).startswith("2.01")
+    assert "serving device late" in g.gw.log()
+    shutil.rmtree(oscore_dir / "late")
+    out = answers(False)
+    assert not out.startswith("2."), out
+    assert "device late no longer served" in g.gw.log()
+
+
 def test_oscore_contexts_authenticate_devices(
     gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
 ) -> None:

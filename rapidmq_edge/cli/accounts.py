@@ -200,8 +200,8 @@ def _cmd_oscore(args: argparse.Namespace) -> int:
         return fail(str(exc))
     except OSError as exc:
         return fail(f"{exc.filename or 'oscore dir'}: {exc.strerror or exc}", 1)
-    print(f"added OSCORE context for {args.name} in {path}; restart the gateway to load it. "
-          "Install this on the device (shown only this once):", file=sys.stderr)
+    print(f"added OSCORE context for {args.name} in {path}; a running gateway serves it within "
+          "2 s. Install this on the device (shown only this once):", file=sys.stderr)
     print(json.dumps(device_view, indent=2))
     return 0
 

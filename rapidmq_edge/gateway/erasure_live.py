@@ -161,8 +161,7 @@ class LiveErasure:
         await asyncio.to_thread(erase_files, gw.config, device, report, oscore=oscore,
                                 token=token)
         if oscore and gw.coap is not None:
-            report.reported.append("the running CoAP server keeps the OSCORE context in "
-                                   "memory until the gateway restarts")
+            gw.coap.sync_oscore()  # its context gone from disk: no longer served, from now
         report.pause_ms = {k: round(v * 1000, 3) for k, v in pause.items()}
         await asyncio.to_thread(finish, gw.config, device, report, None, when)
         queued = self._request_upstream(report)

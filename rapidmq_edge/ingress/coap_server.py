@@ -47,6 +47,7 @@ formats) is :mod:`rapidmq_edge.coap.pubsub`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -54,7 +55,7 @@ from typing import Any
 from ..broker.broker import Broker
 from ..broker.policy import AccessPolicy
 from ..config.ingress import CoapSettings
-from ..security.oscore import load_contexts, provision_device
+from ..security.oscore import LiveContexts, provision_device
 
 try:  # optional dependency: the gateway runs without CoAP when it is missing
     import aiocoap
@@ -82,6 +83,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
     aiocoap = None
 
 log = logging.getLogger(__name__)
+#: how often a running server looks for OSCORE contexts added or removed (s)
+OSCORE_SYNC_S = 2.0
 
 #: critical options understood here (or by aiocoap below the resources): If-Match,
 #: Uri-Host, If-None-Match, Uri-Port, Uri-Path, Uri-Path-Abbrev, Uri-Query, Accept,
@@ -284,6 +287,9 @@ class CoapServer:
             for name in ("coap-server", "coap"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.contexts: list[Any] = []
+        #: the OSCORE contexts served (``coap.oscore_dir`` set), kept equal to the directory
+        self.oscore: LiveContexts | None = None
+        self._follow: asyncio.Task[None] | None = None
         self.endpoints: list[Any] = []  # coap_udp.UdpEndpoint, one per listen URL
         self.fast: list[Any] = []  # coap_fast.FastPublisher of each endpoint
         self.bound: list[str] = []
@@ -306,8 +312,29 @@ class CoapServer:
             return site
         from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-        creds, self.core.oscore_names = load_contexts(self.settings.oscore_dir)
-        return OscoreSiteWrapper(site, creds)
+        self.oscore = LiveContexts(self.settings.oscore_dir)
+        self.core.oscore_names = self.oscore.names
+        return OscoreSiteWrapper(site, self.oscore.creds)  # the same map: sync() edits it
+
+    def sync_oscore(self) -> None:
+        """Serve the devices provisioned since, stop serving the removed ones (at once after
+        an erasure; every :data:`OSCORE_SYNC_S` otherwise)."""
+        if self.oscore is None:
+            return
+        added, removed = self.oscore.sync()
+        for name in added:
+            log.info("OSCORE: serving device %s (its context appeared in %s)", name,
+                     self.oscore.dir)
+        for name in removed:
+            log.info("OSCORE: device %s no longer served (its context is gone)", name)
+
+    async def _follow_oscore(self) -> None:
+        while True:
+            await asyncio.sleep(OSCORE_SYNC_S)
+            try:
+                self.sync_oscore()
+            except Exception:  # pragma: no cover - keep following
+                log.exception("OSCORE contexts")
 
     async def start(self) -> list[str]:
         """Bind every endpoint (UDP only); return their URLs.
@@ -336,10 +363,16 @@ class CoapServer:
                 f"coap://[{ep.host}]:{ep.port}")
             self.bound.append(url)
             log.info("CoAP listening on %s", url)
+        if self.oscore is not None:
+            self._follow = asyncio.get_running_loop().create_task(self._follow_oscore())
         return self.bound
 
     async def close(self) -> None:
         """Stop serving and end every observation."""
+        if self._follow is not None:
+            self._follow.cancel()
+            await asyncio.gather(self._follow, return_exceptions=True)
+            self._follow = None
         self.core.close_observers()
         for ctx in self.contexts:
             with contextlib.suppress(Exception):

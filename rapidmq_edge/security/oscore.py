@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["context_problems", "list_devices", "load_contexts", "provision_device"]
+from ..telemetry import RepeatedLog
+
+__all__ = ["LiveContexts", "context_problems", "list_devices", "load_contexts",
+           "provision_device"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,46 @@ def load_contexts(oscore_dir: Path) -> tuple[Any, dict[int, str]]:
         names[id(ctx)] = name
     log.info("loaded %d OSCORE security contexts from %s", len(names), oscore_dir)
     return creds, names
+
+
+class LiveContexts:
+    """The contexts a running server serves (``creds``, and ``names``: context id -> device),
+    kept equal to ``oscore_dir`` by :meth:`sync`: a device provisioned since is served, one
+    whose context was removed (``erase --oscore``, by hand) is not any more."""
+
+    def __init__(self, oscore_dir: Path) -> None:
+        self.dir = oscore_dir
+        self.creds, self.names = load_contexts(oscore_dir)
+        self._repeats = RepeatedLog(log)
+
+    def sync(self) -> tuple[list[str], list[str]]:
+        """Load the contexts added to the directory, drop the removed ones: (added, removed).
+        A context that does not load is logged (once, then counted) and tried again."""
+        from aiocoap.oscore import FilesystemSecurityContext
+
+        try:
+            present = {d.name for d in self.dir.iterdir() if d.is_dir()
+                       and not d.name.startswith(".") and (d / "secret.json").is_file()}
+        except OSError:
+            present = set()
+        loaded = {key[1:] for key in self.creds}
+        added, removed = [], []
+        for name in sorted(present - loaded):
+            try:
+                ctx = FilesystemSecurityContext(str(self.dir / name) + "/")
+            except Exception as exc:  # noqa: BLE001 - one bad context must not stop the rest
+                self._repeats(name, logging.ERROR, "OSCORE context %s not loaded: %s",
+                              self.dir / name, exc)
+                continue
+            self._repeats.clear(name)
+            self.creds[":" + name] = ctx
+            self.names[id(ctx)] = name
+            added.append(name)
+        for name in sorted(loaded - present):
+            ctx = self.creds.pop(":" + name)
+            self.names.pop(id(ctx), None)
+            removed.append(name)
+        return added, removed
 
 
 def context_problems(oscore_dir: Path) -> list[str]:
