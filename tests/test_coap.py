@@ -649,6 +649,41 @@ def test_oscore_devices_provisioned_and_removed_while_the_gateway_runs(
     assert "device late no longer served" in g.gw.log()
 
 
+def test_an_oscore_device_erased_through_the_api_is_refused_at_once(
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
+) -> None:
+    import sys
+    import urllib.request
+
+    from rapidmq_edge.security.tokens import add_token
+
+    oscore_dir = tmp_path / "oscore"
+    made = subprocess.run(
+        [sys.executable, "-m", "rapidmq_edge", "oscore", "add", "gone", "--oscore-dir",
+         str(oscore_dir)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    dev = tmp_path / "device-gone"
+    dev.mkdir()
+    (dev / "secret.json").write_text(made.stdout)
+    tokens = tmp_path / "tokens.toml"
+    admin = add_token(tokens, "ops", "ops")
+    http_port = free_port()
+    g = CoapGateway(gateway_factory, oscore_dir=str(oscore_dir), require_oscore=True, extra={
+        "http": {"listen": [f"http://{LOOPBACK}:{http_port}"], "tokens_file": str(tokens)}})
+    url = g.url("ps/data/gone/t")
+    assert _oscore_client(dev, url, "PUT", b"1").startswith("2.01")
+    req = urllib.request.Request(
+        f"http://{LOOPBACK}:{http_port}/api/v1/erase",
+        json.dumps({"device": "gone", "oscore": True}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {admin}"},
+        method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        report = json.loads(resp.read())
+    assert resp.status == 200 and any("gone" in r for r in report["removed"]), report
+    out = _oscore_client(dev, url, "PUT", b"2")  # at once, not after the next look (2 s)
+    assert not out.startswith("2."), out
+
+
 def test_oscore_contexts_authenticate_devices(
     gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
 ) -> None:
