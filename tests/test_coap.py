@@ -612,6 +612,20 @@ asyncio.run(main())
     return (p.stdout.decode() + p.stderr.decode()).strip()
 
 
+def _provision(oscore_dir: Path, name: str, tmp: Path) -> Path:
+    """``oscore add NAME`` by the CLI; the device's side written as its context directory."""
+    import sys
+
+    made = subprocess.run(
+        [sys.executable, "-m", "rapidmq_edge", "oscore", "add", name, "--oscore-dir",
+         str(oscore_dir)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    dev = tmp / f"device-{name}"
+    dev.mkdir()
+    (dev / "secret.json").write_text(made.stdout)
+    return dev
+
+
 def test_oscore_devices_provisioned_and_removed_while_the_gateway_runs(
     gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
 ) -> None:
@@ -619,18 +633,11 @@ def test_oscore_devices_provisioned_and_removed_while_the_gateway_runs(
     used to need one); one whose context is removed is refused from then on (an erasure
     used to leave it served until a restart)."""
     import shutil
-    import sys
 
     oscore_dir = tmp_path / "oscore"
     oscore_dir.mkdir()
     g = CoapGateway(gateway_factory, oscore_dir=str(oscore_dir), require_oscore=True)
-    added = subprocess.run(
-        [sys.executable, "-m", "rapidmq_edge", "oscore", "add", "late", "--oscore-dir",
-         str(oscore_dir)], capture_output=True, text=True, timeout=30)
-    assert added.returncode == 0, added.stderr
-    dev = tmp_path / "device-late"
-    dev.mkdir()
-    (dev / "secret.json").write_text(added.stdout)
+    dev = _provision(oscore_dir, "late", tmp_path)
     url = g.url("ps/data/late/t")
 
     def answers(want_ok: bool) -> str:  # bounded: the gateway looks every 2 s
@@ -652,19 +659,12 @@ def test_oscore_devices_provisioned_and_removed_while_the_gateway_runs(
 def test_an_oscore_device_erased_through_the_api_is_refused_at_once(
     gateway_factory: Callable[..., GatewayProcess], tmp_path: Path,
 ) -> None:
-    import sys
     import urllib.request
 
     from rapidmq_edge.security.tokens import add_token
 
     oscore_dir = tmp_path / "oscore"
-    made = subprocess.run(
-        [sys.executable, "-m", "rapidmq_edge", "oscore", "add", "gone", "--oscore-dir",
-         str(oscore_dir)], capture_output=True, text=True, timeout=30)
-    assert made.returncode == 0, made.stderr
-    dev = tmp_path / "device-gone"
-    dev.mkdir()
-    (dev / "secret.json").write_text(made.stdout)
+    dev = _provision(oscore_dir, "gone", tmp_path)
     tokens = tmp_path / "tokens.toml"
     admin = add_token(tokens, "ops", "ops")
     http_port = free_port()
