@@ -18,8 +18,7 @@ from typing import Any
 
 from ..telemetry import RepeatedLog
 
-__all__ = ["LiveContexts", "context_problems", "list_devices", "load_contexts",
-           "provision_device"]
+__all__ = ["LiveContexts", "context_problems", "list_devices", "provision_device"]
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +80,22 @@ def _contexts(oscore_dir: Path) -> Iterator[tuple[str, Any]]:
             yield sub.name, exc
 
 
-def load_contexts(oscore_dir: Path) -> tuple[Any, dict[int, str]]:
-    """CredentialsMap of every context under ``oscore_dir``, and context id -> name."""
-    from aiocoap.credentials import CredentialsMap
-
-    creds = CredentialsMap()
-    names: dict[int, str] = {}
-    if not oscore_dir.is_dir():
-        log.warning("coap.oscore_dir %s does not exist: no OSCORE devices", oscore_dir)
-        return creds, names
-    for name, ctx in _contexts(oscore_dir):
-        if isinstance(ctx, Exception):
-            log.error("OSCORE context %s not loaded: %s", oscore_dir / name, ctx)
-            continue
-        creds[":" + name] = ctx
-        names[id(ctx)] = name
-    log.info("loaded %d OSCORE security contexts from %s", len(names), oscore_dir)
-    return creds, names
-
-
 class LiveContexts:
     """The contexts a running server serves (``creds``, and ``names``: context id -> device),
     kept equal to ``oscore_dir`` by :meth:`sync`: a device provisioned since is served, one
     whose context was removed (``erase --oscore``, by hand) is not any more."""
 
     def __init__(self, oscore_dir: Path) -> None:
+        from aiocoap.credentials import CredentialsMap
+
         self.dir = oscore_dir
-        self.creds, self.names = load_contexts(oscore_dir)
+        self.creds = CredentialsMap()
+        self.names: dict[int, str] = {}
         self._repeats = RepeatedLog(log)
+        if not oscore_dir.is_dir():
+            log.warning("coap.oscore_dir %s does not exist: no OSCORE devices", oscore_dir)
+        self.sync()
+        log.info("loaded %d OSCORE security contexts from %s", len(self.names), oscore_dir)
 
     def sync(self) -> tuple[list[str], list[str]]:
         """Load the contexts added to the directory, drop the removed ones: (added, removed).
@@ -116,8 +103,7 @@ class LiveContexts:
         from aiocoap.oscore import FilesystemSecurityContext
 
         try:
-            present = {d.name for d in self.dir.iterdir() if d.is_dir()
-                       and not d.name.startswith(".") and (d / "secret.json").is_file()}
+            present = set(list_devices(self.dir))
         except OSError:
             present = set()
         loaded = {key[1:] for key in self.creds}
@@ -141,7 +127,8 @@ class LiveContexts:
 
 
 def context_problems(oscore_dir: Path) -> list[str]:
-    """What :func:`load_contexts` would skip (``check-config``): one line per bad context."""
+    """What :class:`LiveContexts` would not load (``check-config``): one line per bad
+    context."""
     if not oscore_dir.is_dir():
         return []
     return [f"context {name}: {ctx}" for name, ctx in _contexts(oscore_dir)
