@@ -230,3 +230,51 @@ def test_disk_filled_by_another_process_releases_the_ballast(
     assert acked <= set(numbers) and len(numbers) == len(set(numbers))
     assert "deleted the 2097152-byte ballast" in gw.log()
     assert "Future exception was never retrieved" not in gw.log()
+
+
+def _hog(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte from outside the gateway; the file that did it."""
+    hog = disk / "hog"
+    with open(hog, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (64 << 10))
+                fh.flush()
+        except OSError:
+            pass
+    assert os.statvfs(disk).f_bavail == 0
+    return hog
+
+
+def test_broker_state_on_a_disk_filled_by_another_process(
+    small_disk: Path, gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """A local broker (no forwarding) whose disk something else filled: the failed commit
+    of a retained message is seen as a full disk (SQLite had rolled the transaction back;
+    rolling back again raised "cannot rollback" and hid that, so the ballast stayed and every
+    retry failed), the ballast goes, the retry commits, the message survives a restart."""
+    from .mqtt_helpers import PUBACK, RawClient, unique
+
+    gw = gateway_factory({"gateway": {"data_dir": str(small_disk / "data")}})
+    assert (small_disk / "data" / "disk-ballast").stat().st_size == 2 << 20
+    hog = _hog(small_disk)
+    try:
+        topic, body = unique("full/retained"), os.urandom(300 << 10)
+        with RawClient(gw.port, version=5) as pub:
+            assert pub.connect(unique("full-pub"))[1] == 0
+            pid = pub.publish(topic, body, qos=1, retain=True)
+            ack = pub.expect(PUBACK, timeout=10)  # 0x97: the first commit failed
+            assert ack.body[:3] == pid.to_bytes(2, "big") + b"\x97", ack.body
+        _until(lambda: "commits succeed again" in gw.log(), 10, "the retry committed")
+        log = gw.log()
+        assert "deleted the 2097152-byte ballast" in log
+        assert "database or disk is full" in log and "cannot rollback" not in log
+        gw.stop()
+        gw.start()
+        with RawClient(gw.port) as sub:
+            assert sub.connect(unique("full-sub"))[1] == 0
+            assert sub.subscribe([(topic, 1)]) == [1]
+            got = sub.expect_publish(timeout=10)
+            assert (got.topic, got.payload, got.retain) == (topic, body, True)
+    finally:
+        hog.unlink(missing_ok=True)

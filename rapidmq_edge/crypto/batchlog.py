@@ -150,7 +150,8 @@ class BatchLog:
                     self._pending_ids.append(int(cur.lastrowid or 0))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back (disk full)
+                    self._db.execute("ROLLBACK")
                 self._pending_ids = self._pending_ids[: len(self.builder)]
                 raise
             for mid, leaf in take:

@@ -85,7 +85,8 @@ class SequenceStore:
                     (component, sequence, manifest_sha256, time.time()))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back (disk full)
+                self._db.execute("ROLLBACK")
             raise
         return verdict
 

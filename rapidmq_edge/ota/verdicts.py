@@ -71,7 +71,8 @@ class VerdictStore:
                     "feedback_incidents ORDER BY saved_at DESC LIMIT ?)", (self.keep,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
         return len(rows)
 

@@ -144,7 +144,8 @@ class RbacStore:
             model = change(self._model(check=False)).validate()
             self._write(model)
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back (disk full)
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         return model

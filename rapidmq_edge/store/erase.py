@@ -65,7 +65,8 @@ def _delete(db: sqlite3.Connection, deletes: Sequence[tuple[str, Sequence[Any]]]
                     raise
                 counts.append(0)
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite may have rolled back (disk full)
+            db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
     return counts

@@ -300,7 +300,10 @@ class SessionStore:
                     _SQL[name](db, args)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL, IOERR): a second
+                # ROLLBACK would raise and hide why the commit failed
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     async def close(self) -> None:
