@@ -706,6 +706,25 @@ def test_commit_failure_withholds_or_refuses_the_ack_and_retries(tmp_path: Path)
             v3.publish(topic, big + b"3", qos=1, packet_id=1)
             v3.assert_no_packet(1.2)  # withheld, also across retries
             assert gw.gateway.store.failures >= 2
+            # a message the store has no part in (no retained row, no stored delivery) is
+            # acknowledged as usual meanwhile: it does not wait for the failing commit
+            with RawClient(gw.port, version=5) as v5b, RawClient(gw.port) as v3b:
+                assert v5b.connect(unique("free-v5"))[1] == 0
+                assert v3b.connect(unique("free-v3"))[1] == 0
+                free = unique("full-free")
+                v5b.publish(free, b"not stored", qos=1, packet_id=7)
+                ack = v5b.expect(PUBACK, timeout=2)
+                assert pid_of(ack.body) == 7 and ack.body[2] == 0x10, ack.body  # no subscribers
+                v3b.publish(free, b"not stored", qos=1, packet_id=7)
+                assert pid_of(v3b.expect(PUBACK, timeout=2).body) == 7
+                with RawClient(gw.port) as online:  # a clean session: nothing stored either
+                    assert online.connect(unique("free-sub"))[1] == 0
+                    assert online.subscribe([(free, 1)]) == [1]
+                    v5b.publish(free, b"to an online client", qos=1, packet_id=8)
+                    ack = v5b.expect(PUBACK, timeout=2)
+                    assert pid_of(ack.body) == 8 and ack.body[2:3] in (b"", b"\x00"), ack.body
+                    assert online.expect_publish(timeout=2).payload == b"to an online client"
+            assert gw.gateway.store.pending  # the failing changes are still waiting
             gw.set_max_pages(None)  # room again: the retry succeeds
             assert wait_until(lambda: gw.gateway.store.pending == 0, timeout=5)
             v3.assert_no_packet(0.3)  # 3.1.1: the withheld ack stays withheld

@@ -112,6 +112,8 @@ class Broker:
         #: the session store's and those of the stages behind the taps
         self.durable: tuple[Callable[[], asyncio.Future[Any] | None], ...] = (
             *((store.commit_future,) if store is not None else ()), *durable)
+        #: the same without the session store: for a message that changed nothing in it
+        self._stages = tuple(durable)
         self._combined: tuple[tuple[asyncio.Future[Any], ...], asyncio.Future[Any]] | None = None
         #: called in order with every message accepted for routing: the pipeline's stages
         #: (each may raise PublishRefused: then nothing else happens)
@@ -361,16 +363,26 @@ class Broker:
         for observe in self.observers:
             observe(msg)
 
-    def commit_future(self) -> asyncio.Future[Any] | None:
+    def store_mark(self) -> int:
+        """The session store's change count, for :meth:`commit_future`'s ``since``."""
+        return self.store.changes if self.store is not None else 0
+
+    def commit_future(self, since: int | None = None) -> asyncio.Future[Any] | None:
         """Resolved when every durable change made so far is committed (None: nothing to wait).
 
-        The stores share one future per group commit; so does this (the combination of
-        the same store futures is made once). Await it through ``asyncio.shield`` where
-        the awaiting task may be cancelled.
+        ``since``: :meth:`store_mark` taken before a message was published; if the message
+        changed nothing in the session store (no retained row, no stored delivery) its
+        acknowledgement does not wait for that store, nor for an older commit of it that
+        keeps failing (a full disk). The stores share one future per group commit; so does
+        this (the combination of the same store futures is made once). Await it through
+        ``asyncio.shield`` where the awaiting task may be cancelled.
         """
         first: asyncio.Future[Any] | None = None
         more: list[asyncio.Future[Any]] | None = None
-        for src in self.durable:
+        store = self.store
+        sources = (self._stages if since is not None and store is not None
+                   and store.changes == since else self.durable)
+        for src in sources:
             f = src()
             if f is None:
                 continue

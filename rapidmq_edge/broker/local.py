@@ -85,8 +85,9 @@ def publish(broker: Broker, msg: Message) -> Any:
     awaitable raises it when a tap refuses it later (a scored micro-batch), and the store's
     error when the commit fails.
     """
+    mark = broker.store_mark()
     broker.publish(msg)
-    fut = broker.commit_future()
+    fut = broker.commit_future(mark)
     return _stored(fut, msg) if fut is not None else None
 
 

@@ -157,6 +157,7 @@ class PublishPath:
         if p.raw is not None and "topic_alias" not in p.properties and expiry is None:
             msg.wire = {(self.v5, False): p.raw}
         blocked = broker.blocked_links
+        mark = broker.store_mark()
         try:
             receivers = broker.publish(msg)
         except PublishRefused as exc:
@@ -166,7 +167,7 @@ class PublishPath:
         if blocked:
             self._wait_for_subscribers(blocked)
         if p.qos:
-            fut = broker.commit_future()
+            fut = broker.commit_future(mark)
             self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut,
                               msg)
 
@@ -231,7 +232,9 @@ class PublishPath:
         st.received_by_qos[qos] += 1
         st.messages_sent += len(links)
         st.sent_by_qos[qos] += len(links)
+        mark = 0
         if qos:
+            mark = broker.store_mark()
             for i, pid in enumerate(pids):
                 d = Delivery(msg, qos)
                 sessions[i].track(d, pid)
@@ -247,7 +250,7 @@ class PublishPath:
             self._wait_for_subscribers(blocked)
         if qos:
             self._ack_publish(p, rc.SUCCESS if links else rc.NO_MATCHING_SUBSCRIBERS,
-                              broker.commit_future(), msg)
+                              broker.commit_future(mark), msg)
         return True
 
     def _may_publish(self, topic: str, qos: int, retain: bool) -> bool:

@@ -108,6 +108,9 @@ class SessionStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         self.failures = 0
+        #: count of changes made (not of rows written): a caller that read it before an
+        #: action knows afterwards whether the action changed anything here
+        self.changes = 0
         self.on_error: Callable[[BaseException], None] | None = None
 
     # -- start-up ------------------------------------------------------------------
@@ -170,6 +173,7 @@ class SessionStore:
 
     def _put(self, key: tuple[Any, ...], op: Op) -> None:
         self._pending[key] = op
+        self.changes += 1
         if self._timer is None and not self._busy:
             loop = self._loop or asyncio.get_running_loop()
             self._loop = loop
