@@ -13,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .conftest import MosquittoBroker, free_port
+from .conftest import MosquittoBroker, free_port, wait_for_port
 from .gateway_proc import GatewayProcess
 
 V2 = mqtt.CallbackAPIVersion.VERSION2
@@ -94,10 +94,18 @@ def _persistent_cloud(
         f"listener {port} 127.0.0.1\npersistence true\npersistence_location {tmp}/\n"
         "max_queued_messages 0\n"
     )
-    first = factory(conf)
+
+    def start() -> MosquittoBroker:
+        # the factory waits for the port it picked itself, not for this second listener
+        broker = factory(conf)
+        if not wait_for_port("127.0.0.1", port, 5):
+            raise RuntimeError(f"the upstream did not listen on {port}: {broker.log()}")
+        return broker
+
+    first = start()
     Collector(port, "edge/#", client_id="cloud").close()
     first.stop()  # the session (and its subscription) is saved on exit
-    return lambda: factory(conf)
+    return start
 
 
 def _publish_all(dev: mqtt.Client, n: int, topic: str = "sensors/t") -> list[bytes]:
