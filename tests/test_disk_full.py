@@ -260,11 +260,16 @@ def test_broker_state_on_a_disk_filled_by_another_process(
     hog = _hog(small_disk)
     try:
         topic, body = unique("full/retained"), os.urandom(300 << 10)
-        with RawClient(gw.port, version=5) as pub:
+        topic3 = unique("full/retained3")
+        with RawClient(gw.port, version=5) as pub, RawClient(gw.port) as pub3:
             assert pub.connect(unique("full-pub"))[1] == 0
+            assert pub3.connect(unique("full-pub3"))[1] == 0
             pid = pub.publish(topic, body, qos=1, retain=True)
+            pid3 = pub3.publish(topic3, b"3.1.1", qos=1, retain=True)  # likely the same commit
             ack = pub.expect(PUBACK, timeout=10)  # 0x97: the first commit failed
             assert ack.body[:3] == pid.to_bytes(2, "big") + b"\x97", ack.body
+            # 3.1.1 cannot say 0x97: its PUBACK comes once the retry has stored the message
+            assert pub3.expect(PUBACK, timeout=10).body[:2] == pid3.to_bytes(2, "big")
         _until(lambda: "commits succeed again" in gw.log(), 10, "the retry committed")
         log = gw.log()
         assert "deleted the 2097152-byte ballast" in log
@@ -276,5 +281,8 @@ def test_broker_state_on_a_disk_filled_by_another_process(
             assert sub.subscribe([(topic, 1)]) == [1]
             got = sub.expect_publish(timeout=10)
             assert (got.topic, got.payload, got.retain) == (topic, body, True)
+            assert sub.subscribe([(topic3, 1)]) == [1]
+            got = sub.expect_publish(timeout=10)
+            assert (got.topic, got.payload, got.retain) == (topic3, b"3.1.1", True)
     finally:
         hog.unlink(missing_ok=True)

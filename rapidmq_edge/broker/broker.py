@@ -108,12 +108,9 @@ class Broker:
         #: and go, and with the read-check answers)
         self._plans: dict[str, Plan | bool] = {}
         self._plans_gen = -1
-        #: commit futures of every durable store the acknowledgement of a PUBLISH waits for:
-        #: the session store's and those of the stages behind the taps
-        self.durable: tuple[Callable[[], asyncio.Future[Any] | None], ...] = (
-            *((store.commit_future,) if store is not None else ()), *durable)
-        #: the same without the session store: for a message that changed nothing in it
-        self._stages = tuple(durable)
+        #: commit futures the acknowledgement of a PUBLISH waits for besides the session
+        #: store's: those of the stages behind the taps
+        self._stages: tuple[Callable[[], asyncio.Future[Any] | None], ...] = tuple(durable)
         self._combined: tuple[tuple[asyncio.Future[Any], ...], asyncio.Future[Any]] | None = None
         #: called in order with every message accepted for routing: the pipeline's stages
         #: (each may raise PublishRefused: then nothing else happens)
@@ -367,22 +364,25 @@ class Broker:
         """The session store's change count, for :meth:`commit_future`'s ``since``."""
         return self.store.changes if self.store is not None else 0
 
-    def commit_future(self, since: int | None = None) -> asyncio.Future[Any] | None:
+    def commit_future(self, since: int | None = None,
+                      patient: bool = False) -> asyncio.Future[Any] | None:
         """Resolved when every durable change made so far is committed (None: nothing to wait).
 
         ``since``: :meth:`store_mark` taken before a message was published; if the message
         changed nothing in the session store (no retained row, no stored delivery) its
         acknowledgement does not wait for that store, nor for an older commit of it that
-        keeps failing (a full disk). The stores share one future per group commit; so does
-        this (the combination of the same store futures is made once). Await it through
-        ``asyncio.shield`` where the awaiting task may be cancelled.
+        keeps failing (a full disk). ``patient``: a failed session-store commit does not
+        fail the future, the retry of the same changes resolves it (the stages' failures
+        still do: what they failed to store is not retried). The stages share one future
+        per group commit; so does this (the combination of the same futures is made once).
+        Await it through ``asyncio.shield`` where the awaiting task may be cancelled.
         """
         first: asyncio.Future[Any] | None = None
         more: list[asyncio.Future[Any]] | None = None
         store = self.store
-        sources = (self._stages if since is not None and store is not None
-                   and store.changes == since else self.durable)
-        for src in sources:
+        if store is not None and (since is None or store.changes != since):
+            first = store.commit_future(patient)
+        for src in self._stages:
             f = src()
             if f is None:
                 continue

@@ -167,7 +167,9 @@ class PublishPath:
         if blocked:
             self._wait_for_subscribers(blocked)
         if p.qos:
-            fut = broker.commit_future(mark)
+            # 3.1.1 cannot refuse: its acknowledgement waits through a failed commit of the
+            # session store for the retry (5.0 says 0x97 at once)
+            fut = broker.commit_future(mark, not self.v5)
             self._ack_publish(p, rc.SUCCESS if receivers else rc.NO_MATCHING_SUBSCRIBERS, fut,
                               msg)
 
@@ -250,7 +252,7 @@ class PublishPath:
             self._wait_for_subscribers(blocked)
         if qos:
             self._ack_publish(p, rc.SUCCESS if links else rc.NO_MATCHING_SUBSCRIBERS,
-                              broker.commit_future(mark), msg)
+                              broker.commit_future(mark, not self.v5), msg)
         return True
 
     def _may_publish(self, topic: str, qos: int, retain: bool) -> bool:
@@ -282,7 +284,8 @@ class PublishPath:
             session.add_inbound_qos2(p.packet_id)
             if session.persistent and session.store is not None:
                 session.store.save_inbound_qos2(session.client_id, p.packet_id)
-                fut = self.broker.commit_future()  # every durable store, this one included
+                # every durable store, this one included
+                fut = self.broker.commit_future(patient=not self.v5)
         self._queue_ack(Pubrec(p.packet_id, code), fut, None, msg)
 
     def _on_pubrel(self, p: Pubrel) -> None:

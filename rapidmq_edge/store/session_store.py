@@ -101,6 +101,7 @@ class SessionStore:
         self._pending: dict[tuple[Any, ...], Op] = {}
         self._on_disk: set[tuple[str, int]] = set()  # deliveries written (or being written)
         self._waiters: list[asyncio.Future[None]] = []
+        self._patient: list[asyncio.Future[None]] = []  # not failed by a failed commit
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="session-store")
         self._lock = threading.Lock()
         self._busy = False
@@ -216,13 +217,17 @@ class SessionStore:
     def delete_retained(self, topic: str) -> None:
         self._put(("r", topic), ("delete_retained", (topic,)))
 
-    def commit_future(self) -> asyncio.Future[None] | None:
-        """A future resolved when everything changed so far is committed; None if nothing is."""
+    def commit_future(self, patient: bool = False) -> asyncio.Future[None] | None:
+        """A future resolved when everything changed so far is committed; None if nothing is.
+
+        It fails with :class:`StoreError` when that commit fails, unless ``patient``: then it
+        waits for the retry that writes the same changes (for an acknowledgement that has no
+        way to say no, as MQTT 3.1.1's)."""
         if not self._pending and not self._busy:
             return None
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
+        (self._patient if patient else self._waiters).append(fut)
         return fut
 
     @property
@@ -237,7 +242,8 @@ class SessionStore:
         if self._busy:
             return
         if not self._pending:  # everything cancelled out: nothing to wait for
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters + self._patient, []
+            self._patient = []
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -253,27 +259,31 @@ class SessionStore:
             elif name == "delete_delivery":
                 on_disk.discard(args)
         waiters, self._waiters = self._waiters, []
+        patient, self._patient = self._patient, []
         self._busy = True
         fut = loop.run_in_executor(self._writer, self._write, ops)
-        fut.add_done_callback(lambda f: self._written(f, ops, waiters))
+        fut.add_done_callback(lambda f: self._written(f, ops, waiters, patient))
 
     def _written(
-        self, f: asyncio.Future[None], ops: list[Op], waiters: list[asyncio.Future[None]]
+        self, f: asyncio.Future[None], ops: list[Op], waiters: list[asyncio.Future[None]],
+        patient: list[asyncio.Future[None]],
     ) -> None:
         self._busy = False
         exc = f.exception()
         if exc is None:
             self.commits += 1
             self._repeats.clear("commit", "session store %s: commits succeed again", self.path)
+            waiters += patient
             if not self._pending:
                 # Futures taken while this batch was being written with nothing else
                 # pending waited for exactly this batch: it is committed now.
-                waiters += self._waiters
-                self._waiters = []
+                waiters += self._waiters + self._patient
+                self._waiters, self._patient = [], []
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
         else:
+            self._patient[:0] = patient  # the same changes are retried: they wait for that
             self.failures += 1
             if self.disk is not None and is_disk_full(exc):
                 self.disk.release_ballast()
