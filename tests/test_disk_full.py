@@ -117,6 +117,20 @@ def _numbers(cloud: Collector) -> list[int]:
         return [int(p[:8]) for _, p, _ in cloud.got]
 
 
+def _hog(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte from outside the gateway; the file that did it."""
+    hog = disk / "hog"
+    with open(hog, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (64 << 10))
+                fh.flush()
+        except OSError:
+            pass
+    assert os.statvfs(disk).f_bavail == 0
+    return hog
+
+
 def _gateway(factory: Callable[..., GatewayProcess], disk: Path, up_port: int,
              **gateway: Any) -> GatewayProcess:
     return factory({
@@ -196,14 +210,7 @@ def test_disk_filled_by_another_process_releases_the_ballast(
         db = sqlite3.connect(small_disk / "data" / "forward.db")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         db.close()
-        with open(hog, "wb") as fh:  # every byte left
-            try:
-                while True:
-                    fh.write(b"\0" * (64 << 10))
-                    fh.flush()
-            except OSError:
-                pass
-        assert os.statvfs(small_disk).f_bavail == 0
+        _hog(small_disk)  # every byte left
         # what still fits in SQLite's own files is stored and acknowledged; then refusals
         more = dev.send(20)
         acked |= {n for n, code in more if 0 <= code < 0x80}
@@ -230,20 +237,6 @@ def test_disk_filled_by_another_process_releases_the_ballast(
     assert acked <= set(numbers) and len(numbers) == len(set(numbers))
     assert "deleted the 2097152-byte ballast" in gw.log()
     assert "Future exception was never retrieved" not in gw.log()
-
-
-def _hog(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte from outside the gateway; the file that did it."""
-    hog = disk / "hog"
-    with open(hog, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (64 << 10))
-                fh.flush()
-        except OSError:
-            pass
-    assert os.statvfs(disk).f_bavail == 0
-    return hog
 
 
 def test_broker_state_on_a_disk_filled_by_another_process(
