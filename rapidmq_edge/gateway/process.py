@@ -33,6 +33,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):  # not on Windows
+        loop.add_signal_handler(signal.SIGHUP, _hangup, gateway)
     log.info("gateway %s ready (%d sessions restored)", config.gateway.id,
              len(gateway.broker.sessions))
     # everything built at start (modules, models, config, restored sessions) lives as long
@@ -53,6 +55,18 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     notifier.stopping()
     watchdog.cancel()
     await gateway.stop()
+
+
+def _hangup(gateway: Gateway) -> None:
+    """SIGHUP (``systemctl reload``): re-read the users file, as Mosquitto re-reads its
+    password file; never stop (the default action of SIGHUP would end the process)."""
+    access = gateway.access
+    if access.live_users is None:
+        log.info("SIGHUP: no users file to re-read; other settings take a restart")
+        return
+    access.reread_users()
+    log.info("SIGHUP: users file %s checked, %d user(s) in force; other settings take a "
+             "restart", access.live_users.path, len(access.users or ()))
 
 
 def run_gateway(config: Config) -> int:

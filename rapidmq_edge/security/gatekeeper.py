@@ -17,6 +17,7 @@ from .rbac import acl_role
 from .rbac_live import LiveRbac
 from .tenants import TenantScope
 from .users import UserDB
+from .users_live import LiveUsers
 
 ReadCheck = Callable[[str | None, str, str], bool]
 
@@ -43,15 +44,22 @@ class Gatekeeper:
         self._identity_epoch = 0  # moves when a client id's certificate CN changes
         #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
         self.watch: Any = None
+        #: the users file followed while running (``from_config``); None: ``users`` is fixed
+        self.live_users: LiveUsers | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Gatekeeper:
-        """Load the users file (if any) and compile the ACL."""
+        """Load the users file (if any; followed while running) and compile the ACL."""
         users_file = config.auth.users_file
         a = config.auth
-        users = UserDB.load(users_file) if users_file is not None else None
+        live = LiveUsers(users_file) if users_file is not None else None
+        users = live.db if live is not None else None
+
+        def tenant_attributes() -> dict[str, str]:  # of the users table in force
+            return gk.users.tenants if gk.users is not None else {}
+
         tenants = TenantScope(a.tenant_source, a.tenant_separator, a.tenant_mountpoint,
-                              (lambda: users.tenants) if users is not None else None)
+                              tenant_attributes if users is not None else None)
         cert_cns: dict[str, str] = {}
         rbac = None
         if a.rbac:
@@ -62,7 +70,13 @@ class Gatekeeper:
         gk = cls(a.allow_anonymous, users, Acl.from_config(config), rbac, tenants,
                  a.tenant_mountpoint_visible, a.use_cn_as_username)
         gk.cert_cns = cert_cns
+        gk.live_users = live
         return gk
+
+    def reread_users(self) -> None:
+        """Re-read the users file now if it changed (SIGHUP)."""
+        if self.live_users is not None:
+            self.users = self.live_users.current(force=True)
 
     @property
     def generation(self) -> int:
@@ -113,6 +127,8 @@ class Gatekeeper:
         """0 or a CONNACK reason code when known without hashing; None otherwise."""
         if username is None:
             return 0 if self.allow_anonymous else rc.NOT_AUTHORIZED
+        if self.live_users is not None:  # the file as it is now (looked at once a second)
+            self.users = self.live_users.current()
         if self.users is None:
             # No users file: a user name is only a label, as for anonymous clients.
             return 0 if self.allow_anonymous else rc.BAD_USER_NAME_OR_PASSWORD
