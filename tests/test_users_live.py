@@ -17,16 +17,9 @@ from rapidmq_edge.security.users_live import LiveUsers
 
 from .gateway_proc import GatewayProcess
 from .mqtt_helpers import RawClient, unique, wait_until
+from .test_forward_queue import Clock
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_changes_are_seen_at_most_once_a_second(tmp_path: Path,
@@ -37,7 +30,7 @@ def test_changes_are_seen_at_most_once_a_second(tmp_path: Path,
     live = LiveUsers(path, every=1.0, clock=clock)
     add_user(path, "bob", "pw-b")
     assert "bob" not in live.current()  # looked at less than a second ago
-    clock.now += 1.0
+    clock.t += 1.0
     assert "bob" in live.current() and "alice" in live.current()
     remove_user(path, "alice")
     assert "alice" in live.current()
@@ -47,7 +40,7 @@ def test_changes_are_seen_at_most_once_a_second(tmp_path: Path,
     caplog.set_level(logging.INFO, "rapidmq_edge.security.users_live")
     path.write_text("[users\n")  # edited by hand, broken
     for _ in range(3):
-        clock.now += 1.0
+        clock.t += 1.0
         assert live.current() is db  # the users read before stay in force
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "keeping the 1 user(s)" in errors[0].getMessage()

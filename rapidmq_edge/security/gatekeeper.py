@@ -25,11 +25,12 @@ ReadCheck = Callable[[str | None, str, str], bool]
 class Gatekeeper:
     """Answers the broker's authentication and authorisation questions."""
 
-    def __init__(self, allow_anonymous: bool, users: UserDB | None, acl: Acl,
+    def __init__(self, allow_anonymous: bool, users: UserDB | LiveUsers | None, acl: Acl,
                  rbac: LiveRbac | None = None, tenants: TenantScope | None = None,
                  mountpoint_visible: bool = False, cn_as_username: bool = False) -> None:
         self.allow_anonymous = allow_anonymous
-        self.users = users
+        #: a fixed users table, or the users file followed while running
+        self._users = users
         self.acl = acl
         #: with ``[auth] rbac``: the roles (which include the ``[[acl]]`` table)
         self.rbac = rbac
@@ -44,8 +45,6 @@ class Gatekeeper:
         self._identity_epoch = 0  # moves when a client id's certificate CN changes
         #: intelligence.threat.ClientWatch: client-behaviour hooks of the connections
         self.watch: Any = None
-        #: the users file followed while running (``from_config``); None: ``users`` is fixed
-        self.live_users: LiveUsers | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Gatekeeper:
@@ -53,13 +52,13 @@ class Gatekeeper:
         users_file = config.auth.users_file
         a = config.auth
         live = LiveUsers(users_file) if users_file is not None else None
-        users = live.db if live is not None else None
 
         def tenant_attributes() -> dict[str, str]:  # of the users table in force
-            return gk.users.tenants if gk.users is not None else {}
+            users = gk.users
+            return users.tenants if users is not None else {}
 
         tenants = TenantScope(a.tenant_source, a.tenant_separator, a.tenant_mountpoint,
-                              tenant_attributes if users is not None else None)
+                              tenant_attributes if live is not None else None)
         cert_cns: dict[str, str] = {}
         rbac = None
         if a.rbac:
@@ -67,16 +66,26 @@ class Gatekeeper:
             rbac = LiveRbac(path, acl_role([(r.user, r.topic, r.action, r.access)
                                             for r in config.acl]), tenant_of=tenants.tenant_of,
                             cert_cn_of=cert_cns.get)
-        gk = cls(a.allow_anonymous, users, Acl.from_config(config), rbac, tenants,
+        gk = cls(a.allow_anonymous, live, Acl.from_config(config), rbac, tenants,
                  a.tenant_mountpoint_visible, a.use_cn_as_username)
         gk.cert_cns = cert_cns
-        gk.live_users = live
         return gk
+
+    @property
+    def live_users(self) -> LiveUsers | None:
+        """The users file followed while running (None: no file, or a fixed table)."""
+        return self._users if isinstance(self._users, LiveUsers) else None
+
+    @property
+    def users(self) -> UserDB | None:
+        """The users in force (a followed file is looked at no more than once a second)."""
+        users = self._users
+        return users.current() if isinstance(users, LiveUsers) else users
 
     def reread_users(self) -> None:
         """Re-read the users file now if it changed (SIGHUP)."""
-        if self.live_users is not None:
-            self.users = self.live_users.current(force=True)
+        if isinstance(self._users, LiveUsers):
+            self._users.current(force=True)
 
     @property
     def generation(self) -> int:
@@ -127,12 +136,11 @@ class Gatekeeper:
         """0 or a CONNACK reason code when known without hashing; None otherwise."""
         if username is None:
             return 0 if self.allow_anonymous else rc.NOT_AUTHORIZED
-        if self.live_users is not None:  # the file as it is now (looked at once a second)
-            self.users = self.live_users.current()
-        if self.users is None:
+        users = self.users
+        if users is None:
             # No users file: a user name is only a label, as for anonymous clients.
             return 0 if self.allow_anonymous else rc.BAD_USER_NAME_OR_PASSWORD
-        if self.users.cached(username, password):
+        if users.cached(username, password):
             return 0
         return None
 

@@ -83,6 +83,9 @@ class StoredRows:
 Op = tuple[str, tuple[Any, ...]]
 
 
+Waiter = tuple[asyncio.Future[None], bool]
+
+
 class SessionStore:
     """Group-committing SQLite store for broker state; methods are called on the loop."""
 
@@ -100,8 +103,8 @@ class SessionStore:
         self._db = self._open()
         self._pending: dict[tuple[Any, ...], Op] = {}
         self._on_disk: set[tuple[str, int]] = set()  # deliveries written (or being written)
-        self._waiters: list[asyncio.Future[None]] = []
-        self._patient: list[asyncio.Future[None]] = []  # not failed by a failed commit
+        #: (future, patient): a patient one is not failed by a failed commit (see commit_future)
+        self._waiters: list[Waiter] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="session-store")
         self._lock = threading.Lock()
         self._busy = False
@@ -227,7 +230,7 @@ class SessionStore:
             return None
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        (self._patient if patient else self._waiters).append(fut)
+        self._waiters.append((fut, patient))
         return fut
 
     @property
@@ -242,9 +245,8 @@ class SessionStore:
         if self._busy:
             return
         if not self._pending:  # everything cancelled out: nothing to wait for
-            waiters, self._waiters = self._waiters + self._patient, []
-            self._patient = []
-            for w in waiters:
+            waiters, self._waiters = self._waiters, []
+            for w, _ in waiters:
                 if not w.done():
                     w.set_result(None)
             return
@@ -259,31 +261,25 @@ class SessionStore:
             elif name == "delete_delivery":
                 on_disk.discard(args)
         waiters, self._waiters = self._waiters, []
-        patient, self._patient = self._patient, []
         self._busy = True
         fut = loop.run_in_executor(self._writer, self._write, ops)
-        fut.add_done_callback(lambda f: self._written(f, ops, waiters, patient))
+        fut.add_done_callback(lambda f: self._written(f, ops, waiters))
 
-    def _written(
-        self, f: asyncio.Future[None], ops: list[Op], waiters: list[asyncio.Future[None]],
-        patient: list[asyncio.Future[None]],
-    ) -> None:
+    def _written(self, f: asyncio.Future[None], ops: list[Op], waiters: list[Waiter]) -> None:
         self._busy = False
         exc = f.exception()
         if exc is None:
             self.commits += 1
             self._repeats.clear("commit", "session store %s: commits succeed again", self.path)
-            waiters += patient
             if not self._pending:
                 # Futures taken while this batch was being written with nothing else
                 # pending waited for exactly this batch: it is committed now.
-                waiters += self._waiters + self._patient
-                self._waiters, self._patient = [], []
-            for w in waiters:
+                waiters += self._waiters
+                self._waiters = []
+            for w, _ in waiters:
                 if not w.done():
                     w.set_result(None)
         else:
-            self._patient[:0] = patient  # the same changes are retried: they wait for that
             self.failures += 1
             if self.disk is not None and is_disk_full(exc):
                 self.disk.release_ballast()
@@ -295,8 +291,10 @@ class SessionStore:
                 merged[_key_of(op)] = op
             merged.update(self._pending)
             self._pending = merged
-            for w in waiters:
-                if not w.done():
+            # the patient wait for the retry of the same changes
+            self._waiters[:0] = [(w, p) for w, p in waiters if p]
+            for w, p in waiters:
+                if not p and not w.done():
                     w.set_exception(StoreError(str(exc)))
                     w.add_done_callback(_retrieved)
             if self.on_error is not None:
